@@ -1,0 +1,38 @@
+"""A small, typed Matrix client-server API client over httpx, for trio.
+
+Nothing in this package knows about the bot built on it.
+"""
+
+from .client import MatrixClient
+from .endpoints.messaging import new_txn_id
+from .endpoints.rooms import StateEventSpec
+from .errors import (
+    BadResponse,
+    Forbidden,
+    LimitExceeded,
+    MatrixAPIError,
+    MatrixError,
+    NetworkError,
+    NotFound,
+    TransportError,
+    UnknownToken,
+)
+from .http import Request
+from .retry import RetryPolicy
+
+__all__ = [
+    "BadResponse",
+    "Forbidden",
+    "LimitExceeded",
+    "MatrixAPIError",
+    "MatrixClient",
+    "MatrixError",
+    "NetworkError",
+    "NotFound",
+    "Request",
+    "RetryPolicy",
+    "StateEventSpec",
+    "TransportError",
+    "UnknownToken",
+    "new_txn_id",
+]

@@ -1,0 +1,256 @@
+"""The one place requests meet the network.
+
+`HTTPCore` owns a single `httpx.AsyncClient`, adds the bearer token, sends a
+`Request`, translates every failure into the `matrix_api.errors` tree, and retries
+what the `RetryPolicy` allows. Endpoint mixins (`matrix_api.endpoints`) only build
+`Request` values and name the decoder for the answer; they never touch httpx.
+"""
+
+from __future__ import annotations
+
+import email.utils
+import time
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass, field
+from typing import Any, Literal, Self, TypeVar
+
+import httpx
+import msgspec
+import structlog
+import trio
+
+from .errors import BadResponse, MatrixAPIError, MatrixError, MissingToken, NetworkError
+from .models.identifiers import UserID
+from .retry import RetryPolicy
+
+__all__ = ["DEFAULT_TIMEOUT", "HTTPCore", "Request", "decode_json_object", "ignore_body"]
+
+log = structlog.get_logger("matrix_api")
+
+T = TypeVar("T")
+Method = Literal["GET", "POST", "PUT", "DELETE"]
+
+# httpx's own default (5 s for everything) is too short for a homeserver under load;
+# a long-poll /sync raises the read timeout above its own ``timeout`` per request.
+DEFAULT_TIMEOUT = httpx.Timeout(connect=10.0, read=30.0, write=30.0, pool=10.0)
+_EXCERPT = 200
+
+
+@dataclass(frozen=True, slots=True)
+class Request:
+    """A request ready to send: nothing in it is resolved at send time.
+
+    ``idempotent`` tells the retry policy whether sending it twice is harmless; it
+    defaults to True for GET, PUT and DELETE (PUTs carry their transaction id or
+    replace a whole value) and False for POST.
+    """
+
+    method: Method
+    path: str
+    # A sequence value repeats the parameter (``?via=a&via=b``).
+    query: Mapping[str, str | Sequence[str]] = field(default_factory=dict)
+    body: Mapping[str, Any] | None = None
+    authenticated: bool = True
+    idempotent: bool | None = None
+    read_timeout: float | None = None
+
+    @property
+    def is_idempotent(self) -> bool:
+        if self.idempotent is not None:
+            return self.idempotent
+        return self.method != "POST"
+
+    def encoded_body(self) -> bytes | None:
+        # The spec wants a JSON object on every POST/PUT, "{}" when there is nothing to say.
+        if self.body is not None:
+            return msgspec.json.encode(self.body)
+        if self.method in ("POST", "PUT"):
+            return b"{}"
+        return None
+
+
+_object_decoder = msgspec.json.Decoder(dict[str, Any])
+
+
+def decode_json_object(body: bytes) -> dict[str, Any]:
+    """The decoder for endpoints whose answer is an arbitrary JSON object."""
+    return _object_decoder.decode(body)
+
+
+def ignore_body(body: bytes) -> None:
+    """The decoder for endpoints answering ``{}``: any JSON object will do."""
+    _object_decoder.decode(body)
+
+
+def _parse_retry_after(value: str | None) -> float | None:
+    """``Retry-After`` is either delta-seconds or an HTTP date."""
+    if value is None:
+        return None
+    value = value.strip()
+    if value.isdigit():
+        return float(value)
+    try:
+        when = email.utils.parsedate_to_datetime(value)
+    except (TypeError, ValueError):
+        return None
+    return max(0.0, when.timestamp() - time.time())
+
+
+class HTTPCore:
+    """Sends `Request` values to one homeserver with one identity.
+
+    The caller owns the instance and must close it (``async with`` or `aclose`).
+    The access token lives only in the ``Authorization`` header of each request; it
+    is never part of a URL, a log line, a repr or an error message.
+    """
+
+    def __init__(
+        self,
+        homeserver: str,
+        *,
+        access_token: str | None = None,
+        user_id: str | None = None,
+        device_id: str | None = None,
+        transport: httpx.AsyncBaseTransport | None = None,
+        retry_policy: RetryPolicy | None = None,
+        timeout: httpx.Timeout = DEFAULT_TIMEOUT,
+        user_agent: str = "surfaces-bot matrix_api",
+    ) -> None:
+        self.homeserver = homeserver.rstrip("/")
+        self.user_id = UserID(user_id) if user_id is not None else None
+        self.device_id = device_id
+        self.retry_policy = retry_policy or RetryPolicy()
+        self._access_token = access_token
+        self._timeout = timeout
+        self._http = httpx.AsyncClient(
+            base_url=self.homeserver,
+            transport=transport,
+            timeout=timeout,
+            headers={"User-Agent": user_agent},
+            follow_redirects=False,
+        )
+
+    def __repr__(self) -> str:
+        return (
+            f"{type(self).__name__}(homeserver={self.homeserver!r}, user_id={self.user_id!r}, "
+            f"device_id={self.device_id!r})"
+        )
+
+    @property
+    def has_access_token(self) -> bool:
+        return self._access_token is not None
+
+    def set_access_token(self, token: str | None) -> None:
+        """Use ``token`` for the requests that follow (None after a logout)."""
+        self._access_token = token
+
+    def require_user_id(self) -> UserID:
+        """The user this client acts as; known after `login_password` or `whoami`."""
+        if self.user_id is None:
+            raise MatrixAPIError("the user id is not known yet: call whoami() or log in first")
+        return self.user_id
+
+    async def aclose(self) -> None:
+        await self._http.aclose()
+
+    async def __aenter__(self) -> Self:
+        return self
+
+    async def __aexit__(self, *exc_info: object) -> None:
+        await self.aclose()
+
+    async def send(self, request: Request, decode: Callable[[bytes], T]) -> T:
+        """Send ``request`` (retrying as the policy allows) and decode its answer.
+
+        Raises a `MatrixError` subclass for a Matrix error answer, `NetworkError`
+        when no answer came, and `BadResponse` when the answer was not the JSON the
+        endpoint promises. The request is the same value on every attempt, so a
+        transaction id in its path makes a retried send idempotent.
+        """
+        attempt = 0
+        while True:
+            try:
+                return await self._send_once(request, decode)
+            except MatrixAPIError as exc:
+                delay = self.retry_policy.delay_for(exc, attempt, idempotent=request.is_idempotent)
+                if delay is None:
+                    raise
+                log.warning(
+                    "matrix_request_retry",
+                    method=request.method,
+                    path=request.path,
+                    attempt=attempt + 1,
+                    delay_s=round(delay, 3),
+                    error=str(exc),
+                )
+                await trio.sleep(delay)
+                attempt += 1
+
+    async def _send_once(self, request: Request, decode: Callable[[bytes], T]) -> T:
+        headers = {}
+        if request.authenticated:
+            if self._access_token is None:
+                raise MissingToken(401, "M_MISSING_TOKEN", "this client has no access token")
+            headers["Authorization"] = f"Bearer {self._access_token}"
+        content = request.encoded_body()
+        if content is not None:
+            headers["Content-Type"] = "application/json"
+        timeout = self._timeout
+        if request.read_timeout is not None:
+            timeout = httpx.Timeout(
+                connect=self._timeout.connect,
+                read=request.read_timeout,
+                write=self._timeout.write,
+                pool=self._timeout.pool,
+            )
+        what = f"{request.method} {request.path}"
+        try:
+            response = await self._http.request(
+                request.method,
+                request.path,
+                params=dict(request.query),
+                content=content,
+                headers=headers,
+                timeout=timeout,
+            )
+        except (httpx.ConnectError, httpx.ConnectTimeout, httpx.PoolTimeout) as exc:
+            raise NetworkError(
+                f"{what}: could not connect to {self.homeserver}: {type(exc).__name__}: {exc}",
+                maybe_processed=False,
+            ) from exc
+        except httpx.TransportError as exc:
+            raise NetworkError(
+                f"{what}: no complete answer: {type(exc).__name__}: {exc}",
+                maybe_processed=True,
+            ) from exc
+
+        if response.status_code >= 400:
+            raise self._error_from(response, what)
+        try:
+            return decode(response.content)
+        except msgspec.DecodeError as exc:
+            raise BadResponse(
+                f"{what}: {response.status_code} answer is not what the endpoint promises: {exc}",
+                status=response.status_code,
+                body_excerpt=response.content[:_EXCERPT].decode("utf-8", "replace"),
+            ) from exc
+
+    @staticmethod
+    def _error_from(response: httpx.Response, what: str) -> MatrixAPIError:
+        status = response.status_code
+        try:
+            body = _object_decoder.decode(response.content)
+        except msgspec.DecodeError:
+            body = None
+        if body is not None and isinstance(body.get("errcode"), str):
+            return MatrixError.from_response(
+                status,
+                body,
+                retry_after_header=_parse_retry_after(response.headers.get("Retry-After")),
+            )
+        content_type = response.headers.get("Content-Type", "no content type")
+        return BadResponse(
+            f"{what}: HTTP {status} without a Matrix error body ({content_type})",
+            status=status,
+            body_excerpt=response.content[:_EXCERPT].decode("utf-8", "replace"),
+        )

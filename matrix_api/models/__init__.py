@@ -1,0 +1,52 @@
+"""Typed shapes of what the homeserver sends; unknown fields are ignored everywhere."""
+
+from .events import (
+    Event,
+    RoomEvent,
+    SkippedEvent,
+    StrippedStateEvent,
+    ToDeviceEvent,
+    decode_events,
+)
+from .identifiers import EventID, FilterID, RoomAlias, RoomID, SyncToken, UserID
+from .responses import (
+    CreateRoomResponse,
+    EventIDResponse,
+    HierarchyResponse,
+    HierarchyRoom,
+    LoginResponse,
+    MessagesResponse,
+    Versions,
+    WhoAmI,
+)
+from .sync import InvitedRoom, JoinedRoom, LeftRoom, Rooms, SyncResponse, Timeline, decode_sync
+
+__all__ = [
+    "CreateRoomResponse",
+    "Event",
+    "EventID",
+    "EventIDResponse",
+    "FilterID",
+    "HierarchyResponse",
+    "HierarchyRoom",
+    "InvitedRoom",
+    "JoinedRoom",
+    "LeftRoom",
+    "LoginResponse",
+    "MessagesResponse",
+    "RoomAlias",
+    "RoomEvent",
+    "RoomID",
+    "Rooms",
+    "SkippedEvent",
+    "StrippedStateEvent",
+    "SyncResponse",
+    "SyncToken",
+    "Timeline",
+    "ToDeviceEvent",
+    "UserID",
+    "Versions",
+    "WhoAmI",
+    "decode_events",
+    "decode_sync",
+]

@@ -1,0 +1,236 @@
+"""The typed `/sync` response.
+
+Decoding is two-step, as ruma does it: the envelope is decoded with every room and
+every event kept as raw JSON, then each room and each event is decoded on its own.
+A malformed event or room is dropped and recorded in `SyncResponse.skipped`; only a
+broken envelope (no ``next_batch``, a list where an object belongs) fails the whole
+response, since nothing in it could be trusted then.
+
+Remember when reading it: a joined room's ``state`` is the state at the *start* of
+its timeline; state events inside the timeline apply on top of it, in order.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from typing import Any, TypeVar
+
+import msgspec
+
+from .events import (
+    E,
+    Event,
+    RoomEvent,
+    SkippedEvent,
+    StrippedStateEvent,
+    ToDeviceEvent,
+    decode_events,
+)
+from .identifiers import RoomID, SyncToken
+
+__all__ = [
+    "InvitedRoom",
+    "JoinedRoom",
+    "LeftRoom",
+    "Rooms",
+    "SyncResponse",
+    "Timeline",
+    "decode_sync",
+]
+
+
+class Timeline(msgspec.Struct, frozen=True):
+    events: list[RoomEvent] = msgspec.field(default_factory=list)
+    # True when events between the previous sync and this one were left out:
+    # a gap to fill with /messages from ``prev_batch``, not the end of history.
+    limited: bool = False
+    prev_batch: SyncToken | None = None
+
+
+class JoinedRoom(msgspec.Struct, frozen=True):
+    state: list[RoomEvent] = msgspec.field(default_factory=list)
+    timeline: Timeline = msgspec.field(default_factory=Timeline)
+    account_data: list[Event] = msgspec.field(default_factory=list)
+    ephemeral: list[Event] = msgspec.field(default_factory=list)
+    summary: dict[str, Any] = msgspec.field(default_factory=dict)
+    unread_notifications: dict[str, Any] = msgspec.field(default_factory=dict)
+
+    def account_data_of(self, event_type: str) -> dict[str, Any] | None:
+        """The content of this room's account data of ``event_type``, if delivered."""
+        for event in reversed(self.account_data):
+            if event.type == event_type:
+                return event.content
+        return None
+
+
+class InvitedRoom(msgspec.Struct, frozen=True):
+    invite_state: list[StrippedStateEvent] = msgspec.field(default_factory=list)
+
+
+class LeftRoom(msgspec.Struct, frozen=True):
+    state: list[RoomEvent] = msgspec.field(default_factory=list)
+    timeline: Timeline = msgspec.field(default_factory=Timeline)
+    account_data: list[Event] = msgspec.field(default_factory=list)
+
+
+class Rooms(msgspec.Struct, frozen=True):
+    join: dict[RoomID, JoinedRoom] = msgspec.field(default_factory=dict)
+    invite: dict[RoomID, InvitedRoom] = msgspec.field(default_factory=dict)
+    leave: dict[RoomID, LeftRoom] = msgspec.field(default_factory=dict)
+    knock: dict[RoomID, InvitedRoom] = msgspec.field(default_factory=dict)
+
+
+class SyncResponse(msgspec.Struct, frozen=True):
+    next_batch: SyncToken
+    rooms: Rooms = msgspec.field(default_factory=Rooms)
+    account_data: list[Event] = msgspec.field(default_factory=list)
+    presence: list[Event] = msgspec.field(default_factory=list)
+    to_device: list[ToDeviceEvent] = msgspec.field(default_factory=list)
+    device_lists: dict[str, Any] = msgspec.field(default_factory=dict)
+    skipped: list[SkippedEvent] = msgspec.field(default_factory=list)
+    """What did not decode, with where and why; empty for a clean response."""
+
+
+# --- the wire shape: rooms and events left raw -----------------------------------
+
+
+class _Events(msgspec.Struct):
+    events: list[msgspec.Raw] = msgspec.field(default_factory=list)
+
+
+class _Timeline(msgspec.Struct):
+    events: list[msgspec.Raw] = msgspec.field(default_factory=list)
+    limited: bool = False
+    prev_batch: str | None = None
+
+
+class _Joined(msgspec.Struct):
+    state: _Events = msgspec.field(default_factory=_Events)
+    timeline: _Timeline = msgspec.field(default_factory=_Timeline)
+    account_data: _Events = msgspec.field(default_factory=_Events)
+    ephemeral: _Events = msgspec.field(default_factory=_Events)
+    summary: dict[str, Any] = msgspec.field(default_factory=dict)
+    unread_notifications: dict[str, Any] = msgspec.field(default_factory=dict)
+
+
+class _Invited(msgspec.Struct):
+    invite_state: _Events = msgspec.field(default_factory=_Events)
+
+
+class _Knocked(msgspec.Struct):
+    knock_state: _Events = msgspec.field(default_factory=_Events)
+
+
+class _Left(msgspec.Struct):
+    state: _Events = msgspec.field(default_factory=_Events)
+    timeline: _Timeline = msgspec.field(default_factory=_Timeline)
+    account_data: _Events = msgspec.field(default_factory=_Events)
+
+
+class _Rooms(msgspec.Struct):
+    join: dict[str, msgspec.Raw] = msgspec.field(default_factory=dict)
+    invite: dict[str, msgspec.Raw] = msgspec.field(default_factory=dict)
+    leave: dict[str, msgspec.Raw] = msgspec.field(default_factory=dict)
+    knock: dict[str, msgspec.Raw] = msgspec.field(default_factory=dict)
+
+
+class _Sync(msgspec.Struct):
+    next_batch: str
+    rooms: _Rooms = msgspec.field(default_factory=_Rooms)
+    account_data: _Events = msgspec.field(default_factory=_Events)
+    presence: _Events = msgspec.field(default_factory=_Events)
+    to_device: _Events = msgspec.field(default_factory=_Events)
+    device_lists: dict[str, Any] = msgspec.field(default_factory=dict)
+
+
+_sync_decoder = msgspec.json.Decoder(_Sync)
+_joined_decoder = msgspec.json.Decoder(_Joined)
+_invited_decoder = msgspec.json.Decoder(_Invited)
+_knocked_decoder = msgspec.json.Decoder(_Knocked)
+_left_decoder = msgspec.json.Decoder(_Left)
+
+
+W = TypeVar("W")
+
+
+def _each_room(
+    raw_rooms: dict[str, msgspec.Raw],
+    decoder: msgspec.json.Decoder[W],
+    section: str,
+    skipped: list[SkippedEvent],
+) -> Iterator[tuple[RoomID, str, W]]:
+    """Decode each room of one section, recording (and leaving out) those that fail."""
+    for room_id, raw_room in raw_rooms.items():
+        where = f"rooms.{section}.{room_id}"
+        try:
+            room = decoder.decode(raw_room)
+        except msgspec.DecodeError as exc:
+            skipped.append(SkippedEvent(where, str(exc)))
+            continue
+        yield RoomID(room_id), where, room
+
+
+def decode_sync(body: bytes) -> SyncResponse:
+    """Decode a /sync response body.
+
+    Raises `msgspec.DecodeError` when the envelope itself is unusable; a bad room or
+    event is skipped and recorded instead.
+    """
+    wire = _sync_decoder.decode(body)
+    skipped: list[SkippedEvent] = []
+
+    def events(raws: list[msgspec.Raw], cls: type[E], where: str) -> list[E]:
+        return decode_events(raws, cls, where, skipped)
+
+    def timeline(raw: _Timeline, where: str) -> Timeline:
+        return Timeline(
+            events=events(raw.events, RoomEvent, where),
+            limited=raw.limited,
+            prev_batch=SyncToken(raw.prev_batch) if raw.prev_batch is not None else None,
+        )
+
+    join = {
+        room_id: JoinedRoom(
+            state=events(room.state.events, RoomEvent, f"{where}.state"),
+            timeline=timeline(room.timeline, f"{where}.timeline"),
+            account_data=events(room.account_data.events, Event, f"{where}.account_data"),
+            ephemeral=events(room.ephemeral.events, Event, f"{where}.ephemeral"),
+            summary=room.summary,
+            unread_notifications=room.unread_notifications,
+        )
+        for room_id, where, room in _each_room(wire.rooms.join, _joined_decoder, "join", skipped)
+    }
+    invite = {
+        room_id: InvitedRoom(
+            invite_state=events(
+                room.invite_state.events, StrippedStateEvent, f"{where}.invite_state"
+            )
+        )
+        for room_id, where, room in _each_room(
+            wire.rooms.invite, _invited_decoder, "invite", skipped
+        )
+    }
+    knock = {
+        room_id: InvitedRoom(
+            invite_state=events(room.knock_state.events, StrippedStateEvent, f"{where}.knock_state")
+        )
+        for room_id, where, room in _each_room(wire.rooms.knock, _knocked_decoder, "knock", skipped)
+    }
+    leave = {
+        room_id: LeftRoom(
+            state=events(room.state.events, RoomEvent, f"{where}.state"),
+            timeline=timeline(room.timeline, f"{where}.timeline"),
+            account_data=events(room.account_data.events, Event, f"{where}.account_data"),
+        )
+        for room_id, where, room in _each_room(wire.rooms.leave, _left_decoder, "leave", skipped)
+    }
+
+    return SyncResponse(
+        next_batch=SyncToken(wire.next_batch),
+        rooms=Rooms(join=join, invite=invite, leave=leave, knock=knock),
+        account_data=events(wire.account_data.events, Event, "account_data"),
+        presence=events(wire.presence.events, Event, "presence"),
+        to_device=events(wire.to_device.events, ToDeviceEvent, "to_device"),
+        device_lists=wire.device_lists,
+        skipped=skipped,
+    )
