@@ -107,7 +107,8 @@ def main() -> None:
     # Timeline plus state and account data: every event the decoder must type.
     events = args.rooms * (args.events + 3 + 1)
     parsed = decode_sync(body)
-    assert len(parsed.rooms.join) == args.rooms and not parsed.skipped
+    assert len(parsed.rooms.join) == args.rooms
+    assert not parsed.skipped
     print(
         f"synthetic initial /sync: {args.rooms} rooms x {args.events} timeline events, "
         f"{len(body) / 1e6:.1f} MB, {events:,} events (best of {args.repeat})"

@@ -1,0 +1,107 @@
+"""The chat model and the markers that record it on the homeserver.
+
+A chat is one logical conversation held in exactly one managed room. The server is
+the source of truth: when the bot takes a room on, it writes a marker into its own
+room account data (private to the bot, writable whatever the room's power levels,
+and delivered by the initial /sync, so reconciliation needs no request per room).
+"""
+
+from __future__ import annotations
+
+import secrets
+import time
+from dataclasses import dataclass, replace
+from typing import Any
+
+from matrix_api import MatrixClient
+from matrix_api.models import RoomID
+
+__all__ = [
+    "CHAT_MARKER",
+    "MARKER_VERSION",
+    "Chat",
+    "MarkerError",
+    "chat_from_marker",
+    "marker_content",
+    "new_chat_id",
+    "write_marker",
+]
+
+CHAT_MARKER = "org.surfaces_bot.chat"
+"""Room account data type of the chat marker."""
+MARKER_VERSION = 1
+_MAX_TITLE = 255
+
+
+@dataclass(frozen=True, slots=True)
+class Chat:
+    chat_id: str
+    room_id: RoomID
+    owner: str
+    title: str
+    created_ts: int
+    archived: bool = False
+
+    def with_title(self, title: str) -> Chat:
+        return replace(self, title=title)
+
+
+class MarkerError(ValueError):
+    """A marker exists but is not one this bot can read."""
+
+
+def new_chat_id() -> str:
+    """A fresh, unguessable chat id; never derived from a room id."""
+    return "c_" + secrets.token_urlsafe(12)
+
+
+def now_ms() -> int:
+    return int(time.time() * 1000)
+
+
+def marker_content(chat: Chat) -> dict[str, Any]:
+    return {
+        "version": MARKER_VERSION,
+        "chat_id": chat.chat_id,
+        "owner": chat.owner,
+        "title": chat.title,
+        "created_ts": chat.created_ts,
+        "archived": chat.archived,
+    }
+
+
+def chat_from_marker(room_id: RoomID, content: dict[str, Any]) -> Chat:
+    """Read a marker's content; `MarkerError` says what is wrong with it."""
+    version = content.get("version")
+    if not isinstance(version, int) or isinstance(version, bool):
+        raise MarkerError("no version")
+    if version > MARKER_VERSION:
+        raise MarkerError(f"marker version {version} is newer than this bot ({MARKER_VERSION})")
+    chat_id = content.get("chat_id")
+    owner = content.get("owner")
+    title = content.get("title", "")
+    created_ts = content.get("created_ts", 0)
+    archived = content.get("archived", False)
+    if not isinstance(chat_id, str) or not chat_id:
+        raise MarkerError("chat_id missing or not a string")
+    if not isinstance(owner, str) or not owner.startswith("@"):
+        raise MarkerError("owner missing or not a user id")
+    if not isinstance(title, str):
+        raise MarkerError("title is not a string")
+    if not isinstance(created_ts, int) or isinstance(created_ts, bool):
+        raise MarkerError("created_ts is not an integer")
+    if not isinstance(archived, bool):
+        raise MarkerError("archived is not a boolean")
+    return Chat(
+        chat_id=chat_id,
+        room_id=room_id,
+        owner=owner,
+        title=title[:_MAX_TITLE],
+        created_ts=created_ts,
+        archived=archived,
+    )
+
+
+async def write_marker(client: MatrixClient, chat: Chat) -> None:
+    """Record ``chat`` on the server (idempotent: a PUT of the whole marker)."""
+    await client.put_room_account_data(chat.room_id, CHAT_MARKER, marker_content(chat))

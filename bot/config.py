@@ -1,0 +1,269 @@
+"""Validated, frozen settings from a TOML file and the environment.
+
+The environment wins over the file, so a deployment can keep secrets out of the
+file. Every problem is reported at once, each naming the setting it is about:
+
+    [matrix]                      # or MATRIX_HOMESERVER, MATRIX_USER_ID, ...
+    homeserver = "https://matrix.example.org"
+    user_id = "@bot:example.org"
+    password = "..."              # or access_token = "..."
+    device_id = "SURFACESBOT"     # optional; kept across logins
+
+    [bot]
+    store_path = "surfaces-bot.sqlite3"        # BOT_STORE_PATH
+    allowed_users = ["@alice:example.org", ":example.org"]   # BOT_ALLOWED_USERS (comma-separated)
+    admins = ["@ops:example.org"]              # BOT_ADMINS
+    command_prefix = "!"                       # BOT_COMMAND_PREFIX
+    workers = 4                                # BOT_WORKERS
+    drain_timeout_s = 10                       # BOT_DRAIN_TIMEOUT_S
+    backend = "echo"                           # BOT_BACKEND
+
+    [logging]
+    level = "info"                             # BOT_LOG_LEVEL
+    format = "auto"                            # BOT_LOG_FORMAT: auto | json | console
+"""
+
+from __future__ import annotations
+
+import os
+import re
+import tomllib
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Literal
+from urllib.parse import urlsplit
+
+__all__ = ["AllowList", "ConfigError", "Settings", "load_settings"]
+
+_USER_ID = re.compile(r"^@[^:\s]+:[A-Za-z0-9.\-\[\]:]+$")
+_SERVER = re.compile(r"^[A-Za-z0-9.\-\[\]:]+$")
+_LOG_LEVELS = ("debug", "info", "warning", "error")
+_LOG_FORMATS = ("auto", "json", "console")
+BACKENDS = ("echo",)
+
+
+class ConfigError(Exception):
+    """One or more settings are missing or invalid; the message lists them all."""
+
+    def __init__(self, problems: list[str]) -> None:
+        super().__init__("invalid configuration:\n" + "\n".join(f"  - {p}" for p in problems))
+        self.problems = problems
+
+
+@dataclass(frozen=True)
+class AllowList:
+    """Who may use the bot: whole user ids and whole servers (``:server``)."""
+
+    users: frozenset[str] = frozenset()
+    servers: frozenset[str] = frozenset()
+
+    def allows(self, user_id: str) -> bool:
+        if user_id in self.users:
+            return True
+        _, sep, server = user_id.partition(":")
+        return bool(sep) and server in self.servers
+
+
+@dataclass(frozen=True)
+class Settings:
+    homeserver: str
+    user_id: str
+    access_token: str | None = field(default=None, repr=False)
+    password: str | None = field(default=None, repr=False)
+    device_id: str | None = None
+    store_path: Path = Path("surfaces-bot.sqlite3")
+    allowed: AllowList = AllowList()
+    admins: frozenset[str] = frozenset()
+    command_prefix: str = "!"
+    workers: int = 4
+    drain_timeout_s: float = 10.0
+    backend: str = "echo"
+    log_level: str = "info"
+    log_format: Literal["auto", "json", "console"] = "auto"
+
+    @property
+    def server_name(self) -> str:
+        return self.user_id.partition(":")[2]
+
+
+# (section, key) in the TOML file -> environment variable
+_ENV = {
+    ("matrix", "homeserver"): "MATRIX_HOMESERVER",
+    ("matrix", "user_id"): "MATRIX_USER_ID",
+    ("matrix", "access_token"): "MATRIX_ACCESS_TOKEN",
+    ("matrix", "password"): "MATRIX_PASSWORD",
+    ("matrix", "device_id"): "MATRIX_DEVICE_ID",
+    ("bot", "store_path"): "BOT_STORE_PATH",
+    ("bot", "allowed_users"): "BOT_ALLOWED_USERS",
+    ("bot", "admins"): "BOT_ADMINS",
+    ("bot", "command_prefix"): "BOT_COMMAND_PREFIX",
+    ("bot", "workers"): "BOT_WORKERS",
+    ("bot", "drain_timeout_s"): "BOT_DRAIN_TIMEOUT_S",
+    ("bot", "backend"): "BOT_BACKEND",
+    ("logging", "level"): "BOT_LOG_LEVEL",
+    ("logging", "format"): "BOT_LOG_FORMAT",
+}
+_LISTS = {("bot", "allowed_users"), ("bot", "admins")}
+
+
+def load_settings(
+    config_path: Path | None = None, environ: Mapping[str, str] | None = None
+) -> Settings:
+    """Read the file (if any), overlay the environment, validate, and freeze.
+
+    Raises `ConfigError` listing every problem, each naming its setting.
+    """
+    env = os.environ if environ is None else environ
+    raw: dict[tuple[str, str], Any] = {}
+    problems: list[str] = []
+    if config_path is not None:
+        raw.update(_read_toml(config_path, problems))
+    for key, var in _ENV.items():
+        value = env.get(var)
+        if value is None or value == "":
+            continue
+        raw[key] = [v.strip() for v in value.split(",") if v.strip()] if key in _LISTS else value
+    settings = _validate(raw, problems)
+    if problems or settings is None:
+        raise ConfigError(problems)
+    return settings
+
+
+def _read_toml(path: Path, problems: list[str]) -> dict[tuple[str, str], Any]:
+    try:
+        document = tomllib.loads(path.read_text(encoding="utf-8"))
+    except FileNotFoundError:
+        problems.append(f"--config {path}: no such file")
+        return {}
+    except (OSError, UnicodeDecodeError, tomllib.TOMLDecodeError) as exc:
+        problems.append(f"--config {path}: cannot be read as TOML: {exc}")
+        return {}
+    values: dict[tuple[str, str], Any] = {}
+    for section, table in document.items():
+        if not isinstance(table, dict):
+            problems.append(f"{section}: expected a [{section}] table")
+            continue
+        for key, value in table.items():
+            if (section, key) not in _ENV:
+                problems.append(f"{section}.{key}: unknown setting")
+                continue
+            values[(section, key)] = value
+    return values
+
+
+def _name(key: tuple[str, str]) -> str:
+    return f"{key[0]}.{key[1]} ({_ENV[key]})"
+
+
+def _validate(raw: dict[tuple[str, str], Any], problems: list[str]) -> Settings | None:
+    def text(key: tuple[str, str], *, required: bool = False) -> str | None:
+        value = raw.get(key)
+        if value is None:
+            if required:
+                problems.append(f"{_name(key)}: required")
+            return None
+        if not isinstance(value, str) or not value.strip():
+            problems.append(f"{_name(key)}: expected a non-empty string")
+            return None
+        return value.strip()
+
+    def number(key: tuple[str, str], default: float, low: float, high: float) -> float:
+        value = raw.get(key, default)
+        try:
+            result = float(value)
+        except (TypeError, ValueError):
+            problems.append(f"{_name(key)}: expected a number, got {value!r}")
+            return default
+        if not low <= result <= high:
+            problems.append(f"{_name(key)}: must be between {low:g} and {high:g}, got {value!r}")
+            return default
+        return result
+
+    def user_list(key: tuple[str, str]) -> list[str]:
+        value = raw.get(key, [])
+        if not isinstance(value, list) or not all(isinstance(v, str) for v in value):
+            problems.append(f"{_name(key)}: expected a list of strings")
+            return []
+        return value
+
+    homeserver = text(("matrix", "homeserver"), required=True)
+    if homeserver is not None:
+        parts = urlsplit(homeserver)
+        if parts.scheme not in ("http", "https") or not parts.netloc:
+            problems.append(
+                f"{_name(('matrix', 'homeserver'))}: expected an http(s) URL, got {homeserver!r}"
+            )
+    user_id = text(("matrix", "user_id"), required=True)
+    if user_id is not None and not _USER_ID.match(user_id):
+        problems.append(
+            f"{_name(('matrix', 'user_id'))}: expected a Matrix user id like "
+            f"@bot:example.org, got {user_id!r}"
+        )
+    access_token = text(("matrix", "access_token"))
+    password = text(("matrix", "password"))
+    if access_token is None and password is None:
+        problems.append(
+            "matrix.access_token (MATRIX_ACCESS_TOKEN) or matrix.password (MATRIX_PASSWORD): "
+            "one of them is required"
+        )
+    device_id = text(("matrix", "device_id"))
+    store_path = text(("bot", "store_path")) or "surfaces-bot.sqlite3"
+
+    users: set[str] = set()
+    servers: set[str] = set()
+    for entry in user_list(("bot", "allowed_users")):
+        if entry.startswith(":") and _SERVER.match(entry[1:]):
+            servers.add(entry[1:])
+        elif _USER_ID.match(entry):
+            users.add(entry)
+        else:
+            problems.append(
+                f"{_name(('bot', 'allowed_users'))}: {entry!r} is neither a user id "
+                "(@user:server) nor a server (:server)"
+            )
+    admins = set()
+    for entry in user_list(("bot", "admins")):
+        if _USER_ID.match(entry):
+            admins.add(entry)
+        else:
+            problems.append(f"{_name(('bot', 'admins'))}: {entry!r} is not a user id")
+    if not users and not servers and user_id is not None and _USER_ID.match(user_id):
+        # By default the bot serves the users of its own homeserver.
+        servers.add(user_id.partition(":")[2])
+
+    prefix = text(("bot", "command_prefix")) or "!"
+    if len(prefix) > 8 or any(c.isspace() for c in prefix):
+        problems.append(f"{_name(('bot', 'command_prefix'))}: 1-8 characters, no spaces")
+    workers = number(("bot", "workers"), 4, 1, 64)
+    if workers != int(workers):
+        problems.append(f"{_name(('bot', 'workers'))}: expected a whole number")
+    drain = number(("bot", "drain_timeout_s"), 10.0, 0, 600)
+    backend = text(("bot", "backend")) or "echo"
+    if backend not in BACKENDS:
+        problems.append(f"{_name(('bot', 'backend'))}: one of {', '.join(BACKENDS)}")
+    level = (text(("logging", "level")) or "info").lower()
+    if level not in _LOG_LEVELS:
+        problems.append(f"{_name(('logging', 'level'))}: one of {', '.join(_LOG_LEVELS)}")
+    log_format = (text(("logging", "format")) or "auto").lower()
+    if log_format not in _LOG_FORMATS:
+        problems.append(f"{_name(('logging', 'format'))}: one of {', '.join(_LOG_FORMATS)}")
+
+    if problems or homeserver is None or user_id is None:
+        return None
+    return Settings(
+        homeserver=homeserver.rstrip("/"),
+        user_id=user_id,
+        access_token=access_token,
+        password=password,
+        device_id=device_id,
+        store_path=Path(store_path).expanduser(),
+        allowed=AllowList(frozenset(users), frozenset(servers)),
+        admins=frozenset(admins),
+        command_prefix=prefix,
+        workers=int(workers),
+        drain_timeout_s=drain,
+        backend=backend,
+        log_level=level,
+        log_format=log_format,  # type: ignore[arg-type]  # checked against _LOG_FORMATS
+    )

@@ -1,0 +1,148 @@
+"""The worker pool: per-room order, rooms in parallel, one job's failure its own.
+
+Each room is pinned to one worker (a stable hash of its id), so a room's events are
+handled strictly in inbox order while other rooms proceed on other workers. Jobs
+come from the inbox and leave it only when the handler records them; the queues
+here hold nothing that is not also in the store, so stopping at any point is safe.
+"""
+
+from __future__ import annotations
+
+import math
+import zlib
+from collections.abc import Iterable
+from typing import Protocol
+
+import structlog
+import trio
+
+from matrix_api import LimitExceeded, MatrixAPIError, MatrixError, TransportError, UnknownToken
+
+from .store import InboxItem
+
+__all__ = ["Dispatcher", "JobHandler"]
+
+log = structlog.get_logger("bot.dispatch")
+
+# A job that fails for a reason that may pass (the homeserver is down, a rate limit
+# longer than the client waits) is retried with backoff, capped at this many seconds.
+_MAX_TRANSIENT_DELAY = 60.0
+# A job that fails with an unexpected error is given up after this many attempts.
+MAX_ATTEMPTS = 3
+
+
+class JobHandler(Protocol):
+    async def handle(self, item: InboxItem) -> None:
+        """Handle ``item`` and record the outcome in the store (which removes it
+        from the inbox). Raise to have the dispatcher retry or give up."""
+        ...
+
+    async def give_up(self, item: InboxItem, error: Exception) -> None:
+        """Record ``item`` as failed after its last attempt, telling the user."""
+        ...
+
+    async def mark_read(self, room_id: str, event_id: str) -> None:
+        """The worker caught up with ``room_id`` up to ``event_id``."""
+        ...
+
+
+def is_transient(error: Exception) -> bool:
+    """Errors that say "not now" rather than "never".
+
+    A rejected token is one: the sync loop logs in again (or stops the bot).
+    """
+    if isinstance(error, TransportError | LimitExceeded | UnknownToken):
+        return True
+    return isinstance(error, MatrixError) and error.status >= 500
+
+
+class Dispatcher:
+    """Feeds inbox items to ``workers`` worker tasks; owns those tasks.
+
+    `submit` never blocks (the queues are in memory and mirror the durable inbox).
+    `run` returns when `stop` was called and every worker has finished the job it
+    was doing; queued jobs stay in the inbox for the next start.
+    """
+
+    def __init__(self, handler: JobHandler, workers: int) -> None:
+        self._handler = handler
+        self._channels = [trio.open_memory_channel[InboxItem](math.inf) for _ in range(workers)]
+        self._queued: set[str] = set()
+        self._stopping = False
+
+    def shard(self, room_id: str) -> int:
+        return zlib.crc32(room_id.encode()) % len(self._channels)
+
+    def submit(self, items: Iterable[InboxItem]) -> None:
+        for item in items:
+            if self._stopping or item.event_id in self._queued:
+                continue
+            self._queued.add(item.event_id)
+            send, _ = self._channels[self.shard(item.room_id)]
+            send.send_nowait(item)
+
+    def stop(self) -> None:
+        """Take no new jobs; workers finish the job in hand and return."""
+        self._stopping = True
+        for send, _ in self._channels:
+            send.close()
+
+    async def run(self, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
+        async with trio.open_nursery() as nursery:
+            for index, (_, receive) in enumerate(self._channels):
+                nursery.start_soon(self._worker, index, receive)
+            task_status.started()
+
+    async def _worker(self, index: int, receive: trio.MemoryReceiveChannel[InboxItem]) -> None:
+        unread: dict[str, str] = {}
+        async with receive:
+            async for item in receive:
+                if self._stopping:
+                    return
+                await self._run_job(item)
+                self._queued.discard(item.event_id)
+                unread[item.room_id] = item.event_id
+                if receive.statistics().current_buffer_used == 0:
+                    # Caught up: one receipt per room instead of one per message.
+                    for room_id, event_id in unread.items():
+                        await self._mark_read(room_id, event_id)
+                    unread.clear()
+        log.debug("worker_stopped", worker=index)
+
+    async def _run_job(self, item: InboxItem) -> None:
+        attempt = 0
+        while True:
+            try:
+                await self._handler.handle(item)
+                return
+            except Exception as exc:
+                attempt += 1
+                if is_transient(exc) and not self._stopping:
+                    delay = min(_MAX_TRANSIENT_DELAY, 2 ** min(attempt, 6))
+                    log.warning(
+                        "job_retry_later",
+                        room_id=item.room_id,
+                        event_id=item.event_id,
+                        error=str(exc),
+                        delay_s=delay,
+                    )
+                    await trio.sleep(delay)
+                    continue
+                if is_transient(exc):
+                    return  # stopping: the job stays in the inbox
+                log.exception("job_failed", room_id=item.room_id, event_id=item.event_id)
+                if attempt >= MAX_ATTEMPTS or isinstance(exc, MatrixAPIError):
+                    await self._give_up(item, exc)
+                    return
+
+    async def _give_up(self, item: InboxItem, error: Exception) -> None:
+        try:
+            await self._handler.give_up(item, error)
+        except Exception:
+            log.exception("job_give_up_failed", room_id=item.room_id, event_id=item.event_id)
+
+    async def _mark_read(self, room_id: str, event_id: str) -> None:
+        try:
+            await self._handler.mark_read(room_id, event_id)
+        except MatrixAPIError as exc:
+            log.info("read_receipt_failed", room_id=room_id, error=str(exc))

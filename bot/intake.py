@@ -1,0 +1,240 @@
+"""From a /sync batch to the inbox: pick the events to handle, fill gaps, commit.
+
+Three situations, one rule each:
+
+* An ordinary batch (there is a stored sync token): every timeline event worth
+  answering goes in. A ``limited`` timeline means the server left events out: they
+  are fetched with /messages back to the previous token before anything commits.
+* A start with no token in a room that is a known chat (the local store was lost):
+  the server still knows how far the bot got: its read receipt, its replies (each
+  points at the message it answers) and its other notices. Only what comes after
+  that, and was not answered, goes in; /messages reaches back when the timeline
+  does not go far enough.
+* A start with no token in any other room (the very first start): history from
+  before the bot managed the room is not answered.
+
+The picked events and the new token are committed in one transaction
+(`Store.commit_sync_batch`), so a crash before the commit replays the batch and a
+crash after it finds the events in the inbox.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+import structlog
+
+from matrix_api import MatrixClient
+from matrix_api.models import EventID, JoinedRoom, RoomEvent, RoomID, SyncResponse, SyncToken
+
+from .chats import Chat
+from .messages import in_reply_to, parse_incoming
+from .store import InboxItem, NewInboxItem, Store
+
+__all__ = ["SYNC_FILTER", "Intake", "invite_item"]
+
+log = structlog.get_logger("bot.intake")
+
+# Enough timeline per room that a busy room is rarely ``limited`` (the server's
+# default is 10); receipts are the only ephemeral events the bot reads.
+SYNC_FILTER = {
+    "room": {
+        "timeline": {"limit": 50},
+        "state": {"lazy_load_members": True},
+        "ephemeral": {"types": ["m.receipt"]},
+    },
+    "presence": {"types": []},
+}
+_PAGE = 100
+# Bounds a walk back through history: a gap of up to _MAX_PAGES * _PAGE events.
+_MAX_PAGES = 50
+
+
+@dataclass(frozen=True, slots=True)
+class _Horizon:
+    """How far the bot is known to have got in one room."""
+
+    index: int  # events[: index + 1] are handled or predate the chat; -1: none known
+    answered: frozenset[str]
+
+
+def invite_item(room_id: RoomID, inviter: str, bot_user_id: str) -> NewInboxItem:
+    """An inbox entry for a pending invite (stripped state has no event id)."""
+    event = RoomEvent(
+        type="m.room.member",
+        event_id=EventID(f"invite:{room_id}"),
+        sender=inviter,  # type: ignore[arg-type]  # a user id from the invite state
+        origin_server_ts=0,
+        content={"membership": "invite"},
+        state_key=bot_user_id,
+        room_id=room_id,
+    )
+    return NewInboxItem(event.event_id, room_id, "invite", event)
+
+
+class Intake:
+    """Turns sync responses into committed inbox items for one bot user."""
+
+    def __init__(self, client: MatrixClient, store: Store, bot_user_id: str) -> None:
+        self._client = client
+        self._store = store
+        self._bot = bot_user_id
+
+    async def commit(self, response: SyncResponse, since: SyncToken | None) -> list[InboxItem]:
+        """Pick, gap-fill and commit ``response`` (fetched with ``since``).
+
+        Returns the inbox items that are new. Raises what /messages raises; nothing
+        is committed then, so the same batch is fetched and handled again.
+        """
+        items: list[NewInboxItem] = []
+        for room_id, room in response.rooms.join.items():
+            if since is not None:
+                events = await self._with_gap_filled(room_id, room, since)
+            else:
+                chat = self._store.chat_for_room(room_id)
+                if chat is None:
+                    continue
+                events = await self._since_horizon(room_id, room, chat)
+            items.extend(
+                NewInboxItem(event.event_id, room_id, "message", event)
+                for event in events
+                if parse_incoming(event, self._bot) is not None
+            )
+        for room_id, invited in response.rooms.invite.items():
+            for stripped in invited.invite_state:
+                if (
+                    stripped.type == "m.room.member"
+                    and stripped.state_key == self._bot
+                    and stripped.content.get("membership") == "invite"
+                ):
+                    items.append(invite_item(room_id, stripped.sender, self._bot))
+                    break
+        return await self._store.commit_sync_batch(response.next_batch, items)
+
+    async def _with_gap_filled(
+        self, room_id: RoomID, room: JoinedRoom, since: SyncToken
+    ) -> list[RoomEvent]:
+        timeline = room.timeline
+        joined_at = _own_join_index(timeline.events, self._bot)
+        if joined_at is not None:
+            # Newly joined: what came before the join is history, not for the bot.
+            return list(timeline.events[joined_at + 1 :])
+        if not timeline.limited or timeline.prev_batch is None:
+            return list(timeline.events)
+        missed: list[RoomEvent] = []  # newest first, as /messages pages backwards
+        token: SyncToken | None = timeline.prev_batch
+        pages = 0
+        while token is not None and pages < _MAX_PAGES:
+            page = await self._client.messages(
+                room_id, direction="b", from_token=token, to_token=since, limit=_PAGE
+            )
+            missed.extend(page.chunk)
+            pages += 1
+            # An empty page with an ``end`` is not the end; no ``end`` is.
+            token = page.end
+        if token is not None:
+            log.warning("sync_gap_truncated", room_id=room_id, events=len(missed))
+        log.info("sync_gap_filled", room_id=room_id, events=len(missed), pages=pages)
+        missed.reverse()
+        return _dedupe([*missed, *timeline.events])
+
+    async def _since_horizon(
+        self, room_id: RoomID, room: JoinedRoom, chat: Chat
+    ) -> list[RoomEvent]:
+        events = list(room.timeline.events)
+        receipt = _own_receipt(room, self._bot)
+        horizon = _horizon(events, self._bot, receipt)
+        token = room.timeline.prev_batch if room.timeline.limited else None
+        pages = 0
+        while (
+            horizon.index < 0
+            and token is not None
+            and pages < _MAX_PAGES
+            and (not events or events[0].origin_server_ts >= chat.created_ts)
+        ):
+            page = await self._client.messages(
+                room_id, direction="b", from_token=token, limit=_PAGE
+            )
+            events = [*reversed(page.chunk), *events]
+            pages += 1
+            token = page.end
+            horizon = _horizon(events, self._bot, receipt)
+        start = horizon.index + 1
+        joined_at = _own_join_index(events, self._bot)
+        if joined_at is not None:
+            start = max(start, joined_at + 1)
+        picked = [
+            event
+            for event in events[start:]
+            if event.event_id not in horizon.answered and event.origin_server_ts >= chat.created_ts
+        ]
+        if picked or pages:
+            log.info(
+                "catch_up_after_store_loss",
+                room_id=room_id,
+                chat_id=chat.chat_id,
+                unanswered=len(picked),
+                pages=pages,
+            )
+        return _dedupe(picked)
+
+
+def _own_join_index(events: Sequence[RoomEvent], bot_user_id: str) -> int | None:
+    """Where the bot joined, if ``events`` show it (its last join, if several)."""
+    for index in range(len(events) - 1, -1, -1):
+        event = events[index]
+        if (
+            event.type == "m.room.member"
+            and event.state_key == bot_user_id
+            and event.content.get("membership") == "join"
+            and event.unsigned.get("prev_content", {}).get("membership") != "join"
+        ):
+            return index
+    return None
+
+
+def _own_receipt(room: JoinedRoom, bot_user_id: str) -> str | None:
+    """The event the bot's ``m.read`` receipt points at, if the sync carried it."""
+    for event in room.ephemeral:
+        if event.type != "m.receipt":
+            continue
+        for event_id, receipts in event.content.items():
+            readers = receipts.get("m.read") if isinstance(receipts, dict) else None
+            if isinstance(readers, dict) and bot_user_id in readers:
+                return event_id
+    return None
+
+
+def _horizon(events: Sequence[RoomEvent], bot_user_id: str, receipt: str | None) -> _Horizon:
+    """The last position the bot provably handled, and every event it answered.
+
+    A reply marks the message it answers as handled, and (events of a room being
+    handled in order) everything before that message. A notice that answers
+    nothing (a greeting) marks itself. The read receipt marks its event.
+    """
+    position: dict[str, int] = {event.event_id: i for i, event in enumerate(events)}
+    index = -1
+    answered: set[str] = set()
+    for i, event in enumerate(events):
+        if event.event_id == receipt:
+            index = max(index, i)
+        if event.sender != bot_user_id:
+            continue
+        target = in_reply_to(event)
+        if target is None:
+            index = max(index, i)
+        else:
+            answered.add(target)
+            index = max(index, position.get(target, -1))
+    return _Horizon(index, frozenset(answered))
+
+
+def _dedupe(events: list[RoomEvent]) -> list[RoomEvent]:
+    seen: set[str] = set()
+    unique = []
+    for event in events:
+        if event.event_id not in seen:
+            seen.add(event.event_id)
+            unique.append(event)
+    return unique

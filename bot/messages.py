@@ -1,0 +1,122 @@
+"""Reading incoming messages and shaping the bot's replies.
+
+Bots answer with ``m.notice`` and never answer one (that is how two bots in a room
+avoid talking to each other forever). A reply is a rich reply: ``m.in_reply_to``
+points at the message it answers, which is also how the bot can tell, from the room
+alone, which messages it has already answered.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import html
+from dataclasses import dataclass
+from typing import Any
+
+from matrix_api.models import EventID, RoomEvent
+
+__all__ = [
+    "IncomingMessage",
+    "in_reply_to",
+    "notice",
+    "parse_incoming",
+    "reply_txn_id",
+    "strip_reply_fallback",
+]
+
+# Text message types a person sends; notices are bots talking and are never answered.
+_ANSWERED_MSGTYPES = frozenset({"m.text", "m.emote"})
+MAX_BODY = 64 * 1024
+
+
+@dataclass(frozen=True, slots=True)
+class IncomingMessage:
+    event_id: EventID
+    sender: str
+    body: str
+    origin_server_ts: int
+
+
+def strip_reply_fallback(body: str) -> str:
+    """Drop the legacy ``> <@user> quoted text`` lines that older clients prepend."""
+    lines = body.split("\n")
+    if not lines or not lines[0].startswith("> "):
+        return body
+    index = 0
+    while index < len(lines) and lines[index].startswith(">"):
+        index += 1
+    if index < len(lines) and lines[index] == "":
+        index += 1
+    return "\n".join(lines[index:])
+
+
+def in_reply_to(event: RoomEvent) -> str | None:
+    """The event id ``event`` replies to, if it is a rich reply."""
+    relates = event.content.get("m.relates_to")
+    if not isinstance(relates, dict):
+        return None
+    target = relates.get("m.in_reply_to")
+    if not isinstance(target, dict):
+        return None
+    event_id = target.get("event_id")
+    return event_id if isinstance(event_id, str) else None
+
+
+def parse_incoming(event: RoomEvent, bot_user_id: str) -> IncomingMessage | None:
+    """The message to answer in ``event``, or None when the bot must not answer it.
+
+    Not answered: the bot's own events, notices (other bots), edits (``m.replace``:
+    the original was answered), redacted events, and anything without a text body.
+    """
+    if event.type != "m.room.message" or event.sender == bot_user_id or event.is_redacted:
+        return None
+    content = event.content
+    if content.get("msgtype") not in _ANSWERED_MSGTYPES:
+        return None
+    relates = content.get("m.relates_to")
+    if isinstance(relates, dict) and relates.get("rel_type") == "m.replace":
+        return None
+    body = content.get("body")
+    if not isinstance(body, str):
+        return None
+    if in_reply_to(event) is not None:
+        body = strip_reply_fallback(body)
+    return IncomingMessage(
+        event_id=event.event_id,
+        sender=event.sender,
+        body=body[:MAX_BODY],
+        origin_server_ts=event.origin_server_ts,
+    )
+
+
+def notice(
+    body: str, *, reply_to: EventID | None = None, formatted_body: str | None = None
+) -> dict[str, Any]:
+    """An ``m.notice`` content, as a rich reply when ``reply_to`` is given.
+
+    ``formatted_body`` must already be safe HTML; without it the plain ``body`` is
+    all there is (no HTML is derived from user text here).
+    """
+    content: dict[str, Any] = {"msgtype": "m.notice", "body": body}
+    if formatted_body is not None:
+        content["format"] = "org.matrix.custom.html"
+        content["formatted_body"] = formatted_body
+    if reply_to is not None:
+        content["m.relates_to"] = {"m.in_reply_to": {"event_id": reply_to}}
+    return content
+
+
+def escape(text: str) -> str:
+    """HTML-escape user text for a ``formatted_body``."""
+    return html.escape(text, quote=True)
+
+
+def reply_txn_id(source_event_id: str, purpose: str = "reply") -> str:
+    """The transaction id of the bot's answer to ``source_event_id``.
+
+    Derived from the source event, so a re-send after a crash reuses it and the
+    server (which scopes transaction ids to the device) returns the first event
+    instead of posting a second one.
+    """
+    digest = hashlib.sha256(f"{purpose}\0{source_event_id}".encode()).hexdigest()[:40]
+    return f"sb.{purpose}.{digest}"

@@ -1,0 +1,276 @@
+"""The service's one nursery: bootstrap, then the sync loop and the dispatch workers.
+
+Order is the point. `BotRuntime.run` first awaits the bootstrap task
+(``nursery.start``), which authenticates, does the initial full-state sync,
+reconciles the store against the server's markers, logs
+``matrix_reconcile_complete``, and commits the events the initial sync carried.
+Only after it reports started do the dispatch workers and the long-polling sync
+loop exist at all, so nothing can take a message against a half-restored chat map.
+
+Shutdown (`request_stop`, wired to SIGINT/SIGTERM by the CLI): the sync loop is
+cancelled, workers take no new job and finish the one in hand within the drain
+deadline; whatever is still queued stays in the durable inbox.
+"""
+
+from __future__ import annotations
+
+import enum
+import random
+from pathlib import Path
+
+import httpx
+import structlog
+import trio
+from trio_util import AsyncValue
+
+from matrix_api import MatrixAPIError, MatrixClient, NetworkError, UnknownToken
+from matrix_api.models import SyncResponse
+
+from . import __version__
+from .backends import Backend, make_backend
+from .config import Settings
+from .dispatch import Dispatcher
+from .handler import MessageHandler
+from .intake import SYNC_FILTER, Intake
+from .reconcile import ReconcileReport, reconcile_matrix_state
+from .store import Store
+
+__all__ = ["DEFAULT_DEVICE_ID", "BotRuntime", "FatalError", "Phase", "run_bot"]
+
+log = structlog.get_logger("bot.runtime")
+
+LONG_POLL_MS = 30_000
+# Used when logging in with a password and no device id is configured or stored:
+# one stable device keeps transaction ids (and so reply de-duplication) valid
+# across restarts, even after the local store is lost.
+DEFAULT_DEVICE_ID = "SURFACESBOT"
+_SYNC_BACKOFF_MAX = 60.0
+
+
+class Phase(enum.Enum):
+    STARTING = "starting"
+    RECONCILING = "reconciling"
+    READY = "ready"
+    DRAINING = "draining"
+    STOPPED = "stopped"
+
+
+class FatalError(Exception):
+    """The bot cannot go on; the message says why, for the operator."""
+
+
+class BotRuntime:
+    """One bot: a client, a store, a backend, and the tasks that connect them.
+
+    The caller owns the client and the store (and closes them); the runtime owns
+    its tasks. ``phase`` lets tests and the CLI wait for a milestone.
+    """
+
+    def __init__(
+        self,
+        settings: Settings,
+        client: MatrixClient,
+        store: Store,
+        backend: Backend,
+        *,
+        stop: trio.Event | None = None,
+        rng: random.Random | None = None,
+    ) -> None:
+        self.settings = settings
+        self.phase: AsyncValue[Phase] = AsyncValue(Phase.STARTING)
+        self.reconcile_report: ReconcileReport | None = None
+        self._client = client
+        self._store = store
+        self._intake = Intake(client, store, settings.user_id)
+        self._handler = MessageHandler(client, store, settings, backend)
+        self._dispatcher = Dispatcher(self._handler, settings.workers)
+        self._stop = stop or trio.Event()
+        self._rng = rng or random.Random()
+
+    def request_stop(self) -> None:
+        """Begin a graceful stop; safe to call at any time, more than once."""
+        self._stop.set()
+
+    async def run(self, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
+        """Run until `request_stop`; reports started once the bot takes messages.
+
+        Raises `FatalError` (inside an exception group when it comes from a task)
+        for what the bot cannot recover from: bad credentials, an unreachable
+        homeserver at start.
+        """
+        async with trio.open_nursery() as nursery:
+            self.reconcile_report = await nursery.start(self._bootstrap)
+            await nursery.start(self._dispatcher.run)
+            pending = await self._store.pending()
+            self._dispatcher.submit(pending)
+            sync_scope = trio.CancelScope()
+            nursery.start_soon(self._sync_loop, sync_scope)
+            self.phase.value = Phase.READY
+            log.info(
+                "bot_ready",
+                user_id=self.settings.user_id,
+                chats=len(self._store.chats()),
+                pending=len(pending),
+                workers=self.settings.workers,
+            )
+            task_status.started()
+
+            await self._stop.wait()
+            self.phase.value = Phase.DRAINING
+            log.info("bot_draining", deadline_s=self.settings.drain_timeout_s)
+            sync_scope.cancel()
+            self._dispatcher.stop()
+            nursery.cancel_scope.deadline = trio.current_time() + self.settings.drain_timeout_s
+        self.phase.value = Phase.STOPPED
+        log.info("bot_stopped")
+
+    # --- bootstrap ------------------------------------------------------------------
+
+    async def _bootstrap(
+        self, *, task_status: trio.TaskStatus[ReconcileReport] = trio.TASK_STATUS_IGNORED
+    ) -> None:
+        await self._authenticate()
+        since = self._store.sync_token
+        try:
+            # With full_state the server answers at once whatever the timeout, but the
+            # timeout is part of Synapse's key for replaying a recent identical /sync
+            # from its cache (about two minutes): a fresh value per start makes sure a
+            # quick restart is not handed the previous start's stale answer.
+            initial = await self._client.sync(
+                since=since,
+                timeout_ms=self._rng.randint(1, 59_999),
+                full_state=True,
+                filter=SYNC_FILTER,
+            )
+        except NetworkError as exc:
+            raise FatalError(f"homeserver unreachable: {exc}") from exc
+        self._log_skipped(initial)
+        self.phase.value = Phase.RECONCILING
+        report = await reconcile_matrix_state(self._client, self._store, initial)
+        log.info("matrix_reconcile_complete", **report.log_fields())
+        # Messages that arrived while the bot was down, now that every chat is known.
+        await self._intake.commit(initial, since)
+        task_status.started(report)
+
+    async def _authenticate(self) -> None:
+        settings = self.settings
+        if settings.access_token is not None:
+            try:
+                who = await self._client.whoami()
+            except UnknownToken as exc:
+                if settings.password is None:
+                    raise FatalError(
+                        "the access token was rejected (M_UNKNOWN_TOKEN) and no password "
+                        "is configured to log in again"
+                    ) from exc
+                await self._login()
+                return
+            except NetworkError as exc:
+                raise FatalError(f"homeserver unreachable: {exc}") from exc
+            if who.user_id != settings.user_id:
+                raise FatalError(
+                    f"the access token belongs to {who.user_id}, not to {settings.user_id}"
+                )
+            if who.device_id is not None:
+                await self._store.set_meta("device_id", who.device_id)
+            return
+        await self._login()
+
+    async def _login(self) -> None:
+        settings = self.settings
+        if settings.password is None:
+            raise FatalError("no password configured to log in with")
+        device_id = (
+            await self._store.get_meta("device_id") or settings.device_id or DEFAULT_DEVICE_ID
+        )
+        try:
+            login = await self._client.login_password(
+                settings.user_id,
+                settings.password,
+                device_id=device_id,
+                initial_device_display_name="surfaces-bot",
+            )
+        except NetworkError as exc:
+            raise FatalError(f"homeserver unreachable: {exc}") from exc
+        except MatrixAPIError as exc:
+            raise FatalError(f"login as {settings.user_id} failed: {exc}") from exc
+        await self._store.set_meta("device_id", login.device_id)
+        log.info("logged_in", user_id=login.user_id, device_id=login.device_id)
+
+    # --- the sync loop --------------------------------------------------------------
+
+    async def _sync_loop(self, scope: trio.CancelScope) -> None:
+        failures = 0
+        with scope:
+            while True:
+                since = self._store.sync_token
+                try:
+                    response = await self._client.sync(
+                        since=since, timeout_ms=LONG_POLL_MS, filter=SYNC_FILTER
+                    )
+                    self._log_skipped(response)
+                    fresh = await self._intake.commit(response, since)
+                except UnknownToken as exc:
+                    await self._recover_token(exc)
+                    continue
+                except MatrixAPIError as exc:
+                    failures += 1
+                    delay = self._rng.uniform(0, min(_SYNC_BACKOFF_MAX, 2.0**failures))
+                    log.warning(
+                        "sync_failed", error=str(exc), failures=failures, retry_in_s=round(delay, 2)
+                    )
+                    await trio.sleep(delay)
+                    continue
+                failures = 0
+                self._dispatcher.submit(fresh)
+
+    async def _recover_token(self, error: UnknownToken) -> None:
+        if self.settings.password is None:
+            raise FatalError(
+                "the access token was invalidated and no password is configured; "
+                "set MATRIX_PASSWORD or a new MATRIX_ACCESS_TOKEN and restart"
+            ) from error
+        log.warning("access_token_rejected", soft_logout=error.soft_logout)
+        await self._login()
+
+    @staticmethod
+    def _log_skipped(response: SyncResponse) -> None:
+        if response.skipped:
+            log.warning(
+                "sync_events_skipped",
+                count=len(response.skipped),
+                first=[f"{s.where}: {s.reason}" for s in response.skipped[:5]],
+            )
+
+
+async def run_bot(
+    settings: Settings,
+    *,
+    transport: httpx.AsyncBaseTransport | None = None,
+    backend: Backend | None = None,
+    stop: trio.Event | None = None,
+    task_status: trio.TaskStatus[BotRuntime] = trio.TASK_STATUS_IGNORED,
+) -> None:
+    """Open the client and the store, run a `BotRuntime` until ``stop``, close both.
+
+    Reports the runtime as started once it takes messages (``runtime.request_stop()``
+    stops it too). ``transport`` is an httpx transport for tests.
+    """
+    client = MatrixClient(
+        settings.homeserver,
+        access_token=settings.access_token,
+        user_id=settings.user_id,
+        device_id=settings.device_id,
+        transport=transport,
+        user_agent=f"surfaces-bot/{__version__}",
+    )
+    async with client:
+        store = await Store.open(Path(settings.store_path), settings.user_id)
+        try:
+            runtime = BotRuntime(settings, client, store, backend or make_backend(settings.backend))
+            async with trio.open_nursery() as nursery:
+                await nursery.start(runtime.run)
+                task_status.started(runtime)
+        finally:
+            with trio.CancelScope(shield=True):
+                await store.aclose()

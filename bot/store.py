@@ -1,0 +1,450 @@
+"""The local SQLite state: sync token, chats, the inbox, and what was handled.
+
+The store is a cache of the server's chat markers plus what only the bot knows:
+where it is in the sync stream and which events it has handled. The invariants
+that make restarts safe live here:
+
+* a sync batch's events enter the inbox in the same transaction that advances the
+  sync token, so a crash can never skip events;
+* an event leaves the inbox only in the transaction that records it as handled, so
+  a crash re-handles it (and the reply's transaction id makes the re-send a no-op);
+* an event already handled is never taken into the inbox again, whatever the
+  server replays.
+
+One connection, used from worker threads one call at a time (a capacity limiter of
+one), so the trio thread never blocks on disk. WAL keeps readers and the writer
+out of each other's way.
+"""
+
+from __future__ import annotations
+
+import sqlite3
+import time
+from collections.abc import Callable, Iterable, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Literal, TypeVar
+
+import msgspec
+import trio
+
+from matrix_api.models import EventID, RoomEvent, RoomID, SyncToken
+
+from .chats import Chat
+
+__all__ = ["SCHEMA_VERSION", "InboxItem", "Outcome", "Store", "StoreError"]
+
+T = TypeVar("T")
+
+Outcome = Literal["replied", "ignored", "failed", "notified"]
+InboxKind = Literal["message", "invite"]
+
+_MIGRATIONS: list[str] = [
+    # 1: the first schema.
+    """
+    CREATE TABLE meta (key TEXT PRIMARY KEY, value TEXT NOT NULL);
+    CREATE TABLE chats (
+        chat_id    TEXT PRIMARY KEY,
+        room_id    TEXT NOT NULL UNIQUE,
+        owner      TEXT NOT NULL,
+        title      TEXT NOT NULL,
+        created_ts INTEGER NOT NULL,
+        archived   INTEGER NOT NULL DEFAULT 0
+    );
+    CREATE TABLE inbox (
+        seq         INTEGER PRIMARY KEY AUTOINCREMENT,
+        event_id    TEXT NOT NULL UNIQUE,
+        room_id     TEXT NOT NULL,
+        kind        TEXT NOT NULL,
+        event       BLOB NOT NULL,
+        attempts    INTEGER NOT NULL DEFAULT 0,
+        received_ts INTEGER NOT NULL
+    );
+    CREATE TABLE handled (
+        event_id       TEXT PRIMARY KEY,
+        room_id        TEXT NOT NULL,
+        outcome        TEXT NOT NULL,
+        reply_event_id TEXT,
+        handled_ts     INTEGER NOT NULL
+    );
+    """,
+]
+SCHEMA_VERSION = len(_MIGRATIONS)
+
+_event_decoder = msgspec.json.Decoder(RoomEvent)
+
+
+class StoreError(Exception):
+    """The store file cannot be used: corrupt, foreign, or from a newer bot.
+
+    The file is left exactly as it was found.
+    """
+
+
+@dataclass(frozen=True, slots=True)
+class InboxItem:
+    """An event waiting to be handled; ``seq`` orders the inbox."""
+
+    seq: int
+    event_id: EventID
+    room_id: RoomID
+    kind: InboxKind
+    event: RoomEvent
+    attempts: int = 0
+
+
+@dataclass(frozen=True, slots=True)
+class NewInboxItem:
+    event_id: EventID
+    room_id: RoomID
+    kind: InboxKind
+    event: RoomEvent
+
+
+def _now_ms() -> int:
+    return int(time.time() * 1000)
+
+
+class Store:
+    """The bot's SQLite state; open with `Store.open`, close with `aclose`.
+
+    Chats are also held in memory (loaded at open, kept in step with every write),
+    so routing a message costs no I/O.
+    """
+
+    def __init__(self, connection: sqlite3.Connection, path: Path) -> None:
+        self._db = connection
+        self.path = path
+        self._limiter = trio.CapacityLimiter(1)
+        self._chats_by_room: dict[RoomID, Chat] = {}
+        self._chats_by_id: dict[str, Chat] = {}
+        self._sync_token: SyncToken | None = None
+
+    # --- opening ------------------------------------------------------------------
+
+    @classmethod
+    async def open(cls, path: Path, user_id: str) -> Store:
+        """Open (creating and migrating as needed) the store of ``user_id`` at ``path``.
+
+        Raises `StoreError` for a file that is not a SQLite database, has a schema
+        newer than this code, or belongs to another Matrix user.
+        """
+        return await trio.to_thread.run_sync(cls._open_sync, path, user_id)
+
+    @classmethod
+    def _open_sync(cls, path: Path, user_id: str) -> Store:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        existed = path.exists() and path.stat().st_size > 0
+        try:
+            # Read-only probe first: nothing is written to a file we may refuse.
+            if existed:
+                cls._check_existing(path, user_id)
+            connection = sqlite3.connect(
+                path, check_same_thread=False, isolation_level=None, timeout=5.0
+            )
+        except sqlite3.DatabaseError as exc:
+            raise StoreError(f"{path}: not a usable SQLite database: {exc}") from exc
+        try:
+            connection.execute("PRAGMA journal_mode=WAL")
+            connection.execute("PRAGMA synchronous=NORMAL")
+            connection.execute("PRAGMA foreign_keys=ON")
+            cls._migrate(connection)
+            store = cls(connection, path)
+            store._load(user_id)
+        except BaseException:
+            connection.close()
+            raise
+        return store
+
+    @staticmethod
+    def _check_existing(path: Path, user_id: str) -> None:
+        probe = sqlite3.connect(f"file:{path}?mode=ro", uri=True)
+        try:
+            (version,) = probe.execute("PRAGMA user_version").fetchone()
+            if version > SCHEMA_VERSION:
+                raise StoreError(
+                    f"{path}: schema version {version} is newer than this bot "
+                    f"understands ({SCHEMA_VERSION}); upgrade the bot or use another store"
+                )
+            tables = {row[0] for row in probe.execute("SELECT name FROM sqlite_master")}
+            if version == 0 and tables:
+                raise StoreError(f"{path}: a SQLite file of something else, not a bot store")
+            if version > 0:
+                if "meta" not in tables:
+                    raise StoreError(f"{path}: not a bot store (no meta table)")
+                row = probe.execute("SELECT value FROM meta WHERE key = 'user_id'").fetchone()
+                if row is not None and row[0] != user_id:
+                    raise StoreError(
+                        f"{path}: this store belongs to {row[0]}, not {user_id}; "
+                        "use another store_path"
+                    )
+            (check,) = probe.execute("PRAGMA quick_check").fetchone()
+            if check != "ok":
+                raise StoreError(f"{path}: database is corrupt: {check}")
+        finally:
+            probe.close()
+
+    @staticmethod
+    def _migrate(connection: sqlite3.Connection) -> None:
+        (version,) = connection.execute("PRAGMA user_version").fetchone()
+        for number in range(version, SCHEMA_VERSION):
+            # One transaction per step: the schema and its version number move together.
+            script = f"BEGIN;\n{_MIGRATIONS[number]}\nPRAGMA user_version = {number + 1};\nCOMMIT;"
+            try:
+                connection.executescript(script)
+            except BaseException:
+                if connection.in_transaction:
+                    connection.execute("ROLLBACK")
+                raise
+
+    def _load(self, user_id: str) -> None:
+        db = self._db
+        self._transaction(
+            lambda db: db.execute(
+                "INSERT OR IGNORE INTO meta(key, value) VALUES ('user_id', ?)", (user_id,)
+            )
+        )()
+        row = db.execute("SELECT value FROM meta WHERE key = 'sync_token'").fetchone()
+        self._sync_token = SyncToken(row[0]) if row else None
+        for chat in self._select_chats():
+            self._remember(chat)
+
+    def _select_chats(self) -> list[Chat]:
+        rows = self._db.execute(
+            "SELECT chat_id, room_id, owner, title, created_ts, archived FROM chats"
+        ).fetchall()
+        return [
+            Chat(
+                chat_id=chat_id,
+                room_id=RoomID(room_id),
+                owner=owner,
+                title=title,
+                created_ts=created_ts,
+                archived=bool(archived),
+            )
+            for chat_id, room_id, owner, title, created_ts, archived in rows
+        ]
+
+    async def aclose(self) -> None:
+        await self._run(self._db.close)
+
+    async def _run(self, fn: Callable[[], T]) -> T:
+        return await trio.to_thread.run_sync(fn, limiter=self._limiter)
+
+    def _transaction(self, body: Callable[[sqlite3.Connection], T]) -> Callable[[], T]:
+        def run() -> T:
+            self._db.execute("BEGIN IMMEDIATE")
+            try:
+                result = body(self._db)
+            except BaseException:
+                self._db.execute("ROLLBACK")
+                raise
+            self._db.execute("COMMIT")
+            return result
+
+        return run
+
+    # --- meta -----------------------------------------------------------------------
+
+    @property
+    def sync_token(self) -> SyncToken | None:
+        return self._sync_token
+
+    async def get_meta(self, key: str) -> str | None:
+        def read() -> str | None:
+            row = self._db.execute("SELECT value FROM meta WHERE key = ?", (key,)).fetchone()
+            return row[0] if row else None
+
+        return await self._run(read)
+
+    async def set_meta(self, key: str, value: str) -> None:
+        def write(db: sqlite3.Connection) -> None:
+            db.execute("INSERT OR REPLACE INTO meta(key, value) VALUES (?, ?)", (key, value))
+
+        await self._run(self._transaction(write))
+
+    # --- chats ----------------------------------------------------------------------
+
+    def chat_for_room(self, room_id: str) -> Chat | None:
+        return self._chats_by_room.get(RoomID(room_id))
+
+    def chat_by_id(self, chat_id: str) -> Chat | None:
+        return self._chats_by_id.get(chat_id)
+
+    def chats(self) -> list[Chat]:
+        return list(self._chats_by_id.values())
+
+    def _remember(self, chat: Chat) -> None:
+        self._forget(chat.chat_id)
+        stale = self._chats_by_room.get(chat.room_id)
+        if stale is not None:
+            self._forget(stale.chat_id)
+        self._chats_by_room[chat.room_id] = chat
+        self._chats_by_id[chat.chat_id] = chat
+
+    def _forget(self, chat_id: str) -> None:
+        old = self._chats_by_id.pop(chat_id, None)
+        if old is not None and self._chats_by_room.get(old.room_id) == old:
+            del self._chats_by_room[old.room_id]
+
+    async def apply_chats(self, put: Sequence[Chat] = (), remove: Iterable[str] = ()) -> None:
+        """Insert or replace ``put`` and delete the chats ``remove`` in one transaction.
+
+        A chat replaces whatever held its chat id or its room before.
+        """
+        removed = list(remove)
+
+        def write(db: sqlite3.Connection) -> None:
+            db.executemany("DELETE FROM chats WHERE chat_id = ?", [(c,) for c in removed])
+            for chat in put:
+                db.execute(
+                    "DELETE FROM chats WHERE room_id = ? AND chat_id != ?",
+                    (chat.room_id, chat.chat_id),
+                )
+                db.execute(
+                    "INSERT OR REPLACE INTO chats"
+                    "(chat_id, room_id, owner, title, created_ts, archived)"
+                    " VALUES (?, ?, ?, ?, ?, ?)",
+                    (
+                        chat.chat_id,
+                        chat.room_id,
+                        chat.owner,
+                        chat.title,
+                        chat.created_ts,
+                        int(chat.archived),
+                    ),
+                )
+
+        await self._run(self._transaction(write))
+        for chat_id in removed:
+            self._forget(chat_id)
+        for chat in put:
+            self._remember(chat)
+
+    # --- the inbox ------------------------------------------------------------------
+
+    async def commit_sync_batch(
+        self, next_token: SyncToken, items: Sequence[NewInboxItem]
+    ) -> list[InboxItem]:
+        """Take a batch's events into the inbox and advance the sync token, atomically.
+
+        Events already in the inbox or already handled are dropped (the server may
+        deliver an event twice). Returns the items that are new.
+        """
+
+        def write(db: sqlite3.Connection) -> list[InboxItem]:
+            fresh: list[InboxItem] = []
+            received = _now_ms()
+            for item in items:
+                if db.execute(
+                    "SELECT 1 FROM handled WHERE event_id = ?", (item.event_id,)
+                ).fetchone():
+                    continue
+                cursor = db.execute(
+                    "INSERT OR IGNORE INTO inbox(event_id, room_id, kind, event, received_ts)"
+                    " VALUES (?, ?, ?, ?, ?)",
+                    (
+                        item.event_id,
+                        item.room_id,
+                        item.kind,
+                        msgspec.json.encode(item.event),
+                        received,
+                    ),
+                )
+                if cursor.rowcount and cursor.lastrowid is not None:
+                    fresh.append(
+                        InboxItem(
+                            cursor.lastrowid, item.event_id, item.room_id, item.kind, item.event
+                        )
+                    )
+            db.execute(
+                "INSERT OR REPLACE INTO meta(key, value) VALUES ('sync_token', ?)", (next_token,)
+            )
+            return fresh
+
+        fresh = await self._run(self._transaction(write))
+        self._sync_token = next_token
+        return fresh
+
+    async def pending(self) -> list[InboxItem]:
+        """Everything still in the inbox, oldest first."""
+
+        def read() -> list[InboxItem]:
+            rows = self._db.execute(
+                "SELECT seq, event_id, room_id, kind, event, attempts FROM inbox ORDER BY seq"
+            ).fetchall()
+            return [
+                InboxItem(
+                    seq,
+                    EventID(event_id),
+                    RoomID(room_id),
+                    kind,
+                    _event_decoder.decode(event),
+                    attempts,
+                )
+                for seq, event_id, room_id, kind, event, attempts in rows
+            ]
+
+        return await self._run(read)
+
+    async def finish(
+        self,
+        item: InboxItem,
+        outcome: Outcome,
+        reply_event_id: EventID | None = None,
+    ) -> None:
+        """Record ``item`` as handled and take it out of the inbox, atomically."""
+
+        def write(db: sqlite3.Connection) -> None:
+            db.execute("DELETE FROM inbox WHERE event_id = ?", (item.event_id,))
+            db.execute(
+                "INSERT OR REPLACE INTO handled"
+                "(event_id, room_id, outcome, reply_event_id, handled_ts)"
+                " VALUES (?, ?, ?, ?, ?)",
+                (item.event_id, item.room_id, outcome, reply_event_id, _now_ms()),
+            )
+
+        await self._run(self._transaction(write))
+
+    async def discard(self, item: InboxItem) -> None:
+        """Take ``item`` out of the inbox without recording it (invites: the server
+        shows a pending invite again at every full sync, so none is lost)."""
+
+        def write(db: sqlite3.Connection) -> None:
+            db.execute("DELETE FROM inbox WHERE event_id = ?", (item.event_id,))
+
+        await self._run(self._transaction(write))
+
+    async def count_attempt(self, item: InboxItem) -> int:
+        """Note one more failed attempt at ``item``; returns the new count."""
+
+        def write(db: sqlite3.Connection) -> int:
+            db.execute(
+                "UPDATE inbox SET attempts = attempts + 1 WHERE event_id = ?", (item.event_id,)
+            )
+            row = db.execute(
+                "SELECT attempts FROM inbox WHERE event_id = ?", (item.event_id,)
+            ).fetchone()
+            return int(row[0]) if row else 0
+
+        return await self._run(self._transaction(write))
+
+    async def handled_outcome(self, event_id: str) -> str | None:
+        def read() -> str | None:
+            row = self._db.execute(
+                "SELECT outcome FROM handled WHERE event_id = ?", (event_id,)
+            ).fetchone()
+            return row[0] if row else None
+
+        return await self._run(read)
+
+    async def counts(self) -> dict[str, int]:
+        """Sizes of the tables, for diagnostics and tests."""
+
+        def read() -> dict[str, int]:
+            return {
+                table: self._db.execute(f"SELECT count(*) FROM {table}").fetchone()[0]  # noqa: S608
+                for table in ("chats", "inbox", "handled")
+            }
+
+        return await self._run(read)

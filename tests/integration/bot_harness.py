@@ -1,0 +1,99 @@
+"""Driving the bot against the real Synapse: the bot in-process, a person as a client."""
+
+from __future__ import annotations
+
+from collections.abc import AsyncIterator, Callable
+from contextlib import asynccontextmanager
+from dataclasses import replace
+from pathlib import Path
+from typing import Any
+
+import trio
+
+from bot.config import AllowList, Settings
+from bot.runtime import BotRuntime, run_bot
+from matrix_api import MatrixClient, new_txn_id
+from matrix_api.models import RoomEvent, RoomID, SyncToken
+from matrix_api.testing.synapse import RegisteredUser, SynapseServer
+
+
+def bot_settings(
+    synapse: SynapseServer, bot_user: RegisteredUser, store_path: Path, **overrides: Any
+) -> Settings:
+    settings = Settings(
+        homeserver=synapse.base_url,
+        user_id=bot_user.user_id,
+        access_token=bot_user.access_token,
+        device_id=bot_user.device_id,
+        store_path=store_path,
+        allowed=AllowList(servers=frozenset({synapse.server_name})),
+        workers=2,
+        drain_timeout_s=5.0,
+    )
+    return replace(settings, **overrides)
+
+
+@asynccontextmanager
+async def running_bot(settings: Settings) -> AsyncIterator[BotRuntime]:
+    """The bot, ready (reconciled and taking messages) for the body of the block."""
+    async with trio.open_nursery() as nursery:
+        runtime: BotRuntime = await nursery.start(run_bot, settings)
+        try:
+            yield runtime
+        finally:
+            runtime.request_stop()
+
+
+class Person:
+    """A Matrix user driving the bot the way a client would."""
+
+    def __init__(self, synapse: SynapseServer, user: RegisteredUser) -> None:
+        self.user = user
+        self.client = MatrixClient(
+            synapse.base_url, access_token=user.access_token, user_id=user.user_id
+        )
+        self._since: SyncToken | None = None
+        self.timeline: dict[RoomID, list[RoomEvent]] = {}
+
+    async def aclose(self) -> None:
+        await self.client.aclose()
+
+    async def sync_once(self, timeout_ms: int = 0) -> None:
+        response = await self.client.sync(since=self._since, timeout_ms=timeout_ms)
+        self._since = response.next_batch
+        for room_id, room in response.rooms.join.items():
+            self.timeline.setdefault(room_id, []).extend(room.timeline.events)
+
+    async def say(self, room_id: RoomID, body: str) -> str:
+        return await self.client.send_event(
+            room_id, "m.room.message", {"msgtype": "m.text", "body": body}, new_txn_id()
+        )
+
+    def bot_notices(self, room_id: RoomID, bot_user_id: str) -> list[RoomEvent]:
+        return [
+            e
+            for e in self.timeline.get(room_id, [])
+            if e.sender == bot_user_id
+            and e.type == "m.room.message"
+            and e.content.get("msgtype") == "m.notice"
+        ]
+
+    async def wait_until(
+        self, condition: Callable[[], bool], *, timeout: float = 20.0, what: str = "condition"
+    ) -> None:
+        with trio.move_on_after(timeout) as scope:
+            while not condition():
+                await self.sync_once(timeout_ms=1000)
+        if scope.cancelled_caught:
+            raise AssertionError(f"timed out after {timeout}s waiting for {what}")
+
+
+def replies_to(notices: list[RoomEvent]) -> list[str]:
+    """The event ids the given notices answer (rich replies)."""
+    targets = []
+    for event in notices:
+        relates = event.content.get("m.relates_to", {})
+        target = relates.get("m.in_reply_to", {}).get("event_id")
+        if target:
+            targets.append(target)
+    return targets

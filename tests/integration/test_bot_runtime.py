@@ -1,0 +1,213 @@
+"""The runtime against a real Synapse: invites, replies, restarts, lost stores, repair."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+from structlog.contextvars import merge_contextvars
+from structlog.testing import capture_logs
+
+from bot.chats import CHAT_MARKER
+from bot.handler import REPAIR_FAILED_NOTICE
+from bot.invites import GREETING
+from bot_harness import Person, bot_settings, replies_to, running_bot
+from conftest import MakeUser
+from matrix_api.models import RoomID
+from matrix_api.testing.synapse import SynapseServer
+
+
+@pytest.fixture
+async def alice(synapse: SynapseServer, make_user: MakeUser):  # type: ignore[no-untyped-def]
+    person = Person(synapse, make_user("alice"))
+    yield person
+    await person.aclose()
+
+
+async def _invite_and_greet(alice: Person, bot_id: str, name: str = "chat") -> RoomID:
+    room_id = await alice.client.create_room(name=name, invite=[bot_id], preset="private_chat")
+    await alice.wait_until(
+        lambda: any(e.content.get("body") == GREETING for e in alice.bot_notices(room_id, bot_id)),
+        what="the bot's greeting",
+    )
+    return room_id
+
+
+async def test_invite_then_chat_gets_rich_notice_replies(
+    synapse: SynapseServer, make_user: MakeUser, alice: Person, tmp_path: Path
+) -> None:
+    bot_user = make_user("bot")
+    settings = bot_settings(synapse, bot_user, tmp_path / "store.sqlite3")
+    async with running_bot(settings) as runtime:
+        room_id = await _invite_and_greet(alice, bot_user.user_id)
+        chat = runtime._store.chat_for_room(room_id)
+        assert chat is not None
+        assert chat.owner == alice.user.user_id
+
+        asked = await alice.say(room_id, "hello bot")
+        await alice.wait_until(
+            lambda: asked in replies_to(alice.bot_notices(room_id, bot_user.user_id)),
+            what="the reply",
+        )
+    reply = next(
+        e for e in alice.bot_notices(room_id, bot_user.user_id) if asked in replies_to([e])
+    )
+    assert reply.content["msgtype"] == "m.notice"
+    assert reply.content["body"] == "hello bot"
+    # The marker is on the server, in the bot's room account data.
+    async with running_bot(settings) as runtime:
+        marker = await runtime._client.get_room_account_data(room_id, CHAT_MARKER)
+    assert marker["chat_id"] == chat.chat_id
+    assert marker["owner"] == alice.user.user_id
+
+
+async def test_store_loss_restores_chats_and_answers_missed_messages_once(
+    synapse: SynapseServer, make_user: MakeUser, alice: Person, tmp_path: Path
+) -> None:
+    bot_user = make_user("bot")
+    store_path = tmp_path / "store.sqlite3"
+    settings = bot_settings(synapse, bot_user, store_path)
+    async with running_bot(settings) as runtime:
+        rooms = [await _invite_and_greet(alice, bot_user.user_id, f"chat {i}") for i in range(2)]
+        answered_before = await alice.say(rooms[0], "before the restart")
+        await alice.wait_until(
+            lambda: answered_before in replies_to(alice.bot_notices(rooms[0], bot_user.user_id)),
+            what="the first reply",
+        )
+        chats_before = {r: runtime._store.chat_for_room(r) for r in rooms}
+
+    # While the bot is down: messages in both rooms; then its store is deleted.
+    missed = [await alice.say(room, f"while down {i}") for i in range(3) for room in rooms]
+    for path in tmp_path.glob("store.sqlite3*"):
+        path.unlink()
+
+    with capture_logs() as logs:
+        async with running_bot(settings) as runtime:
+            for room in rooms:
+                assert runtime._store.chat_for_room(room) == chats_before[room]
+
+            def answered() -> set[str]:
+                return {
+                    t for r in rooms for t in replies_to(alice.bot_notices(r, bot_user.user_id))
+                }
+
+            await alice.wait_until(
+                lambda: set(missed) <= answered(), what="replies to the missed messages"
+            )
+            # A little longer, to see that nothing is answered twice.
+            await alice.sync_once(timeout_ms=1500)
+
+    report = next(e for e in logs if e["event"] == "matrix_reconcile_complete")
+    assert report["restored"] == 2
+    for room in rooms:
+        targets = replies_to(alice.bot_notices(room, bot_user.user_id))
+        assert len(targets) == len(set(targets)), "a message was answered twice"
+    all_targets = [
+        t for room in rooms for t in replies_to(alice.bot_notices(room, bot_user.user_id))
+    ]
+    assert sorted(all_targets) == sorted([answered_before, *missed])
+
+
+async def test_message_in_room_without_marker_gets_the_diagnostic_notice(
+    synapse: SynapseServer, make_user: MakeUser, alice: Person, tmp_path: Path
+) -> None:
+    bot_user = make_user("bot")
+    settings = bot_settings(synapse, bot_user, tmp_path / "store.sqlite3")
+    async with running_bot(settings) as runtime:
+        room_id = await _invite_and_greet(alice, bot_user.user_id)
+        # Someone removes the marker on the server (an empty object is no marker).
+        await runtime._client.put_room_account_data(room_id, CHAT_MARKER, {})
+
+    for path in tmp_path.glob("store.sqlite3*"):
+        path.unlink()
+    with capture_logs(processors=[merge_contextvars]) as logs:
+        async with running_bot(settings):
+            asked = await alice.say(room_id, "anyone there?")
+            await alice.wait_until(
+                lambda: asked in replies_to(alice.bot_notices(room_id, bot_user.user_id)),
+                what="the diagnostic notice",
+            )
+    notice = next(
+        e for e in alice.bot_notices(room_id, bot_user.user_id) if asked in replies_to([e])
+    )
+    assert notice.content["body"] == REPAIR_FAILED_NOTICE
+    warning = next(e for e in logs if e["event"] == "chat_repair_failed")
+    assert warning["room_id"] == room_id
+    assert warning["sender"] == alice.user.user_id
+    assert warning["event_id"] == asked
+    assert warning["repair"]["ok"] is False
+
+
+async def test_invite_from_a_user_not_allowed_is_declined(
+    synapse: SynapseServer, make_user: MakeUser, alice: Person, tmp_path: Path
+) -> None:
+    bot_user = make_user("bot")
+    from bot.config import AllowList
+
+    settings = bot_settings(
+        synapse,
+        bot_user,
+        tmp_path / "store.sqlite3",
+        allowed=AllowList(users=frozenset({"@someone-else:localhost"})),
+    )
+    with capture_logs() as logs:
+        async with running_bot(settings) as runtime:
+            room_id = await alice.client.create_room(name="nope", invite=[bot_user.user_id])
+            await alice.wait_until(
+                lambda: any(e["event"] == "invite_declined" for e in logs),
+                what="the invite to be declined",
+            )
+            assert runtime._store.chat_for_room(room_id) is None
+    members = await alice.client.joined_members(room_id)
+    assert bot_user.user_id not in members
+
+
+async def test_history_from_before_the_bot_joined_is_not_answered(
+    synapse: SynapseServer, make_user: MakeUser, alice: Person, tmp_path: Path
+) -> None:
+    bot_user = make_user("bot")
+    settings = bot_settings(synapse, bot_user, tmp_path / "store.sqlite3")
+    room_id = await alice.client.create_room(name="old room")
+    history = [await alice.say(room_id, f"old message {i}") for i in range(3)]
+    async with running_bot(settings):
+        await alice.client.invite_user(room_id, bot_user.user_id)
+        await alice.wait_until(
+            lambda: any(
+                e.content.get("body") == GREETING
+                for e in alice.bot_notices(room_id, bot_user.user_id)
+            ),
+            what="the greeting",
+        )
+        asked = await alice.say(room_id, "new message")
+        await alice.wait_until(
+            lambda: asked in replies_to(alice.bot_notices(room_id, bot_user.user_id)),
+            what="the reply",
+        )
+    answered = replies_to(alice.bot_notices(room_id, bot_user.user_id))
+    assert answered == [asked]
+    assert not set(history) & set(answered)
+
+
+async def test_restart_with_store_fills_a_gap_larger_than_the_timeline(
+    synapse: SynapseServer, make_user: MakeUser, alice: Person, tmp_path: Path
+) -> None:
+    bot_user = make_user("bot")
+    settings = bot_settings(synapse, bot_user, tmp_path / "store.sqlite3")
+    async with running_bot(settings):
+        room_id = await _invite_and_greet(alice, bot_user.user_id)
+    # More than the 50 events per room the sync filter asks for: the timeline comes
+    # back `limited` and the rest must be fetched through /messages.
+    missed = [await alice.say(room_id, f"burst {i}") for i in range(70)]
+    with capture_logs() as logs:
+        async with running_bot(settings):
+            await alice.wait_until(
+                lambda: (
+                    set(missed) <= set(replies_to(alice.bot_notices(room_id, bot_user.user_id)))
+                ),
+                timeout=60,
+                what="70 replies",
+            )
+            await alice.sync_once(timeout_ms=1000)
+    answered = replies_to(alice.bot_notices(room_id, bot_user.user_id))
+    assert answered == missed, "every message answered once, in order"
+    assert any(e["event"] == "sync_gap_filled" and e["events"] >= 20 for e in logs)
