@@ -87,7 +87,7 @@ def _parse_retry_after(value: str | None) -> float | None:
     if value is None:
         return None
     value = value.strip()
-    if value.isdigit():
+    if value.isascii() and value.isdigit():
         return float(value)
     try:
         when = email.utils.parsedate_to_datetime(value)
@@ -122,6 +122,8 @@ class HTTPCore:
         self.retry_policy = retry_policy or RetryPolicy()
         self._access_token = access_token
         self._timeout = timeout
+        self.requests_sent = 0
+        """Every attempt that went to the network, retries included (for diagnostics)."""
         self._http = httpx.AsyncClient(
             base_url=self.homeserver,
             transport=transport,
@@ -204,6 +206,7 @@ class HTTPCore:
                 pool=self._timeout.pool,
             )
         what = f"{request.method} {request.path}"
+        self.requests_sent += 1
         try:
             response = await self._http.request(
                 request.method,
@@ -218,7 +221,8 @@ class HTTPCore:
                 f"{what}: could not connect to {self.homeserver}: {type(exc).__name__}: {exc}",
                 maybe_processed=False,
             ) from exc
-        except httpx.TransportError as exc:
+        except (httpx.TransportError, httpx.DecodingError) as exc:
+            # DecodingError: a body that does not match its Content-Encoding.
             raise NetworkError(
                 f"{what}: no complete answer: {type(exc).__name__}: {exc}",
                 maybe_processed=True,
@@ -228,7 +232,8 @@ class HTTPCore:
             raise self._error_from(response, what)
         try:
             return decode(response.content)
-        except msgspec.DecodeError as exc:
+        except (msgspec.DecodeError, RecursionError) as exc:
+            # RecursionError: JSON nested deeper than the decoder will follow.
             raise BadResponse(
                 f"{what}: {response.status_code} answer is not what the endpoint promises: {exc}",
                 status=response.status_code,
@@ -240,7 +245,7 @@ class HTTPCore:
         status = response.status_code
         try:
             body = _object_decoder.decode(response.content)
-        except msgspec.DecodeError:
+        except (msgspec.DecodeError, RecursionError):
             body = None
         if body is not None and isinstance(body.get("errcode"), str):
             return MatrixError.from_response(

@@ -16,7 +16,13 @@ CLIENT_V1 = "/_matrix/client/v1"
 
 
 def segment(value: str) -> str:
-    """Percent-encode one path segment; ``/`` included, nothing is safe."""
+    """Percent-encode one path segment; ``/`` included, nothing is safe.
+
+    ``.`` and ``..`` are encoded too: left bare, URL normalisation would remove them
+    and send the request to another endpoint (a state key may be any string).
+    """
+    if value in (".", ".."):
+        return value.replace(".", "%2E")
     return quote(value, safe="")
 
 
