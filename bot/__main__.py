@@ -14,6 +14,7 @@ import signal
 import sys
 from collections.abc import Sequence
 from pathlib import Path
+from typing import TypeVar
 
 import structlog
 import trio
@@ -24,6 +25,8 @@ from .runtime import FatalError, run_bot
 from .store import StoreError
 
 log = structlog.get_logger("bot")
+
+E = TypeVar("E", bound=BaseException)
 
 EXIT_CONFIG = 2
 EXIT_STORE = 3
@@ -59,6 +62,17 @@ async def _watch_signals(stop: trio.Event, scope: trio.CancelScope) -> None:
                 scope.cancel()
 
 
+def _leaves(group: BaseExceptionGroup[E]) -> list[E]:
+    """The errors in ``group`` and its nested groups (one per nursery level)."""
+    found: list[E] = []
+    for error in group.exceptions:
+        if isinstance(error, BaseExceptionGroup):
+            found.extend(_leaves(error))
+        else:
+            found.append(error)
+    return found
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     args = _parser().parse_args(argv)
     try:
@@ -71,11 +85,11 @@ def main(argv: Sequence[str] | None = None) -> int:
     try:
         trio.run(_serve, settings)
     except* StoreError as store_errors:
-        for store_error in store_errors.exceptions:
+        for store_error in _leaves(store_errors):
             log.error("store_unusable", error=str(store_error))
         exit_code = EXIT_STORE
     except* FatalError as fatal_errors:
-        for fatal in fatal_errors.exceptions:
+        for fatal in _leaves(fatal_errors):
             log.error("fatal", error=str(fatal))
         exit_code = EXIT_FATAL
     return exit_code

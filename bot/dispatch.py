@@ -29,6 +29,7 @@ log = structlog.get_logger("bot.dispatch")
 _MAX_TRANSIENT_DELAY = 60.0
 # A job that fails with an unexpected error is given up after this many attempts.
 MAX_ATTEMPTS = 3
+RECEIPT_DELAY_S = 2.0
 
 
 class JobHandler(Protocol):
@@ -42,7 +43,7 @@ class JobHandler(Protocol):
         ...
 
     async def mark_read(self, room_id: str, event_id: str) -> None:
-        """The worker caught up with ``room_id`` up to ``event_id``."""
+        """Everything in ``room_id`` up to ``event_id`` is handled."""
         ...
 
 
@@ -69,6 +70,8 @@ class Dispatcher:
         self._channels = [trio.open_memory_channel[InboxItem](math.inf) for _ in range(workers)]
         self._queued: set[str] = set()
         self._stopping = False
+        self._unread: dict[str, str] = {}
+        self._receipts_due = trio.Event()
 
     def shard(self, room_id: str) -> int:
         return zlib.crc32(room_id.encode()) % len(self._channels)
@@ -89,33 +92,51 @@ class Dispatcher:
 
     async def run(self, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
         async with trio.open_nursery() as nursery:
-            for index, (_, receive) in enumerate(self._channels):
-                nursery.start_soon(self._worker, index, receive)
-            task_status.started()
+            nursery.start_soon(self._send_receipts_every, RECEIPT_DELAY_S)
+            async with trio.open_nursery() as workers:
+                for index, (_, receive) in enumerate(self._channels):
+                    workers.start_soon(self._worker, index, receive)
+                task_status.started()
+            nursery.cancel_scope.cancel()
+        # The last receipts, within whatever drain deadline the caller set.
+        await self._send_receipts()
 
     async def _worker(self, index: int, receive: trio.MemoryReceiveChannel[InboxItem]) -> None:
-        unread: dict[str, str] = {}
         async with receive:
             async for item in receive:
                 if self._stopping:
                     return
-                await self._run_job(item)
+                finished = await self._run_job(item)
                 self._queued.discard(item.event_id)
-                unread[item.room_id] = item.event_id
-                if receive.statistics().current_buffer_used == 0:
-                    # Caught up: one receipt per room instead of one per message.
-                    for room_id, event_id in unread.items():
-                        await self._mark_read(room_id, event_id)
-                    unread.clear()
+                if finished:
+                    self._unread[item.room_id] = item.event_id
+                    self._receipts_due.set()
         log.debug("worker_stopped", worker=index)
 
-    async def _run_job(self, item: InboxItem) -> None:
+    async def _send_receipts_every(self, delay: float) -> None:
+        # Receipts are batched: one per room per ``delay`` at most, not one per message.
+        while True:
+            await self._receipts_due.wait()
+            await trio.sleep(delay)
+            await self._send_receipts()
+
+    async def _send_receipts(self) -> None:
+        unread, self._unread = self._unread, {}
+        self._receipts_due = trio.Event()
+        for room_id, event_id in unread.items():
+            try:
+                await self._handler.mark_read(room_id, event_id)
+            except MatrixAPIError as exc:
+                log.info("read_receipt_failed", room_id=room_id, error=str(exc))
+
+    async def _run_job(self, item: InboxItem) -> bool:
+        """Handle ``item``, retrying as its errors allow; False if it stays in the inbox."""
         attempt = 0
         while True:
             try:
                 await self._handler.handle(item)
-                return
-            except Exception as exc:
+                return True
+            except Exception as exc:  # one job's failure must not stop the worker
                 attempt += 1
                 if is_transient(exc) and not self._stopping:
                     delay = min(_MAX_TRANSIENT_DELAY, 2 ** min(attempt, 6))
@@ -129,20 +150,14 @@ class Dispatcher:
                     await trio.sleep(delay)
                     continue
                 if is_transient(exc):
-                    return  # stopping: the job stays in the inbox
+                    return False  # stopping: the job stays in the inbox
                 log.exception("job_failed", room_id=item.room_id, event_id=item.event_id)
                 if attempt >= MAX_ATTEMPTS or isinstance(exc, MatrixAPIError):
                     await self._give_up(item, exc)
-                    return
+                    return True
 
     async def _give_up(self, item: InboxItem, error: Exception) -> None:
         try:
             await self._handler.give_up(item, error)
         except Exception:
             log.exception("job_give_up_failed", room_id=item.room_id, event_id=item.event_id)
-
-    async def _mark_read(self, room_id: str, event_id: str) -> None:
-        try:
-            await self._handler.mark_read(room_id, event_id)
-        except MatrixAPIError as exc:
-            log.info("read_receipt_failed", room_id=room_id, error=str(exc))

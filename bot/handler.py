@@ -89,6 +89,11 @@ class MessageHandler:
             if chat is None or chat.archived:
                 await self._store.finish(item, "ignored")
                 return
+            if message.origin_server_ts < chat.created_ts:
+                # History from before the room became a chat (a newly joined room's
+                # timeline and gap carry it): not for the bot to answer.
+                await self._store.finish(item, "ignored")
+                return
             try:
                 text = await self._backend.reply(chat, message)
             except BackendError as exc:

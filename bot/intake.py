@@ -22,6 +22,7 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 from dataclasses import dataclass
+from typing import Any
 
 import structlog
 
@@ -32,20 +33,39 @@ from .chats import Chat
 from .messages import in_reply_to, parse_incoming
 from .store import InboxItem, NewInboxItem, Store
 
-__all__ = ["SYNC_FILTER", "Intake", "invite_item"]
+__all__ = ["Intake", "invite_item", "sync_filters"]
 
 log = structlog.get_logger("bot.intake")
 
-# Enough timeline per room that a busy room is rarely ``limited`` (the server's
-# default is 10); receipts are the only ephemeral events the bot reads.
-SYNC_FILTER = {
-    "room": {
-        "timeline": {"limit": 50},
-        "state": {"lazy_load_members": True},
-        "ephemeral": {"types": ["m.receipt"]},
-    },
-    "presence": {"types": []},
-}
+
+def sync_filters(bot_user_id: str) -> tuple[dict[str, Any], dict[str, Any]]:
+    """The /sync filters: one for the start-up sync, one for the long-poll.
+
+    Both ask for enough timeline per room that a busy room is rarely ``limited``
+    (the server's default is 10). The start-up sync needs the bot's own events and
+    receipts to see how far it got; the long-poll leaves out the bot's own events
+    and all ephemeral ones, so its own replies and receipts do not wake it up.
+    """
+    initial = {
+        "room": {
+            "timeline": {"limit": 50},
+            "state": {"lazy_load_members": True},
+            "ephemeral": {"types": ["m.receipt"]},
+        },
+        "presence": {"types": []},
+    }
+    long_poll = {
+        "room": {
+            "timeline": {"limit": 50, "not_senders": [bot_user_id]},
+            "state": {"lazy_load_members": True},
+            "ephemeral": {"types": []},
+        },
+        "presence": {"types": []},
+        "account_data": {"types": []},
+    }
+    return initial, long_poll
+
+
 _PAGE = 100
 # Bounds a walk back through history: a gap of up to _MAX_PAGES * _PAGE events.
 _MAX_PAGES = 50

@@ -24,14 +24,14 @@ import trio
 from trio_util import AsyncValue
 
 from matrix_api import MatrixAPIError, MatrixClient, NetworkError, UnknownToken
-from matrix_api.models import SyncResponse
+from matrix_api.models import FilterID, SyncResponse
 
 from . import __version__
 from .backends import Backend, make_backend
 from .config import Settings
 from .dispatch import Dispatcher
 from .handler import MessageHandler
-from .intake import SYNC_FILTER, Intake
+from .intake import Intake, sync_filters
 from .reconcile import ReconcileReport, reconcile_matrix_state
 from .store import Store
 
@@ -82,9 +82,11 @@ class BotRuntime:
         self._client = client
         self._store = store
         self._intake = Intake(client, store, settings.user_id)
+        self._initial_filter, self._long_poll_filter = sync_filters(settings.user_id)
+        self._long_poll_filter_id: FilterID | None = None
         self._handler = MessageHandler(client, store, settings, backend)
         self._dispatcher = Dispatcher(self._handler, settings.workers)
-        self._stop = stop or trio.Event()
+        self._stop = stop if stop is not None else trio.Event()
         self._rng = rng or random.Random()
 
     def request_stop(self) -> None:
@@ -112,6 +114,7 @@ class BotRuntime:
                 chats=len(self._store.chats()),
                 pending=len(pending),
                 workers=self.settings.workers,
+                startup_requests=self._client.requests_sent,
             )
             task_status.started()
 
@@ -140,7 +143,7 @@ class BotRuntime:
                 since=since,
                 timeout_ms=self._rng.randint(1, 59_999),
                 full_state=True,
-                filter=SYNC_FILTER,
+                filter=self._initial_filter,
             )
         except NetworkError as exc:
             raise FatalError(f"homeserver unreachable: {exc}") from exc
@@ -150,6 +153,11 @@ class BotRuntime:
         log.info("matrix_reconcile_complete", **report.log_fields())
         # Messages that arrived while the bot was down, now that every chat is known.
         await self._intake.commit(initial, since)
+        try:
+            # An uploaded filter keeps every long-poll URL short; inline works too.
+            self._long_poll_filter_id = await self._client.upload_filter(self._long_poll_filter)
+        except MatrixAPIError as exc:
+            log.warning("filter_upload_failed", error=str(exc))
         task_status.started(report)
 
     async def _authenticate(self) -> None:
@@ -206,7 +214,9 @@ class BotRuntime:
                 since = self._store.sync_token
                 try:
                     response = await self._client.sync(
-                        since=since, timeout_ms=LONG_POLL_MS, filter=SYNC_FILTER
+                        since=since,
+                        timeout_ms=LONG_POLL_MS,
+                        filter=self._long_poll_filter_id or self._long_poll_filter,
                     )
                     self._log_skipped(response)
                     fresh = await self._intake.commit(response, since)
@@ -267,7 +277,9 @@ async def run_bot(
     async with client:
         store = await Store.open(Path(settings.store_path), settings.user_id)
         try:
-            runtime = BotRuntime(settings, client, store, backend or make_backend(settings.backend))
+            runtime = BotRuntime(
+                settings, client, store, backend or make_backend(settings.backend), stop=stop
+            )
             async with trio.open_nursery() as nursery:
                 await nursery.start(runtime.run)
                 task_status.started(runtime)
