@@ -1,10 +1,14 @@
 """``python -m bot``: the command line.
 
-    python -m bot run [--config PATH]
+    python -m bot run [--config PATH]         run the bot until SIGINT/SIGTERM
+    python -m bot dev [--data-dir DIR]        a local Synapse, two accounts, and the bot
+    python -m bot reset --local [--yes]       delete the local store
+    python -m bot reset --server [--yes]      release every room the bot manages
+    python -m bot doctor [--config PATH]      check the set-up; changes nothing
 
-Exit codes: 0 after a graceful stop, 2 for invalid configuration, 3 for a store
-that cannot be used, 4 for any other fatal error (bad credentials, homeserver
-unreachable at start).
+Exit codes: 0 success (and a graceful stop), 1 a check or action failed, 2 invalid
+configuration, 3 a store that cannot be used, 4 any other fatal error (bad
+credentials, homeserver unreachable at start).
 """
 
 from __future__ import annotations
@@ -22,22 +26,42 @@ import trio
 from .config import ConfigError, Settings, load_settings
 from .logging import configure_logging
 from .runtime import FatalError, run_bot
+from .session import AuthError
 from .store import StoreError
 
 log = structlog.get_logger("bot")
 
 E = TypeVar("E", bound=BaseException)
 
+EXIT_FAILED = 1
 EXIT_CONFIG = 2
 EXIT_STORE = 3
 EXIT_FATAL = 4
 
 
 def _parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="python -m bot", description=__doc__.splitlines()[0])
+    parser = argparse.ArgumentParser(
+        prog="python -m bot",
+        description="surfaces-bot: Matrix rooms as chats with a backend assistant.",
+    )
     commands = parser.add_subparsers(dest="command", required=True)
     run = commands.add_parser("run", help="run the bot until SIGINT/SIGTERM")
     run.add_argument("--config", type=Path, help="TOML settings file (the environment wins)")
+
+    dev = commands.add_parser("dev", help="try the bot on a throwaway local Synapse")
+    dev.add_argument("--data-dir", type=Path, default=Path(".surfaces-dev"))
+
+    reset = commands.add_parser("reset", help="start over: local store or server rooms")
+    where = reset.add_mutually_exclusive_group(required=True)
+    where.add_argument("--local", action="store_true", help="delete the local store")
+    where.add_argument(
+        "--server", action="store_true", help="leave and forget every managed room and Space"
+    )
+    reset.add_argument("--yes", action="store_true", help="act without asking / not a dry run")
+    reset.add_argument("--config", type=Path)
+
+    doctor = commands.add_parser("doctor", help="check the set-up without changing anything")
+    doctor.add_argument("--config", type=Path)
     return parser
 
 
@@ -73,14 +97,8 @@ def _leaves(group: BaseExceptionGroup[E]) -> list[E]:
     return found
 
 
-def main(argv: Sequence[str] | None = None) -> int:
-    args = _parser().parse_args(argv)
-    try:
-        settings = load_settings(args.config)
-    except ConfigError as exc:
-        print(exc, file=sys.stderr)
-        return EXIT_CONFIG
-    configure_logging(settings.log_level, settings.log_format)
+def run_service(settings: Settings) -> int:
+    """Run the bot until it is stopped; the process exit code."""
     exit_code = 0
     try:
         trio.run(_serve, settings)
@@ -93,6 +111,51 @@ def main(argv: Sequence[str] | None = None) -> int:
             log.error("fatal", error=str(fatal))
         exit_code = EXIT_FATAL
     return exit_code
+
+
+def _say(line: str) -> None:
+    print(line, flush=True)
+
+
+def _confirm(question: str) -> bool:
+    if not sys.stdin.isatty():
+        print(f"{question} Not confirmed (no terminal); pass --yes.", file=sys.stderr)
+        return False
+    return input(f"{question} [y/N] ").strip().lower() in ("y", "yes")
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = _parser().parse_args(argv)
+    if args.command == "dev":
+        from .dev import run_dev
+
+        configure_logging("info", "console")
+        return run_dev(args.data_dir, run_service)
+
+    try:
+        settings = load_settings(args.config)
+    except ConfigError as exc:
+        print(exc, file=sys.stderr)
+        return EXIT_CONFIG
+    configure_logging(settings.log_level, settings.log_format)
+
+    if args.command == "run":
+        return run_service(settings)
+    if args.command == "reset" and args.local:
+        from .reset import reset_local
+
+        return reset_local(settings.store_path, (lambda _: True) if args.yes else _confirm, _say)
+    try:
+        if args.command == "reset":
+            from .reset import reset_server
+
+            return trio.run(lambda: reset_server(settings, apply=args.yes, say=_say))
+        from .doctor import run_doctor
+
+        return trio.run(run_doctor, settings, _say)
+    except AuthError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return EXIT_FATAL
 
 
 if __name__ == "__main__":

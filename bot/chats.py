@@ -19,18 +19,25 @@ from matrix_api.models import RoomID
 __all__ = [
     "CHAT_MARKER",
     "MARKER_VERSION",
+    "MAX_TITLE",
+    "SPACE_MARKER",
     "Chat",
     "MarkerError",
     "chat_from_marker",
     "marker_content",
     "new_chat_id",
+    "space_marker_content",
+    "space_owner_from_marker",
     "write_marker",
 ]
 
 CHAT_MARKER = "org.surfaces_bot.chat"
 """Room account data type of the chat marker."""
+SPACE_MARKER = "org.surfaces_bot.space"
+"""Room account data type of the marker of a user's Space."""
 MARKER_VERSION = 1
-_MAX_TITLE = 255
+MAX_TITLE = 255
+"""Longest chat title, in characters (room names longer than this are unwieldy)."""
 
 
 @dataclass(frozen=True, slots=True)
@@ -96,7 +103,7 @@ def chat_from_marker(room_id: RoomID, content: dict[str, Any]) -> Chat:
         chat_id=chat_id,
         room_id=room_id,
         owner=owner,
-        title=title[:_MAX_TITLE],
+        title=title[:MAX_TITLE],
         created_ts=created_ts,
         archived=archived,
     )
@@ -105,3 +112,18 @@ def chat_from_marker(room_id: RoomID, content: dict[str, Any]) -> Chat:
 async def write_marker(client: MatrixClient, chat: Chat) -> None:
     """Record ``chat`` on the server (idempotent: a PUT of the whole marker)."""
     await client.put_room_account_data(chat.room_id, CHAT_MARKER, marker_content(chat))
+
+
+def space_marker_content(owner: str) -> dict[str, Any]:
+    return {"version": MARKER_VERSION, "owner": owner}
+
+
+def space_owner_from_marker(content: dict[str, Any]) -> str:
+    """The owner a Space marker names; `MarkerError` if it is not one."""
+    version = content.get("version")
+    if not isinstance(version, int) or isinstance(version, bool) or version > MARKER_VERSION:
+        raise MarkerError("missing or unknown version")
+    owner = content.get("owner")
+    if not isinstance(owner, str) or not owner.startswith("@"):
+        raise MarkerError("owner missing or not a user id")
+    return owner

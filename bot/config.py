@@ -170,6 +170,9 @@ def _validate(raw: dict[tuple[str, str], Any], problems: list[str]) -> Settings 
 
     def number(key: tuple[str, str], default: float, low: float, high: float) -> float:
         value = raw.get(key, default)
+        if isinstance(value, bool):  # float(True) would pass as 1.0
+            problems.append(f"{_name(key)}: expected a number, got {value!r}")
+            return default
         try:
             result = float(value)
         except (TypeError, ValueError):

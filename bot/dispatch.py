@@ -121,9 +121,10 @@ class Dispatcher:
             await self._send_receipts()
 
     async def _send_receipts(self) -> None:
-        unread, self._unread = self._unread, {}
         self._receipts_due = trio.Event()
-        for room_id, event_id in unread.items():
+        # One at a time off the map: a cancelled flush leaves the rest for the next.
+        while self._unread:
+            room_id, event_id = self._unread.popitem()
             try:
                 await self._handler.mark_read(room_id, event_id)
             except MatrixAPIError as exc:

@@ -20,6 +20,7 @@ crash after it finds the events in the inbox.
 
 from __future__ import annotations
 
+import secrets
 from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any
@@ -30,10 +31,10 @@ from matrix_api import MatrixClient
 from matrix_api.models import EventID, JoinedRoom, RoomEvent, RoomID, SyncResponse, SyncToken
 
 from .chats import Chat
-from .messages import in_reply_to, parse_incoming
+from .messages import in_reply_to, is_actionable
 from .store import InboxItem, NewInboxItem, Store
 
-__all__ = ["Intake", "invite_item", "sync_filters"]
+__all__ = ["Intake", "full_state_sync", "invite_item", "sync_filters"]
 
 log = structlog.get_logger("bot.intake")
 
@@ -66,6 +67,25 @@ def sync_filters(bot_user_id: str) -> tuple[dict[str, Any], dict[str, Any]]:
     return initial, long_poll
 
 
+async def full_state_sync(
+    client: MatrixClient, bot_user_id: str, since: SyncToken | None = None
+) -> SyncResponse:
+    """A full-state /sync with the start-up filter, never a replayed answer.
+
+    With ``full_state`` the server answers at once whatever the timeout, but the
+    timeout is part of Synapse's key for replaying a recent identical /sync from
+    its cache (for about two minutes): a fresh value each time makes sure a quick
+    restart (or a second maintenance command) is not handed a stale answer.
+    """
+    initial_filter, _ = sync_filters(bot_user_id)
+    return await client.sync(
+        since=since,
+        timeout_ms=secrets.randbelow(59_999) + 1,
+        full_state=True,
+        filter=initial_filter,
+    )
+
+
 _PAGE = 100
 # Bounds a walk back through history: a gap of up to _MAX_PAGES * _PAGE events.
 _MAX_PAGES = 50
@@ -79,14 +99,16 @@ class _Horizon:
     answered: frozenset[str]
 
 
-def invite_item(room_id: RoomID, inviter: str, bot_user_id: str) -> NewInboxItem:
+def invite_item(
+    room_id: RoomID, inviter: str, bot_user_id: str, encrypted: bool = False
+) -> NewInboxItem:
     """An inbox entry for a pending invite (stripped state has no event id)."""
     event = RoomEvent(
         type="m.room.member",
         event_id=EventID(f"invite:{room_id}"),
         sender=inviter,  # type: ignore[arg-type]  # a user id from the invite state
         origin_server_ts=0,
-        content={"membership": "invite"},
+        content={"membership": "invite", "encrypted": encrypted},
         state_key=bot_user_id,
         room_id=room_id,
     )
@@ -119,16 +141,17 @@ class Intake:
             items.extend(
                 NewInboxItem(event.event_id, room_id, "message", event)
                 for event in events
-                if parse_incoming(event, self._bot) is not None
+                if is_actionable(event, self._bot)
             )
         for room_id, invited in response.rooms.invite.items():
+            encrypted = any(s.type == "m.room.encryption" for s in invited.invite_state)
             for stripped in invited.invite_state:
                 if (
                     stripped.type == "m.room.member"
                     and stripped.state_key == self._bot
                     and stripped.content.get("membership") == "invite"
                 ):
-                    items.append(invite_item(room_id, stripped.sender, self._bot))
+                    items.append(invite_item(room_id, stripped.sender, self._bot, encrypted))
                     break
         return await self._store.commit_sync_batch(response.next_batch, items)
 
@@ -157,7 +180,10 @@ class Intake:
             log.warning("sync_gap_truncated", room_id=room_id, events=len(missed))
         log.info("sync_gap_filled", room_id=room_id, events=len(missed), pages=pages)
         missed.reverse()
-        return _dedupe([*missed, *timeline.events])
+        events = _dedupe([*missed, *timeline.events])
+        joined_at = _own_join_index(events, self._bot)
+        # A join inside the gap: what came before it is history, not for the bot.
+        return events[joined_at + 1 :] if joined_at is not None else events
 
     async def _since_horizon(
         self, room_id: RoomID, room: JoinedRoom, chat: Chat

@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import structlog
 
-from matrix_api import Forbidden, MatrixClient, NotFound
+from matrix_api import Forbidden, MatrixAPIError, MatrixClient, NotFound
 from matrix_api.models import RoomID
 
 from .chats import (
@@ -22,7 +22,9 @@ from .chats import (
     now_ms,
     write_marker,
 )
+from .commands import Reply
 from .config import Settings
+from .encryption import ENCRYPTED_NOTICE, offer_unencrypted_chat
 from .messages import notice, reply_txn_id
 from .store import InboxItem, Store
 
@@ -63,10 +65,19 @@ class InviteHandler:
             await write_marker(self._client, chat)
         await self._client.join_room(room_id)
         await self._store.apply_chats(put=[chat])
+        greeting = Reply(GREETING)
+        if item.event.content.get("encrypted") is True:
+            try:
+                greeting = await offer_unencrypted_chat(
+                    self._client, self._store, room_id, inviter, self._settings.server_name
+                )
+            except MatrixAPIError as exc:
+                log.warning("unencrypted_offer_failed", room_id=room_id, error=str(exc))
+                greeting = Reply(ENCRYPTED_NOTICE)
         await self._client.send_event(
             room_id,
             "m.room.message",
-            notice(GREETING),
+            notice(greeting.body, formatted_body=greeting.html),
             txn_id=reply_txn_id(f"{room_id}/{chat.chat_id}", "greeting"),
         )
         await self._store.discard(item)

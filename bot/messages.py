@@ -18,6 +18,8 @@ from matrix_api.models import EventID, RoomEvent
 __all__ = [
     "IncomingMessage",
     "in_reply_to",
+    "is_actionable",
+    "is_encryption_event",
     "notice",
     "parse_incoming",
     "reply_txn_id",
@@ -120,3 +122,17 @@ def reply_txn_id(source_event_id: str, purpose: str = "reply") -> str:
     """
     digest = hashlib.sha256(f"{purpose}\0{source_event_id}".encode()).hexdigest()[:40]
     return f"sb.{purpose}.{digest}"
+
+
+def is_encryption_event(event: RoomEvent, bot_user_id: str) -> bool:
+    """An encrypted message, or encryption being turned on, by someone else."""
+    if event.sender == bot_user_id:
+        return False
+    return event.type == "m.room.encrypted" or (
+        event.type == "m.room.encryption" and event.state_key == ""
+    )
+
+
+def is_actionable(event: RoomEvent, bot_user_id: str) -> bool:
+    """Whether ``event`` needs handling: a message to answer or an encryption notice."""
+    return parse_incoming(event, bot_user_id) is not None or is_encryption_event(event, bot_user_id)

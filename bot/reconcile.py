@@ -21,7 +21,14 @@ import structlog
 from matrix_api import MatrixAPIError, MatrixClient, NotFound
 from matrix_api.models import RoomID, SyncResponse
 
-from .chats import CHAT_MARKER, Chat, MarkerError, chat_from_marker
+from .chats import (
+    CHAT_MARKER,
+    SPACE_MARKER,
+    Chat,
+    MarkerError,
+    chat_from_marker,
+    space_owner_from_marker,
+)
 from .store import Store
 
 __all__ = [
@@ -35,7 +42,7 @@ __all__ = [
 log = structlog.get_logger("bot.reconcile")
 
 SkipReason = Literal["no_marker", "bad_marker"]
-ConflictKind = Literal["duplicate_chat_id", "local_disagrees", "room_left"]
+ConflictKind = Literal["duplicate_chat_id", "duplicate_space", "local_disagrees", "room_left"]
 
 
 @dataclass(frozen=True, slots=True)
@@ -63,6 +70,8 @@ class ReconcileReport:
     """Two rooms claiming one chat id, a local mapping the server contradicts, or a
     stored chat whose room the bot is no longer in."""
     pending_invites: int = 0
+    spaces: int = 0
+    """Users' Spaces found by their markers."""
     duration_ms: float = 0.0
 
     def log_fields(self) -> dict[str, Any]:
@@ -75,6 +84,7 @@ class ReconcileReport:
             "skipped": len(self.skipped),
             "conflicts": len(self.conflicts),
             "pending_invites": self.pending_invites,
+            "spaces": self.spaces,
             "duration_ms": round(self.duration_ms, 1),
             "skipped_rooms": [_note_fields(n) for n in self.skipped],
             "conflict_rooms": [_note_fields(n) for n in self.conflicts],
@@ -106,7 +116,17 @@ async def reconcile_matrix_state(
 
     # 1. Read every joined room's marker.
     claims: dict[str, list[Chat]] = {}
+    space_claims: dict[str, list[RoomID]] = {}
     for room_id, room in initial_sync.rooms.join.items():
+        space_content = room.account_data_of(SPACE_MARKER)
+        if space_content:
+            try:
+                owner = space_owner_from_marker(space_content)
+            except MarkerError as exc:
+                report.skipped.append(RoomNote(room_id, None, "bad_marker", f"space: {exc}"))
+                continue
+            space_claims.setdefault(owner, []).append(room_id)
+            continue
         content = room.account_data_of(CHAT_MARKER)
         if content is None:
             report.skipped.append(RoomNote(room_id, None, "no_marker"))
@@ -118,7 +138,18 @@ async def reconcile_matrix_state(
             continue
         claims.setdefault(chat.chat_id, []).append(chat)
 
-    # 2. One room per chat id. Prefer the room the store already maps; otherwise the
+    # 2. One Space per owner and one room per chat id, chosen the same way: the room
+    #    the store already has, else the lowest room id, so every restart agrees.
+    spaces: dict[str, RoomID] = {}
+    for owner, rooms in space_claims.items():
+        known = store.space_for(owner)
+        rooms.sort(key=lambda r: (r != known, r))
+        spaces[owner], *extra = rooms
+        report.conflicts.extend(
+            RoomNote(r, None, "duplicate_space", f"{owner} keeps {spaces[owner]}") for r in extra
+        )
+
+    # 2b. One room per chat id. Prefer the room the store already maps; otherwise the
     #    lowest room id, so every restart picks the same one.
     server_chats: dict[RoomID, Chat] = {}
     for chat_id, candidates in claims.items():
@@ -184,6 +215,11 @@ async def reconcile_matrix_state(
 
     if put or remove:
         await store.apply_chats(put=put, remove=remove)
+    known_spaces = store.spaces()
+    report.spaces = len(spaces)
+    stale_spaces = [owner for owner in known_spaces if owner not in spaces]
+    if spaces != known_spaces:
+        await store.apply_spaces(put=spaces, remove=stale_spaces)
     report.duration_ms = (time.perf_counter() - started) * 1000
     return report
 

@@ -31,19 +31,16 @@ from .backends import Backend, make_backend
 from .config import Settings
 from .dispatch import Dispatcher
 from .handler import MessageHandler
-from .intake import Intake, sync_filters
+from .intake import Intake, full_state_sync, sync_filters
 from .reconcile import ReconcileReport, reconcile_matrix_state
+from .session import AuthError, authenticate, log_in
 from .store import Store
 
-__all__ = ["DEFAULT_DEVICE_ID", "BotRuntime", "FatalError", "Phase", "run_bot"]
+__all__ = ["BotRuntime", "FatalError", "Phase", "run_bot"]
 
 log = structlog.get_logger("bot.runtime")
 
 LONG_POLL_MS = 30_000
-# Used when logging in with a password and no device id is configured or stored:
-# one stable device keeps transaction ids (and so reply de-duplication) valid
-# across restarts, even after the local store is lost.
-DEFAULT_DEVICE_ID = "SURFACESBOT"
 _SYNC_BACKOFF_MAX = 60.0
 
 
@@ -82,7 +79,7 @@ class BotRuntime:
         self._client = client
         self._store = store
         self._intake = Intake(client, store, settings.user_id)
-        self._initial_filter, self._long_poll_filter = sync_filters(settings.user_id)
+        _, self._long_poll_filter = sync_filters(settings.user_id)
         self._long_poll_filter_id: FilterID | None = None
         self._handler = MessageHandler(client, store, settings, backend)
         self._dispatcher = Dispatcher(self._handler, settings.workers)
@@ -102,6 +99,12 @@ class BotRuntime:
         """
         async with trio.open_nursery() as nursery:
             self.reconcile_report = await nursery.start(self._bootstrap)
+            if self._stop.is_set():
+                # Asked to stop while starting: take no message at all.
+                log.info("bot_stopped_before_ready")
+                task_status.started()
+                self.phase.value = Phase.STOPPED
+                return
             await nursery.start(self._dispatcher.run)
             pending = await self._store.pending()
             self._dispatcher.submit(pending)
@@ -135,16 +138,7 @@ class BotRuntime:
         await self._authenticate()
         since = self._store.sync_token
         try:
-            # With full_state the server answers at once whatever the timeout, but the
-            # timeout is part of Synapse's key for replaying a recent identical /sync
-            # from its cache (about two minutes): a fresh value per start makes sure a
-            # quick restart is not handed the previous start's stale answer.
-            initial = await self._client.sync(
-                since=since,
-                timeout_ms=self._rng.randint(1, 59_999),
-                full_state=True,
-                filter=self._initial_filter,
-            )
+            initial = await full_state_sync(self._client, self.settings.user_id, since)
         except NetworkError as exc:
             raise FatalError(f"homeserver unreachable: {exc}") from exc
         self._log_skipped(initial)
@@ -161,49 +155,13 @@ class BotRuntime:
         task_status.started(report)
 
     async def _authenticate(self) -> None:
-        settings = self.settings
-        if settings.access_token is not None:
-            try:
-                who = await self._client.whoami()
-            except UnknownToken as exc:
-                if settings.password is None:
-                    raise FatalError(
-                        "the access token was rejected (M_UNKNOWN_TOKEN) and no password "
-                        "is configured to log in again"
-                    ) from exc
-                await self._login()
-                return
-            except NetworkError as exc:
-                raise FatalError(f"homeserver unreachable: {exc}") from exc
-            if who.user_id != settings.user_id:
-                raise FatalError(
-                    f"the access token belongs to {who.user_id}, not to {settings.user_id}"
-                )
-            if who.device_id is not None:
-                await self._store.set_meta("device_id", who.device_id)
-            return
-        await self._login()
-
-    async def _login(self) -> None:
-        settings = self.settings
-        if settings.password is None:
-            raise FatalError("no password configured to log in with")
-        device_id = (
-            await self._store.get_meta("device_id") or settings.device_id or DEFAULT_DEVICE_ID
-        )
+        stored = await self._store.get_meta("device_id")
         try:
-            login = await self._client.login_password(
-                settings.user_id,
-                settings.password,
-                device_id=device_id,
-                initial_device_display_name="surfaces-bot",
-            )
-        except NetworkError as exc:
-            raise FatalError(f"homeserver unreachable: {exc}") from exc
-        except MatrixAPIError as exc:
-            raise FatalError(f"login as {settings.user_id} failed: {exc}") from exc
-        await self._store.set_meta("device_id", login.device_id)
-        log.info("logged_in", user_id=login.user_id, device_id=login.device_id)
+            device_id = await authenticate(self._client, self.settings, stored)
+        except AuthError as exc:
+            raise FatalError(str(exc)) from exc
+        if device_id is not None and device_id != stored:
+            await self._store.set_meta("device_id", device_id)
 
     # --- the sync loop --------------------------------------------------------------
 
@@ -241,7 +199,11 @@ class BotRuntime:
                 "set MATRIX_PASSWORD or a new MATRIX_ACCESS_TOKEN and restart"
             ) from error
         log.warning("access_token_rejected", soft_logout=error.soft_logout)
-        await self._login()
+        # The same device: its transaction ids, and so reply de-duplication, stay valid.
+        try:
+            await log_in(self._client, self.settings, await self._store.get_meta("device_id"))
+        except AuthError as exc:
+            raise FatalError(str(exc)) from exc
 
     @staticmethod
     def _log_skipped(response: SyncResponse) -> None:

@@ -68,8 +68,20 @@ _MIGRATIONS: list[str] = [
         handled_ts     INTEGER NOT NULL
     );
     """,
+    # 2: each user's Space, restored from its marker like the chats.
+    """
+    CREATE TABLE spaces (
+        owner   TEXT PRIMARY KEY,
+        room_id TEXT NOT NULL UNIQUE
+    );
+    """,
 ]
 SCHEMA_VERSION = len(_MIGRATIONS)
+# The tables a store of each schema version must have, to tell ours from others'.
+_TABLES_BY_VERSION = {
+    1: frozenset({"meta", "chats", "inbox", "handled"}),
+    2: frozenset({"meta", "chats", "inbox", "handled", "spaces"}),
+}
 
 _event_decoder = msgspec.json.Decoder(RoomEvent)
 
@@ -119,6 +131,7 @@ class Store:
         self._chats_by_room: dict[RoomID, Chat] = {}
         self._chats_by_id: dict[str, Chat] = {}
         self._sync_token: SyncToken | None = None
+        self._spaces: dict[str, RoomID] = {}
 
     # --- opening ------------------------------------------------------------------
 
@@ -151,6 +164,9 @@ class Store:
             cls._migrate(connection)
             store = cls(connection, path)
             store._load(user_id)
+        except sqlite3.Error as exc:
+            connection.close()
+            raise StoreError(f"{path}: cannot be used as the bot's store: {exc}") from exc
         except BaseException:
             connection.close()
             raise
@@ -158,7 +174,8 @@ class Store:
 
     @staticmethod
     def _check_existing(path: Path, user_id: str) -> None:
-        probe = sqlite3.connect(f"file:{path}?mode=ro", uri=True)
+        # As a URI (escaped: a '#' or '?' in the path must not cut it short), read-only.
+        probe = sqlite3.connect(f"{path.resolve().as_uri()}?mode=ro", uri=True)
         try:
             (version,) = probe.execute("PRAGMA user_version").fetchone()
             if version > SCHEMA_VERSION:
@@ -170,8 +187,11 @@ class Store:
             if version == 0 and tables:
                 raise StoreError(f"{path}: a SQLite file of something else, not a bot store")
             if version > 0:
-                if "meta" not in tables:
-                    raise StoreError(f"{path}: not a bot store (no meta table)")
+                missing = _TABLES_BY_VERSION[version] - tables
+                if missing:
+                    raise StoreError(
+                        f"{path}: not a bot store (no {', '.join(sorted(missing))} table)"
+                    )
                 row = probe.execute("SELECT value FROM meta WHERE key = 'user_id'").fetchone()
                 if row is not None and row[0] != user_id:
                     raise StoreError(
@@ -208,6 +228,8 @@ class Store:
         self._sync_token = SyncToken(row[0]) if row else None
         for chat in self._select_chats():
             self._remember(chat)
+        for owner, room_id in db.execute("SELECT owner, room_id FROM spaces"):
+            self._spaces[owner] = RoomID(room_id)
 
     def _select_chats(self) -> list[Chat]:
         rows = self._db.execute(
@@ -320,6 +342,41 @@ class Store:
             self._forget(chat_id)
         for chat in put:
             self._remember(chat)
+
+    # --- spaces ---------------------------------------------------------------------
+
+    def space_for(self, owner: str) -> RoomID | None:
+        return self._spaces.get(owner)
+
+    def spaces(self) -> dict[str, RoomID]:
+        return dict(self._spaces)
+
+    def is_space(self, room_id: str) -> bool:
+        return room_id in self._spaces.values()
+
+    async def apply_spaces(
+        self, put: dict[str, RoomID] | None = None, remove: Iterable[str] = ()
+    ) -> None:
+        """Record each owner's Space in ``put`` and forget those of ``remove``."""
+        put = put or {}
+        removed = list(remove)
+
+        def write(db: sqlite3.Connection) -> None:
+            db.executemany("DELETE FROM spaces WHERE owner = ?", [(o,) for o in removed])
+            for owner, room_id in put.items():
+                db.execute("DELETE FROM spaces WHERE room_id = ? AND owner != ?", (room_id, owner))
+                db.execute(
+                    "INSERT OR REPLACE INTO spaces(owner, room_id) VALUES (?, ?)", (owner, room_id)
+                )
+
+        await self._run(self._transaction(write))
+        for owner in removed:
+            self._spaces.pop(owner, None)
+        for owner, room_id in put.items():
+            for other, held in list(self._spaces.items()):
+                if held == room_id and other != owner:
+                    del self._spaces[other]
+            self._spaces[owner] = room_id
 
     # --- the inbox ------------------------------------------------------------------
 
@@ -444,7 +501,7 @@ class Store:
         def read() -> dict[str, int]:
             return {
                 table: self._db.execute(f"SELECT count(*) FROM {table}").fetchone()[0]  # noqa: S608
-                for table in ("chats", "inbox", "handled")
+                for table in ("chats", "inbox", "handled", "spaces")
             }
 
         return await self._run(read)

@@ -1,0 +1,91 @@
+"""``python -m bot dev``: try the bot against a throwaway local Synapse.
+
+Everything lives in one folder (``.surfaces-dev/`` by default): the homeserver's
+data, the two accounts made for it (kept in ``accounts.json``, so a second run
+reuses them and their rooms), and the bot's store. Ctrl-C stops the bot (draining
+as usual) and then the homeserver.
+"""
+
+from __future__ import annotations
+
+import json
+import secrets
+import sys
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+from typing import TextIO
+
+from matrix_api.testing.synapse import SynapseServer
+
+from .config import AllowList, Settings
+
+__all__ = ["DevAccounts", "dev_settings", "run_dev"]
+
+DEFAULT_DATA_DIR = Path(".surfaces-dev")
+BOT_LOCALPART = "surfaces-bot"
+USER_LOCALPART = "me"
+
+
+@dataclass(frozen=True)
+class DevAccounts:
+    bot_user_id: str
+    bot_password: str
+    user_id: str
+    user_password: str
+
+
+def _accounts(hs: SynapseServer, data_dir: Path) -> DevAccounts:
+    path = data_dir / "accounts.json"
+    if path.exists():
+        saved = json.loads(path.read_text())
+        return DevAccounts(**saved)
+    bot = hs.register_user(BOT_LOCALPART, secrets.token_urlsafe(12))
+    user = hs.register_user(USER_LOCALPART, secrets.token_urlsafe(9))
+    accounts = DevAccounts(bot.user_id, bot.password, user.user_id, user.password)
+    path.write_text(json.dumps(accounts.__dict__, indent=2))
+    path.chmod(0o600)
+    return accounts
+
+
+def dev_settings(hs: SynapseServer, accounts: DevAccounts, data_dir: Path) -> Settings:
+    return Settings(
+        homeserver=hs.base_url,
+        user_id=accounts.bot_user_id,
+        password=accounts.bot_password,
+        store_path=data_dir / "bot.sqlite3",
+        allowed=AllowList(servers=frozenset({hs.server_name})),
+        admins=frozenset({accounts.user_id}),
+        log_format="console",
+    )
+
+
+def run_dev(data_dir: Path, serve: Callable[[Settings], int], out: TextIO = sys.stdout) -> int:
+    """Start Synapse in ``data_dir``, make the accounts, print how to connect, and
+    run ``serve(settings)`` (the CLI's service runner) until it returns its exit code.
+    The homeserver is stopped whatever happens."""
+    data_dir = data_dir.absolute()
+    data_dir.mkdir(parents=True, exist_ok=True)
+    with SynapseServer(data_dir / "synapse") as hs:
+        accounts = _accounts(hs, data_dir)
+        settings = dev_settings(hs, accounts, data_dir)
+        out.write(
+            "\n".join(
+                [
+                    "",
+                    "surfaces-bot dev: a local Synapse is running for you.",
+                    f"  homeserver  {hs.base_url}",
+                    f"  user        {accounts.user_id}",
+                    f"  password    {accounts.user_password}",
+                    f"  bot         {accounts.bot_user_id}",
+                    "",
+                    "Log in with any Matrix client (e.g. Element: 'Sign in', edit the "
+                    "homeserver), create a room and invite the bot. Ctrl-C stops everything.",
+                    f"Everything is kept in {data_dir}.",
+                    "",
+                    "",
+                ]
+            )
+        )
+        out.flush()
+        return serve(settings)

@@ -1,0 +1,105 @@
+"""``python -m bot doctor``: is this bot healthy? Changes nothing it owns.
+
+Checks the configuration, the homeserver (reachable, spec versions), the
+credentials (whoami, or a password login on the bot's device), the store (schema,
+integrity, owner), and prints the reconciliation report the next start would
+produce. Reconciliation runs against a copy of the store, never the store itself.
+"""
+
+from __future__ import annotations
+
+import shutil
+import tempfile
+from collections.abc import Callable
+from pathlib import Path
+
+from matrix_api import MatrixAPIError, MatrixClient
+
+from . import __version__
+from .config import Settings
+from .intake import full_state_sync
+from .reconcile import reconcile_matrix_state
+from .reset import store_files
+from .session import AuthError, authenticate
+from .store import SCHEMA_VERSION, Store, StoreError
+
+__all__ = ["run_doctor"]
+
+
+async def run_doctor(settings: Settings, say: Callable[[str], None]) -> int:
+    """Print one line per check; returns 0 when every check passed, 1 otherwise."""
+    problems = 0
+
+    def ok(what: str) -> None:
+        say(f"ok    {what}")
+
+    def bad(what: str) -> None:
+        nonlocal problems
+        problems += 1
+        say(f"FAIL  {what}")
+
+    ok(f"configuration: bot {settings.user_id} on {settings.homeserver}")
+    async with MatrixClient(
+        settings.homeserver,
+        access_token=settings.access_token,
+        user_id=settings.user_id,
+        user_agent=f"surfaces-bot/{__version__} doctor",
+    ) as client:
+        try:
+            versions = await client.versions()
+        except MatrixAPIError as exc:
+            bad(f"homeserver: not reachable: {exc}")
+            return problems
+        ok(f"homeserver: reachable, speaks {', '.join(versions.versions[-3:])}")
+
+        with tempfile.TemporaryDirectory(prefix="surfaces-doctor-") as scratch:
+            copy = Path(scratch) / "store.sqlite3"
+            for path in store_files(settings.store_path):
+                shutil.copy2(
+                    path, Path(scratch) / path.name.replace(settings.store_path.name, copy.name)
+                )
+            try:
+                store = await Store.open(copy, settings.user_id)
+            except StoreError as exc:
+                bad(f"store: {exc}")
+                return problems
+            try:
+                if store_files(settings.store_path):
+                    counts = await store.counts()
+                    ok(
+                        f"store: {settings.store_path}, schema {SCHEMA_VERSION}, "
+                        f"{counts['chats']} chats, {counts['inbox']} waiting in the inbox"
+                    )
+                else:
+                    ok(f"store: none yet at {settings.store_path} (the first start creates it)")
+                try:
+                    device = await authenticate(client, settings, await store.get_meta("device_id"))
+                except AuthError as exc:
+                    bad(f"credentials: {exc}")
+                    return problems
+                ok(f"credentials: valid for {settings.user_id} (device {device})")
+                try:
+                    sync = await full_state_sync(client, settings.user_id)
+                    report = await reconcile_matrix_state(client, store, sync)
+                except MatrixAPIError as exc:
+                    bad(f"reconciliation: could not read the server's state: {exc}")
+                    return problems
+                fields = report.log_fields()
+                summary = ", ".join(
+                    f"{key} {fields[key]}"
+                    for key in (
+                        "rooms_seen",
+                        "restored",
+                        "known",
+                        "updated",
+                        "skipped",
+                        "conflicts",
+                        "spaces",
+                    )
+                )
+                (ok if not report.conflicts else bad)(f"reconciliation would find: {summary}")
+                for note in report.skipped + report.conflicts:
+                    say(f"      {note.room_id}: {note.reason} {note.detail}".rstrip())
+            finally:
+                await store.aclose()
+    return 1 if problems else 0

@@ -1,0 +1,89 @@
+"""Creating rooms and Spaces for users. The only place the bot creates anything.
+
+Called from commands (``!new``) and from the encrypted-room way out, never from
+reconciliation or repair. Every created room is marked on the server before it is
+announced, so a lost store finds it again; the window between ``createRoom`` and
+the marker is the one place a crash can leave an unmarked room behind (it is then
+an ordinary room the bot is in, reported as a skip at the next start).
+"""
+
+from __future__ import annotations
+
+import structlog
+
+from matrix_api import MatrixAPIError, MatrixClient, StateEventSpec
+from matrix_api.models import RoomID
+
+from .chats import (
+    SPACE_MARKER,
+    Chat,
+    new_chat_id,
+    now_ms,
+    space_marker_content,
+    write_marker,
+)
+from .store import Store
+
+__all__ = ["create_chat", "ensure_space", "link_to_space", "matrix_to", "unlink_from_space"]
+
+log = structlog.get_logger("bot.provisioning")
+
+
+def matrix_to(room_id: str, server_name: str) -> str:
+    """A link any Matrix client opens (``via`` tells it which server can join it)."""
+    return f"https://matrix.to/#/{room_id}?via={server_name}"
+
+
+async def ensure_space(client: MatrixClient, store: Store, owner: str) -> RoomID:
+    """The owner's Space, created (and marked, and the owner invited) on first need."""
+    existing = store.space_for(owner)
+    if existing is not None:
+        return existing
+    name = await _display_name(client, owner)
+    space_id = await client.create_space(name=f"{name}'s chats", invite=[owner])
+    await client.put_room_account_data(space_id, SPACE_MARKER, space_marker_content(owner))
+    await store.apply_spaces(put={owner: space_id})
+    log.info("space_created", owner=owner, space_id=space_id)
+    return space_id
+
+
+async def create_chat(
+    client: MatrixClient, store: Store, owner: str, title: str, server_name: str
+) -> Chat:
+    """A new chat room for ``owner``: named, in their Space, owner invited, marked."""
+    space_id = await ensure_space(client, store, owner)
+    room_id = await client.create_room(
+        name=title,
+        preset="private_chat",
+        invite=[owner],
+        initial_state=[
+            StateEventSpec(
+                "m.space.parent", {"via": [server_name], "canonical": True}, state_key=space_id
+            )
+        ],
+    )
+    chat = Chat(new_chat_id(), room_id, owner, title, now_ms())
+    await write_marker(client, chat)
+    await store.apply_chats(put=[chat])
+    await link_to_space(client, space_id, room_id, server_name)
+    log.info("chat_created", owner=owner, chat_id=chat.chat_id, room_id=room_id)
+    return chat
+
+
+async def link_to_space(
+    client: MatrixClient, space_id: RoomID, room_id: RoomID, server_name: str
+) -> None:
+    await client.put_state_event(space_id, "m.space.child", {"via": [server_name]}, room_id)
+
+
+async def unlink_from_space(client: MatrixClient, space_id: RoomID, room_id: RoomID) -> None:
+    # A child event with empty content is how a Space forgets a child.
+    await client.put_state_event(space_id, "m.space.child", {}, room_id)
+
+
+async def _display_name(client: MatrixClient, user_id: str) -> str:
+    try:
+        name = await client.get_displayname(user_id)
+    except MatrixAPIError:  # a missing profile only changes the Space's name
+        name = None
+    return name or user_id

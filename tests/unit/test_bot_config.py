@@ -1,0 +1,415 @@
+"""bot.config: settings from the environment and a TOML file, every problem named at once."""
+
+from __future__ import annotations
+
+import dataclasses
+from pathlib import Path
+
+import pytest
+
+from bot.config import AllowList, ConfigError, Settings, load_settings
+
+TOKEN = "syt_Ym90_SeCrEtToKeN_4f2a9c"
+PASSWORD = "correct horse battery staple"
+
+MINIMAL_ENV = {
+    "MATRIX_HOMESERVER": "https://matrix.example.org",
+    "MATRIX_USER_ID": "@bot:example.org",
+    "MATRIX_ACCESS_TOKEN": TOKEN,
+}
+
+
+def env(**overrides: str) -> dict[str, str]:
+    return {**MINIMAL_ENV, **overrides}
+
+
+def problems_of(config_path: Path | None, environ: dict[str, str]) -> list[str]:
+    with pytest.raises(ConfigError) as caught:
+        load_settings(config_path, environ)
+    # The message lists every problem, one per line.
+    for problem in caught.value.problems:
+        assert problem in str(caught.value)
+    return caught.value.problems
+
+
+def write_toml(tmp_path: Path, text: str) -> Path:
+    path = tmp_path / "bot.toml"
+    path.write_text(text, encoding="utf-8")
+    return path
+
+
+# --- the environment alone ---------------------------------------------------------
+
+
+def test_the_environment_alone_is_enough() -> None:
+    settings = load_settings(
+        None,
+        {
+            "MATRIX_HOMESERVER": "https://matrix.example.org/",
+            "MATRIX_USER_ID": "@bot:example.org",
+            "MATRIX_ACCESS_TOKEN": TOKEN,
+            "MATRIX_DEVICE_ID": "SURFACESBOT",
+            "BOT_STORE_PATH": "/var/lib/bot/state.sqlite3",
+            "BOT_ALLOWED_USERS": "@alice:example.org, :partner.org ,@bob:other.org,",
+        },
+    )
+
+    assert settings.homeserver == "https://matrix.example.org"  # trailing slash dropped
+    assert settings.user_id == "@bot:example.org"
+    assert settings.server_name == "example.org"
+    assert settings.access_token == TOKEN
+    assert settings.password is None
+    assert settings.device_id == "SURFACESBOT"
+    assert settings.store_path == Path("/var/lib/bot/state.sqlite3")
+    assert settings.allowed == AllowList(
+        users=frozenset({"@alice:example.org", "@bob:other.org"}),
+        servers=frozenset({"partner.org"}),
+    )
+
+
+def test_a_password_instead_of_a_token_is_enough() -> None:
+    environ = env(MATRIX_PASSWORD=PASSWORD)
+    del environ["MATRIX_ACCESS_TOKEN"]
+
+    settings = load_settings(None, environ)
+
+    assert settings.password == PASSWORD
+    assert settings.access_token is None
+
+
+def test_defaults_apply_to_what_is_not_set() -> None:
+    settings = load_settings(None, MINIMAL_ENV)
+
+    assert settings.device_id is None
+    assert settings.store_path == Path("surfaces-bot.sqlite3")
+    assert settings.admins == frozenset()
+    assert settings.command_prefix == "!"
+    assert settings.workers == 4
+    assert settings.drain_timeout_s == 10.0
+    assert settings.backend == "echo"
+    assert settings.log_level == "info"
+    assert settings.log_format == "auto"
+
+
+def test_without_environ_the_process_environment_is_read(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    for name, value in MINIMAL_ENV.items():
+        monkeypatch.setenv(name, value)
+    monkeypatch.setenv("BOT_WORKERS", "7")
+
+    assert load_settings().workers == 7
+
+
+def test_settings_are_frozen() -> None:
+    settings = load_settings(None, MINIMAL_ENV)
+
+    with pytest.raises(dataclasses.FrozenInstanceError):
+        settings.workers = 9  # type: ignore[misc]
+
+
+# --- the file and the environment ----------------------------------------------------
+
+
+def test_a_file_alone_is_enough(tmp_path: Path) -> None:
+    path = write_toml(
+        tmp_path,
+        """
+        [matrix]
+        homeserver = "https://file.example.org"
+        user_id = "@bot:example.org"
+        password = "from-the-file"
+
+        [bot]
+        allowed_users = ["@alice:example.org", ":example.com"]
+        admins = ["@ops:example.org"]
+        command_prefix = "?"
+        workers = 2
+        drain_timeout_s = 2.5
+
+        [logging]
+        level = "DEBUG"
+        format = "json"
+        """,
+    )
+
+    settings = load_settings(path, {})
+
+    assert settings.homeserver == "https://file.example.org"
+    assert settings.password == "from-the-file"
+    assert settings.allowed.users == {"@alice:example.org"}
+    assert settings.allowed.servers == {"example.com"}
+    assert settings.admins == {"@ops:example.org"}
+    assert settings.command_prefix == "?"
+    assert settings.workers == 2
+    assert settings.drain_timeout_s == 2.5
+    assert settings.log_level == "debug"
+    assert settings.log_format == "json"
+
+
+def test_the_environment_wins_over_the_file(tmp_path: Path) -> None:
+    path = write_toml(
+        tmp_path,
+        """
+        [matrix]
+        homeserver = "https://file.example.org"
+        user_id = "@bot:example.org"
+        access_token = "file-token"
+        device_id = "FILEDEVICE"
+
+        [bot]
+        allowed_users = ["@alice:example.org"]
+        workers = 2
+        """,
+    )
+
+    settings = load_settings(
+        path,
+        {
+            "MATRIX_HOMESERVER": "https://env.example.org",
+            "MATRIX_ACCESS_TOKEN": "env-token",
+            "BOT_ALLOWED_USERS": "@carol:example.org",
+            "BOT_WORKERS": "8",
+            # An empty variable does not count as set: the file's value stays.
+            "MATRIX_DEVICE_ID": "",
+        },
+    )
+
+    assert settings.homeserver == "https://env.example.org"
+    assert settings.access_token == "env-token"
+    assert settings.allowed.users == {"@carol:example.org"}
+    assert settings.workers == 8
+    assert settings.user_id == "@bot:example.org"  # only in the file
+    assert settings.device_id == "FILEDEVICE"
+
+
+def test_unknown_keys_and_sections_in_the_file_are_rejected(tmp_path: Path) -> None:
+    path = write_toml(
+        tmp_path,
+        """
+        stray = 1
+
+        [matrix]
+        homeservr = "https://typo.example.org"
+
+        [extras]
+        colour = "blue"
+        """,
+    )
+
+    # The environment is complete: the file's mistakes alone make the settings invalid.
+    problems = problems_of(path, MINIMAL_ENV)
+
+    assert sorted(problems) == sorted(
+        [
+            "stray: expected a [stray] table",
+            "matrix.homeservr: unknown setting",
+            "extras.colour: unknown setting",
+        ]
+    )
+
+
+def test_a_missing_file_is_a_config_error(tmp_path: Path) -> None:
+    problems = problems_of(tmp_path / "nowhere.toml", MINIMAL_ENV)
+
+    assert len(problems) == 1
+    assert "--config" in problems[0]
+    assert "no such file" in problems[0]
+
+
+def test_a_file_that_is_not_toml_is_a_config_error(tmp_path: Path) -> None:
+    path = write_toml(tmp_path, "[matrix\nhomeserver = ")
+
+    problems = problems_of(path, MINIMAL_ENV)
+
+    assert len(problems) == 1
+    assert "cannot be read as TOML" in problems[0]
+
+
+@pytest.mark.parametrize(
+    ("toml", "setting"),
+    [
+        ('[bot]\nallowed_users = "@alice:example.org"', "bot.allowed_users (BOT_ALLOWED_USERS)"),
+        ("[bot]\nallowed_users = [1, 2]", "bot.allowed_users (BOT_ALLOWED_USERS)"),
+        ('[bot]\nadmins = "@ops:example.org"', "bot.admins (BOT_ADMINS)"),
+        ('[bot]\nworkers = "four"', "bot.workers (BOT_WORKERS)"),
+        ("[bot]\nstore_path = 5", "bot.store_path (BOT_STORE_PATH)"),
+        ("[matrix]\ndevice_id = 12", "matrix.device_id (MATRIX_DEVICE_ID)"),
+    ],
+)
+def test_a_wrongly_typed_file_value_names_its_setting(
+    tmp_path: Path, toml: str, setting: str
+) -> None:
+    problems = problems_of(write_toml(tmp_path, toml), MINIMAL_ENV)
+
+    assert len(problems) == 1
+    assert problems[0].startswith(setting)
+
+
+@pytest.mark.parametrize(
+    ("toml", "setting"),
+    [
+        ("[bot]\nworkers = true", "bot.workers (BOT_WORKERS)"),
+        ("[bot]\ndrain_timeout_s = false", "bot.drain_timeout_s (BOT_DRAIN_TIMEOUT_S)"),
+    ],
+)
+def test_a_boolean_is_not_a_number(tmp_path: Path, toml: str, setting: str) -> None:
+    problems = problems_of(write_toml(tmp_path, toml), MINIMAL_ENV)
+
+    assert len(problems) == 1
+    assert problems[0].startswith(setting)
+
+
+# --- invalid and missing settings ----------------------------------------------------
+
+
+def test_nothing_set_reports_every_required_setting_at_once() -> None:
+    problems = problems_of(None, {})
+
+    assert problems == [
+        "matrix.homeserver (MATRIX_HOMESERVER): required",
+        "matrix.user_id (MATRIX_USER_ID): required",
+        "matrix.access_token (MATRIX_ACCESS_TOKEN) or matrix.password (MATRIX_PASSWORD): "
+        "one of them is required",
+    ]
+
+
+@pytest.mark.parametrize(
+    ("variable", "value", "setting"),
+    [
+        ("MATRIX_HOMESERVER", "matrix.example.org", "matrix.homeserver"),
+        ("MATRIX_HOMESERVER", "ftp://matrix.example.org", "matrix.homeserver"),
+        ("MATRIX_HOMESERVER", "https://", "matrix.homeserver"),
+        ("MATRIX_HOMESERVER", "   ", "matrix.homeserver"),
+        ("MATRIX_USER_ID", "bot", "matrix.user_id"),
+        ("MATRIX_USER_ID", "@bot", "matrix.user_id"),
+        ("MATRIX_USER_ID", "bot:example.org", "matrix.user_id"),
+        ("MATRIX_DEVICE_ID", " ", "matrix.device_id"),
+        ("BOT_ALLOWED_USERS", "alice", "bot.allowed_users"),
+        ("BOT_ALLOWED_USERS", "@alice:example.org,example.org", "bot.allowed_users"),
+        ("BOT_ALLOWED_USERS", ":bad server", "bot.allowed_users"),
+        ("BOT_ADMINS", ":example.org", "bot.admins"),
+        ("BOT_COMMAND_PREFIX", "a b", "bot.command_prefix"),
+        ("BOT_COMMAND_PREFIX", "ninechars", "bot.command_prefix"),
+        ("BOT_WORKERS", "0", "bot.workers"),
+        ("BOT_WORKERS", "65", "bot.workers"),
+        ("BOT_WORKERS", "2.5", "bot.workers"),
+        ("BOT_WORKERS", "many", "bot.workers"),
+        ("BOT_WORKERS", "nan", "bot.workers"),
+        ("BOT_DRAIN_TIMEOUT_S", "-1", "bot.drain_timeout_s"),
+        ("BOT_DRAIN_TIMEOUT_S", "601", "bot.drain_timeout_s"),
+        ("BOT_DRAIN_TIMEOUT_S", "soon", "bot.drain_timeout_s"),
+        ("BOT_BACKEND", "gpt", "bot.backend"),
+        ("BOT_LOG_LEVEL", "verbose", "logging.level"),
+        ("BOT_LOG_FORMAT", "xml", "logging.format"),
+    ],
+)
+def test_an_invalid_setting_names_the_setting_and_its_variable(
+    variable: str, value: str, setting: str
+) -> None:
+    problems = problems_of(None, env(**{variable: value}))
+
+    assert len(problems) == 1, problems
+    assert problems[0].startswith(f"{setting} ({variable}): ")
+
+
+def test_every_problem_is_reported_at_once() -> None:
+    problems = problems_of(
+        None,
+        {
+            "MATRIX_HOMESERVER": "not a url",
+            "MATRIX_USER_ID": "nobody",
+            "BOT_ALLOWED_USERS": "alice",
+            "BOT_WORKERS": "0",
+            "BOT_LOG_FORMAT": "xml",
+        },
+    )
+
+    named = [problem.split(" ", 1)[0] for problem in problems]
+    assert named == [
+        "matrix.homeserver",
+        "matrix.user_id",
+        "matrix.access_token",
+        "bot.allowed_users",
+        "bot.workers",
+        "logging.format",
+    ]
+
+
+def test_a_blank_token_is_invalid_and_does_not_count_as_given() -> None:
+    problems = problems_of(None, env(MATRIX_ACCESS_TOKEN="  "))
+
+    assert problems == [
+        "matrix.access_token (MATRIX_ACCESS_TOKEN): expected a non-empty string",
+        "matrix.access_token (MATRIX_ACCESS_TOKEN) or matrix.password (MATRIX_PASSWORD): "
+        "one of them is required",
+    ]
+
+
+def test_a_config_error_never_shows_the_secrets() -> None:
+    with pytest.raises(ConfigError) as caught:
+        load_settings(None, env(MATRIX_USER_ID="nobody", MATRIX_PASSWORD=PASSWORD, BOT_WORKERS="x"))
+
+    assert TOKEN not in str(caught.value)
+    assert PASSWORD not in str(caught.value)
+
+
+# --- who may use the bot ---------------------------------------------------------------
+
+
+def test_the_default_allow_list_is_the_bots_own_server() -> None:
+    settings = load_settings(None, env(MATRIX_USER_ID="@bot:example.org:8448"))
+
+    assert settings.allowed == AllowList(users=frozenset(), servers=frozenset({"example.org:8448"}))
+
+
+def test_an_explicit_allow_list_replaces_the_default() -> None:
+    settings = load_settings(None, env(BOT_ALLOWED_USERS="@alice:other.org"))
+
+    assert settings.allowed.servers == frozenset()
+    assert not settings.allowed.allows("@carol:example.org")
+
+
+@pytest.mark.parametrize(
+    ("user_id", "allowed"),
+    [
+        ("@alice:example.org", True),  # listed by id
+        ("@anyone:partner.org", True),  # listed by server
+        ("@anyone:partner.org:8448", False),  # another server (port) is another server
+        ("@anyone:sub.partner.org", False),  # no sub-domains
+        ("@anyone:partner.org.evil.com", False),
+        ("@alice:other.org", False),  # the localpart alone means nothing
+        ("@mallory:example.org", False),
+        ("partner.org", False),  # not a user id
+        ("", False),
+    ],
+)
+def test_allow_list_semantics(user_id: str, allowed: bool) -> None:
+    allow = AllowList(users=frozenset({"@alice:example.org"}), servers=frozenset({"partner.org"}))
+
+    assert allow.allows(user_id) is allowed
+
+
+def test_an_empty_allow_list_allows_nobody() -> None:
+    assert not AllowList().allows("@alice:example.org")
+
+
+# --- secrets ---------------------------------------------------------------------------
+
+
+def test_the_settings_repr_never_shows_the_token_or_password() -> None:
+    settings = load_settings(None, env(MATRIX_PASSWORD=PASSWORD))
+
+    for text in (repr(settings), str(settings), f"{settings}"):
+        assert TOKEN not in text
+        assert PASSWORD not in text
+        assert "@bot:example.org" in text  # the repr still says which bot it is
+
+
+def test_a_hand_built_settings_hides_its_secrets_too() -> None:
+    settings = Settings(
+        homeserver="https://hs", user_id="@b:hs", access_token=TOKEN, password=PASSWORD
+    )
+
+    assert TOKEN not in repr(settings)
+    assert PASSWORD not in repr(settings)

@@ -1,0 +1,546 @@
+"""bot.store: the schema, the inbox invariants, the chat maps, and refusing unusable files."""
+
+from __future__ import annotations
+
+import os
+import re
+import sqlite3
+from collections.abc import AsyncIterator
+from pathlib import Path
+from typing import Any
+
+import msgspec
+import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from bot.chats import Chat
+from bot.store import _MIGRATIONS, SCHEMA_VERSION, NewInboxItem, Store, StoreError
+from matrix_api.models import EventID, RoomEvent, RoomID, SyncToken, UserID
+
+BOT = "@bot:example.org"
+ALICE = "@alice:example.org"
+ROOM = RoomID("!one:example.org")
+OTHER_ROOM = RoomID("!two:example.org")
+
+
+def message(event_id: str, room_id: RoomID = ROOM, body: str = "hi", **content: Any) -> RoomEvent:
+    return RoomEvent(
+        type="m.room.message",
+        event_id=EventID(event_id),
+        sender=UserID(ALICE),
+        origin_server_ts=1_700_000_000_000,
+        content={"msgtype": "m.text", "body": body, **content},
+        room_id=room_id,
+    )
+
+
+def new_item(event_id: str, room_id: RoomID = ROOM, **content: Any) -> NewInboxItem:
+    return NewInboxItem(
+        EventID(event_id), room_id, "message", message(event_id, room_id, **content)
+    )
+
+
+def chat(chat_id: str, room_id: str, title: str = "a chat") -> Chat:
+    return Chat(chat_id=chat_id, room_id=RoomID(room_id), owner=ALICE, title=title, created_ts=1000)
+
+
+@pytest.fixture
+def path(tmp_path: Path) -> Path:
+    return tmp_path / "state" / "bot.sqlite3"
+
+
+@pytest.fixture
+async def store(path: Path) -> AsyncIterator[Store]:
+    opened = await Store.open(path, BOT)
+    yield opened
+    await opened.aclose()
+
+
+def rows(path: Path, sql: str) -> list[tuple[Any, ...]]:
+    connection = sqlite3.connect(path)
+    try:
+        return connection.execute(sql).fetchall()
+    finally:
+        connection.close()
+
+
+# --- schema ------------------------------------------------------------------------------
+
+
+async def test_a_new_store_is_created_and_migrated(path: Path) -> None:
+    store = await Store.open(path, BOT)
+    assert store.sync_token is None
+    assert store.chats() == []
+    assert await store.counts() == {"chats": 0, "inbox": 0, "handled": 0, "spaces": 0}
+    assert await store.get_meta("user_id") == BOT
+    await store.aclose()
+
+    assert rows(path, "PRAGMA user_version") == [(SCHEMA_VERSION,)]
+    tables = {name for (name,) in rows(path, "SELECT name FROM sqlite_master WHERE type='table'")}
+    assert {"meta", "chats", "inbox", "handled"} <= tables
+
+
+async def test_opening_twice_does_not_migrate_again(path: Path) -> None:
+    await (await Store.open(path, BOT)).aclose()
+    store = await Store.open(path, BOT)
+    await store.aclose()
+
+    assert rows(path, "PRAGMA user_version") == [(SCHEMA_VERSION,)]
+
+
+def write_old_store(path: Path, version: int) -> None:
+    """A store as a bot of schema ``version`` left it: a chat, a token, an inbox item."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    connection = sqlite3.connect(path)
+    for script in _MIGRATIONS[:version]:
+        connection.executescript(script)
+    connection.execute(f"PRAGMA user_version = {version}")
+    connection.executemany(
+        "INSERT INTO meta(key, value) VALUES (?, ?)", [("user_id", BOT), ("sync_token", "s7")]
+    )
+    connection.execute(
+        "INSERT INTO chats(chat_id, room_id, owner, title, created_ts) VALUES (?, ?, ?, ?, ?)",
+        ("c1", ROOM, ALICE, "a chat", 1000),
+    )
+    connection.execute(
+        "INSERT INTO inbox(event_id, room_id, kind, event, received_ts) VALUES (?, ?, ?, ?, 0)",
+        ("$a", ROOM, "message", msgspec.json.encode(message("$a"))),
+    )
+    connection.commit()
+    connection.close()
+
+
+@pytest.mark.parametrize("version", range(1, SCHEMA_VERSION))
+async def test_an_older_store_is_migrated_and_keeps_its_data(path: Path, version: int) -> None:
+    write_old_store(path, version)
+
+    store = await Store.open(path, BOT)
+    try:
+        assert store.sync_token == "s7"
+        assert store.chats() == [chat("c1", ROOM)]
+        assert [item.event for item in await store.pending()] == [message("$a")]
+    finally:
+        await store.aclose()
+
+    assert rows(path, "PRAGMA user_version") == [(SCHEMA_VERSION,)]
+
+
+async def test_an_empty_file_is_taken_as_a_new_store(path: Path) -> None:
+    path.parent.mkdir(parents=True)
+    path.touch()
+
+    store = await Store.open(path, BOT)
+    await store.aclose()
+
+    assert rows(path, "PRAGMA user_version") == [(SCHEMA_VERSION,)]
+
+
+async def test_meta_values_round_trip(store: Store) -> None:
+    assert await store.get_meta("anything") is None
+    await store.set_meta("anything", "one")
+    await store.set_meta("anything", "two")
+
+    assert await store.get_meta("anything") == "two"
+
+
+# --- the inbox ---------------------------------------------------------------------------
+
+
+async def test_a_batch_enters_the_inbox_with_its_token(store: Store) -> None:
+    fresh = await store.commit_sync_batch(
+        SyncToken("s1"), [new_item("$a"), new_item("$b", OTHER_ROOM)]
+    )
+
+    assert [item.event_id for item in fresh] == ["$a", "$b"]
+    assert [item.room_id for item in fresh] == [ROOM, OTHER_ROOM]
+    assert fresh[0].seq < fresh[1].seq
+    assert fresh[0].event == message("$a")
+    assert store.sync_token == "s1"
+    assert await store.get_meta("sync_token") == "s1"
+    assert await store.pending() == fresh
+
+
+async def test_an_empty_batch_still_advances_the_token(store: Store) -> None:
+    assert await store.commit_sync_batch(SyncToken("s1"), []) == []
+
+    assert store.sync_token == "s1"
+    assert await store.get_meta("sync_token") == "s1"
+
+
+async def test_duplicates_within_a_batch_are_dropped(store: Store) -> None:
+    fresh = await store.commit_sync_batch(
+        SyncToken("s1"), [new_item("$a"), new_item("$a"), new_item("$b")]
+    )
+
+    assert [item.event_id for item in fresh] == ["$a", "$b"]
+    assert [item.event_id for item in await store.pending()] == ["$a", "$b"]
+
+
+async def test_an_event_already_in_the_inbox_is_not_taken_again(store: Store) -> None:
+    [first] = await store.commit_sync_batch(SyncToken("s1"), [new_item("$a")])
+
+    fresh = await store.commit_sync_batch(SyncToken("s2"), [new_item("$a"), new_item("$b")])
+
+    assert [item.event_id for item in fresh] == ["$b"]
+    assert [item.seq for item in await store.pending()] == [first.seq, fresh[0].seq]
+    assert store.sync_token == "s2"
+
+
+async def test_an_event_already_handled_is_never_taken_again(store: Store) -> None:
+    [item] = await store.commit_sync_batch(SyncToken("s1"), [new_item("$a")])
+    await store.finish(item, "replied", EventID("$reply"))
+
+    # The server replays the event (a restart from an old token, a /messages overlap).
+    fresh = await store.commit_sync_batch(SyncToken("s2"), [new_item("$a")])
+
+    assert fresh == []
+    assert await store.pending() == []
+    assert store.sync_token == "s2"
+
+
+async def test_a_failing_batch_commits_nothing_not_even_the_token(store: Store) -> None:
+    await store.commit_sync_batch(SyncToken("s1"), [new_item("$old")])
+    unencodable = new_item("$bad", weird=object())  # msgspec cannot encode it
+
+    with pytest.raises(TypeError):
+        await store.commit_sync_batch(SyncToken("s2"), [new_item("$new"), unencodable])
+
+    assert store.sync_token == "s1"
+    assert await store.get_meta("sync_token") == "s1"
+    assert [item.event_id for item in await store.pending()] == ["$old"]
+
+
+async def test_pending_is_in_seq_order(store: Store) -> None:
+    await store.commit_sync_batch(SyncToken("s1"), [new_item("$c"), new_item("$a")])
+    await store.commit_sync_batch(SyncToken("s2"), [new_item("$b", OTHER_ROOM)])
+    await store.commit_sync_batch(SyncToken("s3"), [new_item("$d")])
+
+    pending = await store.pending()
+
+    assert [item.event_id for item in pending] == ["$c", "$a", "$b", "$d"]
+    assert [item.seq for item in pending] == sorted(item.seq for item in pending)
+
+
+async def test_finish_takes_the_item_out_and_records_the_outcome(store: Store) -> None:
+    first, second = await store.commit_sync_batch(SyncToken("s1"), [new_item("$a"), new_item("$b")])
+
+    await store.finish(first, "replied", EventID("$reply"))
+    await store.finish(second, "ignored")
+
+    assert await store.pending() == []
+    assert await store.handled_outcome("$a") == "replied"
+    assert await store.handled_outcome("$b") == "ignored"
+    assert await store.handled_outcome("$never") is None
+    assert await store.counts() == {"chats": 0, "inbox": 0, "handled": 2, "spaces": 0}
+
+
+async def test_finish_records_the_reply_event_id(path: Path) -> None:
+    store = await Store.open(path, BOT)
+    [item] = await store.commit_sync_batch(SyncToken("s1"), [new_item("$a")])
+    await store.finish(item, "replied", EventID("$reply"))
+    await store.aclose()
+
+    assert rows(path, "SELECT event_id, room_id, outcome, reply_event_id FROM handled") == [
+        ("$a", ROOM, "replied", "$reply")
+    ]
+
+
+async def test_attempts_are_counted_and_kept(store: Store) -> None:
+    [item] = await store.commit_sync_batch(SyncToken("s1"), [new_item("$a")])
+
+    assert await store.count_attempt(item) == 1
+    assert await store.count_attempt(item) == 2
+    assert [i.attempts for i in await store.pending()] == [2]
+
+
+async def test_discard_takes_the_item_out_without_recording_it(store: Store) -> None:
+    [item] = await store.commit_sync_batch(SyncToken("s1"), [new_item("$a")])
+
+    await store.discard(item)
+
+    assert await store.pending() == []
+    assert await store.handled_outcome("$a") is None
+    # Not recorded as handled, so a later delivery is taken again.
+    assert len(await store.commit_sync_batch(SyncToken("s2"), [new_item("$a")])) == 1
+
+
+async def test_reopening_keeps_token_chats_inbox_and_handled(path: Path) -> None:
+    store = await Store.open(path, BOT)
+    await store.apply_chats(put=[chat("c1", ROOM), chat("c2", OTHER_ROOM, "second")])
+    done, waiting = await store.commit_sync_batch(
+        SyncToken("s9"), [new_item("$done"), new_item("$waiting", OTHER_ROOM)]
+    )
+    await store.finish(done, "replied", EventID("$r"))
+    await store.aclose()
+
+    reopened = await Store.open(path, BOT)
+    try:
+        assert reopened.sync_token == "s9"
+        assert sorted(reopened.chats(), key=lambda c: c.chat_id) == [
+            chat("c1", ROOM),
+            chat("c2", OTHER_ROOM, "second"),
+        ]
+        assert reopened.chat_for_room(OTHER_ROOM) == chat("c2", OTHER_ROOM, "second")
+        assert await reopened.pending() == [waiting]
+        assert await reopened.handled_outcome("$done") == "replied"
+    finally:
+        await reopened.aclose()
+
+
+# --- chats ---------------------------------------------------------------------------------
+
+
+async def test_apply_chats_puts_and_removes(store: Store) -> None:
+    await store.apply_chats(put=[chat("c1", "!a:x"), chat("c2", "!b:x")])
+    await store.apply_chats(remove=["c1"])
+
+    assert store.chat_by_id("c1") is None
+    assert store.chat_for_room("!a:x") is None
+    assert store.chat_by_id("c2") == chat("c2", "!b:x")
+    assert store.chat_for_room("!b:x") == chat("c2", "!b:x")
+
+
+async def test_a_chat_that_moves_room_leaves_its_old_room(store: Store, path: Path) -> None:
+    await store.apply_chats(put=[chat("c1", "!old:x")])
+
+    await store.apply_chats(put=[chat("c1", "!new:x")])
+
+    assert store.chat_for_room("!old:x") is None
+    assert store.chat_for_room("!new:x") == chat("c1", "!new:x")
+    assert store.chats() == [chat("c1", "!new:x")]
+    assert rows(path, "SELECT chat_id, room_id FROM chats") == [("c1", "!new:x")]
+
+
+async def test_two_chats_cannot_share_a_room(store: Store, path: Path) -> None:
+    await store.apply_chats(put=[chat("c1", "!a:x"), chat("c2", "!b:x")])
+
+    await store.apply_chats(put=[chat("c3", "!a:x")])
+
+    assert store.chat_for_room("!a:x") == chat("c3", "!a:x")
+    assert store.chat_by_id("c1") is None
+    assert sorted(c.chat_id for c in store.chats()) == ["c2", "c3"]
+    assert sorted(rows(path, "SELECT chat_id, room_id FROM chats")) == [
+        ("c2", "!b:x"),
+        ("c3", "!a:x"),
+    ]
+
+
+async def test_a_chat_moving_into_an_occupied_room_displaces_its_chat(store: Store) -> None:
+    await store.apply_chats(put=[chat("c1", "!a:x"), chat("c2", "!b:x")])
+
+    await store.apply_chats(put=[chat("c1", "!b:x")])
+
+    assert store.chats() == [chat("c1", "!b:x")]
+    assert store.chat_for_room("!a:x") is None
+    assert store.chat_by_id("c2") is None
+
+
+async def test_a_title_change_replaces_the_chat(store: Store) -> None:
+    await store.apply_chats(put=[chat("c1", "!a:x")])
+    await store.apply_chats(put=[chat("c1", "!a:x").with_title("renamed")])
+
+    assert store.chat_for_room("!a:x") == chat("c1", "!a:x", "renamed")
+    assert len(store.chats()) == 1
+
+
+async def test_spaces_are_kept_one_per_owner_and_room(store: Store, path: Path) -> None:
+    await store.apply_spaces(put={ALICE: RoomID("!s1:x"), "@bob:x": RoomID("!s2:x")})
+    await store.apply_spaces(put={ALICE: RoomID("!s3:x")})  # Alice's Space moves
+    await store.apply_spaces(put={"@carol:x": RoomID("!s2:x")})  # takes Bob's room
+
+    expected = {ALICE: "!s3:x", "@carol:x": "!s2:x"}
+    assert store.spaces() == expected
+    assert store.space_for("@bob:x") is None
+    assert store.is_space("!s3:x")
+    assert not store.is_space("!s1:x")
+    assert dict(rows(path, "SELECT owner, room_id FROM spaces")) == expected
+
+    await store.apply_spaces(remove=[ALICE])
+    assert store.spaces() == {"@carol:x": "!s2:x"}
+
+
+async def test_spaces_survive_a_reopen(path: Path) -> None:
+    store = await Store.open(path, BOT)
+    await store.apply_spaces(put={ALICE: RoomID("!s1:x")})
+    await store.aclose()
+
+    reopened = await Store.open(path, BOT)
+    try:
+        assert reopened.space_for(ALICE) == "!s1:x"
+    finally:
+        await reopened.aclose()
+
+
+chat_ids = st.sampled_from(["c1", "c2", "c3", "c4"])
+room_ids = st.sampled_from(["!a:x", "!b:x", "!c:x", "!d:x"])
+operations = st.lists(
+    st.tuples(
+        st.lists(st.builds(chat, chat_ids, room_ids, st.sampled_from(["t1", "t2"])), max_size=3),
+        st.lists(chat_ids, max_size=2),
+    ),
+    min_size=1,
+    max_size=6,
+)
+
+
+@settings(max_examples=40, deadline=None)
+@given(operations)
+async def test_the_chat_maps_always_match_the_database(
+    tmp_path_factory: pytest.TempPathFactory,
+    ops: list[tuple[list[Chat], list[str]]],
+) -> None:
+    path = tmp_path_factory.mktemp("maps") / "bot.sqlite3"
+    store = await Store.open(path, BOT)
+    try:
+        for put, remove in ops:
+            await store.apply_chats(put=put, remove=remove)
+            in_memory = sorted(store.chats(), key=lambda c: c.chat_id)
+            # One room per chat, one chat per room, both maps agreeing.
+            assert len({c.room_id for c in in_memory}) == len(in_memory)
+            for c in in_memory:
+                assert store.chat_for_room(c.room_id) == c
+                assert store.chat_by_id(c.chat_id) == c
+            for room in ("!a:x", "!b:x", "!c:x", "!d:x"):
+                held = store.chat_for_room(room)
+                assert held is None or held in in_memory
+        await store.aclose()
+        reopened = await Store.open(path, BOT)
+        assert sorted(reopened.chats(), key=lambda c: c.chat_id) == in_memory
+        await reopened.aclose()
+    finally:
+        await store.aclose()
+
+
+# --- files the store refuses -----------------------------------------------------------------
+
+
+def snapshot(path: Path) -> tuple[bytes, int]:
+    return path.read_bytes(), os.stat(path).st_mtime_ns
+
+
+def make_old_mtime(path: Path) -> None:
+    # An mtime well in the past, so a write during the test would surely change it.
+    os.utime(path, ns=(1_000_000_000_000_000_000, 1_000_000_000_000_000_000))
+
+
+async def valid_store_bytes(path: Path) -> bytes:
+    store = await Store.open(path, BOT)
+    await store.apply_chats(put=[chat(f"c{i}", f"!r{i}:x", "t" * 200) for i in range(100)])
+    await store.commit_sync_batch(SyncToken("s1"), [new_item(f"${i}") for i in range(50)])
+    await store.aclose()
+    data = path.read_bytes()
+    path.unlink()
+    return data
+
+
+async def truncated(path: Path) -> None:
+    data = await valid_store_bytes(path)
+    assert len(data) > 8 * 4096
+    path.write_bytes(data[: len(data) // 2])
+
+
+async def header_only(path: Path) -> None:
+    data = await valid_store_bytes(path)
+    path.write_bytes(data[:100])
+
+
+async def random_bytes(path: Path) -> None:
+    path.write_bytes(os.urandom(16 * 1024))
+
+
+async def text_file(path: Path) -> None:
+    path.write_text("homeserver = 'https://example.org'\n" * 50)
+
+
+async def foreign_sqlite(path: Path) -> None:
+    connection = sqlite3.connect(path)
+    connection.execute("CREATE TABLE notes (id INTEGER PRIMARY KEY, body TEXT)")
+    connection.execute("INSERT INTO notes (body) VALUES ('keep me')")
+    connection.commit()
+    connection.close()
+
+
+async def foreign_sqlite_with_a_version(path: Path) -> None:
+    # Many applications use user_version too.
+    await foreign_sqlite(path)
+    connection = sqlite3.connect(path)
+    connection.execute(f"PRAGMA user_version = {SCHEMA_VERSION}")
+    connection.close()
+
+
+async def foreign_sqlite_with_a_meta_table(path: Path) -> None:
+    # A table called meta is a common name; with a matching user_version it passes the probe.
+    connection = sqlite3.connect(path)
+    connection.execute("CREATE TABLE meta (key TEXT PRIMARY KEY, value TEXT NOT NULL)")
+    connection.execute("INSERT INTO meta VALUES ('schema', 'another app')")
+    connection.execute(f"PRAGMA user_version = {SCHEMA_VERSION}")
+    connection.commit()
+    connection.close()
+
+
+async def newer_schema(path: Path) -> None:
+    store = await Store.open(path, BOT)
+    await store.aclose()
+    connection = sqlite3.connect(path)
+    connection.execute("PRAGMA user_version = 99")
+    connection.close()
+
+
+async def other_users_store(path: Path) -> None:
+    store = await Store.open(path, "@someone-else:example.org")
+    await store.apply_chats(put=[chat("c1", "!a:x")])
+    await store.aclose()
+
+
+@pytest.mark.parametrize(
+    ("make", "says"),
+    [
+        (truncated, "not a usable SQLite database|database is corrupt"),
+        (header_only, "not a usable SQLite database|database is corrupt"),
+        (random_bytes, "not a usable SQLite database"),
+        (text_file, "not a usable SQLite database"),
+        (foreign_sqlite, "a SQLite file of something else"),
+        (foreign_sqlite_with_a_version, "not a bot store"),
+        (foreign_sqlite_with_a_meta_table, "not a bot store"),
+        (newer_schema, "schema version 99 is newer than this bot understands"),
+        (other_users_store, "belongs to @someone-else:example.org, not @bot:example.org"),
+    ],
+    ids=lambda v: getattr(v, "__name__", ""),
+)
+async def test_an_unusable_file_is_refused_and_left_untouched(
+    path: Path, make: Any, says: str
+) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    await make(path)
+    make_old_mtime(path)
+    before = snapshot(path)
+
+    with pytest.raises(StoreError) as caught:
+        await Store.open(path, BOT)
+
+    assert str(path) in str(caught.value)
+    assert re.search(says, str(caught.value))
+    assert snapshot(path) == before
+
+
+async def test_a_foreign_store_is_refused_whatever_characters_its_path_has(
+    tmp_path: Path,
+) -> None:
+    path = tmp_path / "backup#1" / "bot.sqlite3"
+    path.parent.mkdir()
+    await other_users_store(path)
+    before = snapshot(path)
+
+    try:
+        store = await Store.open(path, BOT)
+    except StoreError:
+        refused = True
+    else:
+        await store.aclose()
+        refused = False
+
+    assert refused
+
+    assert snapshot(path) == before
+    assert not (tmp_path / "backup").exists()  # no stray file next to the real one
