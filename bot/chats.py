@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import secrets
 import time
-from dataclasses import dataclass, replace
+from dataclasses import dataclass, field, replace
 from typing import Any
 
 from matrix_api import MatrixClient
@@ -48,6 +48,12 @@ class Chat:
     title: str
     created_ts: int
     archived: bool = False
+    space_id: RoomID | None = None
+    """The owner's Space this room is a child of (None: not in a Space)."""
+    successor: str | None = None
+    """The chat that replaces this one (an encrypted room's unencrypted way out)."""
+    settings: dict[str, str] = field(default_factory=dict, hash=False)
+    """Per-chat backend settings (``!model``, ``!system``), kept in the marker."""
 
     def with_title(self, title: str) -> Chat:
         return replace(self, title=title)
@@ -67,7 +73,7 @@ def now_ms() -> int:
 
 
 def marker_content(chat: Chat) -> dict[str, Any]:
-    return {
+    content: dict[str, Any] = {
         "version": MARKER_VERSION,
         "chat_id": chat.chat_id,
         "owner": chat.owner,
@@ -75,6 +81,14 @@ def marker_content(chat: Chat) -> dict[str, Any]:
         "created_ts": chat.created_ts,
         "archived": chat.archived,
     }
+    # Optional fields only when set: older markers simply lack them.
+    if chat.space_id is not None:
+        content["space_id"] = chat.space_id
+    if chat.successor is not None:
+        content["successor"] = chat.successor
+    if chat.settings:
+        content["settings"] = dict(chat.settings)
+    return content
 
 
 def chat_from_marker(room_id: RoomID, content: dict[str, Any]) -> Chat:
@@ -99,6 +113,17 @@ def chat_from_marker(room_id: RoomID, content: dict[str, Any]) -> Chat:
         raise MarkerError("created_ts is not an integer")
     if not isinstance(archived, bool):
         raise MarkerError("archived is not a boolean")
+    space_id = content.get("space_id")
+    successor = content.get("successor")
+    settings = content.get("settings", {})
+    if space_id is not None and not isinstance(space_id, str):
+        raise MarkerError("space_id is not a string")
+    if successor is not None and not isinstance(successor, str):
+        raise MarkerError("successor is not a string")
+    if not isinstance(settings, dict) or not all(
+        isinstance(k, str) and isinstance(v, str) for k, v in settings.items()
+    ):
+        raise MarkerError("settings is not an object of strings")
     return Chat(
         chat_id=chat_id,
         room_id=room_id,
@@ -106,6 +131,9 @@ def chat_from_marker(room_id: RoomID, content: dict[str, Any]) -> Chat:
         title=title[:MAX_TITLE],
         created_ts=created_ts,
         archived=archived,
+        space_id=RoomID(space_id) if space_id is not None else None,
+        successor=successor,
+        settings=settings,
     )
 
 

@@ -7,9 +7,12 @@ time the subject comes up.
 
 from __future__ import annotations
 
+from dataclasses import replace
+
 from matrix_api import MatrixClient
 from matrix_api.models import RoomID
 
+from .chats import write_marker
 from .commands import Reply
 from .messages import escape
 from .provisioning import create_chat, matrix_to
@@ -22,21 +25,24 @@ ENCRYPTED_NOTICE = (
     "have not read what was written here. Invite me to an unencrypted room instead."
 )
 
-_OFFERED = "encrypted_offer:"
-
 
 async def offer_unencrypted_chat(
     client: MatrixClient, store: Store, room_id: RoomID, user_id: str, server_name: str
 ) -> Reply:
     """The notice for an encrypted room, with a link to an unencrypted chat for
     ``user_id`` (created the first time, reused afterwards)."""
+    # The way out is recorded in the encrypted room's own marker (its successor),
+    # so a lost store still finds it and never makes a second one.
+    encrypted_chat = store.chat_for_room(room_id)
     chat = None
-    offered = await store.get_meta(_OFFERED + room_id)
-    if offered is not None:
-        chat = store.chat_by_id(offered)
+    if encrypted_chat is not None and encrypted_chat.successor is not None:
+        chat = store.chat_by_id(encrypted_chat.successor)
     if chat is None:
         chat = await create_chat(client, store, user_id, "Unencrypted chat", server_name)
-        await store.set_meta(_OFFERED + room_id, chat.chat_id)
+        if encrypted_chat is not None:
+            marked = replace(encrypted_chat, successor=chat.chat_id)
+            await write_marker(client, marked)
+            await store.apply_chats(put=[marked])
     link = matrix_to(chat.room_id, server_name)
     text = (
         "This room is end-to-end encrypted, and I cannot read encrypted messages yet, "

@@ -62,7 +62,7 @@ async def create_chat(
             )
         ],
     )
-    chat = Chat(new_chat_id(), room_id, owner, title, now_ms())
+    chat = Chat(new_chat_id(), room_id, owner, title, now_ms(), space_id=space_id)
     await write_marker(client, chat)
     await store.apply_chats(put=[chat])
     await link_to_space(client, space_id, room_id, server_name)

@@ -75,15 +75,23 @@ _MIGRATIONS: list[str] = [
         room_id TEXT NOT NULL UNIQUE
     );
     """,
+    # 3: a chat's Space, its successor, and its backend settings (JSON).
+    """
+    ALTER TABLE chats ADD COLUMN space_id TEXT;
+    ALTER TABLE chats ADD COLUMN successor TEXT;
+    ALTER TABLE chats ADD COLUMN settings TEXT NOT NULL DEFAULT '{}';
+    """,
 ]
 SCHEMA_VERSION = len(_MIGRATIONS)
 # The tables a store of each schema version must have, to tell ours from others'.
 _TABLES_BY_VERSION = {
     1: frozenset({"meta", "chats", "inbox", "handled"}),
     2: frozenset({"meta", "chats", "inbox", "handled", "spaces"}),
+    3: frozenset({"meta", "chats", "inbox", "handled", "spaces"}),
 }
 
 _event_decoder = msgspec.json.Decoder(RoomEvent)
+_settings_decoder = msgspec.json.Decoder(dict[str, str])
 
 
 class StoreError(Exception):
@@ -233,7 +241,8 @@ class Store:
 
     def _select_chats(self) -> list[Chat]:
         rows = self._db.execute(
-            "SELECT chat_id, room_id, owner, title, created_ts, archived FROM chats"
+            "SELECT chat_id, room_id, owner, title, created_ts, archived, space_id, successor,"
+            " settings FROM chats"
         ).fetchall()
         return [
             Chat(
@@ -243,8 +252,21 @@ class Store:
                 title=title,
                 created_ts=created_ts,
                 archived=bool(archived),
+                space_id=RoomID(space_id) if space_id is not None else None,
+                successor=successor,
+                settings=_settings_decoder.decode(settings),
             )
-            for chat_id, room_id, owner, title, created_ts, archived in rows
+            for (
+                chat_id,
+                room_id,
+                owner,
+                title,
+                created_ts,
+                archived,
+                space_id,
+                successor,
+                settings,
+            ) in rows
         ]
 
     async def aclose(self) -> None:
@@ -324,9 +346,9 @@ class Store:
                     (chat.room_id, chat.chat_id),
                 )
                 db.execute(
-                    "INSERT OR REPLACE INTO chats"
-                    "(chat_id, room_id, owner, title, created_ts, archived)"
-                    " VALUES (?, ?, ?, ?, ?, ?)",
+                    "INSERT OR REPLACE INTO chats(chat_id, room_id, owner, title, created_ts,"
+                    " archived, space_id, successor, settings)"
+                    " VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?)",
                     (
                         chat.chat_id,
                         chat.room_id,
@@ -334,6 +356,9 @@ class Store:
                         chat.title,
                         chat.created_ts,
                         int(chat.archived),
+                        chat.space_id,
+                        chat.successor,
+                        msgspec.json.encode(chat.settings),
                     ),
                 )
 

@@ -22,6 +22,7 @@ import trio
 from .errors import BadResponse, MatrixAPIError, MatrixError, MissingToken, NetworkError
 from .models.identifiers import UserID
 from .retry import RetryPolicy
+from .transport import TrioTransport
 
 __all__ = ["DEFAULT_TIMEOUT", "HTTPCore", "Request", "decode_json_object", "ignore_body"]
 
@@ -126,7 +127,8 @@ class HTTPCore:
         """Every attempt that went to the network, retries included (for diagnostics)."""
         self._http = httpx.AsyncClient(
             base_url=self.homeserver,
-            transport=transport,
+            # Ours unless a test (MockTransport) or a caller brings another.
+            transport=transport if transport is not None else TrioTransport(),
             timeout=timeout,
             headers={"User-Agent": user_agent},
             follow_redirects=False,

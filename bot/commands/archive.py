@@ -16,13 +16,14 @@ async def _set_archived(ctx: CommandContext, archived: bool) -> Reply:
         state = "already archived" if archived else "not archived"
         return Reply(f"This chat is {state}.")
     changed = replace(chat, archived=archived)
-    await write_marker(ctx.client, changed)
-    space_id = ctx.store.space_for(chat.owner)
-    if space_id is not None:
+    # The Space first (it may be refused), then the marker, then the store, so a
+    # failure leaves them agreeing. Only a room that belongs to a Space is moved.
+    if chat.space_id is not None:
         if archived:
-            await unlink_from_space(ctx.client, space_id, chat.room_id)
+            await unlink_from_space(ctx.client, chat.space_id, chat.room_id)
         else:
-            await link_to_space(ctx.client, space_id, chat.room_id, ctx.settings.server_name)
+            await link_to_space(ctx.client, chat.space_id, chat.room_id, ctx.settings.server_name)
+    await write_marker(ctx.client, changed)
     await ctx.store.apply_chats(put=[changed])
     if archived:
         return Reply(

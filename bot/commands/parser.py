@@ -20,7 +20,9 @@ MAX_COMMAND_LENGTH = 2048
 _NAME = re.compile(r"[a-z][a-z0-9_-]{0,31}")
 # Characters that change how text reads without being visible: bidi embeddings,
 # overrides and isolates, and the BOM / zero-width no-break space.
-_INVISIBLE = frozenset("\u202a\u202b\u202c\u202d\u202e\u2066\u2067\u2068\u2069\ufeff\u200e\u200f")
+_INVISIBLE = frozenset(
+    "\u061c\u200e\u200f\u202a\u202b\u202c\u202d\u202e\u2066\u2067\u2068\u2069\ufeff"
+)
 
 
 class CommandError(ValueError):
@@ -49,7 +51,8 @@ def parse_command(body: str, prefix: str) -> ParsedCommand | None:
     line, _, more = rest.partition("\n")
     if more.strip():
         raise CommandError("A command is one line; put its arguments on the same line.")
-    name, _, args = line.strip().partition(" ")
+    name, *rest_of_line = line.strip().split(maxsplit=1)
+    args = rest_of_line[0] if rest_of_line else ""
     name = name.lower()
     if not _NAME.fullmatch(name):
         raise CommandError(f"That is not a command name. Send {prefix}help for the list.")

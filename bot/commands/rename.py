@@ -15,8 +15,10 @@ async def run(ctx: CommandContext, args: str) -> Reply:
         raise CommandError(f"Give the new title: {ctx.command('rename')} <title>")
     title = clean_title(args)
     renamed = chat.with_title(title)
-    await write_marker(ctx.client, renamed)
+    # The room first: if the homeserver refuses (the bot may lack the power), the
+    # marker and the store keep the old title and all three still agree.
     await ctx.client.put_state_event(chat.room_id, "m.room.name", {"name": title})
+    await write_marker(ctx.client, renamed)
     await ctx.store.apply_chats(put=[renamed])
     return Reply(f"Renamed to “{title}”.", f"Renamed to <b>{escape(title)}</b>.")
 
