@@ -151,16 +151,18 @@ async def send_and_await_replies(
         sent: set[str] = set()
         answered: set[str] = set()
 
-        async def sender() -> None:
-            for index in range(messages):
-                room = rooms[index % len(rooms)]
+        async def sender(room: RoomID, count: int) -> None:
+            for index in range(count):
                 event_id = await alice.send_event(
                     room, "m.room.message", {"msgtype": "m.text", "body": f"m{index}"}, new_txn_id()
                 )
                 sent.add(event_id)
 
         async with trio.open_nursery() as nursery:
-            nursery.start_soon(sender)
+            # One sender per room, all at once: the bot sees a steady flood.
+            for index, room in enumerate(rooms):
+                share = messages // len(rooms) + (index < messages % len(rooms))
+                nursery.start_soon(sender, room, share)
             while len(answered) < messages:
                 response = await alice.sync(since=since, timeout_ms=5000)
                 since = response.next_batch
@@ -218,7 +220,7 @@ def main() -> None:
 
         process = BotProcess(hs, bot, Path(tmp) / "store.sqlite3")
         try:
-            process.wait_for("bot_ready")
+            ready = process.wait_for("bot_ready")
             cpu_before = cpu_seconds(process.proc.pid)
             elapsed = trio.run(
                 send_and_await_replies,
@@ -232,10 +234,12 @@ def main() -> None:
             rss = rss_mb(process.proc.pid)
         finally:
             process.stop()
+        requests = process.wait_for("bot_stopped")["requests"] - ready["startup_requests"]
         print(
             f"\necho: {args.messages} messages over {args.echo_rooms} rooms answered in "
             f"{elapsed:.1f} s wall; bot CPU {cpu:.2f} s "
-            f"= {cpu / args.messages * 1000:.2f} s per 1,000 messages; RSS after {rss:.1f} MB"
+            f"= {cpu / args.messages * 1000:.2f} s per 1,000 messages; "
+            f"{requests / args.messages:.2f} requests per message; RSS after {rss:.1f} MB"
         )
 
 

@@ -29,7 +29,7 @@ log = structlog.get_logger("bot.dispatch")
 _MAX_TRANSIENT_DELAY = 60.0
 # A job that fails with an unexpected error is given up after this many attempts.
 MAX_ATTEMPTS = 3
-RECEIPT_DELAY_S = 2.0
+RECEIPT_DELAY_S = 5.0
 
 
 class JobHandler(Protocol):

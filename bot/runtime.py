@@ -128,7 +128,7 @@ class BotRuntime:
             self._dispatcher.stop()
             nursery.cancel_scope.deadline = trio.current_time() + self.settings.drain_timeout_s
         self.phase.value = Phase.STOPPED
-        log.info("bot_stopped")
+        log.info("bot_stopped", requests=self._client.requests_sent)
 
     # --- bootstrap ------------------------------------------------------------------
 
