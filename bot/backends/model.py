@@ -1,0 +1,706 @@
+"""The ``model`` backend: any OpenAI-compatible ``/v1/chat/completions`` server.
+
+Hosted APIs and local servers (llama.cpp, vLLM, Ollama, ...) all speak it. One
+`httpx.AsyncClient` per backend; no vendor SDK. With ``stream`` on, the answer is read
+as server-sent events (``data: {...}`` lines ending with ``data: [DONE]``) and reported
+to a `ReplySink` as it grows.
+
+Failures become a `ModelError` (a `BackendError`) whose ``user_message`` is short and
+says what went wrong; the operator's log says the rest. Retried, with bounded backoff,
+only before any token arrived: 429 (waiting its ``Retry-After``), 5xx, and connections
+that failed. The API key lives only in the ``Authorization`` header: never in a log
+line, a repr or an exception message (server messages are scrubbed of it too).
+
+    [model]                                     # or the environment variables
+    base_url = "http://127.0.0.1:11434/v1"      # MODEL_BASE_URL (…/v1 added when no path)
+    model = "llama3.2"                          # MODEL_NAME
+    api_key = "..."                             # MODEL_API_KEY (better from the environment)
+    system_prompt = "You are ..."               # MODEL_SYSTEM_PROMPT
+    temperature = 0.7                           # MODEL_TEMPERATURE (unset: the server's)
+    max_tokens = 1024                           # MODEL_MAX_TOKENS (unset: the server's)
+    request_timeout_s = 120                     # MODEL_TIMEOUT_S
+    stream = true                               # MODEL_STREAM
+    edit_interval_s = 1.5                       # MODEL_EDIT_INTERVAL_S
+    context_budget_chars = 24000                # MODEL_CONTEXT_BUDGET_CHARS
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import re
+import time
+from collections.abc import Awaitable, Callable, Mapping
+from dataclasses import dataclass, field
+from types import TracebackType
+from typing import Any, Literal, Self
+from urllib.parse import urlsplit
+
+import httpx
+import structlog
+import trio
+
+from ..chats import Chat
+from ..messages import IncomingMessage
+from .backoff import Backoff, retry_after_from
+from .base import BackendError
+from .context import Turn, trim_context
+from .settings import FieldReader, values_from_env
+from .streaming import NullSink, ReplyOverrides, ReplySink
+
+__all__ = [
+    "MODEL_ENV",
+    "ModelBackend",
+    "ModelError",
+    "ModelSettings",
+    "SSEParser",
+    "model_settings_from_env",
+]
+
+log = structlog.get_logger("bot.backends.model")
+
+DEFAULT_SYSTEM_PROMPT = (
+    "You are a helpful assistant in a Matrix chat. Answer clearly and concisely; "
+    "Markdown is rendered."
+)
+
+MODEL_ENV: dict[str, str] = {
+    "base_url": "MODEL_BASE_URL",
+    "api_key": "MODEL_API_KEY",
+    "model": "MODEL_NAME",
+    "system_prompt": "MODEL_SYSTEM_PROMPT",
+    "temperature": "MODEL_TEMPERATURE",
+    "max_tokens": "MODEL_MAX_TOKENS",
+    "request_timeout_s": "MODEL_TIMEOUT_S",
+    "stream": "MODEL_STREAM",
+    "edit_interval_s": "MODEL_EDIT_INTERVAL_S",
+    "context_budget_chars": "MODEL_CONTEXT_BUDGET_CHARS",
+}
+"""Setting (key of the ``[model]`` TOML table) -> environment variable."""
+
+_EXCERPT = 300
+_DRAIN_S = 1.0
+_MASKED = re.compile(r"\S*\*{3,}\S*")
+
+
+@dataclass(frozen=True)
+class ModelSettings:
+    """How to reach the model and how to use it; build with `from_mapping`."""
+
+    base_url: str
+    model: str
+    api_key: str | None = field(default=None, repr=False)
+    system_prompt: str = DEFAULT_SYSTEM_PROMPT
+    temperature: float | None = None
+    max_tokens: int | None = None
+    request_timeout_s: float = 120.0
+    """The longest the server may stay silent: before its answer starts, and between
+    two pieces of a streamed answer (a whole non-streamed answer must come within it)."""
+    stream: bool = True
+    edit_interval_s: float = 1.5
+    """At most one edit of the growing reply per this many seconds."""
+    context_budget_chars: int = 24_000
+
+    @property
+    def completions_url(self) -> str:
+        """``base_url`` + ``/chat/completions``; a bare host gets ``/v1`` first."""
+        base = self.base_url.rstrip("/")
+        if urlsplit(base).path in ("", "/"):
+            base += "/v1"
+        return base + "/chat/completions"
+
+    @classmethod
+    def from_mapping(cls, values: Mapping[str, Any]) -> ModelSettings:
+        """Validate ``values`` (the ``[model]`` table, env values overlaid).
+
+        Raises `bot.backends.settings.SettingsError` listing every bad or unknown key,
+        each named as ``model.<key> (<ENV_VAR>)``; the API key's value is never shown.
+        """
+        read = FieldReader("model", values, MODEL_ENV)
+        base_url = read.url("base_url", required=True)
+        model = read.text("model", required=True)
+        api_key = read.text("api_key", secret=True)
+        if api_key is not None and any(c.isspace() for c in api_key):
+            read.problems.append(f"{read.name('api_key')}: must not contain whitespace")
+        system_prompt = values.get("system_prompt", DEFAULT_SYSTEM_PROMPT)
+        if not isinstance(system_prompt, str):
+            read.problems.append(f"{read.name('system_prompt')}: expected a string")
+            system_prompt = DEFAULT_SYSTEM_PROMPT
+        temperature = read.number("temperature", None, 0.0, 2.0)
+        max_tokens = read.whole("max_tokens", None, 1, 1_000_000)
+        timeout = read.number("request_timeout_s", 120.0, 0.1, 3600.0)
+        stream = read.flag("stream", True)
+        interval = read.number("edit_interval_s", 1.5, 0.1, 60.0)
+        budget = read.whole("context_budget_chars", 24_000, 100, 10_000_000)
+        read.raise_if_problems()
+        assert base_url is not None
+        assert model is not None
+        assert timeout is not None
+        assert interval is not None
+        assert budget is not None
+        return cls(
+            base_url=base_url,
+            model=model,
+            api_key=api_key,
+            system_prompt=system_prompt.strip(),
+            temperature=temperature,
+            max_tokens=max_tokens,
+            request_timeout_s=timeout,
+            stream=stream,
+            edit_interval_s=interval,
+            context_budget_chars=budget,
+        )
+
+
+def model_settings_from_env(
+    environ: Mapping[str, str], file_values: Mapping[str, Any] | None = None
+) -> ModelSettings:
+    """`ModelSettings` from the ``[model]`` table ``file_values`` with the ``MODEL_*``
+    variables of ``environ`` overlaid (the environment wins, as in `bot.config`).
+
+    Raises `SettingsError` (see `ModelSettings.from_mapping`).
+    """
+    values: dict[str, Any] = dict(file_values or {})
+    values.update(values_from_env(environ, MODEL_ENV))
+    return ModelSettings.from_mapping(values)
+
+
+ErrorKind = Literal[
+    "auth",
+    "not_found",
+    "rate_limited",
+    "server",
+    "bad_request",
+    "timeout",
+    "network",
+    "cut",
+    "malformed",
+    "empty",
+]
+
+
+class ModelError(BackendError):
+    """The model gave no usable answer.
+
+    ``kind`` says which failure it was; ``partial`` is the text that had arrived before
+    a stream broke (the caller may keep it on screen, marked as cut off).
+    """
+
+    def __init__(
+        self,
+        message: str,
+        *,
+        kind: ErrorKind,
+        user_message: str,
+        status: int | None = None,
+        retry_after: float | None = None,
+        partial: str = "",
+    ) -> None:
+        super().__init__(message, user_message=user_message)
+        self.kind: ErrorKind = kind
+        self.status = status
+        self.retry_after = retry_after
+        self.partial = partial
+
+    @property
+    def retryable(self) -> bool:
+        """Worth asking again: nothing was shown yet and the failure may pass."""
+        return not self.partial and (
+            self.kind in ("rate_limited", "network")
+            or (self.kind == "server" and (self.status or 0) >= 500)
+        )
+
+
+class SSEParser:
+    """Server-sent events, line by line: yields each event's ``data``.
+
+    Lines starting with ``:`` are comments (keep-alives); ``event:``, ``id:`` and
+    ``retry:`` fields are ignored; several ``data:`` lines of one event are joined with
+    newlines; a blank line ends an event.
+    """
+
+    def __init__(self) -> None:
+        self._data: list[str] = []
+
+    def feed(self, line: str) -> str | None:
+        """The data of the event this line ends, if it ends one."""
+        if line == "":
+            return self.flush()
+        if line.startswith(":"):
+            return None
+        name, _, value = line.partition(":")
+        if name == "data":
+            self._data.append(value.removeprefix(" "))
+        return None
+
+    def flush(self) -> str | None:
+        """The data of an event cut off before its blank line, if any (at end of stream)."""
+        if not self._data:
+            return None
+        data = "\n".join(self._data)
+        self._data = []
+        return data
+
+
+OnPartial = Callable[[str], Awaitable[None]]
+
+
+@dataclass
+class _Progress:
+    """What one attempt got, for the log and for a cut stream's ``partial``."""
+
+    text: str = ""
+    chunks: int = 0
+    finish_reason: str | None = None
+    done: bool = False
+    first_token_at: float | None = None
+
+
+class ModelBackend:
+    """The ``model`` backend. The caller owns it and closes it (``async with`` or
+    `aclose`); it holds one connection pool and no tasks."""
+
+    name = "model"
+
+    def __init__(
+        self,
+        settings: ModelSettings,
+        *,
+        transport: httpx.AsyncBaseTransport | None = None,
+        backoff: Backoff | None = None,
+        user_agent: str = "surfaces-bot",
+    ) -> None:
+        self.settings = settings
+        self.backoff = backoff or Backoff()
+        timeout = settings.request_timeout_s
+        self._http = httpx.AsyncClient(
+            transport=transport,
+            timeout=httpx.Timeout(timeout, connect=min(10.0, timeout)),
+            headers={"User-Agent": user_agent},
+            follow_redirects=False,
+        )
+
+    def __repr__(self) -> str:
+        return f"ModelBackend(url={self.settings.completions_url!r}, model={self.settings.model!r})"
+
+    async def aclose(self) -> None:
+        await self._http.aclose()
+
+    async def __aenter__(self) -> Self:
+        return self
+
+    async def __aexit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        tb: TracebackType | None,
+    ) -> None:
+        await self.aclose()
+
+    # -- the Backend and StreamingBackend protocols -------------------------------------
+
+    async def reply(self, chat: Chat, message: IncomingMessage) -> str:
+        """`Backend.reply`: the answer without context or progress."""
+        return await self.reply_streaming(chat, message, [], NullSink())
+
+    async def reply_streaming(
+        self,
+        chat: Chat,
+        message: IncomingMessage,
+        context: list[Turn],
+        sink: ReplySink,
+        *,
+        overrides: ReplyOverrides | None = None,
+    ) -> str:
+        """`StreamingBackend.reply_streaming`: typing on while waiting, then partial text
+        (when ``stream`` is on), then the whole answer."""
+        overrides = overrides or ReplyOverrides()
+        turns = self.build_turns(message.body, context, system_prompt=overrides.system_prompt)
+        typing = True
+        await sink.typing(True)
+
+        async def on_partial(text: str) -> None:
+            nonlocal typing
+            if typing:
+                typing = False
+                await sink.typing(False)
+            await sink.partial(text)
+
+        try:
+            answer = await self.complete(
+                turns,
+                model=overrides.model,
+                on_partial=on_partial if self.settings.stream else None,
+            )
+        except BackendError:
+            if typing:
+                await sink.typing(False)
+            raise
+        if typing:
+            await sink.typing(False)
+        return answer
+
+    # -- the work ----------------------------------------------------------------------
+
+    def build_turns(
+        self, body: str, context: list[Turn], *, system_prompt: str | None = None
+    ) -> list[Turn]:
+        """System prompt + ``context`` + the new user message, trimmed to the budget."""
+        prompt = self.settings.system_prompt if system_prompt is None else system_prompt
+        turns = [Turn("system", prompt)] if prompt.strip() else []
+        turns.extend(context)
+        turns.append(Turn("user", body))
+        return trim_context(turns, self.settings.context_budget_chars)
+
+    def payload(self, turns: list[Turn], *, model: str | None = None) -> dict[str, Any]:
+        """The request body for ``turns`` (built once; every attempt sends the same)."""
+        body: dict[str, Any] = {
+            "model": model or self.settings.model,
+            "messages": [turn.as_json() for turn in turns],
+            "stream": self.settings.stream,
+        }
+        if self.settings.temperature is not None:
+            body["temperature"] = self.settings.temperature
+        if self.settings.max_tokens is not None:
+            body["max_tokens"] = self.settings.max_tokens
+        return body
+
+    async def complete(
+        self,
+        turns: list[Turn],
+        *,
+        model: str | None = None,
+        on_partial: OnPartial | None = None,
+    ) -> str:
+        """Ask for the answer to ``turns`` as they are (no trimming here).
+
+        With ``stream`` on, ``on_partial(text_so_far)`` is awaited as tokens arrive
+        (given None, the stream is still read, just not reported). Retries what
+        `ModelError.retryable` allows, as ``backoff`` allows. Raises `ModelError`.
+        """
+        body = self.payload(turns, model=model)
+        model_name = body["model"]
+        started = time.monotonic()
+        log.info(
+            "model_request",
+            model=model_name,
+            stream=self.settings.stream,
+            turns=len(turns),
+            chars=sum(len(t.content) for t in turns),
+        )
+        attempt = 0
+        while True:
+            progress = _Progress()
+            try:
+                await self._attempt(body, model_name, progress, on_partial)
+            except ModelError as exc:
+                delay = self.backoff.delay(attempt, retry_after=exc.retry_after)
+                if not exc.retryable or delay is None:
+                    self._log_failure(exc, model_name, attempt, started)
+                    raise self._final_error(exc) from exc.__cause__
+                log.warning(
+                    "model_request_retry",
+                    model=model_name,
+                    kind=exc.kind,
+                    status=exc.status,
+                    attempt=attempt + 1,
+                    delay_s=round(delay, 3),
+                    error=str(exc),
+                )
+                await trio.sleep(delay)
+                attempt += 1
+                continue
+            now = time.monotonic()
+            log.info(
+                "model_answer",
+                model=model_name,
+                chars=len(progress.text),
+                chunks=progress.chunks,
+                finish_reason=progress.finish_reason,
+                attempts=attempt + 1,
+                first_token_s=(
+                    round(progress.first_token_at - started, 3)
+                    if progress.first_token_at is not None
+                    else None
+                ),
+                total_s=round(now - started, 3),
+            )
+            if progress.finish_reason == "length":
+                log.warning(
+                    "model_answer_truncated", model=model_name, max_tokens=body.get("max_tokens")
+                )
+            return progress.text
+
+    async def _attempt(
+        self,
+        body: dict[str, Any],
+        model_name: str,
+        progress: _Progress,
+        on_partial: OnPartial | None,
+    ) -> None:
+        headers = {"Accept": "text/event-stream" if body["stream"] else "application/json"}
+        if self.settings.api_key is not None:
+            headers["Authorization"] = f"Bearer {self.settings.api_key}"
+        url = self.settings.completions_url
+        try:
+            async with self._http.stream("POST", url, json=body, headers=headers) as response:
+                if response.status_code >= 400:
+                    await response.aread()
+                    raise self._status_error(response, model_name)
+                content_type = response.headers.get("content-type", "")
+                if body["stream"] and content_type.startswith("text/event-stream"):
+                    await self._read_stream(response, progress, on_partial)
+                else:
+                    # Not streamed (asked so, or the server ignored ``stream``).
+                    await response.aread()
+                    self._read_whole(response, progress)
+                    if on_partial is not None and progress.text:
+                        await on_partial(progress.text)
+        except httpx.TimeoutException as exc:
+            phase = "connecting" if isinstance(exc, httpx.ConnectTimeout) else "waiting"
+            kind: ErrorKind = "network" if isinstance(exc, httpx.ConnectTimeout) else "timeout"
+            raise ModelError(
+                f"no answer from {url} after {self.settings.request_timeout_s:g}s "
+                f"({phase}; {type(exc).__name__})",
+                kind="cut" if progress.text else kind,
+                user_message=(
+                    "The assistant stopped answering part-way; the answer is incomplete."
+                    if progress.text
+                    else "The assistant took too long to answer. Please try again."
+                ),
+                partial=progress.text,
+            ) from exc
+        except (httpx.TransportError, httpx.DecodingError) as exc:
+            if progress.text or progress.chunks:
+                raise ModelError(
+                    f"the stream from {url} broke after {progress.chunks} chunks: "
+                    f"{type(exc).__name__}: {self._scrub(str(exc))}",
+                    kind="cut",
+                    user_message="The assistant's answer was cut off. Please try again.",
+                    partial=progress.text,
+                ) from exc
+            raise ModelError(
+                f"could not reach {url}: {type(exc).__name__}: {self._scrub(str(exc))}",
+                kind="network",
+                user_message="The assistant cannot be reached right now. Please try again later.",
+            ) from exc
+
+    async def _read_stream(
+        self, response: httpx.Response, progress: _Progress, on_partial: OnPartial | None
+    ) -> None:
+        parser = SSEParser()
+        error: ModelError | None = None
+        # Once the answer is over ([DONE] or an error) the rest of the body is read and
+        # dropped, for at most _DRAIN_S: leaving httpx's nested byte iterators half-read
+        # would leave them to the garbage collector (and trio's ResourceWarning).
+        with trio.CancelScope() as drain:
+            async for line in response.aiter_lines():
+                if error is not None or progress.done:
+                    continue
+                data = parser.feed(line)
+                if data is None:
+                    continue
+                try:
+                    await self._take_event(data, progress, on_partial)
+                except ModelError as exc:
+                    error = exc
+                if error is not None or progress.done:
+                    drain.deadline = trio.current_time() + _DRAIN_S
+            data = parser.flush()
+            if data is not None and error is None and not progress.done:
+                await self._take_event(data, progress, on_partial)
+        if error is not None:
+            raise error
+        if not progress.done and progress.finish_reason is None:
+            raise ModelError(
+                f"the stream ended without [DONE] after {progress.chunks} chunks",
+                kind="cut",
+                user_message="The assistant's answer was cut off. Please try again.",
+                partial=progress.text,
+            )
+        if not progress.text:
+            raise self._empty_error(progress)
+
+    async def _take_event(
+        self, data: str, progress: _Progress, on_partial: OnPartial | None
+    ) -> None:
+        """Apply one event (``[DONE]`` sets ``progress.done``); raises `ModelError`."""
+        if data.strip() == "[DONE]":
+            progress.done = True
+            return
+        try:
+            chunk = json.loads(data)
+        except ValueError as exc:
+            raise self._malformed(f"a stream chunk is not JSON: {exc}", progress) from exc
+        if not isinstance(chunk, dict):
+            raise self._malformed("a stream chunk is not a JSON object", progress)
+        if "error" in chunk:
+            raise ModelError(
+                f"the server reported an error mid-stream: {self._error_text(chunk)}",
+                kind="cut" if progress.text else "server",
+                user_message="The assistant ran into an error while answering. Please try again.",
+                partial=progress.text,
+            )
+        progress.chunks += 1
+        choices = chunk.get("choices")
+        if not isinstance(choices, list):
+            raise self._malformed("a stream chunk has no choices list", progress)
+        if not choices:
+            return  # a usage-only chunk
+        choice = choices[0]
+        delta = choice.get("delta") if isinstance(choice, dict) else None
+        if not isinstance(delta, dict):
+            raise self._malformed("a stream chunk's choice has no delta object", progress)
+        content = delta.get("content")
+        if content is not None and not isinstance(content, str):
+            raise self._malformed("a stream chunk's content is not a string", progress)
+        reason = choice.get("finish_reason")
+        if isinstance(reason, str):
+            progress.finish_reason = reason
+        if content:
+            if progress.first_token_at is None:
+                progress.first_token_at = time.monotonic()
+            progress.text += content
+            if on_partial is not None:
+                await on_partial(progress.text)
+
+    def _read_whole(self, response: httpx.Response, progress: _Progress) -> None:
+        try:
+            document = response.json()
+        except ValueError as exc:
+            raise self._malformed(f"the answer is not JSON: {exc}", progress) from exc
+        try:
+            choice = document["choices"][0]
+            content = choice["message"].get("content")
+            reason = choice.get("finish_reason")
+        except (KeyError, IndexError, TypeError, AttributeError) as exc:
+            raise self._malformed(
+                f"the answer has no choices[0].message: {exc!r}", progress
+            ) from exc
+        if content is not None and not isinstance(content, str):
+            raise self._malformed("the answer's content is not a string", progress)
+        progress.chunks = 1
+        progress.first_token_at = time.monotonic()
+        progress.finish_reason = reason if isinstance(reason, str) else None
+        progress.done = True
+        progress.text = content or ""
+        if not progress.text:
+            raise self._empty_error(progress)
+
+    # -- errors --------------------------------------------------------------------------
+
+    def _scrub(self, text: str) -> str:
+        """``text`` without the API key in it (servers echo keys in their 401 messages)."""
+        key = self.settings.api_key
+        if key:
+            text = text.replace(key, "[api key]")
+        # Servers echo a masked key ("sk-proj-ab****wxyz"): its ends are still the key's.
+        return _MASKED.sub("[masked key]", text)
+
+    def _error_text(self, document: Any) -> str:
+        error = document.get("error") if isinstance(document, dict) else None
+        if isinstance(error, dict):
+            message = error.get("message")
+            text = message if isinstance(message, str) else json.dumps(error)
+        elif isinstance(error, str):
+            text = error
+        else:
+            text = json.dumps(document)
+        return self._scrub(text[:_EXCERPT])
+
+    def _status_error(self, response: httpx.Response, model_name: str) -> ModelError:
+        status = response.status_code
+        try:
+            detail = self._error_text(response.json())
+        except ValueError:
+            detail = self._scrub(response.text[:_EXCERPT])
+        what = f"HTTP {status} from the model server: {detail}"
+        if status in (401, 403):
+            return ModelError(
+                what,
+                kind="auth",
+                status=status,
+                user_message=(
+                    "The assistant's server refused the bot's API key. "
+                    "Please tell the bot's operator."
+                ),
+            )
+        if status == 404:
+            return ModelError(
+                what,
+                kind="not_found",
+                status=status,
+                user_message=f"The assistant's server does not know the model “{model_name}”.",
+            )
+        if status == 429:
+            return ModelError(
+                what,
+                kind="rate_limited",
+                status=status,
+                retry_after=retry_after_from(response.headers),
+                user_message="The assistant is busy right now (rate-limited).",
+            )
+        if status >= 500:
+            return ModelError(
+                what,
+                kind="server",
+                status=status,
+                retry_after=retry_after_from(response.headers) if status == 503 else None,
+                user_message=(
+                    f"The assistant's server is having trouble (HTTP {status}). "
+                    "Please try again later."
+                ),
+            )
+        return ModelError(
+            what,
+            kind="bad_request",
+            status=status,
+            user_message=f"The assistant's server rejected the request (HTTP {status}).",
+        )
+
+    def _malformed(self, what: str, progress: _Progress) -> ModelError:
+        return ModelError(
+            self._scrub(what),
+            kind="malformed",
+            user_message="The assistant's server sent an answer the bot cannot read.",
+            partial=progress.text,
+        )
+
+    def _empty_error(self, progress: _Progress) -> ModelError:
+        return ModelError(
+            f"the answer is empty (finish_reason={progress.finish_reason!r})",
+            kind="empty",
+            user_message="The assistant gave an empty answer. Please try rephrasing.",
+        )
+
+    def _final_error(self, exc: ModelError) -> ModelError:
+        """The error to raise after the last attempt: a rate limit says how long to wait."""
+        if exc.kind != "rate_limited":
+            return exc
+        wait = exc.retry_after
+        user_message = (
+            f"The assistant is busy right now (rate-limited). Please try again in about "
+            f"{max(1, math.ceil(wait))} s."
+            if wait is not None
+            else "The assistant is busy right now (rate-limited). Please try again shortly."
+        )
+        return ModelError(
+            str(exc),
+            kind=exc.kind,
+            status=exc.status,
+            retry_after=wait,
+            user_message=user_message,
+        )
+
+    def _log_failure(self, exc: ModelError, model_name: str, attempt: int, started: float) -> None:
+        log.warning(
+            "model_request_failed",
+            model=model_name,
+            kind=exc.kind,
+            status=exc.status,
+            retry_after_s=exc.retry_after,
+            attempts=attempt + 1,
+            partial_chars=len(exc.partial),
+            elapsed_s=round(time.monotonic() - started, 3),
+            error=str(exc),
+        )
