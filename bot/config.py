@@ -16,7 +16,15 @@ file. Every problem is reported at once, each naming the setting it is about:
     command_prefix = "!"                       # BOT_COMMAND_PREFIX
     workers = 4                                # BOT_WORKERS
     drain_timeout_s = 10                       # BOT_DRAIN_TIMEOUT_S
-    backend = "echo"                           # BOT_BACKEND
+    backend = "echo"                           # BOT_BACKEND: echo | model | webhook
+    backend_timeout_s = 300                    # BOT_BACKEND_TIMEOUT_S
+
+    [model]                                    # backend = "model": MODEL_BASE_URL, ...
+    base_url = "http://127.0.0.1:8080/v1"      # any OpenAI-compatible server
+    model = "llama-3.1-8b-instruct"            # MODEL_NAME
+                                               # api_key: MODEL_API_KEY, from the environment
+
+    [webhook]                                  # backend = "webhook": WEBHOOK_URL, WEBHOOK_SECRET
 
     [logging]
     level = "info"                             # BOT_LOG_LEVEL
@@ -29,10 +37,14 @@ import os
 import re
 import tomllib
 from collections.abc import Mapping
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any, Literal
 from urllib.parse import urlsplit
+
+from .backends.model import ModelSettings, model_settings_from_env
+from .backends.settings import SettingsError
+from .backends.webhook import WebhookSettings, webhook_settings_from_env
 
 __all__ = ["AllowList", "ConfigError", "Settings", "load_settings"]
 
@@ -40,7 +52,9 @@ _USER_ID = re.compile(r"^@[^:\s]+:[A-Za-z0-9.\-\[\]:]+$")
 _SERVER = re.compile(r"^[A-Za-z0-9.\-\[\]:]+$")
 _LOG_LEVELS = ("debug", "info", "warning", "error")
 _LOG_FORMATS = ("auto", "json", "console")
-BACKENDS = ("echo",)
+BACKENDS = ("echo", "model", "webhook")
+# Tables handed whole to their backend's own validation.
+_BACKEND_TABLES = ("model", "webhook")
 
 
 class ConfigError(Exception):
@@ -79,6 +93,10 @@ class Settings:
     workers: int = 4
     drain_timeout_s: float = 10.0
     backend: str = "echo"
+    backend_timeout_s: float = 300.0
+    """The longest one reply may take, retries included; then the user is told."""
+    model: ModelSettings | None = None
+    webhook: WebhookSettings | None = None
     log_level: str = "info"
     log_format: Literal["auto", "json", "console"] = "auto"
 
@@ -101,6 +119,7 @@ _ENV = {
     ("bot", "workers"): "BOT_WORKERS",
     ("bot", "drain_timeout_s"): "BOT_DRAIN_TIMEOUT_S",
     ("bot", "backend"): "BOT_BACKEND",
+    ("bot", "backend_timeout_s"): "BOT_BACKEND_TIMEOUT_S",
     ("logging", "level"): "BOT_LOG_LEVEL",
     ("logging", "format"): "BOT_LOG_FORMAT",
 }
@@ -116,21 +135,44 @@ def load_settings(
     """
     env = os.environ if environ is None else environ
     raw: dict[tuple[str, str], Any] = {}
+    tables: dict[str, dict[str, Any]] = {}
     problems: list[str] = []
     if config_path is not None:
-        raw.update(_read_toml(config_path, problems))
+        raw.update(_read_toml(config_path, problems, tables))
     for key, var in _ENV.items():
         value = env.get(var)
         if value is None or value == "":
             continue
         raw[key] = [v.strip() for v in value.split(",") if v.strip()] if key in _LISTS else value
     settings = _validate(raw, problems)
+    if settings is not None:
+        settings = _with_backend(settings, env, tables, problems)
     if problems or settings is None:
         raise ConfigError(problems)
     return settings
 
 
-def _read_toml(path: Path, problems: list[str]) -> dict[tuple[str, str], Any]:
+def _with_backend(
+    settings: Settings,
+    env: Mapping[str, str],
+    tables: dict[str, dict[str, Any]],
+    problems: list[str],
+) -> Settings | None:
+    """Validate the chosen backend's own settings (only the chosen one's)."""
+    try:
+        if settings.backend == "model":
+            return replace(settings, model=model_settings_from_env(env, tables.get("model")))
+        if settings.backend == "webhook":
+            return replace(settings, webhook=webhook_settings_from_env(env, tables.get("webhook")))
+    except SettingsError as exc:
+        problems.extend(exc.problems)
+        return None
+    return settings
+
+
+def _read_toml(
+    path: Path, problems: list[str], tables: dict[str, dict[str, Any]]
+) -> dict[tuple[str, str], Any]:
     try:
         document = tomllib.loads(path.read_text(encoding="utf-8"))
     except FileNotFoundError:
@@ -143,6 +185,9 @@ def _read_toml(path: Path, problems: list[str]) -> dict[tuple[str, str], Any]:
     for section, table in document.items():
         if not isinstance(table, dict):
             problems.append(f"{section}: expected a [{section}] table")
+            continue
+        if section in _BACKEND_TABLES:
+            tables[section] = table
             continue
         for key, value in table.items():
             if (section, key) not in _ENV:
@@ -242,6 +287,7 @@ def _validate(raw: dict[tuple[str, str], Any], problems: list[str]) -> Settings 
     if workers != int(workers):
         problems.append(f"{_name(('bot', 'workers'))}: expected a whole number")
     drain = number(("bot", "drain_timeout_s"), 10.0, 0, 600)
+    backend_timeout = number(("bot", "backend_timeout_s"), 300.0, 1, 3600)
     backend = text(("bot", "backend")) or "echo"
     if backend not in BACKENDS:
         problems.append(f"{_name(('bot', 'backend'))}: one of {', '.join(BACKENDS)}")
@@ -267,6 +313,7 @@ def _validate(raw: dict[tuple[str, str], Any], problems: list[str]) -> Settings 
         workers=int(workers),
         drain_timeout_s=drain,
         backend=backend,
+        backend_timeout_s=backend_timeout,
         log_level=level,
         log_format=log_format,  # type: ignore[arg-type]  # checked against _LOG_FORMATS
     )

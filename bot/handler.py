@@ -7,13 +7,19 @@ re-handles the item and the server de-duplicates the re-sent reply.
 
 from __future__ import annotations
 
+from typing import cast
+
 import structlog
+import trio
 from structlog.contextvars import bound_contextvars
 
 from matrix_api import MatrixAPIError, MatrixClient
 from matrix_api.models import EventID, RoomID
 
 from .backends import Backend, BackendError
+from .backends.context import Role, Turn, load_room_context, trim_context
+from .backends.reply_sink import open_reply_sink
+from .backends.streaming import ReplyOverrides, StreamingBackend
 from .chats import Chat
 from .commands import CommandContext, CommandError, Reply, parse_command, run_command
 from .config import Settings
@@ -40,6 +46,7 @@ REPAIR_FAILED_NOTICE = (
     "store); if this room was never a chat, invite me to a new room instead."
 )
 FAILED_NOTICE = "Sorry, I could not handle that message. Please try again later."
+BACKEND_TIMEOUT_NOTICE = "Sorry, the assistant took too long to answer. Please try again."
 
 
 class MessageHandler:
@@ -146,14 +153,100 @@ class MessageHandler:
         if chat.archived:
             await self._store.finish(item, "ignored")
             return
+        if isinstance(self._backend, StreamingBackend):
+            await self._answer_in_conversation(item, chat, message, self._backend)
+            return
         try:
-            text = await self._backend.reply(chat, message)
+            with trio.fail_after(self._settings.backend_timeout_s):
+                text = await self._backend.reply(chat, message)
         except BackendError as exc:
             log.warning("backend_failed", backend=self._backend.name, error=str(exc))
             await self._reply(item, Reply(exc.user_message), "failed")
             return
+        except trio.TooSlowError:
+            log.warning("backend_timed_out", backend=self._backend.name)
+            await self._reply(item, Reply(BACKEND_TIMEOUT_NOTICE), "failed")
+            return
         await self._reply(item, Reply(text), "replied")
         log.info("message_handled", backend=self._backend.name)
+
+    async def _answer_in_conversation(
+        self, item: InboxItem, chat: Chat, message: IncomingMessage, backend: StreamingBackend
+    ) -> None:
+        """Ask with the chat's conversation and show the reply as it grows.
+
+        The reply's first event has the transaction id every re-run uses, and its
+        event id is kept with the inbox item, so a re-run after a crash completes the
+        same reply by an edit instead of posting a second answer.
+        """
+        context = await self._conversation(item, chat)
+        overrides = ReplyOverrides(
+            model=chat.settings.get("model"), system_prompt=chat.settings.get("system")
+        )
+        started = await self._store.started_reply(item)
+
+        async def remember(event_id: EventID) -> None:
+            await self._store.set_started_reply(item, event_id)
+
+        interval = self._settings.model.edit_interval_s if self._settings.model else 1.5
+        async with open_reply_sink(
+            self._client,
+            item.room_id,
+            item.event_id,
+            edit_interval_s=interval,
+            existing_event_id=started,
+            on_started=remember,
+        ) as sink:
+            try:
+                with trio.fail_after(self._settings.backend_timeout_s):
+                    text = await backend.reply_streaming(
+                        chat, message, context, sink, overrides=overrides
+                    )
+            except (BackendError, trio.TooSlowError) as exc:
+                user_message = (
+                    exc.user_message if isinstance(exc, BackendError) else BACKEND_TIMEOUT_NOTICE
+                )
+                log.warning("backend_failed", backend=backend.name, error=str(exc))
+                reply_id = await sink.fail(user_message, getattr(exc, "partial", ""))
+                await self._store.finish(item, "failed", reply_id)
+                return
+            reply_ids = await sink.finish(text)
+        await self._store.finish_with_turns(
+            item,
+            "replied",
+            reply_ids[0] if reply_ids else None,
+            chat.chat_id,
+            [("user", message.body), ("assistant", text)],
+        )
+        log.info("message_handled", backend=backend.name, events=len(reply_ids))
+
+    async def _conversation(self, item: InboxItem, chat: Chat) -> list[Turn]:
+        """The chat's earlier turns: from the store, or rebuilt from the room's
+        history once when the store does not have them (a lost store loses no
+        context)."""
+        budget = self._settings.model.context_budget_chars if self._settings.model else 24_000
+        stored = await self._store.conversation(chat.chat_id)
+        if stored is None:
+            try:
+                turns = await load_room_context(
+                    self._client,
+                    item.room_id,
+                    self._bot,
+                    budget_chars=budget,
+                    since_ts=chat.created_ts,
+                    stop_at=item.event_id,
+                    command_prefix=self._settings.command_prefix,
+                )
+            except MatrixAPIError as exc:
+                log.warning("context_rebuild_failed", error=str(exc))
+                return []
+            await self._store.replace_conversation(
+                chat.chat_id, [(t.role, t.content) for t in turns]
+            )
+            log.info("context_rebuilt", turns=len(turns))
+            return turns
+        turns = [Turn(cast("Role", role), content) for role, content in stored]
+        return trim_context(turns, budget)
 
     async def _reply(
         self, item: InboxItem, reply: Reply, outcome: Outcome, *, purpose: str = "reply"

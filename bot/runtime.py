@@ -27,7 +27,7 @@ from matrix_api import MatrixAPIError, MatrixClient, NetworkError, UnknownToken
 from matrix_api.models import FilterID, SyncResponse
 
 from . import __version__
-from .backends import Backend, make_backend
+from .backends import Backend, open_backend
 from .config import Settings
 from .dispatch import Dispatcher
 from .handler import MessageHandler
@@ -236,12 +236,10 @@ async def run_bot(
         transport=transport,
         user_agent=f"surfaces-bot/{__version__}",
     )
-    async with client:
+    async with client, open_backend(settings) as configured:
         store = await Store.open(Path(settings.store_path), settings.user_id)
         try:
-            runtime = BotRuntime(
-                settings, client, store, backend or make_backend(settings.backend), stop=stop
-            )
+            runtime = BotRuntime(settings, client, store, backend or configured, stop=stop)
             async with trio.open_nursery() as nursery:
                 await nursery.start(runtime.run)
                 task_status.started(runtime)

@@ -81,6 +81,18 @@ _MIGRATIONS: list[str] = [
     ALTER TABLE chats ADD COLUMN successor TEXT;
     ALTER TABLE chats ADD COLUMN settings TEXT NOT NULL DEFAULT '{}';
     """,
+    # 4: each chat's conversation for the backend, and a streamed reply in progress.
+    """
+    CREATE TABLE turns (
+        seq     INTEGER PRIMARY KEY AUTOINCREMENT,
+        chat_id TEXT NOT NULL,
+        role    TEXT NOT NULL,
+        content TEXT NOT NULL
+    );
+    CREATE INDEX turns_by_chat ON turns(chat_id, seq);
+    CREATE TABLE contexts (chat_id TEXT PRIMARY KEY);
+    ALTER TABLE inbox ADD COLUMN reply_event_id TEXT;
+    """,
 ]
 SCHEMA_VERSION = len(_MIGRATIONS)
 # The tables a store of each schema version must have, to tell ours from others'.
@@ -88,6 +100,7 @@ _TABLES_BY_VERSION = {
     1: frozenset({"meta", "chats", "inbox", "handled"}),
     2: frozenset({"meta", "chats", "inbox", "handled", "spaces"}),
     3: frozenset({"meta", "chats", "inbox", "handled", "spaces"}),
+    4: frozenset({"meta", "chats", "inbox", "handled", "spaces", "turns", "contexts"}),
 }
 
 _event_decoder = msgspec.json.Decoder(RoomEvent)
@@ -485,6 +498,85 @@ class Store:
                 " VALUES (?, ?, ?, ?, ?)",
                 (item.event_id, item.room_id, outcome, reply_event_id, _now_ms()),
             )
+
+        await self._run(self._transaction(write))
+
+    async def finish_with_turns(
+        self,
+        item: InboxItem,
+        outcome: Outcome,
+        reply_event_id: EventID | None,
+        chat_id: str,
+        turns: Sequence[tuple[str, str]],
+    ) -> None:
+        """`finish` and append ``turns`` (role, content) to the chat's conversation, in
+        one transaction: a crash never records the answer twice or loses it."""
+
+        def write(db: sqlite3.Connection) -> None:
+            db.execute("DELETE FROM inbox WHERE event_id = ?", (item.event_id,))
+            db.execute(
+                "INSERT OR REPLACE INTO handled"
+                "(event_id, room_id, outcome, reply_event_id, handled_ts)"
+                " VALUES (?, ?, ?, ?, ?)",
+                (item.event_id, item.room_id, outcome, reply_event_id, _now_ms()),
+            )
+            db.executemany(
+                "INSERT INTO turns(chat_id, role, content) VALUES (?, ?, ?)",
+                [(chat_id, role, content) for role, content in turns],
+            )
+            db.execute("INSERT OR IGNORE INTO contexts(chat_id) VALUES (?)", (chat_id,))
+
+        await self._run(self._transaction(write))
+
+    async def set_started_reply(self, item: InboxItem, reply_event_id: EventID) -> None:
+        """Remember the reply being streamed for ``item``, for a re-run to complete."""
+
+        def write(db: sqlite3.Connection) -> None:
+            db.execute(
+                "UPDATE inbox SET reply_event_id = ? WHERE event_id = ?",
+                (reply_event_id, item.event_id),
+            )
+
+        await self._run(self._transaction(write))
+
+    async def started_reply(self, item: InboxItem) -> EventID | None:
+        def read() -> EventID | None:
+            row = self._db.execute(
+                "SELECT reply_event_id FROM inbox WHERE event_id = ?", (item.event_id,)
+            ).fetchone()
+            return EventID(row[0]) if row and row[0] else None
+
+        return await self._run(read)
+
+    # --- conversations ----------------------------------------------------------------
+
+    async def conversation(self, chat_id: str) -> list[tuple[str, str]] | None:
+        """The chat's turns (role, content), oldest first; None when the store has
+        never held this chat's conversation (rebuild it from the room)."""
+
+        def read() -> list[tuple[str, str]] | None:
+            known = self._db.execute(
+                "SELECT 1 FROM contexts WHERE chat_id = ?", (chat_id,)
+            ).fetchone()
+            if not known:
+                return None
+            rows = self._db.execute(
+                "SELECT role, content FROM turns WHERE chat_id = ? ORDER BY seq", (chat_id,)
+            ).fetchall()
+            return [(role, content) for role, content in rows]
+
+        return await self._run(read)
+
+    async def replace_conversation(self, chat_id: str, turns: Sequence[tuple[str, str]]) -> None:
+        """Set the chat's whole conversation (after a rebuild, or empty for ``!forget``)."""
+
+        def write(db: sqlite3.Connection) -> None:
+            db.execute("DELETE FROM turns WHERE chat_id = ?", (chat_id,))
+            db.executemany(
+                "INSERT INTO turns(chat_id, role, content) VALUES (?, ?, ?)",
+                [(chat_id, role, content) for role, content in turns],
+            )
+            db.execute("INSERT OR IGNORE INTO contexts(chat_id) VALUES (?)", (chat_id,))
 
         await self._run(self._transaction(write))
 

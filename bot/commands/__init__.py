@@ -6,7 +6,7 @@ import structlog
 
 from matrix_api import MatrixAPIError
 
-from . import archive, chats, help, new, rename, status
+from . import archive, chats, forget, help, new, rename, settings, status
 from .base import Command, CommandContext, Reply
 from .parser import CommandError, ParsedCommand, clean_title, parse_command
 
@@ -34,6 +34,10 @@ COMMANDS: dict[str, Command] = {
         archive.ARCHIVE,
         archive.UNARCHIVE,
         status.COMMAND,
+        settings.MODEL,
+        settings.SYSTEM,
+        forget.COMMAND,
+        settings.SETTINGS,
     )
 }
 

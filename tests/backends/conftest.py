@@ -7,9 +7,10 @@ from typing import Any
 
 import pytest
 import trio
-from fake_openai import API_KEY, FakeOpenAI
 from structlog.contextvars import merge_contextvars
 from structlog.testing import capture_logs
+
+from fake_openai import API_KEY, FakeOpenAI
 
 Logs = list[MutableMapping[str, Any]]
 

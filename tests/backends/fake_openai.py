@@ -26,6 +26,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 import trio
+
 from mini_http import HTTPRequest, Responder, serve_http
 
 __all__ = ["API_KEY", "FakeOpenAI", "Script", "Seen", "split_tokens"]

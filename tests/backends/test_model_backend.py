@@ -17,7 +17,6 @@ from typing import Any
 import httpx
 import pytest
 import trio
-from fake_openai import API_KEY, FakeOpenAI, Script, split_tokens
 
 from bot.backends.backoff import Backoff
 from bot.backends.base import BackendError
@@ -33,6 +32,7 @@ from bot.backends.settings import SettingsError
 from bot.backends.streaming import ReplyOverrides, StreamingBackend
 from bot.chats import Chat
 from bot.messages import IncomingMessage
+from fake_openai import API_KEY, FakeOpenAI, Script, split_tokens
 from matrix_api.models import EventID, RoomID
 
 CHAT = Chat("c_test", RoomID("!room:example.org"), "@alice:example.org", "Test", 0)

@@ -11,15 +11,15 @@ from itertools import pairwise
 
 import trio
 import trio.testing
-from fake_openai import API_KEY, FakeOpenAI, Script
-from matrix_fake import ROOM, SOURCE, FakeRoom
 
 from bot.backends.context import FAILED_KEY, STREAMING_KEY
 from bot.backends.model import ModelBackend, ModelError, ModelSettings
 from bot.backends.reply_sink import MAX_CONTENT_BYTES, edit_content, open_reply_sink
 from bot.chats import Chat
 from bot.messages import IncomingMessage, reply_txn_id
+from fake_openai import API_KEY, FakeOpenAI, Script
 from matrix_api.models import EventID
+from matrix_fake import ROOM, SOURCE, FakeRoom
 
 
 async def test_a_streamed_reply_grows_by_edits_and_ends_whole(

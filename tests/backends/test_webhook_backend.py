@@ -15,7 +15,6 @@ from typing import Any
 import httpx
 import pytest
 import trio
-from mini_http import HTTPRequest, Responder, serve_http
 
 from bot.backends.backoff import Backoff
 from bot.backends.context import Turn
@@ -33,6 +32,7 @@ from bot.backends.webhook import (
 from bot.chats import Chat
 from bot.messages import IncomingMessage
 from matrix_api.models import EventID, RoomID
+from mini_http import HTTPRequest, Responder, serve_http
 
 Logs = list[MutableMapping[str, Any]]
 SECRET = "a-shared-secret-of-some-length"

@@ -1,0 +1,19 @@
+"""``!forget``: start this chat's conversation over.
+
+The command itself stays in the room's history, where a rebuild of the context
+(after a lost store) also starts over, so the forgetting survives a reset too.
+"""
+
+from __future__ import annotations
+
+from .base import Command, CommandContext, Reply
+from .guards import changeable_chat
+
+
+async def run(ctx: CommandContext, args: str) -> Reply:
+    chat = changeable_chat(ctx)
+    await ctx.store.replace_conversation(chat.chat_id, [])
+    return Reply("Forgotten: the next message starts a new conversation.")
+
+
+COMMAND = Command("forget", "", "clear this chat's conversation context", run)
