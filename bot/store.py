@@ -103,6 +103,7 @@ _TABLES_BY_VERSION = {
     4: frozenset({"meta", "chats", "inbox", "handled", "spaces", "turns", "contexts"}),
 }
 
+HANDLED_KEEP_MS = 30 * 24 * 3600 * 1000
 _event_decoder = msgspec.json.Decoder(RoomEvent)
 _settings_decoder = msgspec.json.Decoder(dict[str, str])
 
@@ -240,11 +241,14 @@ class Store:
 
     def _load(self, user_id: str) -> None:
         db = self._db
-        self._transaction(
-            lambda db: db.execute(
-                "INSERT OR IGNORE INTO meta(key, value) VALUES ('user_id', ?)", (user_id,)
-            )
-        )()
+
+        def claim_and_prune(db: sqlite3.Connection) -> None:
+            db.execute("INSERT OR IGNORE INTO meta(key, value) VALUES ('user_id', ?)", (user_id,))
+            # Handled events are remembered to drop the server's replays and re-deliveries,
+            # which come within minutes; a month keeps the table from growing forever.
+            db.execute("DELETE FROM handled WHERE handled_ts < ?", (_now_ms() - HANDLED_KEEP_MS,))
+
+        self._transaction(claim_and_prune)()
         row = db.execute("SELECT value FROM meta WHERE key = 'sync_token'").fetchone()
         self._sync_token = SyncToken(row[0]) if row else None
         for chat in self._select_chats():

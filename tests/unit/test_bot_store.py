@@ -15,7 +15,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from bot.chats import Chat
-from bot.store import _MIGRATIONS, SCHEMA_VERSION, NewInboxItem, Store, StoreError
+from bot.store import _MIGRATIONS, HANDLED_KEEP_MS, SCHEMA_VERSION, NewInboxItem, Store, StoreError
 from matrix_api.models import EventID, RoomEvent, RoomID, SyncToken, UserID
 
 BOT = "@bot:example.org"
@@ -544,3 +544,22 @@ async def test_a_foreign_store_is_refused_whatever_characters_its_path_has(
 
     assert snapshot(path) == before
     assert not (tmp_path / "backup").exists()  # no stray file next to the real one
+
+
+async def test_handled_events_older_than_a_month_are_pruned_at_open(path: Path) -> None:
+    store = await Store.open(path, BOT)
+    await store.commit_sync_batch(SyncToken("s1"), [new_item("$old"), new_item("$new")])
+    for item in await store.pending():
+        await store.finish(item, "replied")
+    await store.aclose()
+    with sqlite3.connect(path) as db:
+        db.execute(
+            "UPDATE handled SET handled_ts = handled_ts - ? WHERE event_id = '$old'",
+            (HANDLED_KEEP_MS + 1000,),
+        )
+    reopened = await Store.open(path, BOT)
+    try:
+        assert await reopened.handled_outcome("$old") is None
+        assert await reopened.handled_outcome("$new") == "replied"
+    finally:
+        await reopened.aclose()
