@@ -32,8 +32,7 @@ import re
 import time
 from collections.abc import Awaitable, Callable, Mapping
 from dataclasses import dataclass, field
-from types import TracebackType
-from typing import Any, Literal, Self
+from typing import Any, Literal
 from urllib.parse import urlsplit
 
 import httpx
@@ -45,8 +44,9 @@ from ..messages import IncomingMessage
 from .backoff import Backoff, retry_after_from
 from .base import BackendError
 from .context import Turn, trim_context
+from .http_backend import HTTPBackend
 from .settings import FieldReader, values_from_env
-from .streaming import NullSink, ReplyOverrides, ReplySink
+from .streaming import ReplyOverrides, ReplySink
 
 __all__ = [
     "MODEL_ENV",
@@ -256,7 +256,7 @@ class _Progress:
     first_token_at: float | None = None
 
 
-class ModelBackend:
+class ModelBackend(HTTPBackend):
     """The ``model`` backend. The caller owns it and closes it (``async with`` or
     `aclose`); it holds one connection pool and no tasks."""
 
@@ -273,35 +273,16 @@ class ModelBackend:
         self.settings = settings
         self.backoff = backoff or Backoff()
         timeout = settings.request_timeout_s
-        self._http = httpx.AsyncClient(
-            transport=transport,
+        super().__init__(
             timeout=httpx.Timeout(timeout, connect=min(10.0, timeout)),
-            headers={"User-Agent": user_agent},
-            follow_redirects=False,
+            transport=transport,
+            user_agent=user_agent,
         )
 
     def __repr__(self) -> str:
         return f"ModelBackend(url={self.settings.completions_url!r}, model={self.settings.model!r})"
 
-    async def aclose(self) -> None:
-        await self._http.aclose()
-
-    async def __aenter__(self) -> Self:
-        return self
-
-    async def __aexit__(
-        self,
-        exc_type: type[BaseException] | None,
-        exc: BaseException | None,
-        tb: TracebackType | None,
-    ) -> None:
-        await self.aclose()
-
     # -- the Backend and StreamingBackend protocols -------------------------------------
-
-    async def reply(self, chat: Chat, message: IncomingMessage) -> str:
-        """`Backend.reply`: the answer without context or progress."""
-        return await self.reply_streaming(chat, message, [], NullSink())
 
     async def reply_streaming(
         self,

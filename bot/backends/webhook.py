@@ -26,8 +26,7 @@ import json
 import time
 from collections.abc import Mapping
 from dataclasses import dataclass, field
-from types import TracebackType
-from typing import Any, Self
+from typing import Any
 
 import httpx
 import structlog
@@ -38,8 +37,9 @@ from ..messages import IncomingMessage
 from .backoff import Backoff
 from .base import BackendError
 from .context import Turn
+from .http_backend import HTTPBackend
 from .settings import FieldReader, values_from_env
-from .streaming import NullSink, ReplyOverrides, ReplySink
+from .streaming import ReplyOverrides, ReplySink
 
 __all__ = [
     "SIGNATURE_HEADER",
@@ -133,7 +133,7 @@ class _Retry(Exception):
         self.retry_after = retry_after
 
 
-class WebhookBackend:
+class WebhookBackend(HTTPBackend):
     """The ``webhook`` backend. The caller owns it and closes it (``async with``)."""
 
     name = "webhook"
@@ -148,32 +148,12 @@ class WebhookBackend:
     ) -> None:
         self.settings = settings
         self.backoff = backoff or Backoff()
-        self._http = httpx.AsyncClient(
-            transport=transport,
-            timeout=httpx.Timeout(settings.timeout_s),
-            headers={"User-Agent": user_agent},
-            follow_redirects=False,
+        super().__init__(
+            timeout=httpx.Timeout(settings.timeout_s), transport=transport, user_agent=user_agent
         )
 
     def __repr__(self) -> str:
         return f"WebhookBackend(url={self.settings.url!r})"
-
-    async def aclose(self) -> None:
-        await self._http.aclose()
-
-    async def __aenter__(self) -> Self:
-        return self
-
-    async def __aexit__(
-        self,
-        exc_type: type[BaseException] | None,
-        exc: BaseException | None,
-        tb: TracebackType | None,
-    ) -> None:
-        await self.aclose()
-
-    async def reply(self, chat: Chat, message: IncomingMessage) -> str:
-        return await self.reply_streaming(chat, message, [], NullSink())
 
     async def reply_streaming(
         self,

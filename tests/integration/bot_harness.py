@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 from collections.abc import AsyncIterator, Callable
 from contextlib import asynccontextmanager
 from dataclasses import replace
@@ -15,6 +16,22 @@ from bot.runtime import BotRuntime, run_bot
 from matrix_api import MatrixClient, new_txn_id
 from matrix_api.models import RoomEvent, RoomID, SyncToken
 from matrix_api.testing.synapse import RegisteredUser, SynapseServer
+
+
+def bot_process_env(
+    synapse: SynapseServer, bot_user: RegisteredUser, store_path: Path, **extra: str
+) -> dict[str, str]:
+    """The environment of a ``python -m bot`` process for ``bot_user`` (JSON logs)."""
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("MATRIX_", "BOT_"))}
+    env.update(
+        MATRIX_HOMESERVER=synapse.base_url,
+        MATRIX_USER_ID=bot_user.user_id,
+        MATRIX_ACCESS_TOKEN=bot_user.access_token,
+        BOT_STORE_PATH=str(store_path),
+        BOT_LOG_FORMAT="json",
+    )
+    env.update(extra)
+    return env
 
 
 def bot_settings(

@@ -10,21 +10,9 @@ import sys
 import time
 from pathlib import Path
 
+from bot_harness import bot_process_env
 from conftest import MakeUser
-from matrix_api.testing.synapse import RegisteredUser, SynapseServer
-
-
-def _env(synapse: SynapseServer, bot: RegisteredUser, store: Path, **extra: str) -> dict[str, str]:
-    env = {k: v for k, v in os.environ.items() if not k.startswith(("MATRIX_", "BOT_"))}
-    env.update(
-        MATRIX_HOMESERVER=synapse.base_url,
-        MATRIX_USER_ID=bot.user_id,
-        MATRIX_ACCESS_TOKEN=bot.access_token,
-        BOT_STORE_PATH=str(store),
-        BOT_LOG_FORMAT="json",
-    )
-    env.update(extra)
-    return env
+from matrix_api.testing.synapse import SynapseServer
 
 
 def _start(env: dict[str, str], log: Path) -> subprocess.Popen[bytes]:
@@ -59,7 +47,7 @@ def test_sigterm_drains_and_exits_zero(
 ) -> None:
     bot = make_user("bot")
     log = tmp_path / "bot.log"
-    proc = _start(_env(synapse, bot, tmp_path / "store.sqlite3"), log)
+    proc = _start(bot_process_env(synapse, bot, tmp_path / "store.sqlite3"), log)
     try:
         _wait_for_event(proc, log, "bot_ready")
         names = [r["event"] for r in _events(log)]
@@ -84,7 +72,9 @@ def test_rejected_token_without_password_exits_non_zero_with_a_clear_message(
     synapse: SynapseServer, make_user: MakeUser, tmp_path: Path
 ) -> None:
     bot = make_user("bot")
-    env = _env(synapse, bot, tmp_path / "store.sqlite3", MATRIX_ACCESS_TOKEN="syt_not_a_token")
+    env = bot_process_env(
+        synapse, bot, tmp_path / "store.sqlite3", MATRIX_ACCESS_TOKEN="syt_not_a_token"
+    )
     result = subprocess.run(
         [sys.executable, "-m", "bot", "run"], env=env, capture_output=True, timeout=60, check=False
     )
@@ -105,7 +95,7 @@ def test_unusable_store_exits_non_zero_and_leaves_the_file_alone(
     before = store.read_bytes()
     result = subprocess.run(
         [sys.executable, "-m", "bot", "run"],
-        env=_env(synapse, bot, store),
+        env=bot_process_env(synapse, bot, store),
         capture_output=True,
         timeout=60,
         check=False,

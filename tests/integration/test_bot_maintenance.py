@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import os
 import re
 import signal
 import subprocess
@@ -13,23 +12,10 @@ from pathlib import Path
 import trio
 
 from bot.invites import GREETING
-from bot_harness import Person, bot_settings, running_bot
+from bot_harness import Person, bot_process_env, bot_settings, running_bot
 from conftest import MakeUser
 from matrix_api import MatrixClient
 from matrix_api.testing.synapse import RegisteredUser, SynapseServer
-
-
-def _env(synapse: SynapseServer, bot: RegisteredUser, store: Path, **extra: str) -> dict[str, str]:
-    env = {k: v for k, v in os.environ.items() if not k.startswith(("MATRIX_", "BOT_"))}
-    env.update(
-        MATRIX_HOMESERVER=synapse.base_url,
-        MATRIX_USER_ID=bot.user_id,
-        MATRIX_ACCESS_TOKEN=bot.access_token,
-        BOT_STORE_PATH=str(store),
-        BOT_LOG_FORMAT="json",
-    )
-    env.update(extra)
-    return env
 
 
 def _bot(*args: str, env: dict[str, str]) -> subprocess.CompletedProcess[str]:
@@ -66,7 +52,7 @@ async def test_reset_local_deletes_the_store_only_when_confirmed(
         await _a_chat(synapse, bot, alice, store)
     finally:
         await alice.aclose()
-    env = _env(synapse, bot, store)
+    env = bot_process_env(synapse, bot, store)
 
     refused = await trio.to_thread.run_sync(lambda: _bot("reset", "--local", env=env))
     assert refused.returncode == 1
@@ -88,7 +74,7 @@ async def test_reset_server_is_a_dry_run_until_yes_then_releases_every_room(
         room_id = await _a_chat(synapse, bot, alice, store)
     finally:
         await alice.aclose()
-    env = _env(synapse, bot, store)
+    env = bot_process_env(synapse, bot, store)
 
     dry = await trio.to_thread.run_sync(lambda: _bot("reset", "--server", env=env))
     assert dry.returncode == 0, dry.stderr
@@ -118,14 +104,18 @@ async def test_doctor_reports_healthy_and_broken_setups(
         await alice.aclose()
     before = store.read_bytes()
 
-    healthy = await trio.to_thread.run_sync(lambda: _bot("doctor", env=_env(synapse, bot, store)))
+    healthy = await trio.to_thread.run_sync(
+        lambda: _bot("doctor", env=bot_process_env(synapse, bot, store))
+    )
     assert healthy.returncode == 0, healthy.stdout + healthy.stderr
     assert "FAIL" not in healthy.stdout
     assert "known 1" in healthy.stdout  # the one chat, as the store has it
     assert store.read_bytes() == before, "doctor must not change the store"
 
     bad_token = await trio.to_thread.run_sync(
-        lambda: _bot("doctor", env=_env(synapse, bot, store, MATRIX_ACCESS_TOKEN="syt_wrong"))
+        lambda: _bot(
+            "doctor", env=bot_process_env(synapse, bot, store, MATRIX_ACCESS_TOKEN="syt_wrong")
+        )
     )
     assert bad_token.returncode != 0
     assert re.search(r"FAIL\s+credentials: .*M_UNKNOWN_TOKEN", bad_token.stdout)
@@ -133,7 +123,8 @@ async def test_doctor_reports_healthy_and_broken_setups(
 
     no_server = await trio.to_thread.run_sync(
         lambda: _bot(
-            "doctor", env=_env(synapse, bot, store, MATRIX_HOMESERVER="http://127.0.0.1:9")
+            "doctor",
+            env=bot_process_env(synapse, bot, store, MATRIX_HOMESERVER="http://127.0.0.1:9"),
         )
     )
     assert no_server.returncode != 0
