@@ -141,6 +141,8 @@ class Dispatcher:
                 attempt += 1
                 if is_transient(exc) and not self._stopping:
                     delay = min(_MAX_TRANSIENT_DELAY, 2 ** min(attempt, 6))
+                    if isinstance(exc, LimitExceeded) and exc.retry_after is not None:
+                        delay = max(delay, exc.retry_after)  # never before the server said
                     log.warning(
                         "job_retry_later",
                         room_id=item.room_id,

@@ -173,7 +173,7 @@ class Store:
         try:
             # Read-only probe first: nothing is written to a file we may refuse.
             if existed:
-                cls._check_existing(path, user_id)
+                cls._check_without_leftovers(path, user_id)
             connection = sqlite3.connect(
                 path, check_same_thread=False, isolation_level=None, timeout=5.0
             )
@@ -193,6 +193,20 @@ class Store:
             connection.close()
             raise
         return store
+
+    @classmethod
+    def _check_without_leftovers(cls, path: Path, user_id: str) -> None:
+        """`_check_existing`, removing the WAL files the probe itself created when the
+        file is refused: a refused store is left exactly as it was found."""
+        sidecars = [Path(f"{path}{suffix}") for suffix in ("-wal", "-shm")]
+        before = {sidecar for sidecar in sidecars if sidecar.exists()}
+        try:
+            cls._check_existing(path, user_id)
+        except (StoreError, sqlite3.DatabaseError):
+            for sidecar in sidecars:
+                if sidecar not in before:
+                    sidecar.unlink(missing_ok=True)
+            raise
 
     @staticmethod
     def _check_existing(path: Path, user_id: str) -> None:

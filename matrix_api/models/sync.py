@@ -27,6 +27,7 @@ from .events import (
     decode_events,
 )
 from .identifiers import RoomID, SyncToken
+from .surrogates import replace_lone_surrogates
 
 __all__ = [
     "InvitedRoom",
@@ -176,8 +177,15 @@ def decode_sync(body: bytes) -> SyncResponse:
     Raises `msgspec.DecodeError` when the envelope itself is unusable; a bad room or
     event is skipped and recorded instead.
     """
-    wire = _sync_decoder.decode(body)
     skipped: list[SkippedEvent] = []
+    try:
+        wire = _sync_decoder.decode(body)
+    except msgspec.DecodeError:
+        mended, count = replace_lone_surrogates(body)
+        if not count:
+            raise
+        wire = _sync_decoder.decode(mended)
+        skipped.append(SkippedEvent("body", f"{count} lone surrogate escape(s) replaced by U+FFFD"))
 
     def events(raws: list[msgspec.Raw], cls: type[E], where: str) -> list[E]:
         return decode_events(raws, cls, where, skipped)

@@ -249,6 +249,19 @@ async def test_a_failed_read_receipt_is_not_fatal(autojump_clock: trio.abc.Clock
     assert "read_receipt_failed" in [entry["event"] for entry in logs]
 
 
+async def test_a_rate_limit_is_retried_no_sooner_than_the_server_asked(
+    autojump_clock: trio.abc.Clock,
+) -> None:
+    limited = LimitExceeded(429, "M_LIMIT_EXCEEDED", "slow down", retry_after=120.0)
+    handler = Handler(duration=0.0, failures={"$e1": [limited]})
+
+    await run_until(handler, 2, [item(1, "!a:x")], lambda: bool(handler.read))
+
+    first, second = handler.attempts["$e1"]
+    assert second - first == 120.0
+    assert handler.done_ids() == ["$e1"]
+
+
 # --- retries -------------------------------------------------------------------------------------
 
 
@@ -257,7 +270,7 @@ async def test_a_failed_read_receipt_is_not_fatal(autojump_clock: trio.abc.Clock
     [
         NetworkError("connection reset", maybe_processed=True),
         BadResponse("HTML from a proxy", status=502),
-        LimitExceeded(429, "M_LIMIT_EXCEEDED", "slow down", retry_after=120.0),
+        LimitExceeded(429, "M_LIMIT_EXCEEDED", "slow down", retry_after=1.5),
         MatrixError(503, "M_UNKNOWN", "overloaded"),
         UnknownToken(401, "M_UNKNOWN_TOKEN", "soft logout", {"soft_logout": True}),
     ],
