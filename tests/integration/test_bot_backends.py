@@ -237,3 +237,64 @@ async def test_the_webhook_gets_a_signed_document_and_its_reply_is_posted(
     assert document["room_id"] == room_id
     assert document["sender"] == alice.user.user_id
     assert document["body"] == "ping"
+
+
+async def test_a_crash_mid_stream_never_leaves_two_answers(
+    synapse: SynapseServer,
+    make_user: MakeUser,
+    alice: Person,
+    model_server: FakeOpenAI,
+    tmp_path: Path,
+) -> None:
+    """kill -9 while the reply is growing: after the restart the same reply is
+    completed by an edit; the room never shows a second answer."""
+    from fault_harness import fault_lab
+
+    model_server.token_delay = 0.15  # about six seconds for the whole answer
+    question = " ".join(f"word{i}" for i in range(40))
+    expected = f"Echo: {question}"
+    bot = make_user("bot")
+    async with fault_lab(tmp_path / "lab") as lab:
+        process = lab.bot(synapse.base_url, bot.user_id, access_token=bot.access_token)
+        process.env.update(
+            BOT_BACKEND="model",
+            MODEL_BASE_URL=model_server.base_url,
+            MODEL_NAME="test-model",
+            MODEL_API_KEY=API_KEY,
+            MODEL_EDIT_INTERVAL_S="0.3",
+            BOT_ALLOWED_USERS=f":{synapse.server_name}",
+        )
+        lab.remember_secret(API_KEY)
+        await process.start()
+        await process.wait_ready()
+        room_id = await open_chat(alice, bot.user_id)
+        asked = await alice.say(room_id, question)
+
+        def reply() -> RoomEvent | None:
+            return next(
+                (e for e in alice.bot_notices(room_id, bot.user_id) if asked in replies_to([e])),
+                None,
+            )
+
+        # The reply exists and has grown by at least one edit, but is not finished.
+        await alice.wait_until(
+            lambda: (r := reply()) is not None and bool(edits_of(alice.timeline[room_id], r)),
+            what="the reply to start growing",
+        )
+        started = reply()
+        assert started is not None
+        assert final_text(alice.timeline[room_id], started) != expected
+        await process.kill()
+
+        await process.start()
+        await process.wait_ready()
+        await alice.wait_until(
+            lambda: final_text(alice.timeline[room_id], started) == expected,
+            timeout=60,
+            what="the same reply to be completed",
+        )
+        await alice.sync_once(timeout_ms=1500)
+        await process.stop()
+
+    answers = [e for e in alice.bot_notices(room_id, bot.user_id) if asked in replies_to([e])]
+    assert [e.event_id for e in answers] == [started.event_id], "one reply event, no second answer"
