@@ -198,7 +198,7 @@ class BotRuntime:
                 "the access token was invalidated and no password is configured; "
                 "set MATRIX_PASSWORD or a new MATRIX_ACCESS_TOKEN and restart"
             ) from error
-        log.warning("access_token_rejected", soft_logout=error.soft_logout)
+        log.warning("token_invalidated", soft_logout=error.soft_logout)
         # The same device: its transaction ids, and so reply de-duplication, stay valid.
         try:
             await log_in(self._client, self.settings, await self._store.get_meta("device_id"))

@@ -1791,7 +1791,7 @@ async def run_lost_token_with_password(
         await s.traffic.wait_answered(timeout=120)
         await trio.sleep(settle_s)
     timelines = await audit(s.observer, s.rooms)
-    rejected = bot.events("access_token_rejected")
+    rejected = bot.events("token_invalidated")
     logins = bot.events("logged_in")
     result = figures(
         "5 lost token (password)",
