@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import gzip
+import ssl
 from collections.abc import AsyncIterator, Awaitable, Callable
 from contextlib import asynccontextmanager, suppress
 from dataclasses import dataclass, field
@@ -11,6 +13,7 @@ from dataclasses import dataclass, field
 import httpx
 import pytest
 import trio
+import trustme
 
 from matrix_api.transport import TrioTransport
 
@@ -262,3 +265,46 @@ async def test_the_pool_limit_queues_requests_and_times_out_the_wait() -> None:
                 await client.get("/second", timeout=httpx.Timeout(5.0, pool=0.1))
             release.set()
     assert server.connections == 1
+
+
+async def test_https_with_keep_alive_and_a_verified_certificate() -> None:
+    ca = trustme.CA()
+    server_context = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
+    ca.issue_cert("127.0.0.1").configure_cert(server_context)
+    client_context = ssl.create_default_context()
+    ca.configure_trust(client_context)
+
+    async def tls(stream: trio.SocketStream, server: Server) -> None:
+        wrapped = trio.SSLStream(stream, server_context, server_side=True)
+        buffer = bytearray()
+        while await server.read_request(wrapped, buffer) is not None:  # type: ignore[arg-type]
+            await wrapped.send_all(answer(b'{"secure": true}'))
+
+    async with serving(tls) as server:
+        transport = TrioTransport(ssl_context=client_context)
+        async with httpx.AsyncClient(
+            transport=transport, base_url=f"https://127.0.0.1:{server.port}"
+        ) as client:
+            for _ in range(3):
+                assert (await client.get("/")).json() == {"secure": True}
+    assert server.connections == 1
+
+
+async def test_an_untrusted_certificate_is_a_connect_error() -> None:
+    ca = trustme.CA()
+    server_context = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
+    ca.issue_cert("127.0.0.1").configure_cert(server_context)
+
+    async def tls(stream: trio.SocketStream, server: Server) -> None:
+        wrapped = trio.SSLStream(stream, server_context, server_side=True)
+        with contextlib.suppress(trio.BrokenResourceError, ssl.SSLError):
+            await wrapped.do_handshake()
+
+    async with serving(tls) as server:
+        with pytest.raises(httpx.ConnectError):
+            await get_url(f"https://127.0.0.1:{server.port}/", TrioTransport())
+
+
+async def get_url(url: str, transport: TrioTransport) -> httpx.Response:
+    async with httpx.AsyncClient(transport=transport) as client:
+        return await client.get(url)
