@@ -9,7 +9,9 @@ from __future__ import annotations
 
 from dataclasses import replace
 
-from matrix_api import MatrixClient
+import structlog
+
+from matrix_api import MatrixAPIError, MatrixClient
 from matrix_api.models import RoomID
 
 from .chats import write_marker
@@ -19,6 +21,8 @@ from .provisioning import create_chat, matrix_to
 from .store import Store
 
 __all__ = ["ENCRYPTED_NOTICE", "offer_unencrypted_chat"]
+
+log = structlog.get_logger("bot.encryption")
 
 ENCRYPTED_NOTICE = (
     "This room is end-to-end encrypted, and I cannot read encrypted messages yet, so I "
@@ -30,7 +34,21 @@ async def offer_unencrypted_chat(
     client: MatrixClient, store: Store, room_id: RoomID, user_id: str, server_name: str
 ) -> Reply:
     """The notice for an encrypted room, with a link to an unencrypted chat for
-    ``user_id`` (created the first time, reused afterwards)."""
+    ``user_id`` (created the first time, reused afterwards).
+
+    Never raises for the homeserver: if the way out cannot be made, the notice says
+    so without a link. It is not retried, since making the room twice would be worse.
+    """
+    try:
+        return await _offer(client, store, room_id, user_id, server_name)
+    except MatrixAPIError as exc:
+        log.warning("unencrypted_offer_failed", room_id=room_id, error=str(exc))
+        return Reply(ENCRYPTED_NOTICE)
+
+
+async def _offer(
+    client: MatrixClient, store: Store, room_id: RoomID, user_id: str, server_name: str
+) -> Reply:
     # The way out is recorded in the encrypted room's own marker (its successor),
     # so a lost store still finds it and never makes a second one.
     encrypted_chat = store.chat_for_room(room_id)

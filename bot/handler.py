@@ -23,7 +23,7 @@ from .backends.streaming import ReplyOverrides, StreamingBackend
 from .chats import Chat
 from .commands import CommandContext, CommandError, Reply, parse_command, run_command
 from .config import Settings
-from .encryption import ENCRYPTED_NOTICE, offer_unencrypted_chat
+from .encryption import offer_unencrypted_chat
 from .invites import InviteHandler
 from .messages import (
     IncomingMessage,
@@ -98,14 +98,9 @@ class MessageHandler:
                 await self._store.finish(item, "ignored")
                 return
             if encrypted:
-                try:
-                    reply = await offer_unencrypted_chat(
-                        self._client, self._store, item.room_id, sender, self._settings.server_name
-                    )
-                except MatrixAPIError as exc:
-                    # Not retried: creating the way-out room twice would be worse.
-                    log.warning("unencrypted_offer_failed", error=str(exc))
-                    reply = Reply(ENCRYPTED_NOTICE)
+                reply = await offer_unencrypted_chat(
+                    self._client, self._store, item.room_id, sender, self._settings.server_name
+                )
                 await self._reply(item, reply, "notified", purpose="encrypted")
                 return
             assert message is not None

@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import structlog
 
-from matrix_api import Forbidden, MatrixAPIError, MatrixClient, NotFound
+from matrix_api import Forbidden, MatrixClient, NotFound
 from matrix_api.models import RoomID
 
 from .chats import (
@@ -24,7 +24,7 @@ from .chats import (
 )
 from .commands import Reply
 from .config import Settings
-from .encryption import ENCRYPTED_NOTICE, offer_unencrypted_chat
+from .encryption import offer_unencrypted_chat
 from .messages import notice, reply_txn_id
 from .store import InboxItem, Store
 
@@ -67,13 +67,9 @@ class InviteHandler:
         await self._store.apply_chats(put=[chat])
         greeting = Reply(GREETING)
         if item.event.content.get("encrypted") is True:
-            try:
-                greeting = await offer_unencrypted_chat(
-                    self._client, self._store, room_id, inviter, self._settings.server_name
-                )
-            except MatrixAPIError as exc:
-                log.warning("unencrypted_offer_failed", room_id=room_id, error=str(exc))
-                greeting = Reply(ENCRYPTED_NOTICE)
+            greeting = await offer_unencrypted_chat(
+                self._client, self._store, room_id, inviter, self._settings.server_name
+            )
         await self._client.send_event(
             room_id,
             "m.room.message",

@@ -135,6 +135,18 @@ class NewInboxItem:
     event: RoomEvent
 
 
+def _record_handled(
+    db: sqlite3.Connection, item: InboxItem, outcome: Outcome, reply_event_id: EventID | None
+) -> None:
+    """Take ``item`` out of the inbox and remember it as handled (inside a transaction)."""
+    db.execute("DELETE FROM inbox WHERE event_id = ?", (item.event_id,))
+    db.execute(
+        "INSERT OR REPLACE INTO handled(event_id, room_id, outcome, reply_event_id, handled_ts)"
+        " VALUES (?, ?, ?, ?, ?)",
+        (item.event_id, item.room_id, outcome, reply_event_id, _now_ms()),
+    )
+
+
 def _now_ms() -> int:
     return int(time.time() * 1000)
 
@@ -509,13 +521,7 @@ class Store:
         """Record ``item`` as handled and take it out of the inbox, atomically."""
 
         def write(db: sqlite3.Connection) -> None:
-            db.execute("DELETE FROM inbox WHERE event_id = ?", (item.event_id,))
-            db.execute(
-                "INSERT OR REPLACE INTO handled"
-                "(event_id, room_id, outcome, reply_event_id, handled_ts)"
-                " VALUES (?, ?, ?, ?, ?)",
-                (item.event_id, item.room_id, outcome, reply_event_id, _now_ms()),
-            )
+            _record_handled(db, item, outcome, reply_event_id)
 
         await self._run(self._transaction(write))
 
@@ -531,13 +537,7 @@ class Store:
         one transaction: a crash never records the answer twice or loses it."""
 
         def write(db: sqlite3.Connection) -> None:
-            db.execute("DELETE FROM inbox WHERE event_id = ?", (item.event_id,))
-            db.execute(
-                "INSERT OR REPLACE INTO handled"
-                "(event_id, room_id, outcome, reply_event_id, handled_ts)"
-                " VALUES (?, ?, ?, ?, ?)",
-                (item.event_id, item.room_id, outcome, reply_event_id, _now_ms()),
-            )
+            _record_handled(db, item, outcome, reply_event_id)
             db.executemany(
                 "INSERT INTO turns(chat_id, role, content) VALUES (?, ?, ?)",
                 [(chat_id, role, content) for role, content in turns],
