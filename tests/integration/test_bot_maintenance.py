@@ -30,15 +30,23 @@ def _bot(*args: str, env: dict[str, str]) -> subprocess.CompletedProcess[str]:
     )
 
 
-async def _a_chat(synapse: SynapseServer, bot: RegisteredUser, alice: Person, store: Path) -> str:
-    async with running_bot(bot_settings(synapse, bot, store)):
-        room_id = await alice.client.create_room(name="chat", invite=[bot.user_id])
-        await alice.wait_until(
-            lambda: any(
-                e.content.get("body") == GREETING for e in alice.bot_notices(room_id, bot.user_id)
-            ),
-            what="the greeting",
-        )
+async def _a_chat(
+    synapse: SynapseServer, bot: RegisteredUser, make_user: MakeUser, store: Path
+) -> str:
+    """One chat made the usual way: a fresh user invites the bot, which greets."""
+    alice = Person(synapse, make_user("alice"))
+    try:
+        async with running_bot(bot_settings(synapse, bot, store)):
+            room_id = await alice.client.create_room(name="chat", invite=[bot.user_id])
+            await alice.wait_until(
+                lambda: any(
+                    e.content.get("body") == GREETING
+                    for e in alice.bot_notices(room_id, bot.user_id)
+                ),
+                what="the greeting",
+            )
+    finally:
+        await alice.aclose()
     return room_id
 
 
@@ -46,12 +54,8 @@ async def test_reset_local_deletes_the_store_only_when_confirmed(
     synapse: SynapseServer, make_user: MakeUser, tmp_path: Path
 ) -> None:
     bot = make_user("bot")
-    alice = Person(synapse, make_user("alice"))
     store = tmp_path / "store.sqlite3"
-    try:
-        await _a_chat(synapse, bot, alice, store)
-    finally:
-        await alice.aclose()
+    await _a_chat(synapse, bot, make_user, store)
     env = bot_process_env(synapse, bot, store)
 
     refused = await trio.to_thread.run_sync(lambda: _bot("reset", "--local", env=env))
@@ -68,12 +72,8 @@ async def test_reset_server_is_a_dry_run_until_yes_then_releases_every_room(
     synapse: SynapseServer, make_user: MakeUser, tmp_path: Path
 ) -> None:
     bot = make_user("bot")
-    alice = Person(synapse, make_user("alice"))
     store = tmp_path / "store.sqlite3"
-    try:
-        room_id = await _a_chat(synapse, bot, alice, store)
-    finally:
-        await alice.aclose()
+    room_id = await _a_chat(synapse, bot, make_user, store)
     env = bot_process_env(synapse, bot, store)
 
     dry = await trio.to_thread.run_sync(lambda: _bot("reset", "--server", env=env))
@@ -96,12 +96,8 @@ async def test_doctor_reports_healthy_and_broken_setups(
     synapse: SynapseServer, make_user: MakeUser, tmp_path: Path
 ) -> None:
     bot = make_user("bot")
-    alice = Person(synapse, make_user("alice"))
     store = tmp_path / "store.sqlite3"
-    try:
-        await _a_chat(synapse, bot, alice, store)
-    finally:
-        await alice.aclose()
+    await _a_chat(synapse, bot, make_user, store)
     before = store.read_bytes()
 
     healthy = await trio.to_thread.run_sync(
