@@ -41,6 +41,7 @@ __all__ = ["BotRuntime", "FatalError", "Phase", "run_bot"]
 log = structlog.get_logger("bot.runtime")
 
 LONG_POLL_MS = 30_000
+STORE_CHECKPOINT_INTERVAL_S = 5.0
 _SYNC_BACKOFF_MAX = 60.0
 
 
@@ -110,6 +111,8 @@ class BotRuntime:
             self._dispatcher.submit(pending)
             sync_scope = trio.CancelScope()
             nursery.start_soon(self._sync_loop, sync_scope)
+            checkpoint_scope = trio.CancelScope()
+            nursery.start_soon(self._checkpoint_store, checkpoint_scope)
             self.phase.value = Phase.READY
             log.info(
                 "bot_ready",
@@ -125,10 +128,15 @@ class BotRuntime:
             self.phase.value = Phase.DRAINING
             log.info("bot_draining", deadline_s=self.settings.drain_timeout_s)
             sync_scope.cancel()
+            checkpoint_scope.cancel()
             self._dispatcher.stop()
             nursery.cancel_scope.deadline = trio.current_time() + self.settings.drain_timeout_s
         self.phase.value = Phase.STOPPED
         log.info("bot_stopped", requests=self._client.requests_sent)
+
+    async def _checkpoint_store(self, scope: trio.CancelScope) -> None:
+        with scope:
+            await self._store.checkpoint_every(STORE_CHECKPOINT_INTERVAL_S)
 
     # --- bootstrap ------------------------------------------------------------------
 

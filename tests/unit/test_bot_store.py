@@ -11,6 +11,7 @@ from typing import Any
 
 import msgspec
 import pytest
+import trio
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
@@ -563,3 +564,26 @@ async def test_handled_events_older_than_a_month_are_pruned_at_open(path: Path) 
         assert await reopened.handled_outcome("$new") == "replied"
     finally:
         await reopened.aclose()
+
+
+async def test_the_checkpoint_task_moves_the_log_into_the_database_file(
+    store: Store, path: Path
+) -> None:
+    await store.commit_sync_batch(
+        SyncToken("s1"), [new_item(f"$e{index}", body="x" * 2000) for index in range(100)]
+    )
+    before = path.stat().st_size
+    wal = path.with_name(path.name + "-wal")
+    assert wal.stat().st_size > 200_000  # the batch is still only in the log
+
+    async with trio.open_nursery() as nursery:
+        nursery.start_soon(store.checkpoint_every, 0.01)
+        # Real time: the copy runs in a worker thread.
+        for _ in range(1000):
+            if path.stat().st_size > before:
+                break
+            await trio.sleep(0.01)
+        nursery.cancel_scope.cancel()
+
+    assert path.stat().st_size > before + 200_000
+    assert len(rows(path, "SELECT seq FROM inbox")) == 100
