@@ -433,6 +433,17 @@ async def test_sync_sends_an_inline_filter_as_json() -> None:
     assert json.loads(request.url.params["filter"]) == definition
 
 
+async def test_query_values_that_look_like_syntax_arrive_intact() -> None:
+    token = SyncToken("s1_2&next=3 +%20/é")
+    definition = {"room": {"rooms": ["!a:b", "!c=d&e"]}}
+    request = await one_request(
+        lambda c: c.sync(since=token, filter=definition), ok({"next_batch": "s"})
+    )
+    assert request.url.params["since"] == token
+    assert json.loads(request.url.params["filter"]) == definition
+    assert "next" not in request.url.params
+
+
 async def test_sync_sends_a_filter_id_as_it_is() -> None:
     request = await one_request(lambda c: c.sync(filter=FilterID("7")), ok({"next_batch": "s"}))
     assert request.url.params["filter"] == "7"

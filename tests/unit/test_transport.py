@@ -6,6 +6,7 @@ import contextlib
 import functools
 import gzip
 import ssl
+import zlib
 from collections.abc import AsyncIterator, Awaitable, Callable
 from contextlib import asynccontextmanager, suppress
 from dataclasses import dataclass, field
@@ -15,7 +16,9 @@ import pytest
 import trio
 import trustme
 
-from matrix_api.transport import TrioTransport
+from matrix_api import LimitExceeded, MatrixClient, RetryPolicy
+from matrix_api.models import SyncToken
+from matrix_api.transport import RawResponse, TrioTransport, decode_content
 
 Handler = Callable[[trio.SocketStream, "Server"], Awaitable[None]]
 
@@ -308,3 +311,63 @@ async def test_an_untrusted_certificate_is_a_connect_error() -> None:
 async def get_url(url: str, transport: TrioTransport) -> httpx.Response:
     async with httpx.AsyncClient(transport=transport) as client:
         return await client.get(url)
+
+
+async def test_the_matrix_client_uses_the_transport_below_httpx_models() -> None:
+    """`HTTPCore` calls `TrioTransport.exchange` itself: what reaches the wire."""
+    whoami = gzip.compress(b'{"user_id": "@bot:example.org", "device_id": "D"}')
+    limited = answer(
+        b'{"errcode": "M_LIMIT_EXCEEDED", "retry_after_ms": 9000}',
+        status=429,
+        headers=(b"Retry-After: 2",),
+    )
+    async with (
+        serving(
+            keep_alive(answer(whoami, headers=(b"Content-Encoding: gzip",)), limited)
+        ) as server,
+        MatrixClient(
+            f"http://127.0.0.1:{server.port}/behind/a/prefix/",
+            access_token="secret-token",
+            retry_policy=RetryPolicy(max_attempts=1),
+        ) as client,
+    ):
+        who = await client.whoami()
+        with pytest.raises(LimitExceeded) as raised:
+            await client.sync(since=SyncToken("s 1&x"))
+    assert who.user_id == "@bot:example.org"
+    assert raised.value.retry_after == 2.0  # the header wins over the body
+    first, second = server.requests
+    lines = first.split(b"\r\n")
+    assert lines[0] == b"GET /behind/a/prefix/_matrix/client/v3/account/whoami HTTP/1.1"
+    assert f"Host: 127.0.0.1:{server.port}".encode() in lines
+    assert b"Authorization: Bearer secret-token" in lines
+    assert b"Accept-Encoding: gzip, deflate" in lines
+    assert second.startswith(
+        b"GET /behind/a/prefix/_matrix/client/v3/sync?timeout=0&since=s%201%26x "
+    )
+    assert server.connections == 1
+
+
+@pytest.mark.parametrize(
+    ("encoding", "body"),
+    [
+        (b"gzip", gzip.compress(b"plain")),
+        (b"deflate", zlib.compress(b"plain")),
+        (b"deflate", zlib.compress(b"plain", wbits=-zlib.MAX_WBITS)),
+        (b"identity", b"plain"),
+        (b"gzip, identity", gzip.compress(b"plain")),
+    ],
+)
+def test_content_encodings_are_undone(encoding: bytes, body: bytes) -> None:
+    response = RawResponse(200, [(b"Content-Encoding", encoding)], body)
+    assert decode_content(response) == b"plain"
+
+
+@pytest.mark.parametrize(
+    ("encoding", "body"), [(b"gzip", b"not gzip at all"), (b"br", b"\x1b\x00")]
+)
+def test_a_body_that_does_not_match_its_encoding_is_a_decoding_error(
+    encoding: bytes, body: bytes
+) -> None:
+    with pytest.raises(httpx.DecodingError):
+        decode_content(RawResponse(200, [(b"content-encoding", encoding)], body))
