@@ -18,7 +18,6 @@ from matrix_api.models import EventID, RoomID
 
 from .backends import Backend, BackendError
 from .backends.context import Role, Turn, load_room_context, trim_context
-from .backends.reply_sink import open_reply_sink
 from .backends.streaming import ReplyOverrides, StreamingBackend
 from .chats import Chat
 from .commands import CommandContext, CommandError, Reply, parse_command, run_command
@@ -63,6 +62,8 @@ class MessageHandler:
         self._store = store
         self._settings = settings
         self._backend = backend
+        # Decided once: a runtime-checkable Protocol's isinstance is slow.
+        self._streaming = backend if isinstance(backend, StreamingBackend) else None
         self._invites = InviteHandler(client, store, settings)
         self._bot = settings.user_id
 
@@ -148,8 +149,8 @@ class MessageHandler:
         if chat.archived:
             await self._store.finish(item, "ignored")
             return
-        if isinstance(self._backend, StreamingBackend):
-            await self._answer_in_conversation(item, chat, message, self._backend)
+        if self._streaming is not None:
+            await self._answer_in_conversation(item, chat, message, self._streaming)
             return
         try:
             with trio.fail_after(self._settings.backend_timeout_s):
@@ -182,6 +183,10 @@ class MessageHandler:
 
         async def remember(event_id: EventID) -> None:
             await self._store.set_started_reply(item, event_id)
+
+        # Here, not at the top: it brings markdown-it (1.3 MB and 30 ms of start-up),
+        # which only a streaming backend needs.
+        from .backends.reply_sink import open_reply_sink
 
         interval = self._settings.model.edit_interval_s if self._settings.model else 1.5
         async with open_reply_sink(

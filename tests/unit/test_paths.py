@@ -3,8 +3,11 @@
 from __future__ import annotations
 
 import doctest
+from urllib.parse import unquote
 
 import pytest
+from hypothesis import given
+from hypothesis import strategies as st
 
 from matrix_api import paths
 from matrix_api.paths import CLIENT_V1, CLIENT_V3, client_path, segment
@@ -26,6 +29,15 @@ from matrix_api.paths import CLIENT_V1, CLIENT_V3, client_path, segment
 )
 def test_a_segment_encodes_everything_that_could_change_the_path(value: str, encoded: str) -> None:
     assert segment(value) == encoded
+
+
+@given(st.text())
+def test_a_segment_is_one_segment_that_decodes_to_the_value(value: str) -> None:
+    encoded = segment(value)
+    assert unquote(encoded, errors="surrogatepass") == value
+    assert "/" not in encoded
+    assert encoded not in (".", "..")
+    assert encoded.isascii()
 
 
 def test_client_path_joins_encoded_parts_under_the_prefix() -> None:
