@@ -122,13 +122,22 @@ class Dispatcher:
 
     async def _send_receipts(self) -> None:
         self._receipts_due = trio.Event()
-        # One at a time off the map: a cancelled flush leaves the rest for the next.
-        while self._unread:
-            room_id, event_id = self._unread.popitem()
-            try:
-                await self._handler.mark_read(room_id, event_id)
-            except MatrixAPIError as exc:
-                log.info("read_receipt_failed", room_id=room_id, error=str(exc))
+        # This flush sends what was unread when it began. Rooms that move on while
+        # it is under way wait for the next one: with receipts slower than messages,
+        # taking them as they come would keep a flush going with a receipt per message.
+        batch, self._unread = self._unread, {}
+        try:
+            while batch:
+                room_id, event_id = batch.popitem()
+                try:
+                    await self._handler.mark_read(room_id, event_id)
+                except MatrixAPIError as exc:
+                    log.info("read_receipt_failed", room_id=room_id, error=str(exc))
+        finally:
+            # A cancelled flush leaves the rest for the next, unless a room has
+            # moved on since (its newer event is the one to mark).
+            for room_id, event_id in batch.items():
+                self._unread.setdefault(room_id, event_id)
 
     async def _run_job(self, item: InboxItem) -> bool:
         """Handle ``item``, retrying as its errors allow; False if it stays in the inbox."""

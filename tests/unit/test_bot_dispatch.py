@@ -7,6 +7,7 @@ times it records are exact.
 from __future__ import annotations
 
 import itertools
+import math
 import random
 from collections import defaultdict
 from collections.abc import Awaitable, Callable, Sequence
@@ -17,7 +18,7 @@ import trio
 import trio.testing
 from structlog.testing import capture_logs
 
-from bot.dispatch import MAX_ATTEMPTS, Dispatcher, is_transient
+from bot.dispatch import MAX_ATTEMPTS, RECEIPT_DELAY_S, Dispatcher, is_transient
 from bot.store import InboxItem
 from matrix_api import (
     BadResponse,
@@ -57,6 +58,7 @@ class Handler:
     forever: dict[str, Exception] = field(default_factory=dict)
     give_up_error: Exception | None = None
     mark_read_error: Exception | None = None
+    mark_read_duration: float = 0.0
 
     attempts: dict[str, list[float]] = field(default_factory=lambda: defaultdict(list))
     done: list[tuple[str, str, float, float]] = field(default_factory=list)
@@ -92,6 +94,7 @@ class Handler:
             raise self.give_up_error
 
     async def mark_read(self, room_id: str, event_id: str) -> None:
+        await trio.sleep(self.mark_read_duration)
         self.read.append((room_id, event_id))
         self._poke()
         if self.mark_read_error is not None:
@@ -223,6 +226,24 @@ async def test_read_receipts_are_batched_per_room(autojump_clock: trio.abc.Clock
         assert receipts[-1] == finished[-1]  # the last one is sent, at the latest at stop
         assert receipts == [eid for eid in finished if eid in receipts]  # in room order
         assert len(receipts) < len(finished)  # not one per message
+
+
+async def test_a_slow_flush_sends_each_room_once(autojump_clock: trio.abc.Clock) -> None:
+    # Receipts slower than messages: while one room's receipt is on its way, the
+    # others move on. They wait for the next flush instead of joining this one.
+    handler = Handler(duration=0.25, mark_read_duration=0.5)
+    rooms = rooms_on_distinct_workers(Dispatcher(handler, 2), 2)
+    items = [item(seq, room) for seq, room in enumerate(rooms * 80)]
+
+    t0 = trio.current_time()
+    await run_until(handler, 2, items, lambda: len(handler.done) == len(items))
+
+    elapsed = trio.current_time() - t0
+    flushes = math.ceil(elapsed / RECEIPT_DELAY_S) + 1  # the last one at stop
+    for room in rooms:
+        receipts = [eid for r, eid in handler.read if r == room]
+        assert receipts[-1] == handler.done_ids(room)[-1]
+        assert len(receipts) <= flushes, (room, len(receipts), flushes)
 
 
 async def test_the_last_receipts_are_sent_at_stop(autojump_clock: trio.abc.Clock) -> None:
