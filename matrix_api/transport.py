@@ -40,6 +40,9 @@ __all__ = ["Origin", "RawResponse", "Timeouts", "TrioTransport", "decode_content
 _MAX_HEAD = 64 * 1024
 _CHUNK = 65536
 _NO_BODY_STATUSES = frozenset({204, 304})
+# A connection idle for less than this is reused without checking that the server
+# kept it open: none closes one that soon, and a close on reuse is retried anyway.
+_FRESH_S = 2.0
 
 Timeouts = Mapping[str, float | None]
 """httpx's ``timeout`` request extension: ``connect``, ``read``, ``write``, ``pool``."""
@@ -112,11 +115,14 @@ class _Connection:
     tls: bool = False
     received: int = 0
     """Bytes received during the current exchange."""
+    idle_since: float = -math.inf
 
     def looks_closed(self) -> bool:
         """An idle keep-alive connection the server has closed (or sent junk on)."""
         if self.buffer:
             return True
+        if trio.current_time() - self.idle_since < _FRESH_S:
+            return False  # servers keep connections open longer; spare the syscall
         if self.tls:
             # A TLS 1.3 server may send session tickets at any time: readable is no
             # sign of closing there. A closed one is caught by the retry on reuse.
@@ -245,6 +251,7 @@ class TrioTransport(httpx.AsyncBaseTransport):
                 await _close(connection)
                 raise
             if reusable:
+                connection.idle_since = trio.current_time()
                 self._idle.setdefault(origin, []).append(connection)
             else:
                 await _close(connection)
