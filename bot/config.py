@@ -42,9 +42,9 @@ from pathlib import Path
 from typing import Any, Literal
 from urllib.parse import urlsplit
 
-from .backends.model import ModelSettings, model_settings_from_env
+from .backends.model_settings import ModelSettings, model_settings_from_env
 from .backends.settings import SettingsError
-from .backends.webhook import WebhookSettings, webhook_settings_from_env
+from .backends.webhook_settings import WebhookSettings, webhook_settings_from_env
 
 __all__ = ["AllowList", "ConfigError", "Settings", "load_settings"]
 

@@ -30,10 +30,9 @@ import json
 import math
 import re
 import time
-from collections.abc import Awaitable, Callable, Mapping
-from dataclasses import dataclass, field
+from collections.abc import Awaitable, Callable
+from dataclasses import dataclass
 from typing import Any, Literal
-from urllib.parse import urlsplit
 
 import httpx
 import structlog
@@ -45,10 +44,11 @@ from .backoff import Backoff, retry_after_from
 from .base import BackendError
 from .context import Turn, trim_context
 from .http_backend import HTTPBackend
-from .settings import FieldReader, values_from_env
+from .model_settings import DEFAULT_SYSTEM_PROMPT, MODEL_ENV, ModelSettings, model_settings_from_env
 from .streaming import ReplyOverrides, ReplySink
 
 __all__ = [
+    "DEFAULT_SYSTEM_PROMPT",
     "MODEL_ENV",
     "ModelBackend",
     "ModelError",
@@ -59,110 +59,10 @@ __all__ = [
 
 log = structlog.get_logger("bot.backends.model")
 
-DEFAULT_SYSTEM_PROMPT = (
-    "You are a helpful assistant in a Matrix chat. Answer clearly and concisely; "
-    "Markdown is rendered."
-)
-
-MODEL_ENV: dict[str, str] = {
-    "base_url": "MODEL_BASE_URL",
-    "api_key": "MODEL_API_KEY",
-    "model": "MODEL_NAME",
-    "system_prompt": "MODEL_SYSTEM_PROMPT",
-    "temperature": "MODEL_TEMPERATURE",
-    "max_tokens": "MODEL_MAX_TOKENS",
-    "request_timeout_s": "MODEL_TIMEOUT_S",
-    "stream": "MODEL_STREAM",
-    "edit_interval_s": "MODEL_EDIT_INTERVAL_S",
-    "context_budget_chars": "MODEL_CONTEXT_BUDGET_CHARS",
-}
-"""Setting (key of the ``[model]`` TOML table) -> environment variable."""
 
 _EXCERPT = 300
 _DRAIN_S = 1.0
 _MASKED = re.compile(r"\S*\*{3,}\S*")
-
-
-@dataclass(frozen=True)
-class ModelSettings:
-    """How to reach the model and how to use it; build with `from_mapping`."""
-
-    base_url: str
-    model: str
-    api_key: str | None = field(default=None, repr=False)
-    system_prompt: str = DEFAULT_SYSTEM_PROMPT
-    temperature: float | None = None
-    max_tokens: int | None = None
-    request_timeout_s: float = 120.0
-    """The longest the server may stay silent: before its answer starts, and between
-    two pieces of a streamed answer (a whole non-streamed answer must come within it)."""
-    stream: bool = True
-    edit_interval_s: float = 1.5
-    """At most one edit of the growing reply per this many seconds."""
-    context_budget_chars: int = 24_000
-
-    @property
-    def completions_url(self) -> str:
-        """``base_url`` + ``/chat/completions``; a bare host gets ``/v1`` first."""
-        base = self.base_url.rstrip("/")
-        if urlsplit(base).path in ("", "/"):
-            base += "/v1"
-        return base + "/chat/completions"
-
-    @classmethod
-    def from_mapping(cls, values: Mapping[str, Any]) -> ModelSettings:
-        """Validate ``values`` (the ``[model]`` table, env values overlaid).
-
-        Raises `bot.backends.settings.SettingsError` listing every bad or unknown key,
-        each named as ``model.<key> (<ENV_VAR>)``; the API key's value is never shown.
-        """
-        read = FieldReader("model", values, MODEL_ENV)
-        base_url = read.url("base_url", required=True)
-        model = read.text("model", required=True)
-        api_key = read.text("api_key", secret=True)
-        if api_key is not None and any(c.isspace() for c in api_key):
-            read.problems.append(f"{read.name('api_key')}: must not contain whitespace")
-        system_prompt = values.get("system_prompt", DEFAULT_SYSTEM_PROMPT)
-        if not isinstance(system_prompt, str):
-            read.problems.append(f"{read.name('system_prompt')}: expected a string")
-            system_prompt = DEFAULT_SYSTEM_PROMPT
-        temperature = read.number("temperature", None, 0.0, 2.0)
-        max_tokens = read.whole("max_tokens", None, 1, 1_000_000)
-        timeout = read.number("request_timeout_s", 120.0, 0.1, 3600.0)
-        stream = read.flag("stream", True)
-        interval = read.number("edit_interval_s", 1.5, 0.1, 60.0)
-        budget = read.whole("context_budget_chars", 24_000, 100, 10_000_000)
-        read.raise_if_problems()
-        assert base_url is not None
-        assert model is not None
-        assert timeout is not None
-        assert interval is not None
-        assert budget is not None
-        return cls(
-            base_url=base_url,
-            model=model,
-            api_key=api_key,
-            system_prompt=system_prompt.strip(),
-            temperature=temperature,
-            max_tokens=max_tokens,
-            request_timeout_s=timeout,
-            stream=stream,
-            edit_interval_s=interval,
-            context_budget_chars=budget,
-        )
-
-
-def model_settings_from_env(
-    environ: Mapping[str, str], file_values: Mapping[str, Any] | None = None
-) -> ModelSettings:
-    """`ModelSettings` from the ``[model]`` table ``file_values`` with the ``MODEL_*``
-    variables of ``environ`` overlaid (the environment wins, as in `bot.config`).
-
-    Raises `SettingsError` (see `ModelSettings.from_mapping`).
-    """
-    values: dict[str, Any] = dict(file_values or {})
-    values.update(values_from_env(environ, MODEL_ENV))
-    return ModelSettings.from_mapping(values)
 
 
 ErrorKind = Literal[
