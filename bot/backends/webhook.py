@@ -9,8 +9,8 @@ with ``X-Surfaces-Signature: sha256=<hex>``, the HMAC-SHA256 of the raw body und
 shared secret (check it over the bytes received, before parsing), and
 ``X-Surfaces-Event-Id`` (the same on every retry: a receiver can de-duplicate). The
 answer is the reply: JSON ``{"reply": "..."}``, or plain text. A 5xx answer, a timeout
-or a failed connection is retried with bounded backoff; a 4xx is reported to the user
-and not retried.
+or a failed connection is retried with bounded backoff, and a 429 (or a 503) no sooner
+than its ``Retry-After``; another 4xx is reported to the user and not retried.
 
     [webhook]
     url = "https://assistant.internal/matrix"   # WEBHOOK_URL
@@ -33,7 +33,7 @@ import trio
 
 from ..chats import Chat
 from ..messages import IncomingMessage
-from .backoff import Backoff
+from .backoff import Backoff, retry_after_from
 from .base import BackendError
 from .context import Turn
 from .http_backend import HTTPBackend
@@ -208,6 +208,16 @@ class WebhookBackend(HTTPBackend):
                 )
             ) from exc
         status = response.status_code
+        if status == 429:
+            # Busy, not refusing: ask again, no sooner than it said.
+            raise _Retry(
+                WebhookError(
+                    f"HTTP 429 from the webhook: {response.text[:_EXCERPT]!r}",
+                    status=status,
+                    user_message="The assistant service is busy. Please try again in a moment.",
+                ),
+                retry_after=retry_after_from(response.headers),
+            )
         if status >= 500:
             raise _Retry(
                 WebhookError(
@@ -215,7 +225,8 @@ class WebhookBackend(HTTPBackend):
                     status=status,
                     user_message=f"The assistant service is having trouble (HTTP {status}). "
                     "Please try again later.",
-                )
+                ),
+                retry_after=retry_after_from(response.headers) if status == 503 else None,
             )
         if status >= 400:
             detail = _said(response)

@@ -40,7 +40,9 @@ CHAT = Chat("c_hook", RoomID("!room:example.org"), "@alice:example.org", "Hook",
 MESSAGE = IncomingMessage(EventID("$q1"), "@alice:example.org", "What's up? ünïcödé", 1)
 FAST = Backoff(max_attempts=3, base_delay=0.01, max_delay=0.05, rng=random.Random(2))
 
-Answer = Callable[[dict[str, Any]], tuple[int, bytes, str]]
+# status, body, content type, and optionally more headers.
+Reply = tuple[int, bytes, str] | tuple[int, bytes, str, dict[str, str]]
+Answer = Callable[[dict[str, Any]], Reply]
 
 
 @dataclass
@@ -48,7 +50,7 @@ class Receiver:
     """Verifies each delivery's signature, records it, and answers from ``answers``."""
 
     secret: str = SECRET
-    answers: list[Answer | tuple[int, bytes, str]] = field(default_factory=list)
+    answers: list[Answer | Reply] = field(default_factory=list)
     delay: float = 0.0
     received: list[HTTPRequest] = field(default_factory=list)
     verified: list[bool] = field(default_factory=list)
@@ -75,8 +77,8 @@ class Receiver:
                 "application/json",
             )
         )
-        status, body, content_type = answer(document) if callable(answer) else answer
-        await out.send(status, body, content_type)
+        status, body, content_type, *headers = answer(document) if callable(answer) else answer
+        await out.send(status, body, content_type, headers[0] if headers else None)
 
 
 @pytest.fixture
@@ -167,6 +169,26 @@ async def test_5xx_retries_are_bounded(receiver: Receiver) -> None:
             await hook.reply(CHAT, MESSAGE)
     assert len(receiver.received) == FAST.max_attempts
     assert "HTTP 502" in caught.value.user_message
+
+
+async def test_a_429_is_retried_no_sooner_than_it_asked(receiver: Receiver, logs: Logs) -> None:
+    busy = {"Retry-After": "7", "retry-after-ms": "120"}  # the finer one wins
+    receiver.answers.append((429, b'{"error": "busy"}', "application/json", busy))
+    async with backend(receiver) as hook:
+        assert await hook.reply(CHAT, MESSAGE) == "got: What's up? ünïcödé"
+    assert len(receiver.received) == 2
+    [retry] = [entry for entry in logs if entry["event"] == "webhook_retry"]
+    assert (retry["status"], retry["delay_s"]) == (429, 0.12)
+
+
+async def test_a_429_asking_too_long_a_wait_is_reported_at_once(receiver: Receiver) -> None:
+    receiver.answers.append((429, b"", "text/plain", {"Retry-After": "3600"}))
+    async with backend(receiver) as hook:
+        with pytest.raises(WebhookError) as caught:
+            await hook.reply(CHAT, MESSAGE)
+    assert len(receiver.received) == 1
+    assert caught.value.status == 429
+    assert "busy" in caught.value.user_message
 
 
 async def test_a_4xx_is_reported_with_what_the_service_said(receiver: Receiver) -> None:
