@@ -12,7 +12,7 @@ from dataclasses import replace
 import structlog
 
 from matrix_api import MatrixAPIError, MatrixClient
-from matrix_api.models import RoomID
+from matrix_api.models import EventID, RoomID
 
 from .chats import write_marker
 from .commands import Reply
@@ -31,23 +31,35 @@ ENCRYPTED_NOTICE = (
 
 
 async def offer_unencrypted_chat(
-    client: MatrixClient, store: Store, room_id: RoomID, user_id: str, server_name: str
+    client: MatrixClient,
+    store: Store,
+    room_id: RoomID,
+    user_id: str,
+    server_name: str,
+    *,
+    request: EventID | None = None,
 ) -> Reply:
     """The notice for an encrypted room, with a link to an unencrypted chat for
-    ``user_id`` (created the first time, reused afterwards).
+    ``user_id`` (created the first time, reused afterwards). ``request`` is the
+    inbox event being answered (see `bot.provisioning.create_chat`).
 
     Never raises for the homeserver: if the way out cannot be made, the notice says
     so without a link. It is not retried, since making the room twice would be worse.
     """
     try:
-        return await _offer(client, store, room_id, user_id, server_name)
+        return await _offer(client, store, room_id, user_id, server_name, request)
     except MatrixAPIError as exc:
         log.warning("unencrypted_offer_failed", room_id=room_id, error=str(exc))
         return Reply(ENCRYPTED_NOTICE)
 
 
 async def _offer(
-    client: MatrixClient, store: Store, room_id: RoomID, user_id: str, server_name: str
+    client: MatrixClient,
+    store: Store,
+    room_id: RoomID,
+    user_id: str,
+    server_name: str,
+    request: EventID | None,
 ) -> Reply:
     # The way out is recorded in the encrypted room's own marker (its successor),
     # so a lost store still finds it and never makes a second one.
@@ -56,7 +68,9 @@ async def _offer(
     if encrypted_chat is not None and encrypted_chat.successor is not None:
         chat = store.chat_by_id(encrypted_chat.successor)
     if chat is None:
-        chat = await create_chat(client, store, user_id, "Unencrypted chat", server_name)
+        chat = await create_chat(
+            client, store, user_id, "Unencrypted chat", server_name, request=request
+        )
         if encrypted_chat is not None:
             marked = replace(encrypted_chat, successor=chat.chat_id)
             await write_marker(client, marked)

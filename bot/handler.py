@@ -100,7 +100,12 @@ class MessageHandler:
                 return
             if encrypted:
                 reply = await offer_unencrypted_chat(
-                    self._client, self._store, item.room_id, sender, self._settings.server_name
+                    self._client,
+                    self._store,
+                    item.room_id,
+                    sender,
+                    self._settings.server_name,
+                    request=item.event_id,
                 )
                 await self._reply(item, reply, "notified", purpose="encrypted")
                 return
@@ -141,6 +146,7 @@ class MessageHandler:
                 room_id=item.room_id,
                 sender=message.sender,
                 chat=chat,
+                event_id=item.event_id,
             )
             reply = await run_command(context, command)
             await self._reply(item, reply, "replied", purpose="command")

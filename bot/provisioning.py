@@ -2,9 +2,14 @@
 
 Called from commands (``!new``) and from the encrypted-room way out, never from
 reconciliation or repair. Every created room is marked on the server before it is
-announced, so a lost store finds it again; the window between ``createRoom`` and
-the marker is the one place a crash can leave an unmarked room behind (it is then
-an ordinary room the bot is in, reported as a skip at the next start).
+announced, so a lost store finds it again.
+
+``createRoom`` has no transaction id, so a re-run of the same message after a crash
+would make a second room. The room (with the chat id and time it is given) is
+recorded with the inbox item as soon as the server answers, and a re-run finishes
+that room instead. What is left is a crash while ``createRoom`` itself is under way:
+the server may then have made a room the bot never heard of (an ordinary room it
+is in, reported as a skip at the next start).
 """
 
 from __future__ import annotations
@@ -12,7 +17,7 @@ from __future__ import annotations
 import structlog
 
 from matrix_api import MatrixAPIError, MatrixClient, StateEventSpec
-from matrix_api.models import RoomID
+from matrix_api.models import EventID, RoomID
 
 from .chats import (
     SPACE_MARKER,
@@ -22,7 +27,7 @@ from .chats import (
     space_marker_content,
     write_marker,
 )
-from .store import Store
+from .store import ProvisionedRoom, Store
 
 __all__ = ["create_chat", "ensure_space", "link_to_space", "matrix_to", "unlink_from_space"]
 
@@ -48,25 +53,42 @@ async def ensure_space(client: MatrixClient, store: Store, owner: str) -> RoomID
 
 
 async def create_chat(
-    client: MatrixClient, store: Store, owner: str, title: str, server_name: str
+    client: MatrixClient,
+    store: Store,
+    owner: str,
+    title: str,
+    server_name: str,
+    *,
+    request: EventID | None = None,
 ) -> Chat:
-    """A new chat room for ``owner``: named, in their Space, owner invited, marked."""
+    """A new chat room for ``owner``: named, in their Space, owner invited, marked.
+
+    ``request`` is the inbox event being handled: a second call for it (a re-run
+    after a crash) finishes the room the first one made instead of making another.
+    """
     space_id = await ensure_space(client, store, owner)
-    room_id = await client.create_room(
-        name=title,
-        preset="private_chat",
-        invite=[owner],
-        initial_state=[
-            StateEventSpec(
-                "m.space.parent", {"via": [server_name], "canonical": True}, state_key=space_id
-            )
-        ],
-    )
-    chat = Chat(new_chat_id(), room_id, owner, title, now_ms(), space_id=space_id)
+    made = await store.provisioned(request) if request is not None else None
+    if made is None:
+        room_id = await client.create_room(
+            name=title,
+            preset="private_chat",
+            invite=[owner],
+            initial_state=[
+                StateEventSpec(
+                    "m.space.parent", {"via": [server_name], "canonical": True}, state_key=space_id
+                )
+            ],
+        )
+        made = ProvisionedRoom(room_id, new_chat_id(), now_ms())
+        if request is not None:
+            await store.set_provisioned(request, made)
+    else:
+        log.info("chat_creation_resumed", owner=owner, room_id=made.room_id)
+    chat = Chat(made.chat_id, made.room_id, owner, title, made.created_ts, space_id=space_id)
     await write_marker(client, chat)
     await store.apply_chats(put=[chat])
-    await link_to_space(client, space_id, room_id, server_name)
-    log.info("chat_created", owner=owner, chat_id=chat.chat_id, room_id=room_id)
+    await link_to_space(client, space_id, chat.room_id, server_name)
+    log.info("chat_created", owner=owner, chat_id=chat.chat_id, room_id=chat.room_id)
     return chat
 
 

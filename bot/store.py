@@ -39,7 +39,7 @@ from matrix_api.models import EventID, RoomEvent, RoomID, SyncToken
 
 from .chats import Chat
 
-__all__ = ["SCHEMA_VERSION", "InboxItem", "Outcome", "Store", "StoreError"]
+__all__ = ["SCHEMA_VERSION", "InboxItem", "Outcome", "ProvisionedRoom", "Store", "StoreError"]
 
 T = TypeVar("T")
 
@@ -106,6 +106,10 @@ _MIGRATIONS: list[str] = [
     CREATE TABLE contexts (chat_id TEXT PRIMARY KEY);
     ALTER TABLE inbox ADD COLUMN reply_event_id TEXT;
     """,
+    # 5: the room a command made for an inbox item, before the item is finished.
+    """
+    ALTER TABLE inbox ADD COLUMN provisioned TEXT;
+    """,
 ]
 SCHEMA_VERSION = len(_MIGRATIONS)
 # The tables a store of each schema version must have, to tell ours from others'.
@@ -114,6 +118,7 @@ _TABLES_BY_VERSION = {
     2: frozenset({"meta", "chats", "inbox", "handled", "spaces"}),
     3: frozenset({"meta", "chats", "inbox", "handled", "spaces"}),
     4: frozenset({"meta", "chats", "inbox", "handled", "spaces", "turns", "contexts"}),
+    5: frozenset({"meta", "chats", "inbox", "handled", "spaces", "turns", "contexts"}),
 }
 
 HANDLED_KEEP_MS = 30 * 24 * 3600 * 1000
@@ -138,6 +143,17 @@ class InboxItem:
     kind: InboxKind
     event: RoomEvent
     attempts: int = 0
+
+
+class ProvisionedRoom(msgspec.Struct, frozen=True):
+    """A room made for an inbox item, and the identity its chat was given."""
+
+    room_id: RoomID
+    chat_id: str
+    created_ts: int
+
+
+_provisioned_decoder = msgspec.json.Decoder(ProvisionedRoom)
 
 
 @dataclass(frozen=True, slots=True)
@@ -606,6 +622,30 @@ class Store:
                 "SELECT reply_event_id FROM inbox WHERE event_id = ?", (item.event_id,)
             ).fetchone()
             return EventID(row[0]) if row and row[0] else None
+
+        return await self._run(read)
+
+    async def set_provisioned(self, event_id: str, room: ProvisionedRoom) -> None:
+        """Remember that handling ``event_id`` made ``room``, so that a re-run after a
+        crash finishes that room instead of making another (room creation has no
+        transaction id). Forgotten with the inbox item."""
+
+        def write(db: sqlite3.Connection) -> None:
+            db.execute(
+                "UPDATE inbox SET provisioned = ? WHERE event_id = ?",
+                (msgspec.json.encode(room), event_id),
+            )
+
+        await self._run(self._transaction(write))
+
+    async def provisioned(self, event_id: str) -> ProvisionedRoom | None:
+        """What `set_provisioned` recorded for ``event_id`` while it is in the inbox."""
+
+        def read() -> ProvisionedRoom | None:
+            row = self._db.execute(
+                "SELECT provisioned FROM inbox WHERE event_id = ?", (event_id,)
+            ).fetchone()
+            return _provisioned_decoder.decode(row[0]) if row and row[0] else None
 
         return await self._run(read)
 

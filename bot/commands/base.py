@@ -6,7 +6,7 @@ from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 
 from matrix_api import MatrixClient
-from matrix_api.models import RoomID
+from matrix_api.models import EventID, RoomID
 
 from ..chats import Chat
 from ..config import Settings
@@ -33,6 +33,8 @@ class CommandContext:
     sender: str
     chat: Chat | None
     """The chat of the room the command was sent in (None outside managed rooms)."""
+    event_id: EventID | None = None
+    """The command's own event: what a command that makes rooms keys its work by."""
 
     def may_change(self, chat: Chat) -> bool:
         """Only a chat's owner and the bot's admins may change it."""

@@ -12,7 +12,14 @@ DEFAULT_TITLE = "New chat"
 
 async def run(ctx: CommandContext, args: str) -> Reply:
     title = clean_title(args) if args else DEFAULT_TITLE
-    chat = await create_chat(ctx.client, ctx.store, ctx.sender, title, ctx.settings.server_name)
+    chat = await create_chat(
+        ctx.client,
+        ctx.store,
+        ctx.sender,
+        title,
+        ctx.settings.server_name,
+        request=ctx.event_id,
+    )
     link = matrix_to(chat.room_id, ctx.settings.server_name)
     return Reply(
         f"Created the chat “{title}”: {link} (you are invited).",

@@ -1,17 +1,31 @@
 """Scenarios 1 and 10: the bot killed (kill -9) or stopped and started again mid-stream.
 
 Each message must be answered exactly once, whatever moment the bot dies at. The
-moments are seeded (the seed is printed; ``FAULT_SEED`` replays another run).
+moments are seeded (the seed is printed; ``FAULT_SEED`` replays another run). And a
+kill in the middle of ``!new`` leaves one room, not two.
 """
 
 from __future__ import annotations
 
+import secrets
 from collections.abc import AsyncIterator
 from pathlib import Path
 
 import pytest
+import trio
 
-from fault_harness import CI, FaultLab, fault_lab, run_restarts
+from fault_harness import (
+    CI,
+    Fault,
+    FaultLab,
+    audit,
+    fault_lab,
+    replies_by_target,
+    run_restarts,
+    stage,
+)
+from matrix_api import new_txn_id
+from matrix_api.models import RoomEvent
 from matrix_api.testing.synapse import SynapseServer
 
 
@@ -63,3 +77,47 @@ async def test_three_quick_restarts_within_two_minutes_lose_and_repeat_nothing(
     assert result.duplicated == 0
     assert result.answered_once == result.sent == CI.restart_messages
     assert result.details["order_violations"] == []
+
+
+async def test_kill_9_between_create_room_and_its_marker_makes_one_room(
+    synapse: SynapseServer, lab: FaultLab
+) -> None:
+    """``createRoom`` has no transaction id: the re-run of ``!new`` after the crash
+    must finish the room the first run made, not make a second one."""
+    marker_write = r"/account_data/org\.surfaces_bot\.chat$"
+    async with lab.proxy(synapse.base_url) as proxy:
+        s = await stage(lab, synapse, rooms=1, homeserver=proxy.url)
+        [room] = s.rooms
+        bot = lab.bot(proxy.url, s.bot_user.user_id, access_token=s.bot_user.access_token)
+        await bot.start()
+        await bot.wait_ready()
+        hold = proxy.arm(Fault("slow", method="PUT", path=marker_write, delay_s=120.0))
+        command = await s.sender.send_event(
+            room, "m.room.message", {"msgtype": "m.text", "body": "!new Plans"}, new_txn_id()
+        )
+        # The new room exists and its marker is on the way: die right there.
+        await proxy.wait_until(lambda: proxy.in_flight("PUT", marker_write) >= 1, timeout=60)
+        await bot.kill()
+        proxy.disarm(hold)
+        await bot.start()
+        await bot.wait_ready()
+
+        replies: list[RoomEvent] = []
+        for _ in range(240):
+            replies = replies_by_target(await audit(s.observer, [room]), bot.user_id).get(
+                command, []
+            )
+            if replies:
+                break
+            await trio.sleep(0.25)
+        await bot.stop()
+
+    [reply] = replies
+    invited = set((await s.observer.sync(timeout_ms=secrets.randbelow(9999) + 1)).rooms.invite)
+    resumed = bot.events("chat_creation_resumed", run=2)
+    created = [r["room_id"] for r in bot.events("chat_created")]
+    assert [r["room_id"] for r in resumed] == created  # the one room, finished by run 2
+    [new_room] = created
+    assert new_room in reply.content["body"]
+    assert len(invited) == 2  # the new room and the owner's Space: no second room
+    assert new_room in invited

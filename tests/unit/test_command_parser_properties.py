@@ -8,7 +8,6 @@ import re
 import tempfile
 import unicodedata
 from collections.abc import Callable
-from dataclasses import dataclass, field
 from html.parser import HTMLParser
 from pathlib import Path
 from typing import Any, cast
@@ -33,7 +32,8 @@ from bot.commands.parser import MAX_COMMAND_LENGTH
 from bot.config import Settings
 from bot.store import Store
 from matrix_api import Forbidden, MatrixAPIError, MatrixClient, NetworkError, NotFound
-from matrix_api.models import EventID, RoomID
+from matrix_api.models import RoomID
+from stub_client import STUB_SERVER, StubClient
 
 # Unicode's Bidi_Control characters (PropList.txt): they reorder text invisibly.
 BIDI_CONTROLS = frozenset(
@@ -210,48 +210,7 @@ def test_arabic_letter_mark_is_refused() -> None:
 ALICE = "@alice:example.org"
 BOB = "@bob:example.org"
 ADMIN = "@admin:example.org"
-SERVER = "example.org"
-
-
-@dataclass
-class StubClient:
-    """Stands in for `MatrixClient`: records calls, returns made-up ids, and fails
-    the call named ``fail_on`` with ``error``."""
-
-    fail_on: str | None = None
-    error: MatrixAPIError | None = None
-    calls: list[tuple[str, tuple[Any, ...]]] = field(default_factory=list)
-    _next: int = 0
-
-    def _record(self, name: str, *args: Any) -> None:
-        self.calls.append((name, args))
-        if name == self.fail_on and self.error is not None:
-            raise self.error
-
-    def _id(self, sigil: str) -> str:
-        self._next += 1
-        return f"{sigil}stub{self._next}:{SERVER}"
-
-    async def create_space(self, *, name: str, invite: Any = (), **kwargs: Any) -> RoomID:
-        self._record("create_space", name, tuple(invite))
-        return RoomID(self._id("!"))
-
-    async def create_room(self, **kwargs: Any) -> RoomID:
-        self._record("create_room", kwargs)
-        return RoomID(self._id("!"))
-
-    async def put_room_account_data(self, room_id: RoomID, event_type: str, content: Any) -> None:
-        self._record("put_room_account_data", room_id, event_type, content)
-
-    async def put_state_event(
-        self, room_id: RoomID, event_type: str, content: Any, state_key: str = ""
-    ) -> EventID:
-        self._record("put_state_event", room_id, event_type, content, state_key)
-        return EventID(self._id("$"))
-
-    async def get_displayname(self, user_id: str) -> str | None:
-        self._record("get_displayname", user_id)
-        return "Alice <b>&amp;</b>"
+SERVER = STUB_SERVER
 
 
 ERRORS: list[Callable[[], MatrixAPIError]] = [
