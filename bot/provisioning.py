@@ -5,15 +5,16 @@ reconciliation or repair. Every created room is marked on the server before it i
 announced, so a lost store finds it again.
 
 ``createRoom`` has no transaction id, so a re-run of the same message after a crash
-would make a second room. The room (with the chat id and time it is given) is
-recorded with the inbox item as soon as the server answers, and a re-run finishes
-that room instead. What is left is a crash while ``createRoom`` itself is under way:
+would make a second room (or Space). Each room made (a chat with the id and time
+it is given) is recorded with the inbox item as soon as the server answers, and a
+re-run finishes that room instead. What is left is a crash while ``createRoom`` itself is under way:
 the server may then have made a room the bot never heard of (an ordinary room it
 is in, reported as a skip at the next start).
 """
 
 from __future__ import annotations
 
+import msgspec
 import structlog
 
 from matrix_api import MatrixAPIError, MatrixClient, StateEventSpec
@@ -27,7 +28,7 @@ from .chats import (
     space_marker_content,
     write_marker,
 )
-from .store import ProvisionedRoom, Store
+from .store import Provisioned, ProvisionedRoom, Store
 
 __all__ = ["create_chat", "ensure_space", "link_to_space", "matrix_to", "unlink_from_space"]
 
@@ -39,13 +40,25 @@ def matrix_to(room_id: str, server_name: str) -> str:
     return f"https://matrix.to/#/{room_id}?via={server_name}"
 
 
-async def ensure_space(client: MatrixClient, store: Store, owner: str) -> RoomID:
-    """The owner's Space, created (and marked, and the owner invited) on first need."""
+async def ensure_space(
+    client: MatrixClient, store: Store, owner: str, *, request: EventID | None = None
+) -> RoomID:
+    """The owner's Space, created (and marked, and the owner invited) on first need.
+
+    ``request``: as for `create_chat`.
+    """
     existing = store.space_for(owner)
     if existing is not None:
         return existing
-    name = await _display_name(client, owner)
-    space_id = await client.create_space(name=f"{name}'s chats", invite=[owner])
+    made = await store.provisioned(request) if request is not None else Provisioned()
+    space_id = made.space_id
+    if space_id is None:
+        name = await _display_name(client, owner)
+        space_id = await client.create_space(name=f"{name}'s chats", invite=[owner])
+        if request is not None:
+            await store.set_provisioned(request, msgspec.structs.replace(made, space_id=space_id))
+    else:
+        log.info("space_creation_resumed", owner=owner, space_id=space_id)
     await client.put_room_account_data(space_id, SPACE_MARKER, space_marker_content(owner))
     await store.apply_spaces(put={owner: space_id})
     log.info("space_created", owner=owner, space_id=space_id)
@@ -64,11 +77,12 @@ async def create_chat(
     """A new chat room for ``owner``: named, in their Space, owner invited, marked.
 
     ``request`` is the inbox event being handled: a second call for it (a re-run
-    after a crash) finishes the room the first one made instead of making another.
+    after a crash) finishes the rooms the first one made instead of making others.
     """
-    space_id = await ensure_space(client, store, owner)
-    made = await store.provisioned(request) if request is not None else None
-    if made is None:
+    space_id = await ensure_space(client, store, owner, request=request)
+    made = await store.provisioned(request) if request is not None else Provisioned()
+    room = made.room
+    if room is None:
         room_id = await client.create_room(
             name=title,
             preset="private_chat",
@@ -79,12 +93,12 @@ async def create_chat(
                 )
             ],
         )
-        made = ProvisionedRoom(room_id, new_chat_id(), now_ms())
+        room = ProvisionedRoom(room_id, new_chat_id(), now_ms())
         if request is not None:
-            await store.set_provisioned(request, made)
+            await store.set_provisioned(request, msgspec.structs.replace(made, room=room))
     else:
-        log.info("chat_creation_resumed", owner=owner, room_id=made.room_id)
-    chat = Chat(made.chat_id, made.room_id, owner, title, made.created_ts, space_id=space_id)
+        log.info("chat_creation_resumed", owner=owner, room_id=room.room_id)
+    chat = Chat(room.chat_id, room.room_id, owner, title, room.created_ts, space_id=space_id)
     await write_marker(client, chat)
     await store.apply_chats(put=[chat])
     await link_to_space(client, space_id, chat.room_id, server_name)

@@ -39,7 +39,15 @@ from matrix_api.models import EventID, RoomEvent, RoomID, SyncToken
 
 from .chats import Chat
 
-__all__ = ["SCHEMA_VERSION", "InboxItem", "Outcome", "ProvisionedRoom", "Store", "StoreError"]
+__all__ = [
+    "SCHEMA_VERSION",
+    "InboxItem",
+    "Outcome",
+    "Provisioned",
+    "ProvisionedRoom",
+    "Store",
+    "StoreError",
+]
 
 T = TypeVar("T")
 
@@ -146,14 +154,21 @@ class InboxItem:
 
 
 class ProvisionedRoom(msgspec.Struct, frozen=True):
-    """A room made for an inbox item, and the identity its chat was given."""
+    """A chat room made for an inbox item, and the identity its chat was given."""
 
     room_id: RoomID
     chat_id: str
     created_ts: int
 
 
-_provisioned_decoder = msgspec.json.Decoder(ProvisionedRoom)
+class Provisioned(msgspec.Struct, frozen=True, omit_defaults=True):
+    """What handling one inbox item has made on the server so far."""
+
+    space_id: RoomID | None = None
+    room: ProvisionedRoom | None = None
+
+
+_provisioned_decoder = msgspec.json.Decoder(Provisioned)
 
 
 @dataclass(frozen=True, slots=True)
@@ -625,27 +640,27 @@ class Store:
 
         return await self._run(read)
 
-    async def set_provisioned(self, event_id: str, room: ProvisionedRoom) -> None:
-        """Remember that handling ``event_id`` made ``room``, so that a re-run after a
-        crash finishes that room instead of making another (room creation has no
-        transaction id). Forgotten with the inbox item."""
+    async def set_provisioned(self, event_id: str, made: Provisioned) -> None:
+        """Remember what handling ``event_id`` made, so that a re-run after a crash
+        finishes it instead of making another (room creation has no transaction id).
+        Forgotten with the inbox item."""
 
         def write(db: sqlite3.Connection) -> None:
             db.execute(
                 "UPDATE inbox SET provisioned = ? WHERE event_id = ?",
-                (msgspec.json.encode(room), event_id),
+                (msgspec.json.encode(made), event_id),
             )
 
         await self._run(self._transaction(write))
 
-    async def provisioned(self, event_id: str) -> ProvisionedRoom | None:
+    async def provisioned(self, event_id: str) -> Provisioned:
         """What `set_provisioned` recorded for ``event_id`` while it is in the inbox."""
 
-        def read() -> ProvisionedRoom | None:
+        def read() -> Provisioned:
             row = self._db.execute(
                 "SELECT provisioned FROM inbox WHERE event_id = ?", (event_id,)
             ).fetchone()
-            return _provisioned_decoder.decode(row[0]) if row and row[0] else None
+            return _provisioned_decoder.decode(row[0]) if row and row[0] else Provisioned()
 
         return await self._run(read)
 

@@ -11,7 +11,7 @@ import pytest
 from bot.chats import CHAT_MARKER, Chat
 from bot.encryption import offer_unencrypted_chat
 from bot.provisioning import create_chat
-from bot.store import NewInboxItem, Store
+from bot.store import NewInboxItem, Provisioned, Store
 from matrix_api import MatrixClient, NetworkError
 from matrix_api.models import EventID, RoomEvent, RoomID, SyncToken, UserID
 from stub_client import STUB_SERVER, StubClient
@@ -77,6 +77,31 @@ async def test_a_rerun_after_a_crash_finishes_the_room_it_made(store: Store) -> 
     assert store.chat_for_room(first_room) == chat
 
 
+async def test_a_rerun_finishes_the_space_it_made_too(tmp_path: Path) -> None:
+    fresh = await Store.open(tmp_path / "fresh.sqlite3", BOT)  # no Space yet
+    try:
+        await take_into_inbox(fresh, COMMAND, f"!here:{STUB_SERVER}")
+        # Dies writing the Space's marker, the first account data write.
+        crashing = StubClient(
+            fail_on="put_room_account_data", error=NetworkError("gone", maybe_processed=True)
+        )
+        with pytest.raises(NetworkError):
+            await create_chat(client(crashing), fresh, ALICE, "Plans", STUB_SERVER, request=COMMAND)
+        assert [name for name, _ in crashing.calls].count("create_space") == 1
+
+        rerun = StubClient()
+        chat = await create_chat(client(rerun), fresh, ALICE, "Plans", STUB_SERVER, request=COMMAND)
+
+        assert [name for name, _ in rerun.calls if name == "create_space"] == []
+        assert [name for name, _ in crashing.calls].count("create_room") == 0
+        assert [name for name, _ in rerun.calls].count("create_room") == 1
+        assert chat.space_id == fresh.space_for(ALICE)
+        assert chat.space_id is not None
+        assert chat.space_id.startswith("!stub1:")  # the Space the first run made
+    finally:
+        await fresh.aclose()
+
+
 async def test_each_message_gets_its_own_room(store: Store) -> None:
     second = EventID("$another-command")
     await take_into_inbox(store, COMMAND, f"!here:{STUB_SERVER}")
@@ -94,11 +119,11 @@ async def test_the_record_goes_with_the_finished_item(store: Store) -> None:
     await take_into_inbox(store, COMMAND, f"!here:{STUB_SERVER}")
     [item] = await store.pending()
     await create_chat(client(StubClient()), store, ALICE, "Plans", STUB_SERVER, request=COMMAND)
-    assert await store.provisioned(COMMAND) is not None
+    assert (await store.provisioned(COMMAND)).room is not None
 
     await store.finish(item, "replied")
 
-    assert await store.provisioned(COMMAND) is None
+    assert await store.provisioned(COMMAND) == Provisioned()
 
 
 async def test_the_encrypted_way_out_is_made_once_across_a_crash(store: Store) -> None:
