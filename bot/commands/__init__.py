@@ -6,6 +6,7 @@ import structlog
 
 from matrix_api import MatrixAPIError
 
+from ..dispatch import is_transient
 from . import archive, chats, forget, help, new, rename, settings, status
 from .base import Command, CommandContext, Reply
 from .parser import CommandError, ParsedCommand, clean_title, parse_command
@@ -43,11 +44,13 @@ COMMANDS: dict[str, Command] = {
 
 
 async def run_command(ctx: CommandContext, parsed: ParsedCommand) -> Reply:
-    """Run ``parsed``; every outcome is a reply, whatever the input.
+    """Run ``parsed``; every outcome is a reply, whatever the input, except an error
+    that may pass (`bot.dispatch.is_transient`: the homeserver unreachable, a 5xx, a
+    rate limit), which is raised for the dispatcher to run the command again later.
 
-    A command is not retried once it may have changed something on the server (a
-    second ``!new`` would create a second room): a failed request becomes a reply
-    saying so, not an error for the dispatcher to retry.
+    Running one again is safe: the changes commands make are whole values put in
+    place, and ``!new`` finishes the rooms an earlier run made (`create_chat`)
+    instead of making more. Any other failed request becomes a reply saying so.
     """
     command = COMMANDS.get(parsed.name)
     if command is None:
@@ -59,5 +62,7 @@ async def run_command(ctx: CommandContext, parsed: ParsedCommand) -> Reply:
     except CommandError as exc:
         return Reply(str(exc))
     except MatrixAPIError as exc:
+        if is_transient(exc):
+            raise
         log.warning("command_failed", command=parsed.name, error=str(exc))
         return Reply(f"Sorry, {ctx.command(parsed.name)} did not work: the homeserver said no.")

@@ -8,13 +8,17 @@ the local store; and what the bot says in encrypted rooms.
 from __future__ import annotations
 
 import html
+from functools import partial
 from pathlib import Path
 
+import httpx
 import pytest
+import trio
 from structlog.testing import capture_logs
 
 from bot.chats import CHAT_MARKER, MAX_TITLE, SPACE_MARKER
 from bot.invites import GREETING
+from bot.runtime import run_bot
 from bot_harness import Person, bot_settings, replies_to, running_bot
 from command_helpers import (
     ask,
@@ -26,9 +30,10 @@ from command_helpers import (
     start_chat,
 )
 from conftest import MakeUser
-from matrix_api import MatrixClient, NotFound, StateEventSpec, new_txn_id
+from matrix_api import MatrixClient, NotFound, RetryPolicy, StateEventSpec, new_txn_id
 from matrix_api.models import RoomID
 from matrix_api.testing.synapse import SynapseServer
+from matrix_api.transport import TrioTransport
 
 MEGOLM = "m.megolm.v1.aes-sha2"
 FAKE_CIPHERTEXT = {
@@ -83,6 +88,61 @@ def _link(room_id: RoomID, server: str) -> str:
 async def _wait_a_little(person: Person, seconds: float = 2.0) -> None:
     """Keep syncing for ``seconds``, so that a late answer would be seen."""
     await person.sync_once(timeout_ms=int(seconds * 1000))
+
+
+class _MarkerWritesFail(httpx.AsyncBaseTransport):
+    """Synapse, except that once armed, the next ``times`` chat-marker writes never
+    reach it."""
+
+    def __init__(self) -> None:
+        self._inner = TrioTransport()
+        self.times = 0
+        self.refused = 0
+
+    async def handle_async_request(self, request: httpx.Request) -> httpx.Response:
+        if (
+            self.times
+            and request.method == "PUT"
+            and request.url.path.endswith(f"/account_data/{CHAT_MARKER}")
+        ):
+            self.times -= 1
+            self.refused += 1
+            raise httpx.ConnectError("refused by the test")
+        return await self._inner.handle_async_request(request)
+
+    async def aclose(self) -> None:
+        await self._inner.aclose()
+
+
+async def test_new_failing_after_the_room_is_made_is_finished_later_not_repeated(
+    synapse: SynapseServer, make_user: MakeUser, alice: Person, tmp_path: Path
+) -> None:
+    bot_user = make_user("bot")
+    bot = bot_user.user_id
+    settings = bot_settings(synapse, bot_user, tmp_path / "store.sqlite3")
+    transport = _MarkerWritesFail()
+    with capture_logs() as logs:
+        async with trio.open_nursery() as nursery:
+            runtime = await nursery.start(partial(run_bot, settings, transport=transport))
+            chat_room = await start_chat(alice, bot)
+            # Every try of one marker write fails: the command fails after createRoom
+            # with an error that may pass, and the dispatcher runs it again later.
+            transport.times = RetryPolicy().max_attempts
+            _, reply = await send_and_wait(
+                alice, chat_room, bot, {"msgtype": "m.text", "body": "!new Plans"}, timeout=60
+            )
+            runtime.request_stop()
+
+    assert transport.refused == RetryPolicy().max_attempts
+    room_id = linked_room(reply)  # the success reply, with the link
+    space_id = runtime._store.space_for(alice.user.user_id)
+    assert await pending_invites(alice) == {room_id, space_id}  # one room, not two
+    resumed = [entry["room_id"] for entry in logs if entry["event"] == "chat_creation_resumed"]
+    assert resumed == [room_id]
+    assert "job_retry_later" in [entry["event"] for entry in logs]
+    chat = runtime._store.chat_for_room(room_id)
+    assert chat is not None
+    assert chat.title == "Plans"
 
 
 async def test_new_creates_a_named_room_in_the_users_space(

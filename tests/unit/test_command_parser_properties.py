@@ -30,6 +30,7 @@ from bot.commands import (
 from bot.commands.new import DEFAULT_TITLE
 from bot.commands.parser import MAX_COMMAND_LENGTH
 from bot.config import Settings
+from bot.dispatch import is_transient
 from bot.store import Store
 from matrix_api import Forbidden, MatrixAPIError, MatrixClient, NetworkError, NotFound
 from matrix_api.models import RoomID
@@ -331,7 +332,17 @@ async def _run_scenario(store: Store, scenario: dict[str, Any]) -> None:
         chat=chat if scenario["in_chat"] else None,
     )
 
-    reply = await run_command(ctx, parsed)
+    raised: MatrixAPIError | None = None
+    try:
+        reply = await run_command(ctx, parsed)
+    except MatrixAPIError as exc:
+        raised = exc
+    if raised is not None:
+        # An error that may pass goes to the dispatcher, which runs the command again.
+        assert raised is stub.error
+        assert is_transient(raised)
+        event("transient error: left for the dispatcher")
+        return
 
     assert isinstance(reply, Reply)
     assert isinstance(reply.body, str)
