@@ -7,9 +7,9 @@ announced, so a lost store finds it again.
 ``createRoom`` has no transaction id, so a re-run of the same message after a crash
 would make a second room (or Space). Each room made (a chat with the id and time
 it is given) is recorded with the inbox item as soon as the server answers, and a
-re-run finishes that room instead. What is left is a crash while ``createRoom`` itself is under way:
-the server may then have made a room the bot never heard of (an ordinary room it
-is in, reported as a skip at the next start).
+re-run finishes that room instead. What is left is a crash while ``createRoom``
+itself is under way: the server may then have made a room the bot never heard of
+(an ordinary room it is in, reported as a skip at the next start).
 """
 
 from __future__ import annotations

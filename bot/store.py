@@ -114,7 +114,7 @@ _MIGRATIONS: list[str] = [
     CREATE TABLE contexts (chat_id TEXT PRIMARY KEY);
     ALTER TABLE inbox ADD COLUMN reply_event_id TEXT;
     """,
-    # 5: the room a command made for an inbox item, before the item is finished.
+    # 5: what handling an inbox item has made (a Space, a chat room), until it is finished.
     """
     ALTER TABLE inbox ADD COLUMN provisioned TEXT;
     """,
