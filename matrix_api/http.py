@@ -149,7 +149,8 @@ class HTTPCore:
         self.user_id = UserID(user_id) if user_id is not None else None
         self.device_id = device_id
         self.retry_policy = retry_policy or RetryPolicy()
-        self._access_token = access_token
+        self._authorization: bytes | None = None
+        self.set_access_token(access_token)
         self._timeouts = _timeout_extension(timeout)
         self.requests_sent = 0
         """Every attempt that went to the network, retries included (for diagnostics)."""
@@ -159,7 +160,9 @@ class HTTPCore:
         self._origin = Origin.of(url)
         # A homeserver behind a path prefix (``https://example.org/matrix``) keeps it.
         self._path_prefix = url.raw_path.split(b"?", 1)[0].rstrip(b"/")
+        # Built once: the same on every request.
         self._fixed_headers = [
+            (b"Host", self._origin.host_header()),
             (b"User-Agent", user_agent.encode()),
             (b"Accept", b"application/json"),
             (b"Accept-Encoding", b"gzip, deflate"),
@@ -180,11 +183,11 @@ class HTTPCore:
 
     @property
     def has_access_token(self) -> bool:
-        return self._access_token is not None
+        return self._authorization is not None
 
     def set_access_token(self, token: str | None) -> None:
         """Use ``token`` for the requests that follow (None after a logout)."""
-        self._access_token = token
+        self._authorization = b"Bearer " + token.encode() if token is not None else None
 
     def require_user_id(self) -> UserID:
         """The user this client acts as; known after `login_password` or `whoami`."""
@@ -231,9 +234,9 @@ class HTTPCore:
     async def _send_once(self, request: Request, decode: Callable[[bytes], T]) -> T:
         headers = list(self._fixed_headers)
         if request.authenticated:
-            if self._access_token is None:
+            if self._authorization is None:
                 raise MissingToken(401, "M_MISSING_TOKEN", "this client has no access token")
-            headers.append((b"Authorization", b"Bearer " + self._access_token.encode()))
+            headers.append((b"Authorization", self._authorization))
         content = request.encoded_body()
         if content is not None:
             headers.append((b"Content-Type", b"application/json"))
