@@ -165,8 +165,11 @@ class HTTPCore:
             (b"Host", self._origin.host_header()),
             (b"User-Agent", user_agent.encode()),
             (b"Accept", b"application/json"),
-            (b"Accept-Encoding", b"gzip, deflate"),
         ]
+        # Only a GET asks for compression: what it reads (a /sync above all) can be
+        # large, while the answer to a write is a few bytes, which the server would
+        # compress and we would inflate for nothing, on every message sent.
+        self._get_headers = [*self._fixed_headers, (b"Accept-Encoding", b"gzip, deflate")]
         # Ours unless a test (MockTransport) or a caller brings another; owned either way.
         self._transport = transport if transport is not None else TrioTransport()
         self._exchange: _Exchange = (
@@ -232,7 +235,7 @@ class HTTPCore:
                 attempt += 1
 
     async def _send_once(self, request: Request, decode: Callable[[bytes], T]) -> T:
-        headers = list(self._fixed_headers)
+        headers = list(self._get_headers if request.method == "GET" else self._fixed_headers)
         if request.authenticated:
             if self._authorization is None:
                 raise MissingToken(401, "M_MISSING_TOKEN", "this client has no access token")

@@ -10,6 +10,11 @@ HTTP/1.1 with keep-alive, a small connection pool per origin, ``Content-Length``
 and chunked bodies, and TLS through `trio.SSLStream`, raising httpx's exception
 types.
 
+A plain TCP connection is driven on its socket directly: a non-blocking call
+first, and one of trio's I/O waits only when the kernel has no room or no data.
+trio's socket stream goes back to the scheduler after every call that succeeded
+at once, which cost a bot about a tenth of its CPU per message.
+
 It has two entrances over the same code:
 
 * `TrioTransport.exchange`, bytes in and `RawResponse` out, which `HTTPCore` uses;
@@ -26,10 +31,11 @@ from __future__ import annotations
 import contextlib
 import math
 import select
+import socket
 import ssl
 import zlib
 from collections.abc import Mapping, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import NamedTuple
 
 import httpx
@@ -107,15 +113,14 @@ def decode_content(response: RawResponse) -> bytes:
     return content
 
 
-@dataclass(eq=False)
 class _Connection:
-    stream: trio.abc.Stream
-    socket: trio.socket.SocketType
-    buffer: bytearray = field(default_factory=bytearray)
-    tls: bool = False
-    received: int = 0
-    """Bytes received during the current exchange."""
-    idle_since: float = -math.inf
+    """One keep-alive connection and what was read from it but not used yet."""
+
+    def __init__(self) -> None:
+        self.buffer = bytearray()
+        self.received = 0
+        """Bytes received during the current exchange."""
+        self.idle_since = -math.inf
 
     def looks_closed(self) -> bool:
         """An idle keep-alive connection the server has closed (or sent junk on)."""
@@ -123,18 +128,27 @@ class _Connection:
             return True
         if trio.current_time() - self.idle_since < _FRESH_S:
             return False  # servers keep connections open longer; spare the syscall
-        if self.tls:
-            # A TLS 1.3 server may send session tickets at any time: readable is no
-            # sign of closing there. A closed one is caught by the retry on reuse.
-            return False
-        try:
-            readable, _, _ = select.select([self.socket.fileno()], [], [], 0)
-        except (OSError, ValueError):
-            return True
-        return bool(readable)
+        return self._readable_when_idle()
+
+    def _readable_when_idle(self) -> bool:
+        raise NotImplementedError
+
+    def send_now(self, data: bytes | memoryview) -> int:
+        """Send what the kernel takes without waiting; how many bytes that was."""
+        raise NotImplementedError
+
+    async def send_all(self, data: memoryview) -> None:
+        raise NotImplementedError
+
+    async def receive_some(self) -> bytes | bytearray:
+        """The next bytes from the server; ``b""`` when it closed the connection."""
+        raise NotImplementedError
+
+    async def aclose(self) -> None:
+        raise NotImplementedError
 
     async def fill(self) -> None:
-        data = await self.stream.receive_some(_CHUNK)
+        data = await self.receive_some()
         if not data:
             raise httpx.RemoteProtocolError("server closed the connection mid-response")
         self.received += len(data)
@@ -162,13 +176,81 @@ class _Connection:
 
     async def read_to_eof(self) -> bytes:
         while True:
-            data = await self.stream.receive_some(_CHUNK)
+            data = await self.receive_some()
             self.received += len(data)
             if not data:
                 chunk = bytes(self.buffer)
                 self.buffer.clear()
                 return chunk
             self.buffer += data
+
+
+class _PlainConnection(_Connection):
+    """HTTP over TCP, on a non-blocking socket of our own."""
+
+    def __init__(self, sock: socket.socket) -> None:
+        super().__init__()
+        self._socket = sock
+
+    def _readable_when_idle(self) -> bool:
+        try:
+            readable, _, _ = select.select([self._socket], [], [], 0)
+        except (OSError, ValueError):
+            return True
+        return bool(readable)
+
+    def send_now(self, data: bytes | memoryview) -> int:
+        try:
+            return self._socket.send(data)
+        except BlockingIOError:
+            return 0
+
+    async def send_all(self, data: memoryview) -> None:
+        while data:
+            await trio.lowlevel.wait_writable(self._socket)
+            data = data[self.send_now(data) :]
+
+    async def receive_some(self) -> bytes | bytearray:
+        if self.received:
+            # More of an answer already coming in: the rest is likely there.
+            try:
+                return self._socket.recv(_CHUNK)
+            except BlockingIOError:
+                pass
+        while True:
+            await trio.lowlevel.wait_readable(self._socket)
+            try:
+                return self._socket.recv(_CHUNK)
+            except BlockingIOError:
+                continue
+
+    async def aclose(self) -> None:
+        trio.lowlevel.notify_closing(self._socket)
+        self._socket.close()
+        await trio.lowlevel.checkpoint()
+
+
+class _TLSConnection(_Connection):
+    def __init__(self, stream: trio.SSLStream[trio.SocketStream]) -> None:
+        super().__init__()
+        self._stream = stream
+
+    def _readable_when_idle(self) -> bool:
+        # A TLS 1.3 server may send session tickets at any time: readable is no
+        # sign of closing here. A closed one is caught by the retry on reuse.
+        return False
+
+    def send_now(self, data: bytes | memoryview) -> int:
+        return 0  # TLS records are written by the stream
+
+    async def send_all(self, data: memoryview) -> None:
+        await self._stream.send_all(data)
+
+    async def receive_some(self) -> bytes | bytearray:
+        return await self._stream.receive_some(_CHUNK)
+
+    async def aclose(self) -> None:
+        await self._stream.aclose()
 
 
 class TrioTransport(httpx.AsyncBaseTransport):
@@ -282,7 +364,11 @@ class TrioTransport(httpx.AsyncBaseTransport):
         except OSError as exc:
             raise httpx.ConnectError(f"cannot connect to {host}:{port}: {exc}") from exc
         if scheme != "https":
-            return _Connection(tcp, tcp.socket)
+            # trio connected it (name resolution, happy eyeballs, TCP_NODELAY); from
+            # here on the socket is driven directly.
+            sock = socket.socket(fileno=tcp.socket.detach())
+            sock.setblocking(False)
+            return _PlainConnection(sock)
         context = self._ssl_context or ssl.create_default_context()
         tls = trio.SSLStream(tcp, context, server_hostname=host, https_compatible=True)
         try:
@@ -293,7 +379,7 @@ class TrioTransport(httpx.AsyncBaseTransport):
         except BaseException:
             await tcp.aclose()
             raise
-        return _Connection(tls, tcp.socket, tls=True)
+        return _TLSConnection(tls)
 
 
 async def _acquire(slots: trio.Semaphore, seconds: float | None) -> None:
@@ -312,23 +398,23 @@ async def _exchange(
 ) -> tuple[RawResponse, bool]:
     """One request on ``connection``: the response, and whether to reuse the connection."""
     connection.received = 0
-    reading = False
-    # One cancel scope for the whole exchange, its deadline moved from phase to phase.
-    with _deadline_scope(timeouts.get("write")) as scope:
-        try:
-            await connection.stream.send_all(request)
-        except (trio.BrokenResourceError, trio.ClosedResourceError, OSError) as exc:
-            raise httpx.WriteError(f"sending failed: {exc}") from exc
-        reading = True
-        read_timeout = timeouts.get("read")
-        scope.deadline = math.inf if read_timeout is None else trio.current_time() + read_timeout
+    try:
+        sent = connection.send_now(request)
+        if sent < len(request):
+            # Only a request the kernel has no room for waits, under the write timeout.
+            with _deadline_scope(timeouts.get("write")):
+                await connection.send_all(memoryview(request)[sent:])
+                sent = len(request)
+    except (trio.BrokenResourceError, trio.ClosedResourceError, OSError) as exc:
+        raise httpx.WriteError(f"sending failed: {exc}") from exc
+    if sent < len(request):
+        raise httpx.WriteTimeout("timed out sending the request")
+    with _deadline_scope(timeouts.get("read")):
         try:
             return await _read_response(connection, method)
         except (trio.BrokenResourceError, trio.ClosedResourceError, OSError) as exc:
             raise httpx.ReadError(f"reading failed: {exc}") from exc
-    if reading:
-        raise httpx.ReadTimeout("timed out waiting for the response")
-    raise httpx.WriteTimeout("timed out sending the request")
+    raise httpx.ReadTimeout("timed out waiting for the response")
 
 
 def _request_head(
@@ -427,4 +513,4 @@ async def _read_chunked(connection: _Connection) -> bytes:
 
 async def _close(connection: _Connection) -> None:
     with trio.CancelScope(shield=True), contextlib.suppress(trio.BrokenResourceError, OSError):
-        await connection.stream.aclose()
+        await connection.aclose()

@@ -17,7 +17,7 @@ import trio
 import trustme
 
 from matrix_api import LimitExceeded, MatrixClient, RetryPolicy
-from matrix_api.models import SyncToken
+from matrix_api.models import RoomID, SyncToken
 from matrix_api.transport import RawResponse, TrioTransport, decode_content
 
 Handler = Callable[[trio.SocketStream, "Server"], Awaitable[None]]
@@ -136,6 +136,34 @@ async def test_put_sends_the_body_with_its_length() -> None:
     assert request.startswith(b"PUT /send/%24a%2Fb HTTP/1.1\r\n")
     assert b"\r\nContent-Length: 14\r\n" in request
     assert request.endswith(b'\r\n\r\n{"body": "hi"}')
+
+
+async def test_a_body_larger_than_the_socket_buffer_is_sent_whole() -> None:
+    body = bytes(range(256)) * 16384  # 4 MiB: the kernel takes it in several goes
+    async with (
+        serving(keep_alive(answer(b"{}"))) as server,
+        httpx.AsyncClient(
+            transport=TrioTransport(), base_url=f"http://127.0.0.1:{server.port}"
+        ) as client,
+    ):
+        await client.put("/big", content=body)
+    assert server.requests[0].endswith(b"\r\n\r\n" + body)
+
+
+async def test_a_server_that_stops_reading_is_a_write_timeout() -> None:
+    async def deaf(stream: trio.SocketStream, server: Server) -> None:
+        await trio.sleep_forever()
+
+    async with (
+        serving(deaf) as server,
+        httpx.AsyncClient(
+            transport=TrioTransport(), base_url=f"http://127.0.0.1:{server.port}"
+        ) as client,
+    ):
+        with pytest.raises(httpx.WriteTimeout):
+            await client.put(
+                "/big", content=b"x" * (64 << 20), timeout=httpx.Timeout(5.0, write=0.2)
+            )
 
 
 async def test_a_server_closing_an_idle_connection_is_transparent() -> None:
@@ -346,6 +374,17 @@ async def test_the_matrix_client_uses_the_transport_below_httpx_models() -> None
         b"GET /behind/a/prefix/_matrix/client/v3/sync?timeout=0&since=s%201%26x "
     )
     assert server.connections == 1
+
+
+async def test_only_a_get_asks_for_a_compressed_answer() -> None:
+    async with (
+        serving(keep_alive(answer(b'{"event_id": "$e"}'))) as server,
+        MatrixClient(f"http://127.0.0.1:{server.port}", access_token="t") as client,
+    ):
+        await client.send_event(RoomID("!r:example.org"), "m.room.message", {"body": "hi"}, "txn1")
+    (put,) = server.requests
+    assert put.startswith(b"PUT /_matrix/client/v3/rooms/%21r%3Aexample.org/send/")
+    assert b"accept-encoding" not in put.lower()
 
 
 @pytest.mark.parametrize(
