@@ -7,6 +7,7 @@ unicode, and room aliases start with ``#``. Nothing is left for httpx to guess.
 
 from __future__ import annotations
 
+import functools
 import re
 from urllib.parse import quote
 
@@ -30,6 +31,12 @@ def segment(value: str) -> str:
         return value.replace(".", "%2E")
     if _UNRESERVED.fullmatch(value):
         return value
+    return _quoted(value)
+
+
+# Room and user ids come back request after request, and `quote` is pure Python.
+@functools.lru_cache(maxsize=1024)
+def _quoted(value: str) -> str:
     return quote(value, safe="")
 
 
@@ -42,4 +49,4 @@ def client_path(prefix: str, *parts: str) -> str:
     >>> client_path(CLIENT_V3, "rooms", "!a:b", "event", "$x/y")
     '/_matrix/client/v3/rooms/%21a%3Ab/event/%24x%2Fy'
     """
-    return "/".join([prefix, *(segment(part) for part in parts)])
+    return "/".join((prefix, *map(segment, parts)))
