@@ -167,3 +167,29 @@ def test_configuring_twice_keeps_one_handler() -> None:
         logging.getLogger("lib").warning("once")
 
     assert [line["event"] for line in lines(stream)] == ["once"]
+
+
+def test_a_logged_traceback_carries_no_local_variables() -> None:
+    def fails(access_token: str) -> None:
+        raise RuntimeError("refused")
+
+    with configured() as stream:
+        try:
+            fails("syt_secret_token")
+        except RuntimeError:
+            structlog.get_logger("bot.test").exception("request_failed")
+    (line,) = lines(stream)
+    assert line["exception"][0]["exc_type"] == "RuntimeError"
+    assert "syt_secret_token" not in stream.getvalue()
+
+
+def test_a_value_json_cannot_hold_is_logged_as_its_repr() -> None:
+    class Opaque:
+        def __repr__(self) -> str:
+            return "<opaque>"
+
+    with configured() as stream:
+        structlog.get_logger("bot.test").info("odd", thing=Opaque(), by_number={1: "one"})
+    (line,) = lines(stream)
+    assert line["thing"] == "<opaque>"
+    assert line["by_number"] == {"1": "one"}
