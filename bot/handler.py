@@ -11,7 +11,6 @@ from typing import cast
 
 import structlog
 import trio
-from structlog.contextvars import bound_contextvars
 
 from matrix_api import MatrixAPIError, MatrixClient
 from matrix_api.models import EventID, RoomID
@@ -24,6 +23,7 @@ from .commands import CommandContext, CommandError, Reply, parse_command, run_co
 from .config import Settings
 from .encryption import offer_unencrypted_chat
 from .invites import InviteHandler
+from .logging import log_context
 from .messages import (
     IncomingMessage,
     is_encryption_event,
@@ -68,7 +68,7 @@ class MessageHandler:
         self._bot = settings.user_id
 
     async def handle(self, item: InboxItem) -> None:
-        with bound_contextvars(room_id=item.room_id, event_id=item.event_id):
+        with log_context(room_id=item.room_id, event_id=item.event_id):
             if item.kind == "invite":
                 await self._invites.handle(item)
             else:
@@ -92,7 +92,7 @@ class MessageHandler:
         chat = await self._chat_of(item, sender)
         if chat is None:
             return
-        with bound_contextvars(chat_id=chat.chat_id):
+        with log_context(chat_id=chat.chat_id):
             if event.origin_server_ts < chat.created_ts:
                 # History from before the room became a chat (a newly joined room's
                 # timeline and gap carry it): not for the bot to answer.
@@ -158,14 +158,16 @@ class MessageHandler:
         if self._streaming is not None:
             await self._answer_in_conversation(item, chat, message, self._streaming)
             return
+        text: str | None = None
         try:
-            with trio.fail_after(self._settings.backend_timeout_s):
+            # A bare cancel scope: `fail_after` wraps one in a generator, per message.
+            with trio.move_on_after(self._settings.backend_timeout_s):
                 text = await self._backend.reply(chat, message)
         except BackendError as exc:
             log.warning("backend_failed", backend=self._backend.name, error=str(exc))
             await self._reply(item, Reply(exc.user_message), "failed")
             return
-        except trio.TooSlowError:
+        if text is None:
             log.warning("backend_timed_out", backend=self._backend.name)
             await self._reply(item, Reply(BACKEND_TIMEOUT_NOTICE), "failed")
             return
@@ -267,7 +269,7 @@ class MessageHandler:
         return reply_id
 
     async def give_up(self, item: InboxItem, error: Exception) -> None:
-        with bound_contextvars(room_id=item.room_id, event_id=item.event_id):
+        with log_context(room_id=item.room_id, event_id=item.event_id):
             log.error("job_given_up", error=str(error))
             if item.kind == "invite":
                 await self._store.discard(item)

@@ -18,7 +18,7 @@ import pytest
 import structlog
 from structlog.contextvars import bound_contextvars
 
-from bot.logging import configure_logging
+from bot.logging import configure_logging, log_context
 
 NOISY = ("httpx", "httpcore")
 
@@ -193,3 +193,26 @@ def test_a_value_json_cannot_hold_is_logged_as_its_repr() -> None:
     (line,) = lines(stream)
     assert line["thing"] == "<opaque>"
     assert line["by_number"] == {"1": "one"}
+
+
+def test_log_context_nests_and_is_undone_even_by_an_error() -> None:
+    def handle(log: Any) -> None:
+        with log_context(room_id="!r", event_id="$e"):
+            with log_context(chat_id="c1"):
+                log.info("inner")
+            log.info("outer")
+            raise RuntimeError
+
+    with configured() as stream:
+        log = structlog.get_logger("bot.test")
+        with pytest.raises(RuntimeError):
+            handle(log)
+        log.info("after")
+    inner, outer, after = lines(stream)
+    assert (inner["room_id"], inner["event_id"], inner["chat_id"]) == ("!r", "$e", "c1")
+    assert "chat_id" not in outer
+    assert outer["room_id"] == "!r"
+    assert not {"room_id", "event_id", "chat_id"} & after.keys()
+    for line in (inner, outer, after):
+        assert line["timestamp"].endswith("Z")
+        assert_recent_utc(line["timestamp"])
