@@ -77,9 +77,16 @@ async def make_managed_rooms(
 
 
 class BotProcess:
-    """``python -m bot run`` with its JSON log lines written to a file we read back."""
+    """``python -m bot run`` (or ``command``) with its JSON log lines written to a file
+    we read back; it must log ``bot_ready`` and, when terminated, ``bot_stopped``."""
 
-    def __init__(self, hs: SynapseServer, bot: RegisteredUser, store: Path) -> None:
+    def __init__(
+        self,
+        hs: SynapseServer,
+        bot: RegisteredUser,
+        store: Path,
+        command: list[str] | None = None,
+    ) -> None:
         env = {
             **os.environ,
             "MATRIX_HOMESERVER": hs.base_url,
@@ -93,7 +100,7 @@ class BotProcess:
         self.started = time.perf_counter()
         with self.log_path.open("w") as log:
             self.proc = subprocess.Popen(
-                [sys.executable, "-m", "bot", "run"],
+                command or [sys.executable, "-m", "bot", "run"],
                 env=env,
                 stdout=subprocess.DEVNULL,
                 stderr=log,
@@ -171,8 +178,8 @@ async def send_and_await_replies(
             while len(sent) < messages or not sent <= answered:
                 response = await alice.sync(since=since, timeout_ms=5000)
                 since = response.next_batch
-                for room in response.rooms.join.values():
-                    for event in room.timeline.events:
+                for joined in response.rooms.join.values():
+                    for event in joined.timeline.events:
                         if event.sender != bot_id:
                             continue
                         target = (

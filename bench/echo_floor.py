@@ -1,0 +1,179 @@
+"""The bot's CPU per echoed message next to the least an echo over matrix_api costs.
+
+Runs the same load as ``bot_runtime.py``'s echo (``--messages`` messages from one
+user across ``--rooms`` rooms, one sender per room, against a throwaway Synapse)
+twice per round:
+
+* ``floor``: this file's `serve_floor` in its own process. A /sync long-poll and,
+  per room, a task that sends each message's reply (the bot's content and
+  transaction id) with `MatrixClient`. Nothing else: no store, no inbox, no
+  receipts, no log line per message, no commands, no routing.
+* ``bot``: ``python -m bot run`` with the echo backend, as in ``bot_runtime.py``.
+
+It prints the CPU each spent per 1,000 messages. The floor is what trio, httpx's
+exception types, msgspec and our HTTP client cost on this machine for the same
+traffic; the difference is what the bot's durability, routing and logging add.
+
+    python bench/echo_floor.py [--rooms 10] [--messages 1000] [--rounds 2]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import os
+import secrets
+import signal
+import statistics
+import sys
+import tempfile
+from pathlib import Path
+from typing import Any
+
+import trio
+from bot_runtime import BotProcess, cpu_seconds, make_managed_rooms, send_and_await_replies
+
+from bot.messages import notice, reply_txn_id
+from matrix_api import MatrixClient
+from matrix_api.models import EventID, FilterID, RoomEvent, RoomID, SyncToken
+from matrix_api.testing.synapse import RegisteredUser, SynapseServer
+
+
+def _log(event: str, **fields: Any) -> None:
+    # The two lines `BotProcess` waits for, in the bot's JSON shape.
+    print(json.dumps({"event": event, **fields}), file=sys.stderr, flush=True)
+
+
+async def serve_floor() -> None:
+    """Answer every text message with the bot's reply, and do nothing else."""
+    user_id = os.environ["MATRIX_USER_ID"]
+    async with MatrixClient(
+        os.environ["MATRIX_HOMESERVER"],
+        access_token=os.environ["MATRIX_ACCESS_TOKEN"],
+        user_id=user_id,
+    ) as client:
+        long_poll = await client.upload_filter(
+            {
+                "room": {
+                    "timeline": {"limit": 50, "not_senders": [user_id]},
+                    "state": {"types": []},
+                    "ephemeral": {"types": []},
+                    "account_data": {"types": []},
+                },
+                "presence": {"types": []},
+                "account_data": {"types": []},
+            }
+        )
+        # A random timeout: Synapse answers an identical /sync from a cache for
+        # about two minutes, which would hand this run an old position.
+        first = await client.sync(timeout_ms=secrets.randbelow(1000), filter=long_poll)
+        with trio.open_signal_receiver(signal.SIGTERM) as signals:
+            _log("bot_ready", startup_requests=client.requests_sent)
+            async with trio.open_nursery() as nursery:
+                nursery.start_soon(_echo, client, first.next_batch, long_poll)
+                async for _ in signals:
+                    nursery.cancel_scope.cancel()
+                    break
+        _log("bot_stopped", requests=client.requests_sent)
+
+
+async def _echo(client: MatrixClient, since: SyncToken, long_poll: FilterID) -> None:
+    rooms: dict[RoomID, trio.MemorySendChannel[RoomEvent]] = {}
+    async with trio.open_nursery() as nursery:
+        while True:
+            response = await client.sync(since=since, timeout_ms=30_000, filter=long_poll)
+            since = response.next_batch
+            for room_id, room in response.rooms.join.items():
+                for event in room.timeline.events:
+                    if event.type != "m.room.message" or event.content.get("msgtype") == "m.notice":
+                        continue
+                    if room_id not in rooms:
+                        send, receive = trio.open_memory_channel[RoomEvent](math.inf)
+                        rooms[room_id] = send
+                        nursery.start_soon(_answer_room, client, room_id, receive)
+                    rooms[room_id].send_nowait(event)
+
+
+async def _answer_room(
+    client: MatrixClient, room_id: RoomID, events: trio.MemoryReceiveChannel[RoomEvent]
+) -> None:
+    async for event in events:
+        body = event.content.get("body")
+        await client.send_event(
+            room_id,
+            "m.room.message",
+            notice(body if isinstance(body, str) else "", reply_to=EventID(event.event_id)),
+            reply_txn_id(event.event_id),
+        )
+
+
+def measure(
+    hs: SynapseServer,
+    bot: RegisteredUser,
+    user: RegisteredUser,
+    rooms: list[RoomID],
+    messages: int,
+    store: Path,
+    command: list[str] | None,
+) -> tuple[float, float]:
+    """CPU seconds per 1,000 messages, and requests per message, for one process."""
+    process = BotProcess(hs, bot, store, command=command)
+    try:
+        ready = process.wait_for("bot_ready")
+        before = cpu_seconds(process.proc.pid)
+        trio.run(send_and_await_replies, hs, user, bot.user_id, rooms, messages)
+        cpu = cpu_seconds(process.proc.pid) - before
+    finally:
+        process.stop()
+    requests = process.wait_for("bot_stopped")["requests"] - ready["startup_requests"]
+    return cpu / messages * 1000, requests / messages
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--rooms", type=int, default=10)
+    parser.add_argument("--messages", type=int, default=1000)
+    parser.add_argument("--rounds", type=int, default=2)
+    parser.add_argument("--serve", action="store_true", help=argparse.SUPPRESS)
+    args = parser.parse_args()
+    if args.serve:
+        trio.run(serve_floor)
+        return
+
+    floor_command = [sys.executable, str(Path(__file__).resolve()), "--serve"]
+    figures: dict[str, list[float]] = {"floor": [], "bot": []}
+    with (
+        tempfile.TemporaryDirectory(prefix="bench-floor-") as tmp,
+        SynapseServer(Path(tmp) / "synapse") as hs,
+    ):
+        user = hs.register_user("benchuser")
+        # Each in rooms of its own, as its own user: messages the floor answered
+        # must not wait in the bot's rooms as messages sent while it was down.
+        bot = hs.register_user("benchbot")
+        floor_bot = hs.register_user("floorbot")
+        rooms = {
+            "floor": (floor_bot, trio.run(make_managed_rooms, hs, floor_bot, user, args.rooms)),
+            "bot": (bot, trio.run(make_managed_rooms, hs, bot, user, args.rooms)),
+        }
+        commands = {"floor": floor_command, "bot": None}
+        print(f"{args.messages} messages over {args.rooms} rooms, {args.rounds} rounds")
+        for round_number in range(1, args.rounds + 1):
+            for name, (who, where) in rooms.items():
+                store = Path(tmp) / f"{name}.sqlite3"
+                cpu, requests = measure(hs, who, user, where, args.messages, store, commands[name])
+                figures[name].append(cpu)
+                print(
+                    f"round {round_number} {name:<6} {cpu:6.2f} s CPU per 1,000 messages, "
+                    f"{requests:.2f} requests per message",
+                    flush=True,
+                )
+    floor, bot_cpu = statistics.median(figures["floor"]), statistics.median(figures["bot"])
+    print(
+        f"\nmedian: floor {floor:.2f} s, bot {bot_cpu:.2f} s per 1,000 messages; "
+        f"the bot adds {bot_cpu - floor:.2f} s ({bot_cpu / floor:.1f}x the floor)"
+    )
+
+
+if __name__ == "__main__":
+    main()
