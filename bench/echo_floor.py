@@ -34,6 +34,7 @@ from typing import Any
 import trio
 from bot_runtime import BotProcess, cpu_seconds, make_managed_rooms, send_and_await_replies
 
+from bot.intake import sync_filters
 from bot.messages import notice, reply_txn_id
 from matrix_api import MatrixClient
 from matrix_api.models import EventID, FilterID, RoomEvent, RoomID, SyncToken
@@ -53,18 +54,8 @@ async def serve_floor() -> None:
         access_token=os.environ["MATRIX_ACCESS_TOKEN"],
         user_id=user_id,
     ) as client:
-        long_poll = await client.upload_filter(
-            {
-                "room": {
-                    "timeline": {"limit": 50, "not_senders": [user_id]},
-                    "state": {"types": []},
-                    "ephemeral": {"types": []},
-                    "account_data": {"types": []},
-                },
-                "presence": {"types": []},
-                "account_data": {"types": []},
-            }
-        )
+        # The bot's own long-poll filter: the same /sync traffic for both.
+        long_poll = await client.upload_filter(sync_filters(user_id)[1])
         # A random timeout: Synapse answers an identical /sync from a cache for
         # about two minutes, which would hand this run an old position.
         first = await client.sync(timeout_ms=secrets.randbelow(1000), filter=long_poll)
