@@ -15,7 +15,8 @@ from typing import Any, cast
 import pytest
 
 from bot.chats import Chat
-from bot.intake import Intake
+from bot.intake import Intake, sync_filters
+from bot.messages import is_actionable
 from bot.store import Store
 from matrix_api import MatrixClient, NetworkError
 from matrix_api.models import (
@@ -471,3 +472,36 @@ async def test_a_failed_gap_fill_commits_nothing(store: Store) -> None:
 
     assert store.sync_token == "s0"
     assert await store.pending() == []
+
+
+@pytest.mark.parametrize(
+    "event",
+    [
+        msg(1),
+        RoomEvent(
+            type="m.room.encrypted",
+            event_id=EventID("$enc"),
+            sender=UserID(ALICE),
+            origin_server_ts=CREATED,
+            content={"algorithm": "m.megolm.v1.aes-sha2", "ciphertext": "x"},
+        ),
+        RoomEvent(
+            type="m.room.encryption",
+            event_id=EventID("$on"),
+            sender=UserID(ALICE),
+            origin_server_ts=CREATED,
+            content={"algorithm": "m.megolm.v1.aes-sha2"},
+            state_key="",
+        ),
+    ],
+)
+def test_the_sync_filters_let_through_every_event_the_bot_acts_on(event: RoomEvent) -> None:
+    assert is_actionable(event, BOT)
+    for definition in sync_filters(BOT):
+        assert event.type in definition["room"]["timeline"]["types"]
+
+
+def test_the_sync_filters_keep_memberships_for_the_bots_own_join() -> None:
+    # The bot's own join marks where a room's history ends (test_events_before_the_bots_join_...).
+    for definition in sync_filters(BOT):
+        assert "m.room.member" in definition["room"]["timeline"]["types"]
