@@ -270,7 +270,7 @@ class HTTPCore:
             ) from exc
 
         if response.status >= 400:
-            raise self._error_from(response.status, response, body, what)
+            raise self._error_from(response, body, what)
         try:
             return decode(body)
         except (msgspec.DecodeError, RecursionError) as exc:
@@ -282,9 +282,8 @@ class HTTPCore:
             ) from exc
 
     @staticmethod
-    def _error_from(
-        status: int, response: RawResponse, content: bytes, what: str
-    ) -> MatrixAPIError:
+    def _error_from(response: RawResponse, content: bytes, what: str) -> MatrixAPIError:
+        status = response.status
         try:
             body = _object_decoder.decode(content)
         except (msgspec.DecodeError, RecursionError):
