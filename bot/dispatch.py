@@ -8,6 +8,7 @@ here hold nothing that is not also in the store, so stopping at any point is saf
 
 from __future__ import annotations
 
+import enum
 import math
 import zlib
 from collections.abc import Iterable
@@ -29,22 +30,38 @@ log = structlog.get_logger("bot.dispatch")
 _MAX_TRANSIENT_DELAY = 60.0
 # A job that fails with an unexpected error is given up after this many attempts.
 MAX_ATTEMPTS = 3
+# A read receipt marks what was handled without an answer (an ignored message), for
+# the user and for bot/intake.py after a store loss. A reply needs none: it points at
+# the message it answers, and that marks the message and all before it, both for
+# intake and for anyone reading the room. Receipts go out at most this often per room.
 RECEIPT_DELAY_S = 5.0
 
 
 class JobHandler(Protocol):
-    async def handle(self, item: InboxItem) -> None:
+    async def handle(self, item: InboxItem) -> bool:
         """Handle ``item`` and record the outcome in the store (which removes it
-        from the inbox). Raise to have the dispatcher retry or give up."""
+        from the inbox). Raise to have the dispatcher retry or give up.
+
+        Return True when a reply in the room answers ``item``.
+        """
         ...
 
-    async def give_up(self, item: InboxItem, error: Exception) -> None:
-        """Record ``item`` as failed after its last attempt, telling the user."""
+    async def give_up(self, item: InboxItem, error: Exception) -> bool:
+        """Record ``item`` as failed after its last attempt, telling the user.
+
+        Return True when a reply in the room answers ``item``.
+        """
         ...
 
     async def mark_read(self, room_id: str, event_id: str) -> None:
         """Everything in ``room_id`` up to ``event_id`` is handled."""
         ...
+
+
+class _Outcome(enum.Enum):
+    ANSWERED = "answered"  # handled, and a reply points at it
+    HANDLED = "handled"  # handled without a reply: it wants a read receipt
+    LEFT = "left"  # still in the inbox
 
 
 def is_transient(error: Exception) -> bool:
@@ -106,9 +123,11 @@ class Dispatcher:
             async for item in receive:
                 if self._stopping:
                     return
-                finished = await self._run_job(item)
+                outcome = await self._run_job(item)
                 self._queued.discard(item.event_id)
-                if finished:
+                if outcome is _Outcome.ANSWERED:
+                    self._unread.pop(item.room_id, None)
+                elif outcome is _Outcome.HANDLED:
                     self._unread[item.room_id] = item.event_id
                     self._receipts_due.set()
         log.debug("worker_stopped", worker=index)
@@ -139,13 +158,13 @@ class Dispatcher:
             for room_id, event_id in batch.items():
                 self._unread.setdefault(room_id, event_id)
 
-    async def _run_job(self, item: InboxItem) -> bool:
-        """Handle ``item``, retrying as its errors allow; False if it stays in the inbox."""
+    async def _run_job(self, item: InboxItem) -> _Outcome:
+        """Handle ``item``, retrying as its errors allow."""
         attempt = 0
         while True:
             try:
-                await self._handler.handle(item)
-                return True
+                answered = await self._handler.handle(item)
+                return _Outcome.ANSWERED if answered else _Outcome.HANDLED
             except Exception as exc:  # one job's failure must not stop the worker
                 attempt += 1
                 if is_transient(exc) and not self._stopping:
@@ -162,14 +181,15 @@ class Dispatcher:
                     await trio.sleep(delay)
                     continue
                 if is_transient(exc):
-                    return False  # stopping: the job stays in the inbox
+                    return _Outcome.LEFT  # stopping: the job stays in the inbox
                 log.exception("job_failed", room_id=item.room_id, event_id=item.event_id)
                 if attempt >= MAX_ATTEMPTS or isinstance(exc, MatrixAPIError):
-                    await self._give_up(item, exc)
-                    return True
+                    answered = await self._give_up(item, exc)
+                    return _Outcome.ANSWERED if answered else _Outcome.HANDLED
 
-    async def _give_up(self, item: InboxItem, error: Exception) -> None:
+    async def _give_up(self, item: InboxItem, error: Exception) -> bool:
         try:
-            await self._handler.give_up(item, error)
+            return await self._handler.give_up(item, error)
         except Exception:
             log.exception("job_give_up_failed", room_id=item.room_id, event_id=item.event_id)
+            return False

@@ -67,37 +67,34 @@ class MessageHandler:
         self._invites = InviteHandler(client, store, settings)
         self._bot = settings.user_id
 
-    async def handle(self, item: InboxItem) -> None:
+    async def handle(self, item: InboxItem) -> bool:
+        """Handle ``item``; True when a reply answers it (see `bot.dispatch.JobHandler`)."""
         with log_context(room_id=item.room_id, event_id=item.event_id):
             if item.kind == "invite":
                 await self._invites.handle(item)
-            else:
-                await self._handle_message(item)
+                return False
+            return await self._handle_message(item)
 
-    async def _handle_message(self, item: InboxItem) -> None:
+    async def _handle_message(self, item: InboxItem) -> bool:
         event = item.event
         encrypted = is_encryption_event(event, self._bot)
         message = None if encrypted else parse_incoming(event, self._bot)
         if message is None and not encrypted:
-            await self._store.finish(item, "ignored")
-            return
+            return await self._ignore(item)
         sender = event.sender
         if self._store.is_space(item.room_id):
-            await self._store.finish(item, "ignored")  # a Space is not a chat
-            return
+            return await self._ignore(item)  # a Space is not a chat
         if not self._settings.allowed.allows(sender):
             log.info("message_ignored", sender=sender, reason="sender not allowed")
-            await self._store.finish(item, "ignored")
-            return
+            return await self._ignore(item)
         chat = await self._chat_of(item, sender)
         if chat is None:
-            return
+            return False
         with log_context(chat_id=chat.chat_id):
             if event.origin_server_ts < chat.created_ts:
                 # History from before the room became a chat (a newly joined room's
                 # timeline and gap carry it): not for the bot to answer.
-                await self._store.finish(item, "ignored")
-                return
+                return await self._ignore(item)
             if encrypted:
                 reply = await offer_unencrypted_chat(
                     self._client,
@@ -108,13 +105,17 @@ class MessageHandler:
                     request=item.event_id,
                 )
                 await self._reply(item, reply, "notified", purpose="encrypted")
-                return
+                return True
             assert message is not None
-            await self._answer(item, chat, message)
+            return await self._answer(item, chat, message)
+
+    async def _ignore(self, item: InboxItem) -> bool:
+        await self._store.finish(item, "ignored")
+        return False
 
     async def _chat_of(self, item: InboxItem, sender: str) -> Chat | None:
         """The room's chat, repaired from the server if need be; None when it cannot
-        be (the user has then been told, and the item recorded)."""
+        be (the user has then been told, or the item recorded as ignored)."""
         chat_id = resolve_chat_id(self._store, item.room_id, sender)
         if is_unregistered(chat_id):
             report = await reconcile_single_room(self._client, self._store, item.room_id, sender)
@@ -131,12 +132,12 @@ class MessageHandler:
             await self._store.finish(item, "ignored")
         return chat
 
-    async def _answer(self, item: InboxItem, chat: Chat, message: IncomingMessage) -> None:
+    async def _answer(self, item: InboxItem, chat: Chat, message: IncomingMessage) -> bool:
         try:
             command = parse_command(message.body, self._settings.command_prefix)
         except CommandError as exc:
             await self._reply(item, Reply(str(exc)), "replied", purpose="command")
-            return
+            return True
         if command is not None:
             context = CommandContext(
                 client=self._client,
@@ -151,13 +152,11 @@ class MessageHandler:
             reply = await run_command(context, command)
             await self._reply(item, reply, "replied", purpose="command")
             log.info("command_handled", command=command.name)
-            return
+            return True
         if chat.archived:
-            await self._store.finish(item, "ignored")
-            return
+            return await self._ignore(item)
         if self._streaming is not None:
-            await self._answer_in_conversation(item, chat, message, self._streaming)
-            return
+            return await self._answer_in_conversation(item, chat, message, self._streaming)
         text: str | None = None
         try:
             # A bare cancel scope: `fail_after` wraps one in a generator, per message.
@@ -166,17 +165,18 @@ class MessageHandler:
         except BackendError as exc:
             log.warning("backend_failed", backend=self._backend.name, error=str(exc))
             await self._reply(item, Reply(exc.user_message), "failed")
-            return
+            return True
         if text is None:
             log.warning("backend_timed_out", backend=self._backend.name)
             await self._reply(item, Reply(BACKEND_TIMEOUT_NOTICE), "failed")
-            return
+            return True
         await self._reply(item, Reply(text), "replied")
         log.info("message_handled", backend=self._backend.name)
+        return True
 
     async def _answer_in_conversation(
         self, item: InboxItem, chat: Chat, message: IncomingMessage, backend: StreamingBackend
-    ) -> None:
+    ) -> bool:
         """Ask with the chat's conversation and show the reply as it grows.
 
         The reply's first event has the transaction id every re-run uses, and its
@@ -217,7 +217,7 @@ class MessageHandler:
                 log.warning("backend_failed", backend=backend.name, error=str(exc))
                 reply_id = await sink.fail(user_message, getattr(exc, "partial", ""))
                 await self._store.finish(item, "failed", reply_id)
-                return
+                return True
             reply_ids = await sink.finish(text)
         await self._store.finish_with_turns(
             item,
@@ -227,6 +227,7 @@ class MessageHandler:
             [("user", message.body), ("assistant", text)],
         )
         log.info("message_handled", backend=backend.name, events=len(reply_ids))
+        return bool(reply_ids)
 
     async def _conversation(self, item: InboxItem, chat: Chat) -> list[Turn]:
         """The chat's earlier turns: from the store, or rebuilt from the room's
@@ -268,16 +269,18 @@ class MessageHandler:
         await self._store.finish(item, outcome, reply_id)
         return reply_id
 
-    async def give_up(self, item: InboxItem, error: Exception) -> None:
+    async def give_up(self, item: InboxItem, error: Exception) -> bool:
         with log_context(room_id=item.room_id, event_id=item.event_id):
             log.error("job_given_up", error=str(error))
             if item.kind == "invite":
                 await self._store.discard(item)
-                return
+                return False
             try:
                 await self._reply(item, Reply(FAILED_NOTICE), "failed", purpose="failure")
             except MatrixAPIError:
                 await self._store.finish(item, "failed")
+                return False
+            return True
 
     async def mark_read(self, room_id: str, event_id: str) -> None:
         if event_id.startswith("invite:"):

@@ -50,6 +50,7 @@ class Handler:
 
     ``failures[event_id]`` is the exceptions to raise at successive attempts (after the
     sleep); ``None`` or a used-up list means success. ``forever`` makes one always fail.
+    The events in ``answered`` are answered by a reply; the others are handled without.
     """
 
     duration: float = 1.0
@@ -59,6 +60,7 @@ class Handler:
     give_up_error: Exception | None = None
     mark_read_error: Exception | None = None
     mark_read_duration: float = 0.0
+    answered: set[str] = field(default_factory=set)
 
     attempts: dict[str, list[float]] = field(default_factory=lambda: defaultdict(list))
     done: list[tuple[str, str, float, float]] = field(default_factory=list)
@@ -71,7 +73,7 @@ class Handler:
         self.changed.set()
         self.changed = trio.Event()
 
-    async def handle(self, item: InboxItem) -> None:
+    async def handle(self, item: InboxItem) -> bool:
         start = trio.current_time()
         self.attempts[item.event_id].append(start)
         self._poke()
@@ -86,12 +88,14 @@ class Handler:
             raise error
         self.done.append((item.room_id, item.event_id, start, trio.current_time()))
         self._poke()
+        return item.event_id in self.answered
 
-    async def give_up(self, item: InboxItem, error: Exception) -> None:
+    async def give_up(self, item: InboxItem, error: Exception) -> bool:
         self.gave_up.append((item.event_id, error))
         self._poke()
         if self.give_up_error is not None:
             raise self.give_up_error
+        return item.event_id in self.answered
 
     async def mark_read(self, room_id: str, event_id: str) -> None:
         await trio.sleep(self.mark_read_duration)
@@ -254,6 +258,49 @@ async def test_the_last_receipts_are_sent_at_stop(autojump_clock: trio.abc.Clock
 
     assert handler.read == [("!a:x", "$e1")]
     assert trio.current_time() - t0 == 1.0  # stopping did not wait for the batch delay
+
+
+async def test_a_message_answered_by_a_reply_gets_no_receipt(
+    autojump_clock: trio.abc.Clock,
+) -> None:
+    # The reply marks its message (and all before it) for bot/intake.py and for users.
+    handler = Handler(duration=1.0, answered={"$e1", "$e2", "$e4"})
+    items = [item(1, "!a:x"), item(2, "!a:x"), item(3, "!b:x"), item(4, "!b:x")]
+
+    await run_until(handler, 1, items, lambda: len(handler.done) == 4, then=idle(30))
+
+    # !b:x's ignored $e3 is covered by the reply to $e4, which came after it.
+    assert handler.read == []
+
+
+async def test_a_message_handled_without_reply_after_the_last_reply_gets_a_receipt(
+    autojump_clock: trio.abc.Clock,
+) -> None:
+    handler = Handler(duration=1.0, answered={"$e1", "$e3"})
+    items = [item(1, "!a:x"), item(2, "!a:x"), item(3, "!a:x"), item(4, "!a:x")]
+
+    await run_until(handler, 1, items, lambda: len(handler.done) == 4, then=idle(30))
+
+    assert handler.read == [("!a:x", "$e4")]
+
+
+async def test_a_job_given_up_with_a_notice_gets_no_receipt(
+    autojump_clock: trio.abc.Clock,
+) -> None:
+    handler = Handler(
+        duration=1.0,
+        forever={
+            "$e1": Forbidden(403, "M_FORBIDDEN", "no"),
+            "$e2": Forbidden(403, "M_FORBIDDEN", "no"),
+        },
+        answered={"$e1"},
+    )
+    items = [item(1, "!a:x"), item(2, "!b:x")]
+
+    await run_until(handler, 1, items, lambda: len(handler.gave_up) == 2, then=idle(30))
+
+    # $e1's failure notice answers it; $e2's could not be sent.
+    assert handler.read == [("!b:x", "$e2")]
 
 
 async def test_a_failed_read_receipt_is_not_fatal(autojump_clock: trio.abc.Clock) -> None:
