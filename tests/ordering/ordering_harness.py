@@ -37,10 +37,11 @@ __all__ = [
     "log_events",
     "make_settings",
     "only_log",
-    "receipt_for",
+    "reply_to",
     "running_bot",
     "seed_store",
     "ticking",
+    "until_handled",
 ]
 
 Logs = list[MutableMapping[str, Any]]
@@ -49,6 +50,8 @@ Logs = list[MutableMapping[str, Any]]
 # Virtual seconds a test may take before it fails instead of hanging.
 LIMIT_S = 900.0
 HEARTBEAT_S = 10.0
+# How often `until_handled` looks at the store, in virtual seconds.
+_POLL_S = 0.01
 CHAT_TS = BASE_TS - 86_400_000
 
 
@@ -178,10 +181,27 @@ async def running_bot(
             await bot.stop()
 
 
-def receipt_for(event_id: str) -> Callable[[Call], bool]:
-    """Matches the read receipt the bot sends once it has handled ``event_id`` (the last
-    event it handled in that room)."""
-    return lambda call: call.endpoint == "receipt" and call.path.endswith(f"/{event_id}")
+async def until_handled(store: Store, *event_ids: str) -> None:
+    """Wait, in virtual time, until ``store`` records each of ``event_ids`` as handled.
+
+    Neither a reply nor a read receipt says so: the store records an event after its
+    reply was sent, and a replied event gets no receipt.
+    """
+    # Polling: the store tells no one when it commits.
+    while not all([await store.handled_outcome(event_id) for event_id in event_ids]):  # noqa: ASYNC110
+        await trio.sleep(_POLL_S)
+
+
+def reply_to(event_id: str) -> Callable[[Call], bool]:
+    """Matches the bot's reply to ``event_id``."""
+
+    def matches(call: Call) -> bool:
+        relates = call.body.get("m.relates_to", {}) if isinstance(call.body, dict) else {}
+        return call.endpoint == "send" and relates.get("m.in_reply_to", {}).get("event_id") == (
+            event_id
+        )
+
+    return matches
 
 
 def log_events(logs: Logs) -> list[str]:

@@ -10,7 +10,7 @@ import trio
 from bot.chats import marker_content
 from bot.config import Settings
 from fake_homeserver import ALICE, BASE_TS, BOT, FakeHomeserver, notice_event, text_event
-from ordering_harness import Logs, chat, only_log, receipt_for, running_bot, seed_store
+from ordering_harness import Logs, chat, only_log, running_bot, seed_store, until_handled
 
 A = "!a:hs.test"
 B = "!b:hs.test"
@@ -44,8 +44,7 @@ async def test_messages_from_the_initial_sync_are_answered_after_reconciliation_
     hs.delays["send"] = 1.0
 
     async with running_bot(settings, hs) as bot:
-        await hs.wait_for(receipt_for("$a3"))
-        await hs.wait_for(receipt_for("$b3"))
+        await until_handled(bot.store, "$a3", "$b3")
         assert await bot.store.pending() == []
         assert await bot.store.handled_outcome("$a-no") == "ignored"
 

@@ -10,7 +10,7 @@ from bot.config import Settings
 from bot.handler import REPAIR_FAILED_NOTICE
 from bot.runtime import Phase
 from fake_homeserver import ALICE, FakeHomeserver, text_event
-from ordering_harness import Logs, chat, only_log, receipt_for, running_bot, seed_store
+from ordering_harness import Logs, chat, only_log, running_bot, seed_store, until_handled
 
 HOME = "!home:hs.test"
 LOST = "!lost:hs.test"
@@ -32,11 +32,11 @@ async def test_a_room_whose_marker_the_initial_sync_missed_is_restored_from_the_
     async with running_bot(settings, hs) as bot:
         assert bot.store.chat_for_room(LOST) is None
         hs.queue_sync({LOST: [text_event("$q1", ALICE, "anyone there?")]})
-        await hs.wait_for(receipt_for("$q1"))
+        await until_handled(bot.store, "$q1")
         assert bot.store.chat_for_room(LOST) == lost
         # A second message finds the chat in the store: no second marker read.
         hs.queue_sync({LOST: [text_event("$q2", ALICE, "and again")]})
-        await hs.wait_for(receipt_for("$q2"))
+        await until_handled(bot.store, "$q2")
 
     _, report = only_log(logs, "matrix_reconcile_complete")
     assert {"room_id": LOST, "chat_id": None, "reason": "no_marker", "detail": ""} in report[
@@ -76,9 +76,9 @@ async def test_a_room_without_a_marker_anywhere_gets_one_notice_and_the_bot_goes
 
     async with running_bot(settings, hs) as bot:
         hs.queue_sync({STRANGER: [text_event("$who", ALICE, "hello?")]})
-        await hs.wait_for(receipt_for("$who"))
+        await until_handled(bot.store, "$who")
         hs.queue_sync({HOME: [text_event("$later", ALICE, "still there?")]})
-        await hs.wait_for(receipt_for("$later"))
+        await until_handled(bot.store, "$later")
         assert bot.runtime.phase.value is Phase.READY
         assert await bot.store.handled_outcome("$who") == "notified"
         assert await bot.store.handled_outcome("$later") == "replied"
@@ -123,7 +123,7 @@ async def test_repair_does_not_take_a_chat_id_another_room_holds(
 
     async with running_bot(settings, hs) as bot:
         hs.queue_sync({copy.room_id: [text_event("$dup", ALICE, "which chat is this?")]})
-        await hs.wait_for(receipt_for("$dup"))
+        await until_handled(bot.store, "$dup")
         assert bot.store.chats() == [twin_a]
 
     (get,) = hs.of("get_room_account_data")

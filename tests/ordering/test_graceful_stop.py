@@ -14,10 +14,10 @@ from ordering_harness import (
     bot_parts,
     chat,
     log_events,
-    receipt_for,
     running_bot,
     seed_store,
     ticking,
+    until_handled,
 )
 
 HOME = "!home:hs.test"
@@ -77,7 +77,7 @@ async def test_what_a_stop_left_in_the_inbox_is_answered_at_the_next_start(
     del hs.delays["send"]
 
     async with running_bot(settings, hs) as bot:
-        await hs.wait_for(receipt_for("$m3"))
+        await until_handled(bot.store, "$m3")
         assert await bot.store.pending() == []
 
     assert [sent.reply_to for sent in hs.sent] == ["$m1", "$m2", "$m3"]
@@ -145,7 +145,7 @@ async def test_a_reply_slower_than_the_drain_deadline_is_cut_and_sent_once_after
     del hs.delays["send"]
 
     async with running_bot(settings, hs) as bot:
-        await hs.wait_for(receipt_for("$m2"))
+        await until_handled(bot.store, "$m2")
         assert await bot.store.pending() == []
 
     # The re-sent reply reused its transaction id, so the room has one answer per message.

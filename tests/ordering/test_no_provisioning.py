@@ -13,7 +13,7 @@ import trio
 from bot.chats import CHAT_MARKER, marker_content
 from bot.config import Settings
 from fake_homeserver import ALICE, FakeHomeserver, text_event
-from ordering_harness import Logs, chat, only_log, receipt_for, running_bot, seed_store
+from ordering_harness import Logs, chat, only_log, running_bot, seed_store, until_handled
 
 READS_DURING_RECONCILIATION = {"whoami", "initial_sync", "joined_rooms"}
 
@@ -39,15 +39,14 @@ async def test_reconciliation_and_repair_only_read_markers(
     hs.add_room("!stranger:hs.test")
     hs.add_invite("!invited:hs.test", ALICE)
 
-    async with running_bot(settings, hs):
+    async with running_bot(settings, hs) as bot:
         hs.queue_sync(
             {
                 lost.room_id: [text_event("$lost", ALICE, "restore me")],
                 "!stranger:hs.test": [text_event("$stranger", ALICE, "who are you?")],
             }
         )
-        await hs.wait_for(receipt_for("$lost"))
-        await hs.wait_for(receipt_for("$stranger"))
+        await until_handled(bot.store, "$lost", "$stranger")
         await hs.wait_for(lambda call: call.endpoint == "join", ended=True)
 
     reconciled, report = only_log(logs, "matrix_reconcile_complete")

@@ -9,7 +9,7 @@ from bot.chats import marker_content
 from bot.config import Settings
 from bot.runtime import Phase
 from fake_homeserver import ALICE, FakeHomeserver, text_event
-from ordering_harness import Logs, chat, only_log, receipt_for, running_bot, seed_store
+from ordering_harness import Logs, chat, only_log, running_bot, seed_store, until_handled
 
 PLAIN = "!plain:hs.test"
 BROKEN = "!broken:hs.test"
@@ -34,7 +34,7 @@ async def test_skips_and_conflicts_are_reported_and_startup_reaches_the_sync_loo
     async with running_bot(settings, hs) as bot:
         assert bot.runtime.phase.value is Phase.READY
         hs.queue_sync({GOOD: [text_event("$hello", ALICE, "hello")]})
-        await hs.wait_for(receipt_for("$hello"))
+        await until_handled(bot.store, "$hello")
         assert {c.chat_id: c.room_id for c in bot.store.chats()} == {
             "c_twin": TWIN_A,
             "c_good": GOOD,

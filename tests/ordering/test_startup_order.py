@@ -11,7 +11,16 @@ from bot.chats import marker_content
 from bot.config import Settings
 from bot.runtime import BotRuntime, Phase, run_bot
 from fake_homeserver import ALICE, Call, FakeHomeserver, text_event
-from ordering_harness import Logs, chat, only_log, receipt_for, running_bot, seed_store, ticking
+from ordering_harness import (
+    Logs,
+    chat,
+    only_log,
+    reply_to,
+    running_bot,
+    seed_store,
+    ticking,
+    until_handled,
+)
 
 HOME = "!home:hs.test"
 GONE = "!gone:hs.test"
@@ -34,7 +43,7 @@ async def test_initial_sync_then_one_reconciliation_then_ready_then_sync_loop_an
             partial(run_bot, settings, transport=hs.transport())
         )
         hs.queue_sync({HOME: [text_event("$live", ALICE, "and now")]})
-        await hs.wait_for(receipt_for("$live"))
+        await hs.wait_for(reply_to("$live"), ended=True)
         runtime.request_stop()
 
     # Reconciliation ran exactly once: one report logged, one full-state sync in the run.
@@ -89,7 +98,7 @@ async def test_slow_reconciliation_holds_back_the_sync_loop_and_the_pending_inbo
     async with running_bot(settings, hs, before_start=watch) as bot:
         # Bounded, so that a runtime in the wrong order fails on the assertions below.
         with trio.move_on_after(300):
-            await hs.wait_for(receipt_for("$down"))
+            await until_handled(bot.store, "$down")
         assert bot.store.chat_by_id("c_gone") is None
         assert bot.store.chat_by_id("c_home") == home
 
