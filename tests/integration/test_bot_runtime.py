@@ -5,6 +5,7 @@ from __future__ import annotations
 from pathlib import Path
 
 import pytest
+import trio
 from structlog.contextvars import merge_contextvars
 from structlog.testing import capture_logs
 
@@ -13,7 +14,8 @@ from bot.handler import REPAIR_FAILED_NOTICE
 from bot.invites import GREETING
 from bot_harness import Person, bot_settings, replies_to, running_bot
 from conftest import MakeUser
-from matrix_api.models import RoomID
+from matrix_api import MatrixClient
+from matrix_api.models import RoomID, SyncToken
 from matrix_api.testing.synapse import SynapseServer
 
 
@@ -211,3 +213,64 @@ async def test_restart_with_store_fills_a_gap_larger_than_the_timeline(
     answered = replies_to(alice.bot_notices(room_id, bot_user.user_id))
     assert answered == missed, "every message answered once, in order"
     assert any(e["event"] == "sync_gap_filled" and e["events"] >= 20 for e in logs)
+
+
+async def _read_by(
+    client: MatrixClient, room_id: RoomID, since: SyncToken
+) -> tuple[list[str], SyncToken]:
+    """The events the client's user put an ``m.read`` receipt on in ``room_id`` since
+    ``since``, and the next token. (Incremental: Synapse answers an identical /sync
+    from a cache for a while.)"""
+    response = await client.sync(since=since, timeout_ms=0)
+    room = response.rooms.join.get(room_id)
+    read = [
+        event_id
+        for receipt in (room.ephemeral if room else [])
+        if receipt.type == "m.receipt"
+        for event_id, kinds in receipt.content.items()
+        if client.user_id in kinds.get("m.read", {})
+    ]
+    return read, response.next_batch
+
+
+async def test_only_a_message_handled_without_reply_gets_the_bots_receipt(
+    synapse: SynapseServer, make_user: MakeUser, alice: Person, tmp_path: Path
+) -> None:
+    # A reply marks the message it answers, for the user and for a start without a
+    # store. A message the bot handles without answering (here: in an archived chat)
+    # is marked by the bot's read receipt, and a start without a store leaves it be.
+    bot_user = make_user("bot")
+    settings = bot_settings(synapse, bot_user, tmp_path / "store.sqlite3")
+    as_bot = MatrixClient(
+        synapse.base_url, access_token=bot_user.access_token, user_id=bot_user.user_id
+    )
+    async with as_bot:
+        since = (await as_bot.sync(timeout_ms=0)).next_batch
+        async with running_bot(settings):
+            room_id = await _invite_and_greet(alice, bot_user.user_id)
+            archive = await alice.say(room_id, "!archive")
+            await alice.wait_until(
+                lambda: archive in replies_to(alice.bot_notices(room_id, bot_user.user_id)),
+                what="the reply to !archive",
+            )
+        # Stopping sends the receipts still due: there were none.
+        read, since = await _read_by(as_bot, room_id, since)
+        assert read == []
+
+        async with running_bot(settings) as runtime:
+            unanswered = await alice.say(room_id, "anyone there?")
+            with trio.fail_after(20):
+                # Polling: the store tells no one when it commits.
+                while await runtime._store.handled_outcome(unanswered) is None:  # noqa: ASYNC110
+                    await trio.sleep(0.05)
+        read, since = await _read_by(as_bot, room_id, since)
+        assert read == [unanswered]
+
+    for path in tmp_path.glob("store.sqlite3*"):
+        path.unlink()
+    with capture_logs() as logs:
+        async with running_bot(settings) as runtime:
+            assert await runtime._store.handled_outcome(unanswered) is None
+            assert await runtime._store.pending() == []
+    assert "catch_up_after_store_loss" not in [entry["event"] for entry in logs]
+    assert replies_to(alice.bot_notices(room_id, bot_user.user_id)) == [archive]
