@@ -44,7 +44,9 @@ async def offer_unencrypted_chat(
     inbox event being answered (see `bot.provisioning.create_chat`).
 
     Never raises for the homeserver: if the way out cannot be made, the notice says
-    so without a link. It is not retried, since making the room twice would be worse.
+    so without a link, at once, rather than after the dispatcher's retries. (With a
+    ``request``, a retry would be safe: the rooms made for it are recorded. Without
+    one, as for an invite's greeting, a retry could make a second room.)
     """
     try:
         return await _offer(client, store, room_id, user_id, server_name, request)
