@@ -89,6 +89,8 @@ class MessageHandler:
             return await self._ignore(item)
         chat = await self._chat_of(item, sender)
         if chat is None:
+            # Ignored, or told that repair failed: either way a read receipt, harmless
+            # after a notice that is itself a reply.
             return False
         with log_context(chat_id=chat.chat_id):
             if event.origin_server_ts < chat.created_ts:
