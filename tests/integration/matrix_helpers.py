@@ -24,6 +24,7 @@ __all__ = [
     "RecordingTransport",
     "bodies",
     "client_for",
+    "ephemeral",
     "send_text",
     "sync_until",
     "text",
@@ -50,6 +51,14 @@ def client_for(
         retry_policy=retry_policy,
         transport=transport,
     )
+
+
+def ephemeral(response: SyncResponse, room_id: RoomID, event_type: str) -> list[dict[str, Any]]:
+    """The contents of the ephemeral events of one type in one joined room."""
+    room = response.rooms.join.get(room_id)
+    if room is None:
+        return []
+    return [event.content for event in room.ephemeral if event.type == event_type]
 
 
 def text(body: str) -> dict[str, Any]:

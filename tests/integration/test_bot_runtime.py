@@ -17,6 +17,7 @@ from conftest import MakeUser
 from matrix_api import MatrixClient
 from matrix_api.models import RoomID, SyncToken
 from matrix_api.testing.synapse import SynapseServer
+from matrix_helpers import ephemeral
 
 
 @pytest.fixture
@@ -222,12 +223,10 @@ async def _read_by(
     ``since``, and the next token. (Incremental: Synapse answers an identical /sync
     from a cache for a while.)"""
     response = await client.sync(since=since, timeout_ms=0)
-    room = response.rooms.join.get(room_id)
     read = [
         event_id
-        for receipt in (room.ephemeral if room else [])
-        if receipt.type == "m.receipt"
-        for event_id, kinds in receipt.content.items()
+        for content in ephemeral(response, room_id, "m.receipt")
+        for event_id, kinds in content.items()
         if client.user_id in kinds.get("m.read", {})
     ]
     return read, response.next_batch

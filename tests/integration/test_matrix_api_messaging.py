@@ -9,7 +9,15 @@ import pytest
 from matrix_api import MatrixClient, MatrixError, NotFound, new_txn_id
 from matrix_api.models import EventID, RoomID, SyncResponse
 from matrix_api.testing.synapse import SynapseServer
-from matrix_helpers import MakeUser, bodies, client_for, send_text, sync_until, text
+from matrix_helpers import (
+    MakeUser,
+    bodies,
+    client_for,
+    ephemeral,
+    send_text,
+    sync_until,
+    text,
+)
 
 
 async def test_send_is_idempotent_per_transaction_id(
@@ -88,14 +96,6 @@ async def send_until_event_id_has(
         if character in event_id:
             return event_id
     pytest.fail(f"no event id with {character!r} in {attempts} sends")
-
-
-def ephemeral(response: SyncResponse, room_id: RoomID, event_type: str) -> list[dict[str, Any]]:
-    """The contents of the ephemeral events of one type in one joined room."""
-    room = response.rooms.join.get(room_id)
-    if room is None:
-        return []
-    return [event.content for event in room.ephemeral if event.type == event_type]
 
 
 def typing_in(response: SyncResponse, room_id: RoomID) -> list[str] | None:
