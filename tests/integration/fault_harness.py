@@ -958,8 +958,13 @@ def read_store(path: Path) -> StoreView:
     db = sqlite3.connect(f"{path.resolve().as_uri()}?mode=ro", uri=True)
     try:
         (integrity,) = db.execute("PRAGMA quick_check").fetchone()
-        handled = dict(db.execute("SELECT event_id, outcome FROM handled").fetchall())
-        inbox = [row[0] for row in db.execute("SELECT event_id FROM inbox ORDER BY seq")]
+        handled = dict(
+            db.execute("SELECT event_id, outcome FROM events WHERE outcome IS NOT NULL").fetchall()
+        )
+        inbox = [
+            row[0]
+            for row in db.execute("SELECT event_id FROM events WHERE outcome IS NULL ORDER BY seq")
+        ]
         token = db.execute("SELECT value FROM meta WHERE key = 'sync_token'").fetchone()
     finally:
         db.close()

@@ -5,6 +5,7 @@ from __future__ import annotations
 import os
 import re
 import sqlite3
+import time
 from collections.abc import AsyncIterator
 from pathlib import Path
 from typing import Any
@@ -79,7 +80,7 @@ async def test_a_new_store_is_created_and_migrated(path: Path) -> None:
 
     assert rows(path, "PRAGMA user_version") == [(SCHEMA_VERSION,)]
     tables = {name for (name,) in rows(path, "SELECT name FROM sqlite_master WHERE type='table'")}
-    assert {"meta", "chats", "inbox", "handled"} <= tables
+    assert {"meta", "chats", "events", "spaces"} <= tables
 
 
 async def test_opening_twice_does_not_migrate_again(path: Path) -> None:
@@ -91,7 +92,8 @@ async def test_opening_twice_does_not_migrate_again(path: Path) -> None:
 
 
 def write_old_store(path: Path, version: int) -> None:
-    """A store as a bot of schema ``version`` left it: a chat, a token, an inbox item."""
+    """A store as a bot of schema ``version`` left it: a chat, a token, an inbox item,
+    a handled event."""
     path.parent.mkdir(parents=True, exist_ok=True)
     connection = sqlite3.connect(path)
     for script in _MIGRATIONS[:version]:
@@ -108,6 +110,11 @@ def write_old_store(path: Path, version: int) -> None:
         "INSERT INTO inbox(event_id, room_id, kind, event, received_ts) VALUES (?, ?, ?, ?, 0)",
         ("$a", ROOM, "message", msgspec.json.encode(message("$a"))),
     )
+    connection.execute(
+        "INSERT INTO handled(event_id, room_id, outcome, reply_event_id, handled_ts)"
+        " VALUES (?, ?, ?, ?, ?)",
+        ("$done", ROOM, "replied", "$reply", int(time.time() * 1000)),
+    )
     connection.commit()
     connection.close()
 
@@ -121,6 +128,9 @@ async def test_an_older_store_is_migrated_and_keeps_its_data(path: Path, version
         assert store.sync_token == "s7"
         assert store.chats() == [chat("c1", ROOM)]
         assert [item.event for item in await store.pending()] == [message("$a")]
+        assert await store.handled_outcome("$done") == "replied"
+        # Still handled: a replay of it is not taken in again.
+        assert await store.commit_sync_batch(SyncToken("s8"), [new_item("$done")]) == []
     finally:
         await store.aclose()
 
@@ -242,9 +252,9 @@ async def test_finish_records_the_reply_event_id(path: Path) -> None:
     await store.finish(item, "replied", EventID("$reply"))
     await store.aclose()
 
-    assert rows(path, "SELECT event_id, room_id, outcome, reply_event_id FROM handled") == [
-        ("$a", ROOM, "replied", "$reply")
-    ]
+    assert rows(
+        path, "SELECT event_id, room_id, outcome, reply_event_id, event IS NULL FROM events"
+    ) == [("$a", ROOM, "replied", "$reply", 1)]
 
 
 async def test_attempts_are_counted_and_kept(store: Store) -> None:
@@ -555,7 +565,7 @@ async def test_handled_events_older_than_a_month_are_pruned_at_open(path: Path) 
     await store.aclose()
     with sqlite3.connect(path) as db:
         db.execute(
-            "UPDATE handled SET handled_ts = handled_ts - ? WHERE event_id = '$old'",
+            "UPDATE events SET handled_ts = handled_ts - ? WHERE event_id = '$old'",
             (HANDLED_KEEP_MS + 1000,),
         )
     reopened = await Store.open(path, BOT)
@@ -586,4 +596,4 @@ async def test_the_checkpoint_task_moves_the_log_into_the_database_file(
         nursery.cancel_scope.cancel()
 
     assert path.stat().st_size > before + 200_000
-    assert len(rows(path, "SELECT seq FROM inbox")) == 100
+    assert len(rows(path, "SELECT seq FROM events")) == 100
