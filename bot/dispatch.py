@@ -21,7 +21,7 @@ from matrix_api import LimitExceeded, MatrixAPIError, MatrixError, TransportErro
 
 from .store import InboxItem
 
-__all__ = ["Dispatcher", "JobHandler"]
+__all__ = ["MAX_RESUMPTIONS", "Dispatcher", "JobHandler", "LeftUnfinishedTooOften"]
 
 log = structlog.get_logger("bot.dispatch")
 
@@ -30,6 +30,11 @@ log = structlog.get_logger("bot.dispatch")
 _MAX_TRANSIENT_DELAY = 60.0
 # A job that fails with an unexpected error is given up after this many attempts.
 MAX_ATTEMPTS = 3
+# Attempts are counted in memory; what survives a restart is how many runs took a
+# job up again after an earlier one left it unfinished. A message whose handling
+# ends the process (a crash, an out-of-memory kill) would otherwise take the bot
+# down at every start. Past this many runs, the job is given up unhandled.
+MAX_RESUMPTIONS = 3
 # A read receipt marks what was handled without an answer (an ignored message), for
 # the user and for bot/intake.py after a store loss. A reply needs none: it points at
 # the message it answers, and that marks the message and all before it, both for
@@ -56,6 +61,22 @@ class JobHandler(Protocol):
     async def mark_read(self, room_id: str, event_id: str) -> None:
         """Everything in ``room_id`` up to ``event_id`` is handled."""
         ...
+
+    async def count_resumption(self, item: InboxItem) -> int:
+        """Record that this run takes up ``item``, left unfinished by an earlier run;
+        return how many runs have done so, this one included."""
+        ...
+
+
+class LeftUnfinishedTooOften(Exception):
+    """A job that more than `MAX_RESUMPTIONS` runs took up again without finishing."""
+
+    def __init__(self, runs: int) -> None:
+        super().__init__(
+            f"{runs} runs of the bot in a row ended while this was in the inbox; "
+            "handling it may be what stops the bot"
+        )
+        self.runs = runs
 
 
 class _Outcome(enum.Enum):
@@ -86,6 +107,7 @@ class Dispatcher:
         self._handler = handler
         self._channels = [trio.open_memory_channel[InboxItem](math.inf) for _ in range(workers)]
         self._queued: set[str] = set()
+        self._resumed: set[str] = set()
         self._stopping = False
         self._unread: dict[str, str] = {}
         self._receipts_due = trio.Event()
@@ -93,11 +115,14 @@ class Dispatcher:
     def shard(self, room_id: str) -> int:
         return zlib.crc32(room_id.encode()) % len(self._channels)
 
-    def submit(self, items: Iterable[InboxItem]) -> None:
+    def submit(self, items: Iterable[InboxItem], *, resumed: bool = False) -> None:
+        """Queue ``items``; ``resumed`` when an earlier run left them in the inbox."""
         for item in items:
             if self._stopping or item.event_id in self._queued:
                 continue
             self._queued.add(item.event_id)
+            if resumed:
+                self._resumed.add(item.event_id)
             send, _ = self._channels[self.shard(item.room_id)]
             send.send_nowait(item)
 
@@ -160,6 +185,12 @@ class Dispatcher:
 
     async def _run_job(self, item: InboxItem) -> _Outcome:
         """Handle ``item``, retrying as its errors allow."""
+        if item.event_id in self._resumed:
+            self._resumed.discard(item.event_id)
+            runs = await self._count_resumption(item)
+            if runs > MAX_RESUMPTIONS:
+                answered = await self._give_up(item, LeftUnfinishedTooOften(runs))
+                return _Outcome.ANSWERED if answered else _Outcome.HANDLED
         attempt = 0
         while True:
             try:
@@ -186,6 +217,16 @@ class Dispatcher:
                 if attempt >= MAX_ATTEMPTS or isinstance(exc, MatrixAPIError):
                     answered = await self._give_up(item, exc)
                     return _Outcome.ANSWERED if answered else _Outcome.HANDLED
+
+    async def _count_resumption(self, item: InboxItem) -> int:
+        try:
+            return await self._handler.count_resumption(item)
+        except Exception:
+            # Not knowing is no reason to leave a message unanswered: handle it.
+            log.exception(
+                "job_resumption_not_counted", room_id=item.room_id, event_id=item.event_id
+            )
+            return 0
 
     async def _give_up(self, item: InboxItem, error: Exception) -> bool:
         try:

@@ -284,6 +284,9 @@ class MessageHandler:
                 return False
             return True
 
+    async def count_resumption(self, item: InboxItem) -> int:
+        return await self._store.count_resumption(item)
+
     async def mark_read(self, room_id: str, event_id: str) -> None:
         if event_id.startswith("invite:"):
             return

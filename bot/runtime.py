@@ -110,7 +110,7 @@ class BotRuntime:
                 return
             await nursery.start(self._dispatcher.run)
             pending = await self._store.pending()
-            self._dispatcher.submit(pending)
+            self._dispatcher.submit(pending, resumed=True)
             _return_freed_memory()
             sync_scope = trio.CancelScope()
             nursery.start_soon(self._sync_loop, sync_scope)

@@ -178,7 +178,11 @@ class StoreError(Exception):
 
 @dataclass(frozen=True, slots=True)
 class InboxItem:
-    """An event waiting to be handled; ``seq`` orders the inbox."""
+    """An event waiting to be handled; ``seq`` orders the inbox.
+
+    ``attempts``: how many runs of the bot took it up again after an earlier one
+    left it unfinished (`Store.count_resumption`).
+    """
 
     seq: int
     event_id: EventID
@@ -745,8 +749,9 @@ class Store:
 
         await self._run(self._transaction(write))
 
-    async def count_attempt(self, item: InboxItem) -> int:
-        """Note one more failed attempt at ``item``; returns the new count."""
+    async def count_resumption(self, item: InboxItem) -> int:
+        """Note that this run takes up ``item``, which an earlier run left unfinished;
+        returns how many runs have done so, this one included."""
 
         def write(db: sqlite3.Connection) -> int:
             db.execute(

@@ -19,6 +19,8 @@ import trio
 from bot.backends.model import ModelSettings
 from bot.backends.webhook import WebhookSettings, verify_signature
 from bot.config import Settings
+from bot.dispatch import MAX_RESUMPTIONS
+from bot.handler import FAILED_NOTICE
 from bot.invites import GREETING
 from bot_harness import Person, bot_settings, replies_to, running_bot
 from conftest import MakeUser
@@ -298,3 +300,66 @@ async def test_a_crash_mid_stream_never_leaves_two_answers(
 
     answers = [e for e in alice.bot_notices(room_id, bot.user_id) if asked in replies_to([e])]
     assert [e.event_id for e in answers] == [started.event_id], "one reply event, no second answer"
+
+
+async def test_a_message_whose_handling_keeps_ending_the_bot_is_given_up(
+    synapse: SynapseServer, make_user: MakeUser, alice: Person, tmp_path: Path
+) -> None:
+    """kill -9 every time the bot is handling one message: once more than
+    MAX_RESUMPTIONS runs have taken it up again, the next gives it up with a notice
+    instead of handling it, and the room goes on."""
+    from fault_harness import fault_lab, read_store
+
+    secret = "a-shared-secret-of-some-length"
+    asked_of_hook: list[str] = []
+
+    async def receiver(request: HTTPRequest, out: Responder) -> None:
+        body = json.loads(request.body)["body"]
+        asked_of_hook.append(body)
+        if body == "poison":
+            await trio.sleep_forever()  # until the bot is killed, and then for good
+        reply = json.dumps({"reply": f"hook says: {body}"}).encode()
+        await out.send(200, reply, content_type="application/json")
+
+    bot = make_user("bot")
+    async with trio.open_nursery() as nursery:
+        port = await nursery.start(serve_http, receiver)
+        async with fault_lab(tmp_path / "lab") as lab:
+            process = lab.bot(synapse.base_url, bot.user_id, access_token=bot.access_token)
+            process.env.update(
+                BOT_BACKEND="webhook",
+                WEBHOOK_URL=f"http://127.0.0.1:{port}/hook",
+                WEBHOOK_SECRET=secret,
+                WEBHOOK_TIMEOUT_S="120",
+                BOT_ALLOWED_USERS=f":{synapse.server_name}",
+            )
+            lab.remember_secret(secret)
+            await process.start()
+            await process.wait_ready()
+            room_id = await open_chat(alice, bot.user_id)
+            poison = await alice.say(room_id, "poison")
+            for runs in range(1, MAX_RESUMPTIONS + 2):
+                await alice.wait_until(
+                    lambda runs=runs: asked_of_hook.count("poison") == runs,
+                    what=f"run {runs} to hand the message to the webhook",
+                )
+                await process.kill()
+                await process.start()
+                await process.wait_ready()
+
+            await alice.wait_until(
+                lambda: poison in replies_to(alice.bot_notices(room_id, bot.user_id)),
+                what="the notice that the message was given up",
+            )
+            await ask(alice, room_id, bot.user_id, "after", "hook says: after")
+            [given_up] = process.events("job_given_up")
+            await process.stop()
+        nursery.cancel_scope.cancel()
+
+    # Taken up again by MAX_RESUMPTIONS runs, each killed; the next did not try.
+    assert asked_of_hook.count("poison") == MAX_RESUMPTIONS + 1
+    assert given_up["event_id"] == poison
+    assert f"{MAX_RESUMPTIONS + 1} runs of the bot in a row" in given_up["error"]
+    [notice] = [e for e in alice.bot_notices(room_id, bot.user_id) if poison in replies_to([e])]
+    assert notice.content["body"].endswith(FAILED_NOTICE)
+    assert read_store(process.store_path).handled[poison] == "failed"

@@ -18,7 +18,14 @@ import trio
 import trio.testing
 from structlog.testing import capture_logs
 
-from bot.dispatch import MAX_ATTEMPTS, RECEIPT_DELAY_S, Dispatcher, is_transient
+from bot.dispatch import (
+    MAX_ATTEMPTS,
+    MAX_RESUMPTIONS,
+    RECEIPT_DELAY_S,
+    Dispatcher,
+    LeftUnfinishedTooOften,
+    is_transient,
+)
 from bot.store import InboxItem
 from matrix_api import (
     BadResponse,
@@ -51,6 +58,7 @@ class Handler:
     ``failures[event_id]`` is the exceptions to raise at successive attempts (after the
     sleep); ``None`` or a used-up list means success. ``forever`` makes one always fail.
     The events in ``answered`` are answered by a reply; the others are handled without.
+    ``resumptions`` holds the runs that took an event up again before this one.
     """
 
     duration: float = 1.0
@@ -61,6 +69,8 @@ class Handler:
     mark_read_error: Exception | None = None
     mark_read_duration: float = 0.0
     answered: set[str] = field(default_factory=set)
+    resumptions: dict[str, int] = field(default_factory=dict)
+    count_error: Exception | None = None
 
     attempts: dict[str, list[float]] = field(default_factory=lambda: defaultdict(list))
     done: list[tuple[str, str, float, float]] = field(default_factory=list)
@@ -97,6 +107,12 @@ class Handler:
             raise self.give_up_error
         return item.event_id in self.answered
 
+    async def count_resumption(self, item: InboxItem) -> int:
+        if self.count_error is not None:
+            raise self.count_error
+        self.resumptions[item.event_id] = self.resumptions.get(item.event_id, 0) + 1
+        return self.resumptions[item.event_id]
+
     async def mark_read(self, room_id: str, event_id: str) -> None:
         await trio.sleep(self.mark_read_duration)
         self.read.append((room_id, event_id))
@@ -118,11 +134,17 @@ async def run_until(
     items: Sequence[InboxItem],
     condition: Callable[[], bool],
     then: Callable[[Dispatcher], Awaitable[None]] | None = None,
+    *,
+    resumed: Sequence[InboxItem] = (),
 ) -> Dispatcher:
-    """Run a dispatcher over ``items`` until ``condition`` holds, then stop it."""
+    """Run a dispatcher over ``items`` until ``condition`` holds, then stop it.
+
+    The ``resumed`` items go first, as ones an earlier run left in the inbox.
+    """
     dispatcher = Dispatcher(handler, workers)
     async with trio.open_nursery() as nursery:
         await nursery.start(dispatcher.run)
+        dispatcher.submit(resumed, resumed=True)
         dispatcher.submit(items)
         await handler.until(condition)
         if then is not None:
@@ -451,6 +473,60 @@ async def test_a_failing_give_up_does_not_stop_the_worker(autojump_clock: trio.a
 
     assert handler.done_ids() == ["$e2"]
     assert len(handler.gave_up) == 1
+
+
+# --- jobs an earlier run left unfinished ---------------------------------------------------------
+
+
+async def test_a_job_taken_up_again_is_counted_once_and_handled(
+    autojump_clock: trio.abc.Clock,
+) -> None:
+    handler = Handler(
+        resumptions={"$e1": MAX_RESUMPTIONS - 1}, failures={"$e1": [ValueError("once")]}
+    )
+    await run_until(
+        handler, 1, [item(2, "!a:x")], lambda: len(handler.done) == 2, resumed=[item(1, "!a:x")]
+    )
+
+    assert handler.done_ids() == ["$e1", "$e2"]
+    # Counted per run, not per attempt; a job of this run is not counted at all.
+    assert handler.resumptions == {"$e1": MAX_RESUMPTIONS}
+    assert handler.gave_up == []
+
+
+async def test_a_job_left_unfinished_by_too_many_runs_is_given_up_unhandled(
+    autojump_clock: trio.abc.Clock,
+) -> None:
+    handler = Handler(resumptions={"$e1": MAX_RESUMPTIONS}, answered={"$e1"})
+    resumed = [item(1, "!a:x"), item(2, "!a:x")]
+
+    with capture_logs() as logs:
+        await run_until(
+            handler, 1, [], lambda: bool(handler.done), idle(2 * RECEIPT_DELAY_S), resumed=resumed
+        )
+
+    assert "$e1" not in handler.attempts
+    [(event_id, error)] = handler.gave_up
+    assert event_id == "$e1"
+    assert isinstance(error, LeftUnfinishedTooOften)
+    assert error.runs == MAX_RESUMPTIONS + 1
+    # The room goes on; the notice answered the job, so no receipt for it.
+    assert handler.done_ids() == ["$e2"]
+    assert handler.read == [("!a:x", "$e2")]
+    assert not [e for e in logs if e["log_level"] == "error"]
+
+
+async def test_a_job_whose_resumption_cannot_be_counted_is_still_handled(
+    autojump_clock: trio.abc.Clock,
+) -> None:
+    handler = Handler(count_error=RuntimeError("store down"))
+
+    with capture_logs() as logs:
+        await run_until(handler, 1, [], lambda: bool(handler.done), resumed=[item(1, "!a:x")])
+
+    assert handler.done_ids() == ["$e1"]
+    assert handler.gave_up == []
+    assert [e["event"] for e in logs if e["log_level"] == "error"] == ["job_resumption_not_counted"]
 
 
 # --- stopping ----------------------------------------------------------------------------------

@@ -257,12 +257,21 @@ async def test_finish_records_the_reply_event_id(path: Path) -> None:
     ) == [("$a", ROOM, "replied", "$reply", 1)]
 
 
-async def test_attempts_are_counted_and_kept(store: Store) -> None:
-    [item] = await store.commit_sync_batch(SyncToken("s1"), [new_item("$a")])
+async def test_resumptions_are_counted_and_kept(path: Path) -> None:
+    store = await Store.open(path, BOT)
+    await store.commit_sync_batch(SyncToken("s1"), [new_item("$a")])
+    [item] = await store.pending()
+    assert await store.count_resumption(item) == 1
+    assert await store.count_resumption(item) == 2
+    await store.aclose()
 
-    assert await store.count_attempt(item) == 1
-    assert await store.count_attempt(item) == 2
-    assert [i.attempts for i in await store.pending()] == [2]
+    reopened = await Store.open(path, BOT)
+    try:
+        [again] = await reopened.pending()
+        assert again.attempts == 2
+        assert await reopened.count_resumption(again) == 3
+    finally:
+        await reopened.aclose()
 
 
 async def test_discard_takes_the_item_out_without_recording_it(store: Store) -> None:
