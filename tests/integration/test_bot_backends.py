@@ -11,7 +11,7 @@ import json
 from collections.abc import AsyncIterator
 from dataclasses import replace
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import pytest
 import trio
@@ -28,6 +28,9 @@ from fake_openai import API_KEY, FakeOpenAI
 from matrix_api.models import RoomEvent, RoomID
 from matrix_api.testing.synapse import RegisteredUser, SynapseServer
 from mini_http import HTTPRequest, Responder, serve_http
+
+if TYPE_CHECKING:
+    from fault_harness import BotProcess, FaultLab
 
 
 @pytest.fixture
@@ -67,6 +70,25 @@ async def open_chat(alice: Person, bot_id: str) -> RoomID:
         what="the greeting",
     )
     return room_id
+
+
+async def start_bot_process(
+    lab: FaultLab,
+    synapse: SynapseServer,
+    bot: RegisteredUser,
+    alice: Person,
+    *,
+    secret: str,
+    **env: str,
+) -> tuple[BotProcess, RoomID]:
+    """``python -m bot run`` as ``bot`` with ``env`` (the server's users allowed),
+    ready, and a chat alice opened with it. ``secret`` must never reach its logs."""
+    process = lab.bot(synapse.base_url, bot.user_id, access_token=bot.access_token)
+    process.env.update(env, BOT_ALLOWED_USERS=f":{synapse.server_name}")
+    lab.remember_secret(secret)
+    await process.start()
+    await process.wait_ready()
+    return process, await open_chat(alice, bot.user_id)
 
 
 def final_text(events: list[RoomEvent], reply: RoomEvent) -> str:
@@ -257,19 +279,18 @@ async def test_a_crash_mid_stream_never_leaves_two_answers(
     expected = f"Echo: {question}"
     bot = make_user("bot")
     async with fault_lab(tmp_path / "lab") as lab:
-        process = lab.bot(synapse.base_url, bot.user_id, access_token=bot.access_token)
-        process.env.update(
+        process, room_id = await start_bot_process(
+            lab,
+            synapse,
+            bot,
+            alice,
+            secret=API_KEY,
             BOT_BACKEND="model",
             MODEL_BASE_URL=model_server.base_url,
             MODEL_NAME="test-model",
             MODEL_API_KEY=API_KEY,
             MODEL_EDIT_INTERVAL_S="0.3",
-            BOT_ALLOWED_USERS=f":{synapse.server_name}",
         )
-        lab.remember_secret(API_KEY)
-        await process.start()
-        await process.wait_ready()
-        room_id = await open_chat(alice, bot.user_id)
         asked = await alice.say(room_id, question)
 
         def reply() -> RoomEvent | None:
@@ -325,18 +346,17 @@ async def test_a_message_whose_handling_keeps_ending_the_bot_is_given_up(
     async with trio.open_nursery() as nursery:
         port = await nursery.start(serve_http, receiver)
         async with fault_lab(tmp_path / "lab") as lab:
-            process = lab.bot(synapse.base_url, bot.user_id, access_token=bot.access_token)
-            process.env.update(
+            process, room_id = await start_bot_process(
+                lab,
+                synapse,
+                bot,
+                alice,
+                secret=secret,
                 BOT_BACKEND="webhook",
                 WEBHOOK_URL=f"http://127.0.0.1:{port}/hook",
                 WEBHOOK_SECRET=secret,
                 WEBHOOK_TIMEOUT_S="120",
-                BOT_ALLOWED_USERS=f":{synapse.server_name}",
             )
-            lab.remember_secret(secret)
-            await process.start()
-            await process.wait_ready()
-            room_id = await open_chat(alice, bot.user_id)
             poison = await alice.say(room_id, "poison")
             for runs in range(1, MAX_RESUMPTIONS + 2):
                 await alice.wait_until(
