@@ -304,6 +304,7 @@ async def test_reopening_keeps_token_chats_inbox_and_handled(path: Path) -> None
         assert reopened.chat_for_room(OTHER_ROOM) == chat("c2", OTHER_ROOM, "second")
         assert await reopened.pending() == [waiting]
         assert await reopened.handled_outcome("$done") == "replied"
+        assert await reopened.counts() == {"chats": 2, "inbox": 1, "handled": 1, "spaces": 0}
     finally:
         await reopened.aclose()
 
