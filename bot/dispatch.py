@@ -84,6 +84,11 @@ class _Outcome(enum.Enum):
     HANDLED = "handled"  # handled without a reply: it wants a read receipt
     LEFT = "left"  # still in the inbox
 
+    @classmethod
+    def of_handled(cls, answered: bool) -> _Outcome:
+        """A finished job's outcome, from whether a reply answers it."""
+        return cls.ANSWERED if answered else cls.HANDLED
+
 
 def is_transient(error: Exception) -> bool:
     """Errors that say "not now" rather than "never".
@@ -190,12 +195,12 @@ class Dispatcher:
             runs = await self._count_resumption(item)
             if runs > MAX_RESUMPTIONS:
                 answered = await self._give_up(item, LeftUnfinishedTooOften(runs))
-                return _Outcome.ANSWERED if answered else _Outcome.HANDLED
+                return _Outcome.of_handled(answered)
         attempt = 0
         while True:
             try:
                 answered = await self._handler.handle(item)
-                return _Outcome.ANSWERED if answered else _Outcome.HANDLED
+                return _Outcome.of_handled(answered)
             except Exception as exc:  # one job's failure must not stop the worker
                 attempt += 1
                 if is_transient(exc) and not self._stopping:
@@ -216,7 +221,7 @@ class Dispatcher:
                 log.exception("job_failed", room_id=item.room_id, event_id=item.event_id)
                 if attempt >= MAX_ATTEMPTS or isinstance(exc, MatrixAPIError):
                     answered = await self._give_up(item, exc)
-                    return _Outcome.ANSWERED if answered else _Outcome.HANDLED
+                    return _Outcome.of_handled(answered)
 
     async def _count_resumption(self, item: InboxItem) -> int:
         try:
