@@ -1,7 +1,8 @@
 """``python -m bot reset``: start over, locally or on the homeserver.
 
-* ``--local`` deletes the store file (and its WAL files). The next start rebuilds
-  the chats from the server's markers; nothing on the server changes.
+* ``--local`` deletes the store file (and its WAL files), unless a bot has it
+  open. The next start rebuilds the chats from the server's markers; nothing on
+  the server changes.
 * ``--server`` clears the bot's markers and leaves and forgets every room and Space
   it manages, so a development homeserver is clean again. It only prints what it
   would do unless ``--yes`` is given.
@@ -21,6 +22,7 @@ from .chats import CHAT_MARKER, SPACE_MARKER
 from .config import Settings
 from .intake import full_state_sync
 from .session import authenticate
+from .store_lock import StoreLock, StoreLockHeld
 
 __all__ = ["ManagedRoom", "managed_rooms", "reset_local", "reset_server"]
 
@@ -38,12 +40,19 @@ def reset_local(
     if not files:
         say(f"No local store at {store_path}; nothing to do.")
         return 0
-    listing = ", ".join(str(path) for path in files)
-    if not confirm(f"Delete the local store ({listing})? The next start rebuilds it."):
-        say("Nothing deleted.")
+    try:
+        # Held to the end: no bot starts on the store while it is being deleted.
+        lock = StoreLock.try_acquire(store_path)
+    except StoreLockHeld as exc:
+        say(f"Not deleted: {exc}. Stop the bot first.")
         return 1
-    for path in files:
-        path.unlink()
+    with lock:
+        listing = ", ".join(str(path) for path in files)
+        if not confirm(f"Delete the local store ({listing})? The next start rebuilds it."):
+            say("Nothing deleted.")
+            return 1
+        for path in files:
+            path.unlink()
     say(f"Deleted {listing}. The next start restores the chats from the server.")
     return 0
 

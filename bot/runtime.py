@@ -261,7 +261,10 @@ async def run_bot(
         user_agent=f"surfaces-bot/{__version__}",
     )
     async with client, open_backend(settings) as configured:
-        store = await Store.open(Path(settings.store_path), settings.user_id)
+        # A bot still draining on this store lets go of it within its drain deadline.
+        store = await Store.open(
+            Path(settings.store_path), settings.user_id, lock_wait_s=settings.drain_timeout_s
+        )
         try:
             runtime = BotRuntime(settings, client, store, backend or configured, stop=stop)
             async with trio.open_nursery() as nursery:

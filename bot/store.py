@@ -16,6 +16,7 @@ event taken in, keyed by its id, pending while it has no ``outcome``. Recording 
 event as handled sets its outcome, in place, which is the one write most messages
 cost; the row is kept for a month to drop late deliveries.
 
+One process at a time: the store is locked while it is open (`bot.store_lock`).
 One connection, used on the trio thread. In WAL mode with ``synchronous=NORMAL`` a
 commit writes to the log without waiting for the disk (a killed process loses
 nothing; only a power cut may lose the last commits, all of a transaction or none),
@@ -43,6 +44,7 @@ import trio
 from matrix_api.models import EventID, RoomEvent, RoomID, SyncToken
 
 from .chats import Chat
+from .store_lock import StoreLock, StoreLockHeld
 
 __all__ = [
     "SCHEMA_VERSION",
@@ -252,17 +254,32 @@ class Store:
         self._sync_token: SyncToken | None = None
         self._spaces: dict[str, RoomID] = {}
         self._checkpointer: sqlite3.Connection | None = None
+        self._lock: StoreLock | None = None
 
     # --- opening ------------------------------------------------------------------
 
     @classmethod
-    async def open(cls, path: Path, user_id: str) -> Store:
-        """Open (creating and migrating as needed) the store of ``user_id`` at ``path``.
+    async def open(cls, path: Path, user_id: str, *, lock_wait_s: float = 0.0) -> Store:
+        """Open (creating and migrating as needed) the store of ``user_id`` at ``path``,
+        held by this process until `aclose` (see `bot.store_lock`).
 
-        Raises `StoreError` for a file that is not a SQLite database, has a schema
-        newer than this code, or belongs to another Matrix user.
+        Raises `StoreError` for a store another process holds (after waiting up to
+        ``lock_wait_s`` for it to let go), a file that is not a SQLite database, has
+        a schema newer than this code, or belongs to another Matrix user.
         """
-        return await trio.to_thread.run_sync(cls._open_sync, path, user_id)
+        try:
+            lock = await StoreLock.acquire(path, wait_s=lock_wait_s)
+        except StoreLockHeld as exc:
+            raise StoreError(
+                f"{exc}: stop that bot first, or give this one a store of its own"
+            ) from exc
+        try:
+            store = await trio.to_thread.run_sync(cls._open_sync, path, user_id)
+        except BaseException:
+            lock.release()
+            raise
+        store._lock = lock
+        return store
 
     @classmethod
     def _open_sync(cls, path: Path, user_id: str) -> Store:
@@ -404,7 +421,11 @@ class Store:
         checkpointer, self._checkpointer = self._checkpointer, None
         if checkpointer is not None:
             checkpointer.close()
-        await self._run(self._db.close)
+        try:
+            await self._run(self._db.close)
+        finally:
+            if self._lock is not None:
+                self._lock.release()
 
     async def checkpoint_every(self, interval_s: float) -> NoReturn:
         """Copy the write-ahead log into the database file every ``interval_s``.

@@ -68,6 +68,46 @@ def test_sigterm_drains_and_exits_zero(
     assert all(line.startswith("{") for line in text.splitlines())
 
 
+def test_a_second_bot_on_a_running_bots_store_is_refused_and_the_first_goes_on(
+    synapse: SynapseServer, make_user: MakeUser, tmp_path: Path
+) -> None:
+    bot = make_user("bot")
+    store = tmp_path / "store.sqlite3"
+    env = bot_process_env(synapse, bot, store)
+    first_log, third_log = tmp_path / "first.log", tmp_path / "third.log"
+    first = _start(env, first_log)
+    third: subprocess.Popen[bytes] | None = None
+    try:
+        _wait_for_event(first, first_log, "bot_ready")
+        second = subprocess.run(
+            [sys.executable, "-m", "bot", "run"],
+            env={**env, "BOT_DRAIN_TIMEOUT_S": "1"},  # how long it waits for the store
+            capture_output=True,
+            timeout=60,
+            check=False,
+        )
+        assert second.returncode == 3
+        records = [json.loads(line) for line in second.stderr.decode().splitlines()]
+        (refused,) = [r for r in records if r["event"] == "store_unusable"]
+        assert f"in use by another process (pid {first.pid})" in str(refused["error"])
+        assert [r["event"] for r in records if r["event"] == "store_lock_wait"] == [
+            "store_lock_wait"
+        ]
+
+        assert first.poll() is None
+        first.send_signal(signal.SIGTERM)
+        assert first.wait(timeout=20) == 0
+        # Once the first has stopped, the store is free at once.
+        third = _start(env, third_log)
+        _wait_for_event(third, third_log, "bot_ready")
+    finally:
+        for proc in (first, third):
+            if proc is not None and proc.poll() is None:
+                proc.kill()
+                proc.wait()
+    assert not any(r.get("level") in ("error", "warning") for r in _events(first_log))
+
+
 def test_rejected_token_without_password_exits_non_zero_with_a_clear_message(
     synapse: SynapseServer, make_user: MakeUser, tmp_path: Path
 ) -> None:
