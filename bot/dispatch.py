@@ -19,7 +19,7 @@ import trio
 
 from matrix_api import LimitExceeded, MatrixAPIError, MatrixError, TransportError, UnknownToken
 
-from .store import InboxItem
+from .store import InboxItem, StoreUnavailable
 
 __all__ = ["MAX_RESUMPTIONS", "Dispatcher", "JobHandler", "LeftUnfinishedTooOften"]
 
@@ -93,9 +93,11 @@ class _Outcome(enum.Enum):
 def is_transient(error: Exception) -> bool:
     """Errors that say "not now" rather than "never".
 
-    A rejected token is one: the sync loop logs in again (or stops the bot).
+    A rejected token is one: the sync loop logs in again (or stops the bot). A store
+    that cannot write (the disk full) is another: the reply may be out, but the job
+    stays in the inbox, and the retry's re-sent reply is de-duplicated by the server.
     """
-    if isinstance(error, TransportError | LimitExceeded | UnknownToken):
+    if isinstance(error, TransportError | LimitExceeded | UnknownToken | StoreUnavailable):
         return True
     return isinstance(error, MatrixError) and error.status >= 500
 

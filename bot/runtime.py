@@ -36,7 +36,7 @@ from .handler import MessageHandler
 from .intake import Intake, full_state_sync, sync_filters
 from .reconcile import ReconcileReport, reconcile_matrix_state
 from .session import AuthError, authenticate, log_in
-from .store import Store
+from .store import Store, StoreUnavailable
 
 __all__ = ["BotRuntime", "FatalError", "Phase", "run_bot"]
 
@@ -192,11 +192,15 @@ class BotRuntime:
                 except UnknownToken as exc:
                     await self._recover_token(exc)
                     continue
-                except MatrixAPIError as exc:
+                except (MatrixAPIError, StoreUnavailable) as exc:
+                    # Nothing was committed: the same batch is fetched again.
                     failures += 1
                     delay = self._rng.uniform(0, min(_SYNC_BACKOFF_MAX, 2.0**failures))
                     log.warning(
-                        "sync_failed", error=str(exc), failures=failures, retry_in_s=round(delay, 2)
+                        "store_unavailable" if isinstance(exc, StoreUnavailable) else "sync_failed",
+                        error=str(exc),
+                        failures=failures,
+                        retry_in_s=round(delay, 2),
                     )
                     await trio.sleep(delay)
                     continue

@@ -54,6 +54,7 @@ __all__ = [
     "ProvisionedRoom",
     "Store",
     "StoreError",
+    "StoreUnavailable",
 ]
 
 T = TypeVar("T")
@@ -172,10 +173,18 @@ _settings_decoder = msgspec.json.Decoder(dict[str, str])
 
 
 class StoreError(Exception):
-    """The store file cannot be used: corrupt, foreign, or from a newer bot.
+    """The store cannot be used: at open, a file that is corrupt, foreign, from a
+    newer bot or held by another bot (left exactly as it was found)."""
 
-    The file is left exactly as it was found.
-    """
+
+class StoreUnavailable(StoreError):
+    """A read or write the store could not do for now (the disk full, an I/O error,
+    the file made read-only): nothing changed, and the same call may work later."""
+
+
+# SQLite's primary result codes for a store that may work again unchanged:
+# BUSY, LOCKED, NOMEM, READONLY, IOERR, FULL, CANTOPEN.
+_TRANSIENT_SQLITE_CODES = frozenset({5, 6, 7, 8, 10, 13, 14})
 
 
 @dataclass(frozen=True, slots=True)
@@ -453,17 +462,25 @@ class Store:
         # committed, its caller sees the result (as with a worker thread). No
         # yield to the scheduler otherwise: that would cost more than most calls.
         await trio.lowlevel.checkpoint_if_cancelled()
-        return fn()
+        try:
+            return fn()
+        except sqlite3.OperationalError as exc:
+            if exc.sqlite_errorcode & 0xFF in _TRANSIENT_SQLITE_CODES:
+                raise StoreUnavailable(f"{self.path}: {exc}") from exc
+            raise
 
     def _transaction(self, body: Callable[[sqlite3.Connection], T]) -> Callable[[], T]:
         def run() -> T:
             self._db.execute("BEGIN IMMEDIATE")
             try:
                 result = body(self._db)
+                self._db.execute("COMMIT")
             except BaseException:
-                self._db.execute("ROLLBACK")
+                # A COMMIT that failed (the disk full) may leave the transaction
+                # open, and every later BEGIN would fail: end it.
+                if self._db.in_transaction:
+                    self._db.execute("ROLLBACK")
                 raise
-            self._db.execute("COMMIT")
             return result
 
         return run

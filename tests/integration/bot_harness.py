@@ -6,11 +6,13 @@ import os
 from collections.abc import AsyncIterator, Callable
 from contextlib import asynccontextmanager
 from dataclasses import replace
+from functools import partial
 from pathlib import Path
 from typing import Any
 
 import trio
 
+from bot.backends import Backend
 from bot.config import AllowList, Settings
 from bot.runtime import BotRuntime, run_bot
 from matrix_api import MatrixClient, new_txn_id
@@ -51,10 +53,13 @@ def bot_settings(
 
 
 @asynccontextmanager
-async def running_bot(settings: Settings) -> AsyncIterator[BotRuntime]:
-    """The bot, ready (reconciled and taking messages) for the body of the block."""
+async def running_bot(
+    settings: Settings, backend: Backend | None = None
+) -> AsyncIterator[BotRuntime]:
+    """The bot, ready (reconciled and taking messages) for the body of the block;
+    ``backend`` instead of the one ``settings`` name."""
     async with trio.open_nursery() as nursery:
-        runtime: BotRuntime = await nursery.start(run_bot, settings)
+        runtime: BotRuntime = await nursery.start(partial(run_bot, settings, backend=backend))
         try:
             yield runtime
         finally:

@@ -9,9 +9,12 @@ import trio
 from structlog.contextvars import merge_contextvars
 from structlog.testing import capture_logs
 
-from bot.chats import CHAT_MARKER
+from bot.chats import CHAT_MARKER, Chat
 from bot.handler import REPAIR_FAILED_NOTICE
 from bot.invites import GREETING
+from bot.messages import IncomingMessage
+from bot.runtime import Phase
+from bot.store import Store
 from bot_harness import Person, bot_settings, replies_to, running_bot
 from conftest import MakeUser
 from matrix_api import MatrixClient
@@ -273,3 +276,63 @@ async def test_only_a_message_handled_without_reply_gets_the_bots_receipt(
             assert await runtime._store.pending() == []
     assert "catch_up_after_store_loss" not in [entry["event"] for entry in logs]
     assert replies_to(alice.bot_notices(room_id, bot_user.user_id)) == [archive]
+
+
+class _StoreFillingEcho:
+    """Echo, but the first answer also leaves the store unable to write, as a disk
+    that fills while the backend works: the reply goes out, recording it fails."""
+
+    name = "echo"
+
+    def __init__(self) -> None:
+        self.store: Store | None = None
+        self.asked: list[str] = []
+
+    async def reply(self, chat: Chat, message: IncomingMessage) -> str:
+        self.asked.append(message.body)
+        if len(self.asked) == 1:
+            assert self.store is not None
+            self.store._db.execute("PRAGMA query_only = ON")  # "readonly database"
+        return message.body
+
+
+async def test_a_store_that_cannot_write_for_a_while_loses_and_repeats_nothing(
+    synapse: SynapseServer, make_user: MakeUser, alice: Person, tmp_path: Path
+) -> None:
+    bot_user = make_user("bot")
+    backend = _StoreFillingEcho()
+    bot_id = bot_user.user_id
+
+    with capture_logs() as logs:
+        async with running_bot(bot_settings(synapse, bot_user, tmp_path / "s.db"), backend) as rt:
+            backend.store = rt._store
+            room_id = await _invite_and_greet(alice, bot_id)
+
+            # Answered, but not recorded: the job waits in the inbox and tries again.
+            first = await alice.say(room_id, "first")
+            await alice.wait_until(
+                lambda: any(e["event"] == "job_retry_later" for e in logs), what="a retry"
+            )
+            # Not even taken in: the sync loop fetches the batch again later.
+            second = await alice.say(room_id, "second")
+            await alice.wait_until(
+                lambda: any(e["event"] == "store_unavailable" for e in logs),
+                what="the sync loop to find the store unavailable",
+            )
+
+            rt._store._db.execute("PRAGMA query_only = OFF")  # room on the disk again
+            await alice.wait_until(
+                lambda: {first, second} <= set(replies_to(alice.bot_notices(room_id, bot_id))),
+                timeout=60,
+                what="both answers",
+            )
+            assert await rt._store.pending() == []
+            assert rt.phase.value is Phase.READY
+
+    await alice.sync_once()
+    answers = replies_to(alice.bot_notices(room_id, bot_id))
+    assert sorted(answers) == sorted([first, second])  # one each: the re-send was a no-op
+    assert backend.asked.count("first") >= 2  # the retry ran the job again
+    assert not any(e["event"] in ("job_given_up", "job_failed") for e in logs)
+    (unavailable, *_) = [e for e in logs if e["event"] == "store_unavailable"]
+    assert "readonly database" in unavailable["error"]

@@ -26,7 +26,7 @@ from bot.dispatch import (
     LeftUnfinishedTooOften,
     is_transient,
 )
-from bot.store import InboxItem
+from bot.store import InboxItem, StoreUnavailable
 from matrix_api import (
     BadResponse,
     Forbidden,
@@ -363,6 +363,7 @@ async def test_a_rate_limit_is_retried_no_sooner_than_the_server_asked(
         LimitExceeded(429, "M_LIMIT_EXCEEDED", "slow down", retry_after=1.5),
         MatrixError(503, "M_UNKNOWN", "overloaded"),
         UnknownToken(401, "M_UNKNOWN_TOKEN", "soft logout", {"soft_logout": True}),
+        StoreUnavailable("store.sqlite3: database or disk is full"),
     ],
     ids=type,
 )

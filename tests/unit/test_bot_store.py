@@ -17,7 +17,15 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from bot.chats import Chat
-from bot.store import _MIGRATIONS, HANDLED_KEEP_MS, SCHEMA_VERSION, NewInboxItem, Store, StoreError
+from bot.store import (
+    _MIGRATIONS,
+    HANDLED_KEEP_MS,
+    SCHEMA_VERSION,
+    NewInboxItem,
+    Store,
+    StoreError,
+    StoreUnavailable,
+)
 from matrix_api.models import EventID, RoomEvent, RoomID, SyncToken, UserID
 
 BOT = "@bot:example.org"
@@ -607,3 +615,62 @@ async def test_the_checkpoint_task_moves_the_log_into_the_database_file(
 
     assert path.stat().st_size > before + 200_000
     assert len(rows(path, "SELECT seq FROM events")) == 100
+
+
+async def test_a_full_disk_fails_a_batch_as_unavailable_and_commits_nothing(store: Store) -> None:
+    # SQLite's own "database or disk is full": the file may not grow past its size.
+    ((pages,),) = store._db.execute("PRAGMA page_count").fetchall()
+    store._db.execute(f"PRAGMA max_page_count = {pages}")
+    batch = [new_item("$big", body="x" * 400_000)]
+
+    with pytest.raises(StoreUnavailable, match="database or disk is full"):
+        await store.commit_sync_batch(SyncToken("s1"), batch)
+    assert store.sync_token is None
+    assert await store.pending() == []
+
+    # Room again: the same batch goes in, as if never tried (no transaction left open).
+    store._db.execute("PRAGMA max_page_count = 1073741823")
+    fresh = await store.commit_sync_batch(SyncToken("s1"), batch)
+    assert [item.event_id for item in fresh] == ["$big"]
+    assert store.sync_token == "s1"
+
+
+async def test_a_store_that_cannot_write_keeps_the_item_pending(store: Store) -> None:
+    (item,) = await store.commit_sync_batch(SyncToken("s1"), [new_item("$e1")])
+    store._db.execute("PRAGMA query_only = ON")  # "attempt to write a readonly database"
+
+    with pytest.raises(StoreUnavailable, match="readonly"):
+        await store.finish(item, "replied", EventID("$reply"))
+    with pytest.raises(StoreUnavailable):
+        await store.commit_sync_batch(SyncToken("s2"), [new_item("$e2")])
+    assert [pending.event_id for pending in await store.pending()] == ["$e1"]
+
+    store._db.execute("PRAGMA query_only = OFF")
+    await store.finish(item, "replied", EventID("$reply"))
+    assert await store.pending() == []
+
+
+async def test_a_broken_statement_is_a_bug_not_an_unavailable_store(store: Store) -> None:
+    def broken() -> None:
+        store._db.execute("SELECT no_such_column FROM events")
+
+    with pytest.raises(sqlite3.OperationalError, match="no such column"):
+        await store._run(broken)
+
+
+async def test_a_commit_that_fails_leaves_no_transaction_open(store: Store) -> None:
+    # A deferred constraint is checked at COMMIT, which then fails and, by SQLite's
+    # rules, leaves the transaction open, as a full disk can at COMMIT in WAL mode.
+    store._db.execute("CREATE TEMP TABLE parent(id INTEGER PRIMARY KEY)")
+    store._db.execute(
+        "CREATE TEMP TABLE child(parent_id REFERENCES parent(id) DEFERRABLE INITIALLY DEFERRED)"
+    )
+
+    def dangling(db: sqlite3.Connection) -> None:
+        db.execute("INSERT INTO child(parent_id) VALUES (1)")
+
+    with pytest.raises(sqlite3.IntegrityError):
+        await store._run(store._transaction(dangling))
+    assert not store._db.in_transaction
+    await store.commit_sync_batch(SyncToken("s1"), [new_item("$e1")])
+    assert store.sync_token == "s1"
