@@ -282,6 +282,8 @@ class Store:
             raise StoreError(
                 f"{exc}: stop that bot first, or give this one a store of its own"
             ) from exc
+        except OSError as exc:  # no such directory can be made, or no rights in it
+            raise StoreError(f"{path}: cannot be used as the bot's store: {exc}") from exc
         try:
             store = await trio.to_thread.run_sync(cls._open_sync, path, user_id)
         except BaseException:

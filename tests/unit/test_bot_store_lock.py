@@ -120,6 +120,15 @@ async def test_a_store_refused_at_open_is_left_with_nothing_beside_it(path: Path
     await store.aclose()
 
 
+async def test_a_store_that_cannot_be_made_where_asked_is_refused_clearly(
+    tmp_path: Path,
+) -> None:
+    not_a_directory = tmp_path / "file"
+    not_a_directory.write_text("")
+    with pytest.raises(StoreError, match="cannot be used as the bot's store"):
+        await Store.open(not_a_directory / "bot.sqlite3", BOT)
+
+
 async def test_the_lock_file_is_there_while_open_and_gone_after_close(path: Path) -> None:
     store = await Store.open(path, BOT)
     assert lock_path(path).read_text() == f"{os.getpid()}\n"
