@@ -247,10 +247,16 @@ def _own_join_index(events: Sequence[RoomEvent], bot_user_id: str) -> int | None
             event.type == "m.room.member"
             and event.state_key == bot_user_id
             and event.content.get("membership") == "join"
-            and event.unsigned.get("prev_content", {}).get("membership") != "join"
+            and not _was_joined(event)
         ):
             return index
     return None
+
+
+def _was_joined(member: RoomEvent) -> bool:
+    """Whether a membership event follows a join (a profile change, not a join)."""
+    previous = member.unsigned.get("prev_content")
+    return isinstance(previous, dict) and previous.get("membership") == "join"
 
 
 def _own_receipt(room: JoinedRoom, bot_user_id: str) -> str | None:

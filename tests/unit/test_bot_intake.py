@@ -12,6 +12,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, cast
 
+import msgspec
 import pytest
 
 from bot.chats import Chat
@@ -435,6 +436,19 @@ async def test_a_profile_change_is_not_a_join(store: Store) -> None:
         "$m1",
         "$m2",
     ]
+
+
+@pytest.mark.parametrize("prev_content", ["join", None, ["join"], 7])
+async def test_a_join_whose_unsigned_prev_content_is_not_an_object_is_a_join(
+    store: Store, prev_content: object
+) -> None:
+    # A server's mistake in ``unsigned`` must not stop the sync loop at every start.
+    join = msgspec.structs.replace(
+        bot_join(ts=CREATED + 25), unsigned={"prev_content": prev_content}
+    )
+    response = sync({STRANGER_ROOM: room([msg(1), join, msg(2)])})
+
+    assert await picked(store, FakeClient(), response, since="s0") == ["$m2"]
 
 
 async def test_a_join_inside_the_gap_still_hides_the_history_before_it(store: Store) -> None:
