@@ -14,7 +14,15 @@ It prints the CPU each spent per 1,000 messages. The floor is what trio, httpx's
 exception types, msgspec and our HTTP client cost on this machine for the same
 traffic; the difference is what the bot's durability, routing and logging add.
 
+CPU time on a small shared machine varies by a tenth from run to run, more than
+most single changes save. ``--instructions`` runs both processes under valgrind's
+callgrind instead and prints the instructions each executed per message, counted
+only while the messages flow: the same from run to run within a percent or two,
+though blind to what caches and the kernel cost. It needs ``valgrind``, and runs
+about fifty times slower (use fewer messages).
+
     python bench/echo_floor.py [--rooms 10] [--messages 1000] [--rounds 2]
+    python bench/echo_floor.py --instructions --messages 300 --rounds 1
 """
 
 from __future__ import annotations
@@ -24,8 +32,10 @@ import json
 import math
 import os
 import secrets
+import shutil
 import signal
 import statistics
+import subprocess
 import sys
 import tempfile
 from pathlib import Path
@@ -106,7 +116,7 @@ def measure(
     rooms: list[RoomID],
     messages: int,
     store: Path,
-    command: list[str] | None,
+    command: list[str],
 ) -> tuple[float, float]:
     """CPU seconds per 1,000 messages, and requests per message, for one process."""
     process = BotProcess(hs, bot, store, command=command)
@@ -121,16 +131,67 @@ def measure(
     return cpu / messages * 1000, requests / messages
 
 
+def count_instructions(
+    hs: SynapseServer,
+    bot: RegisteredUser,
+    user: RegisteredUser,
+    rooms: list[RoomID],
+    messages: int,
+    store: Path,
+    command: list[str],
+) -> tuple[float, float]:
+    """Millions of instructions per message under callgrind, and requests per message.
+
+    Counting is off until ``bot_ready`` and off again once every message is
+    answered, so start-up and shutdown do not count.
+    """
+    out = store.with_suffix(".callgrind")
+    valgrind = ["valgrind", "--tool=callgrind", "--instr-atstart=no", f"--callgrind-out-file={out}"]
+    process = BotProcess(hs, bot, store, command=[*valgrind, *command])
+    try:
+        ready = process.wait_for("bot_ready", timeout=600)
+        _callgrind_instrumentation(process.proc.pid, "on")
+        trio.run(send_and_await_replies, hs, user, bot.user_id, rooms, messages)
+        _callgrind_instrumentation(process.proc.pid, "off")
+    finally:
+        process.stop()
+    requests = process.wait_for("bot_stopped")["requests"] - ready["startup_requests"]
+    return _instruction_total(out) / messages / 1e6, requests / messages
+
+
+def _callgrind_instrumentation(pid: int, state: str) -> None:
+    subprocess.run(["callgrind_control", "-i", state, str(pid)], check=True, capture_output=True)
+
+
+def _instruction_total(callgrind_out: Path) -> int:
+    for line in reversed(callgrind_out.read_text().splitlines()):
+        if line.startswith(("summary:", "totals:")):
+            return int(line.split()[1])
+    raise RuntimeError(f"{callgrind_out}: callgrind wrote no instruction total")
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--rooms", type=int, default=10)
     parser.add_argument("--messages", type=int, default=1000)
     parser.add_argument("--rounds", type=int, default=2)
+    parser.add_argument(
+        "--instructions",
+        action="store_true",
+        help="count instructions per message under valgrind's callgrind instead of CPU time",
+    )
     parser.add_argument("--serve", action="store_true", help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.serve:
         trio.run(serve_floor)
         return
+    if args.instructions and shutil.which("valgrind") is None:
+        parser.error("--instructions needs valgrind (and its callgrind_control) on the PATH")
+    if args.instructions:
+        run_one, unit, digits = count_instructions, "M instructions per message", 3
+    else:
+        # CPU time comes in clock ticks: a hundredth of a second per 1,000 messages.
+        run_one, unit, digits = measure, "s CPU per 1,000 messages", 2
 
     floor_command = [sys.executable, str(Path(__file__).resolve()), "--serve"]
     figures: dict[str, list[float]] = {"floor": [], "bot": []}
@@ -147,22 +208,22 @@ def main() -> None:
             "floor": (floor_bot, trio.run(make_managed_rooms, hs, floor_bot, user, args.rooms)),
             "bot": (bot, trio.run(make_managed_rooms, hs, bot, user, args.rooms)),
         }
-        commands = {"floor": floor_command, "bot": None}
+        commands = {"floor": floor_command, "bot": [sys.executable, "-m", "bot", "run"]}
         print(f"{args.messages} messages over {args.rooms} rooms, {args.rounds} rounds")
         for round_number in range(1, args.rounds + 1):
             for name, (who, where) in rooms.items():
                 store = Path(tmp) / f"{name}.sqlite3"
-                cpu, requests = measure(hs, who, user, where, args.messages, store, commands[name])
-                figures[name].append(cpu)
+                cost, requests = run_one(hs, who, user, where, args.messages, store, commands[name])
+                figures[name].append(cost)
                 print(
-                    f"round {round_number} {name:<6} {cpu:6.2f} s CPU per 1,000 messages, "
+                    f"round {round_number} {name:<6} {cost:6.{digits}f} {unit}, "
                     f"{requests:.2f} requests per message",
                     flush=True,
                 )
-    floor, bot_cpu = statistics.median(figures["floor"]), statistics.median(figures["bot"])
+    floor, bot_cost = statistics.median(figures["floor"]), statistics.median(figures["bot"])
     print(
-        f"\nmedian: floor {floor:.2f} s, bot {bot_cpu:.2f} s per 1,000 messages; "
-        f"the bot adds {bot_cpu - floor:.2f} s ({bot_cpu / floor:.1f}x the floor)"
+        f"\nmedian: floor {floor:.{digits}f}, bot {bot_cost:.{digits}f} {unit}; "
+        f"the bot adds {bot_cost - floor:.{digits}f} ({bot_cost / floor:.1f}x the floor)"
     )
 
 
