@@ -64,6 +64,11 @@ class MessageHandler:
         self._backend = backend
         # Decided once: a runtime-checkable Protocol's isinstance is slow.
         self._streaming = backend if isinstance(backend, StreamingBackend) else None
+        # A timeout is a cancel scope per message, about 7% of an echoed message's
+        # instructions; a backend that waits on nothing (see `Backend`) goes without.
+        self._backend_timeout_s = (
+            None if getattr(backend, "instant", False) else settings.backend_timeout_s
+        )
         self._invites = InviteHandler(client, store, settings)
         self._bot = settings.user_id
 
@@ -159,11 +164,8 @@ class MessageHandler:
             return await self._ignore(item)
         if self._streaming is not None:
             return await self._answer_in_conversation(item, chat, message, self._streaming)
-        text: str | None = None
         try:
-            # A bare cancel scope: `fail_after` wraps one in a generator, per message.
-            with trio.move_on_after(self._settings.backend_timeout_s):
-                text = await self._backend.reply(chat, message)
+            text = await self._ask(chat, message)
         except BackendError as exc:
             log.warning("backend_failed", backend=self._backend.name, error=str(exc))
             await self._reply(item, Reply(exc.user_message), "failed")
@@ -175,6 +177,15 @@ class MessageHandler:
         await self._reply(item, Reply(text), "replied")
         log.info("message_handled", backend=self._backend.name)
         return True
+
+    async def _ask(self, chat: Chat, message: IncomingMessage) -> str | None:
+        """The backend's reply, or None when it took longer than allowed."""
+        if self._backend_timeout_s is None:
+            return await self._backend.reply(chat, message)
+        # A bare cancel scope: `fail_after` wraps one in a generator, per message.
+        with trio.move_on_after(self._backend_timeout_s):
+            return await self._backend.reply(chat, message)
+        return None
 
     async def _answer_in_conversation(
         self, item: InboxItem, chat: Chat, message: IncomingMessage, backend: StreamingBackend

@@ -21,6 +21,13 @@ class BackendError(Exception):
 
 
 class Backend(Protocol):
+    """Produces the reply to a message.
+
+    The handler gives each reply ``backend_timeout_s``. A backend whose reply waits
+    on nothing (no I/O: computed at once, like echo) may say so with a class
+    attribute ``instant = True``, and is then called without a timeout.
+    """
+
     name: str
 
     async def reply(self, chat: Chat, message: IncomingMessage) -> str:

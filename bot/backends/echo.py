@@ -8,6 +8,7 @@ from ..messages import IncomingMessage
 
 class EchoBackend:
     name = "echo"
+    instant = True  # no timeout needed (see `Backend`)
 
     async def reply(self, chat: Chat, message: IncomingMessage) -> str:
         return message.body

@@ -18,7 +18,7 @@ import msgspec
 import trio
 from trio_util import periodic
 
-from bot.backends import EchoBackend
+from bot.backends import Backend, EchoBackend
 from bot.chats import Chat
 from bot.config import AllowList, Settings
 from bot.runtime import BotRuntime, Phase
@@ -139,11 +139,12 @@ class RunningBot:
 
 @asynccontextmanager
 async def bot_parts(
-    settings: Settings, hs: FakeHomeserver
+    settings: Settings, hs: FakeHomeserver, backend: Backend | None = None
 ) -> AsyncIterator[tuple[BotRuntime, Store]]:
     """A runtime (not started) on a client of ``hs`` and an open store; closes both.
 
-    Whatever runs the runtime must have finished before the block ends.
+    The backend is echo unless ``backend`` is given. Whatever runs the runtime must have
+    finished before the block ends.
     """
     async with MatrixClient(
         settings.homeserver,
@@ -153,7 +154,10 @@ async def bot_parts(
     ) as client:
         store = await Store.open(settings.store_path, settings.user_id)
         try:
-            yield BotRuntime(settings, client, store, EchoBackend(), rng=random.Random(7)), store
+            runtime = BotRuntime(
+                settings, client, store, backend or EchoBackend(), rng=random.Random(7)
+            )
+            yield runtime, store
         finally:
             with trio.CancelScope(shield=True):
                 await store.aclose()
@@ -165,13 +169,15 @@ async def running_bot(
     hs: FakeHomeserver,
     *,
     before_start: Callable[[BotRuntime], None] | None = None,
+    backend: Backend | None = None,
 ) -> AsyncIterator[RunningBot]:
-    """The bot against ``hs``, ready (reconciled, taking messages) for the block.
+    """The bot against ``hs`` (with ``backend``, echo by default), ready (reconciled,
+    taking messages) for the block.
 
     The runtime is stopped gracefully when the block ends, if the block did not stop it;
     the store is closed after the runtime has stopped.
     """
-    async with ticking(), bot_parts(settings, hs) as (runtime, store):
+    async with ticking(), bot_parts(settings, hs, backend) as (runtime, store):
         if before_start is not None:
             before_start(runtime)
         async with trio.open_nursery() as nursery:
