@@ -5,6 +5,7 @@ from __future__ import annotations
 
 from dataclasses import replace
 
+import pytest
 import trio
 
 from bot.chats import Chat, marker_content
@@ -53,39 +54,31 @@ async def _answer_to_one_message(
     return sent.at - asked, sent.body, outcome
 
 
-async def test_a_backend_slower_than_the_limit_is_cut_off_with_a_notice(
-    autojump_clock: trio.abc.Clock, hs: FakeHomeserver, logs: Logs, settings: Settings
+@pytest.mark.parametrize(
+    ("backend", "expected_s", "expected_body", "expected_outcome"),
+    [
+        (SlowBackend(600), 30, BACKEND_TIMEOUT_NOTICE, "failed"),
+        (SlowBackend(20), 20, "slow: hi", "replied"),
+        # `instant` is the backend's promise that it waits on nothing (echo); this one
+        # breaks it on purpose, to show that no limit is applied.
+        (SlowButSaysInstant(60), 60, "slow: hi", "replied"),
+    ],
+    ids=["slower-than-the-limit", "within-the-limit", "says-it-is-instant"],
+)
+async def test_the_backend_gets_backend_timeout_s_unless_it_says_it_is_instant(
+    autojump_clock: trio.abc.Clock,
+    hs: FakeHomeserver,
+    logs: Logs,
+    settings: Settings,
+    backend: SlowBackend,
+    expected_s: float,
+    expected_body: str,
+    expected_outcome: str,
 ) -> None:
     settings = replace(settings, backend_timeout_s=30.0)
 
-    took, body, outcome = await _answer_to_one_message(settings, hs, SlowBackend(600))
+    took, body, outcome = await _answer_to_one_message(settings, hs, backend)
 
-    assert 30 <= took < 31
-    assert body == BACKEND_TIMEOUT_NOTICE
-    assert outcome == "failed"
-    assert "backend_timed_out" in log_events(logs)
-
-
-async def test_a_backend_within_the_limit_is_answered(
-    autojump_clock: trio.abc.Clock, hs: FakeHomeserver, logs: Logs, settings: Settings
-) -> None:
-    settings = replace(settings, backend_timeout_s=30.0)
-
-    took, body, outcome = await _answer_to_one_message(settings, hs, SlowBackend(20))
-
-    assert 20 <= took < 21
-    assert (body, outcome) == ("slow: hi", "replied")
-
-
-async def test_a_backend_that_says_it_is_instant_is_called_without_a_limit(
-    autojump_clock: trio.abc.Clock, hs: FakeHomeserver, logs: Logs, settings: Settings
-) -> None:
-    # `instant` is the backend's promise that it waits on nothing (echo); this one breaks
-    # it on purpose, to show that no limit is applied.
-    settings = replace(settings, backend_timeout_s=30.0)
-
-    took, body, outcome = await _answer_to_one_message(settings, hs, SlowButSaysInstant(60))
-
-    assert 60 <= took < 61
-    assert (body, outcome) == ("slow: hi", "replied")
-    assert "backend_timed_out" not in log_events(logs)
+    assert expected_s <= took < expected_s + 1
+    assert (body, outcome) == (expected_body, expected_outcome)
+    assert ("backend_timed_out" in log_events(logs)) == (expected_outcome == "failed")
