@@ -4,8 +4,8 @@ Two bots on one store would both take up its inbox and answer each message twice
 (the backend asked twice, a streamed reply edited by two writers), and SQLite's
 own locks would surface as "database is locked" in the sync loop. So the store is
 held, for as long as it is open, with ``flock`` on ``<store>.lock``. The kernel
-drops the lock when the process ends, however it ends: a crash never leaves a
-stale lock behind, and no one has to delete the file.
+drops the lock when the process ends, however it ends: after a crash the file may
+still be there, but it locks nothing, and no one has to delete it.
 
 The file holds the holder's process id, for the error that names it, and goes
 when the lock is let go, so a store refused at open is left with nothing new
