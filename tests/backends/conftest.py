@@ -10,6 +10,7 @@ import trio
 from structlog.contextvars import merge_contextvars
 from structlog.testing import capture_logs
 
+from bot.logging import merge_log_context
 from fake_openai import API_KEY, FakeOpenAI
 
 Logs = list[MutableMapping[str, Any]]
@@ -17,7 +18,7 @@ Logs = list[MutableMapping[str, Any]]
 
 @pytest.fixture
 def logs() -> Iterator[Logs]:
-    with capture_logs(processors=[merge_contextvars]) as entries:
+    with capture_logs(processors=[merge_contextvars, merge_log_context]) as entries:
         yield entries
 
 

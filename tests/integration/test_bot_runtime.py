@@ -12,6 +12,7 @@ from structlog.testing import capture_logs
 from bot.chats import CHAT_MARKER, Chat
 from bot.handler import REPAIR_FAILED_NOTICE
 from bot.invites import GREETING
+from bot.logging import merge_log_context
 from bot.messages import IncomingMessage
 from bot.runtime import Phase
 from bot.store import Store
@@ -126,7 +127,7 @@ async def test_message_in_room_without_marker_gets_the_diagnostic_notice(
 
     for path in tmp_path.glob("store.sqlite3*"):
         path.unlink()
-    with capture_logs(processors=[merge_contextvars]) as logs:
+    with capture_logs(processors=[merge_contextvars, merge_log_context]) as logs:
         async with running_bot(settings):
             asked = await alice.say(room_id, "anyone there?")
             await alice.wait_until(

@@ -22,6 +22,7 @@ from structlog.testing import capture_logs
 from trio.testing import MockClock
 
 from bot.config import Settings
+from bot.logging import merge_log_context
 from fake_homeserver import FakeHomeserver
 from ordering_harness import Logs, make_settings
 
@@ -38,7 +39,7 @@ def _autojump_after_threads_finish(request: pytest.FixtureRequest) -> None:
 @pytest.fixture
 def logs() -> Iterator[Logs]:
     """Every structlog entry of the test, in order, with context-bound fields merged in."""
-    with capture_logs(processors=[merge_contextvars]) as entries:
+    with capture_logs(processors=[merge_contextvars, merge_log_context]) as entries:
         yield entries
 
 
