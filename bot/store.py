@@ -294,7 +294,7 @@ class Store:
 
     @classmethod
     def _open_sync(cls, path: Path, user_id: str) -> Store:
-        path.parent.mkdir(parents=True, exist_ok=True)
+        # The directory exists: taking the store's lock (in `open`) made it.
         existed = path.exists() and path.stat().st_size > 0
         try:
             # Read-only probe first: nothing is written to a file we may refuse.
