@@ -117,46 +117,35 @@ def measure(
     messages: int,
     store: Path,
     command: list[str],
+    *,
+    instructions: bool = False,
 ) -> tuple[float, float]:
-    """CPU seconds per 1,000 messages, and requests per message, for one process."""
+    """What one process spent on ``messages``, and its requests per message.
+
+    The cost is CPU seconds per 1,000 messages or, with ``instructions``, millions
+    of instructions per message under callgrind, counted from ``bot_ready`` until
+    every message is answered, so start-up and shutdown do not count.
+    """
+    out = store.with_suffix(".callgrind")
+    if instructions:
+        valgrind = ["valgrind", "--tool=callgrind", "--instr-atstart=no"]
+        command = [*valgrind, f"--callgrind-out-file={out}", *command]
     process = BotProcess(hs, bot, store, command=command)
     try:
-        ready = process.wait_for("bot_ready")
+        ready = process.wait_for("bot_ready", timeout=600 if instructions else 120)
+        if instructions:
+            _callgrind_instrumentation(process.proc.pid, "on")
         before = cpu_seconds(process.proc.pid)
         trio.run(send_and_await_replies, hs, user, bot.user_id, rooms, messages)
         cpu = cpu_seconds(process.proc.pid) - before
+        if instructions:
+            _callgrind_instrumentation(process.proc.pid, "off")
     finally:
         process.stop()
     requests = process.wait_for("bot_stopped")["requests"] - ready["startup_requests"]
+    if instructions:
+        return _instruction_total(out) / messages / 1e6, requests / messages
     return cpu / messages * 1000, requests / messages
-
-
-def count_instructions(
-    hs: SynapseServer,
-    bot: RegisteredUser,
-    user: RegisteredUser,
-    rooms: list[RoomID],
-    messages: int,
-    store: Path,
-    command: list[str],
-) -> tuple[float, float]:
-    """Millions of instructions per message under callgrind, and requests per message.
-
-    Counting is off until ``bot_ready`` and off again once every message is
-    answered, so start-up and shutdown do not count.
-    """
-    out = store.with_suffix(".callgrind")
-    valgrind = ["valgrind", "--tool=callgrind", "--instr-atstart=no", f"--callgrind-out-file={out}"]
-    process = BotProcess(hs, bot, store, command=[*valgrind, *command])
-    try:
-        ready = process.wait_for("bot_ready", timeout=600)
-        _callgrind_instrumentation(process.proc.pid, "on")
-        trio.run(send_and_await_replies, hs, user, bot.user_id, rooms, messages)
-        _callgrind_instrumentation(process.proc.pid, "off")
-    finally:
-        process.stop()
-    requests = process.wait_for("bot_stopped")["requests"] - ready["startup_requests"]
-    return _instruction_total(out) / messages / 1e6, requests / messages
 
 
 def _callgrind_instrumentation(pid: int, state: str) -> None:
@@ -188,10 +177,10 @@ def main() -> None:
     if args.instructions and shutil.which("valgrind") is None:
         parser.error("--instructions needs valgrind (and its callgrind_control) on the PATH")
     if args.instructions:
-        run_one, unit, digits = count_instructions, "M instructions per message", 3
+        unit, digits = "M instructions per message", 3
     else:
         # CPU time comes in clock ticks: a hundredth of a second per 1,000 messages.
-        run_one, unit, digits = measure, "s CPU per 1,000 messages", 2
+        unit, digits = "s CPU per 1,000 messages", 2
 
     floor_command = [sys.executable, str(Path(__file__).resolve()), "--serve"]
     figures: dict[str, list[float]] = {"floor": [], "bot": []}
@@ -213,7 +202,16 @@ def main() -> None:
         for round_number in range(1, args.rounds + 1):
             for name, (who, where) in rooms.items():
                 store = Path(tmp) / f"{name}.sqlite3"
-                cost, requests = run_one(hs, who, user, where, args.messages, store, commands[name])
+                cost, requests = measure(
+                    hs,
+                    who,
+                    user,
+                    where,
+                    args.messages,
+                    store,
+                    commands[name],
+                    instructions=args.instructions,
+                )
                 figures[name].append(cost)
                 print(
                     f"round {round_number} {name:<6} {cost:6.{digits}f} {unit}, "
