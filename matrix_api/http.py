@@ -16,7 +16,6 @@ for a Matrix client and cost about 0.2 ms of CPU per request.
 
 from __future__ import annotations
 
-import email.utils
 import time
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
@@ -31,6 +30,7 @@ import trio
 from .errors import BadResponse, MatrixAPIError, MatrixError, MissingToken, NetworkError
 from .models.identifiers import UserID
 from .retry import RetryPolicy
+from .server_clock import ServerClock, http_date
 from .transport import Origin, RawResponse, Timeouts, TrioTransport, decode_content
 
 __all__ = ["DEFAULT_TIMEOUT", "HTTPCore", "Request", "decode_json_object", "ignore_body"]
@@ -111,18 +111,21 @@ def _encode_query(query: Mapping[str, str | Sequence[str]]) -> str:
     return "&".join(pairs)
 
 
-def _parse_retry_after(value: str | None) -> float | None:
-    """``Retry-After`` is either delta-seconds or an HTTP date."""
+def _parse_retry_after(value: bytes | None, server_date: float | None) -> float | None:
+    """``Retry-After`` is either delta-seconds or an HTTP date.
+
+    A date is measured from the answer's own ``Date`` when it has one: both are
+    the server's clock, so a skew between it and ours does not stretch the wait.
+    """
     if value is None:
         return None
     value = value.strip()
     if value.isascii() and value.isdigit():
         return float(value)
-    try:
-        when = email.utils.parsedate_to_datetime(value)
-    except (TypeError, ValueError):
+    when = http_date(value)
+    if when is None:
         return None
-    return max(0.0, when.timestamp() - time.time())
+    return max(0.0, when - (server_date if server_date is not None else time.time()))
 
 
 class HTTPCore:
@@ -154,6 +157,7 @@ class HTTPCore:
         self._timeouts = _timeout_extension(timeout)
         self.requests_sent = 0
         """Every attempt that went to the network, retries included (for diagnostics)."""
+        self._server_clock = ServerClock()
         url = httpx.URL(self.homeserver)
         if url.scheme not in ("http", "https") or not url.host:
             raise MatrixAPIError(f"not an http(s) homeserver URL: {self.homeserver!r}")
@@ -197,6 +201,16 @@ class HTTPCore:
         if self.user_id is None:
             raise MatrixAPIError("the user id is not known yet: call whoami() or log in first")
         return self.user_id
+
+    def server_time_ms(self) -> int | None:
+        """The homeserver's clock now, in milliseconds since the epoch, or None when
+        no answer yet carried a readable ``Date`` header.
+
+        This machine's wall clock plays no part: use it to compare with events'
+        ``origin_server_ts``. Never ahead of the server; at most a second behind,
+        and within milliseconds once a few answers have come (`ServerClock`).
+        """
+        return self._server_clock.now_ms()
 
     async def aclose(self) -> None:
         await self._transport.aclose()
@@ -256,6 +270,7 @@ class HTTPCore:
             response = await self._exchange(
                 self._origin, request.method, target, headers, content, timeouts
             )
+            self._server_clock.observe(response.headers)
             body = decode_content(response)
         except (httpx.ConnectError, httpx.ConnectTimeout, httpx.PoolTimeout) as exc:
             raise NetworkError(
@@ -289,12 +304,11 @@ class HTTPCore:
         except (msgspec.DecodeError, RecursionError):
             body = None
         if body is not None and isinstance(body.get("errcode"), str):
-            retry_after = response.header(b"retry-after")
             return MatrixError.from_response(
                 status,
                 body,
                 retry_after_header=_parse_retry_after(
-                    retry_after.decode("latin-1") if retry_after is not None else None
+                    response.header(b"retry-after"), http_date(response.header(b"date"))
                 ),
             )
         content_type = (response.header(b"content-type") or b"no content type").decode("latin-1")

@@ -41,7 +41,14 @@ from typing import NamedTuple
 import httpx
 import trio
 
-__all__ = ["Origin", "RawResponse", "Timeouts", "TrioTransport", "decode_content"]
+__all__ = [
+    "Origin",
+    "RawResponse",
+    "Timeouts",
+    "TrioTransport",
+    "decode_content",
+    "find_header",
+]
 
 _MAX_HEAD = 64 * 1024
 _CHUNK = 65536
@@ -81,10 +88,15 @@ class RawResponse:
 
     def header(self, name: bytes) -> bytes | None:
         """The first value of header ``name`` (lower case), if any."""
-        for key, value in self.headers:
-            if key.lower() == name:
-                return value
-        return None
+        return find_header(self.headers, name)
+
+
+def find_header(headers: Sequence[tuple[bytes, bytes]], name: bytes) -> bytes | None:
+    """The first value of header ``name`` (lower case) in ``headers``, if any."""
+    for key, value in headers:
+        if key.lower() == name:
+            return value
+    return None
 
 
 def decode_content(response: RawResponse) -> bytes:

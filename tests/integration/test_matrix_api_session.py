@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import time
+
 import pytest
 
 from matrix_api import MatrixClient, UnknownToken, new_txn_id
@@ -16,6 +18,20 @@ async def test_versions_lists_the_spec_versions_without_a_token(synapse: Synapse
 
     assert "v1.1" in versions.versions
     assert all(isinstance(flag, bool) for flag in versions.unstable_features.values())
+
+
+async def test_the_servers_clock_comes_from_its_answers(synapse: SynapseServer) -> None:
+    async with MatrixClient(synapse.base_url) as client:
+        assert client.server_time_ms() is None
+        for _ in range(3):
+            await client.versions()
+        told = client.server_time_ms()
+        here = time.time() * 1000
+
+    # Synapse runs on this machine, on this clock: the two agree, the server's
+    # reading never ahead, and behind by no more than the second Date leaves open.
+    assert told is not None
+    assert here - 1100 <= told <= here + 50
 
 
 async def test_password_login_gives_a_new_device_and_whoami_confirms_it(

@@ -223,6 +223,14 @@ async def test_retry_after_comes_from_an_http_date_header() -> None:
     assert err.retry_after == pytest.approx(120, abs=2)
 
 
+async def test_a_retry_after_date_is_measured_from_the_answers_own_date() -> None:
+    # The server's clock is an hour behind ours: its "in 30 s" is 30 s, not nothing.
+    err = await rate_limited(
+        headers={"Retry-After": http_date(-3600 + 30), "Date": http_date(-3600)}
+    )
+    assert err.retry_after == pytest.approx(30, abs=1)
+
+
 async def test_a_retry_after_date_in_the_past_means_now() -> None:
     assert (await rate_limited(headers={"Retry-After": http_date(-60)})).retry_after == 0.0
 
