@@ -24,6 +24,7 @@ __all__ = [
     "Chat",
     "MarkerError",
     "chat_from_marker",
+    "created_now_ms",
     "marker_content",
     "new_chat_id",
     "space_marker_content",
@@ -70,6 +71,18 @@ def new_chat_id() -> str:
 
 def now_ms() -> int:
     return int(time.time() * 1000)
+
+
+def created_now_ms(client: MatrixClient) -> int:
+    """A ``created_ts`` for a chat the bot takes on now.
+
+    Messages older than ``created_ts`` are history, not for the bot to answer, and
+    their ``origin_server_ts`` is the homeserver's clock: so is this wherever the
+    server's answers told it (`MatrixClient.server_time_ms`). This machine's clock
+    running ahead would otherwise make a user's first messages look like history.
+    """
+    server_now = client.server_time_ms()
+    return server_now if server_now is not None else now_ms()
 
 
 def marker_content(chat: Chat) -> dict[str, Any]:

@@ -240,15 +240,18 @@ class Intake:
 
 
 def _own_join_index(events: Sequence[RoomEvent], bot_user_id: str) -> int | None:
-    """Where the bot joined, if ``events`` show it (its last join, if several)."""
+    """Where the bot joined, if ``events`` show it (its last join, if several).
+
+    The long-poll leaves out the bot's own events, its join among them: there the
+    invite it accepted (sent by the inviter) stands for it. What the inviter wrote
+    between the two is then left to the chat's ``created_ts``.
+    """
     for index in range(len(events) - 1, -1, -1):
         event = events[index]
-        if (
-            event.type == "m.room.member"
-            and event.state_key == bot_user_id
-            and event.content.get("membership") == "join"
-            and not _was_joined(event)
-        ):
+        if event.type != "m.room.member" or event.state_key != bot_user_id:
+            continue
+        membership = event.content.get("membership")
+        if membership == "invite" or (membership == "join" and not _was_joined(event)):
             return index
     return None
 

@@ -18,8 +18,8 @@ from .chats import (
     Chat,
     MarkerError,
     chat_from_marker,
+    created_now_ms,
     new_chat_id,
-    now_ms,
     write_marker,
 )
 from .commands import Reply
@@ -60,7 +60,7 @@ class InviteHandler:
                 room_id=room_id,
                 owner=inviter,
                 title=f"Chat with {inviter}",
-                created_ts=now_ms(),
+                created_ts=created_now_ms(self._client),
             )
             await write_marker(self._client, chat)
         await self._client.join_room(room_id)

@@ -23,8 +23,8 @@ from matrix_api.models import EventID, RoomID
 from .chats import (
     SPACE_MARKER,
     Chat,
+    created_now_ms,
     new_chat_id,
-    now_ms,
     space_marker_content,
     write_marker,
 )
@@ -93,7 +93,7 @@ async def create_chat(
                 )
             ],
         )
-        room = ProvisionedRoom(room_id, new_chat_id(), now_ms())
+        room = ProvisionedRoom(room_id, new_chat_id(), created_now_ms(client))
         if request is not None:
             await store.set_provisioned(request, msgspec.structs.replace(made, room=room))
     else:

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import time
+import types
 from pathlib import Path
 
 import pytest
@@ -9,6 +11,7 @@ import trio
 from structlog.contextvars import merge_contextvars
 from structlog.testing import capture_logs
 
+import bot.chats
 from bot.chats import CHAT_MARKER, Chat
 from bot.handler import REPAIR_FAILED_NOTICE
 from bot.invites import GREETING
@@ -17,6 +20,7 @@ from bot.messages import IncomingMessage
 from bot.runtime import Phase
 from bot.store import Store
 from bot_harness import Person, bot_settings, replies_to, running_bot
+from command_helpers import ask, linked_room
 from conftest import MakeUser
 from matrix_api import MatrixClient
 from matrix_api.models import RoomID, SyncToken
@@ -193,6 +197,51 @@ async def test_history_from_before_the_bot_joined_is_not_answered(
     answered = replies_to(alice.bot_notices(room_id, bot_user.user_id))
     assert answered == [asked]
     assert not set(history) & set(answered)
+
+
+async def test_a_bot_clock_running_ahead_hides_no_first_message(
+    synapse: SynapseServer,
+    make_user: MakeUser,
+    alice: Person,
+    tmp_path: Path,
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    # The bot's clock runs two minutes ahead of the homeserver's. Messages older
+    # than a chat are history; they must be older on the server's clock.
+    real_time = time.time
+    monkeypatch.setattr(bot.chats, "time", types.SimpleNamespace(time=lambda: real_time() + 120))
+    bot_user = make_user("bot")
+    settings = bot_settings(synapse, bot_user, tmp_path / "store.sqlite3")
+    async with running_bot(settings) as runtime:
+        # A chat from an invite ...
+        invited = await _invite_and_greet(alice, bot_user.user_id)
+        first = await alice.say(invited, "hello")
+        await alice.wait_until(
+            lambda: first in replies_to(alice.bot_notices(invited, bot_user.user_id)),
+            what="the reply in the invited room",
+        )
+        # ... and one the bot makes.
+        new = await ask(alice, invited, bot_user.user_id, "!new Plans")
+        made = linked_room(new)
+        await alice.client.join_room(made)
+        in_made = await alice.say(made, "hello again")
+        await alice.wait_until(
+            lambda: in_made in replies_to(alice.bot_notices(made, bot_user.user_id)),
+            what="the reply in the room the bot made",
+        )
+        seen = {e.event_id: e for e in alice.timeline[invited]}
+        invite = next(
+            e
+            for e in seen.values()
+            if e.type == "m.room.member" and e.content.get("membership") == "invite"
+        )
+        [command] = [seen[target] for target in replies_to([new])]
+        for room_id, cause in ((invited, invite), (made, command)):
+            chat = runtime._store.chat_for_room(room_id)
+            assert chat is not None
+            # On the server's clock, after what made the chat (give or take the
+            # second a ``Date`` header leaves open), far from this machine's clock.
+            assert cause.origin_server_ts - 1000 <= chat.created_ts < real_time() * 1000
 
 
 async def test_restart_with_store_fills_a_gap_larger_than_the_timeline(

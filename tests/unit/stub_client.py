@@ -19,7 +19,12 @@ class StubClient:
     fail_on: str | None = None
     error: MatrixAPIError | None = None
     calls: list[tuple[str, tuple[Any, ...]]] = field(default_factory=list)
+    server_clock_ms: int | None = None
+    """What `server_time_ms` answers (None: no answer told the server's clock)."""
     _next: int = 0
+
+    def server_time_ms(self) -> int | None:
+        return self.server_clock_ms
 
     def _record(self, name: str, *args: Any) -> None:
         self.calls.append((name, args))

@@ -429,6 +429,25 @@ async def test_with_a_token_a_newly_joined_room_starts_after_the_join(store: Sto
     assert client.calls == []
 
 
+async def test_in_the_long_poll_the_bots_invite_stands_for_its_join(store: Store) -> None:
+    # The long-poll leaves out the bot's own events: its join is not there, the
+    # invite it accepted is (its sender is the inviter).
+    invite = RoomEvent(
+        type="m.room.member",
+        event_id=EventID("$invite"),
+        sender=UserID(ALICE),
+        origin_server_ts=CREATED - 5,
+        content={"membership": "invite"},
+        state_key=BOT,
+    )
+    timeline = [msg(1), msg(2), invite, msg(3)]
+    response = sync({STRANGER_ROOM: room(timeline, limited=True, prev_batch="p1")})
+    client = FakeClient()
+
+    assert await picked(store, client, response, since="s0") == ["$m3"]
+    assert client.calls == []
+
+
 async def test_a_profile_change_is_not_a_join(store: Store) -> None:
     timeline = [msg(1), bot_join(ts=CREATED + 15, prev="join"), msg(2)]
 

@@ -8,7 +8,7 @@ from typing import cast
 
 import pytest
 
-from bot.chats import CHAT_MARKER, Chat
+from bot.chats import CHAT_MARKER, Chat, now_ms
 from bot.encryption import offer_unencrypted_chat
 from bot.provisioning import create_chat
 from bot.store import NewInboxItem, Provisioned, Store
@@ -160,3 +160,20 @@ async def test_the_encrypted_way_out_is_made_once_across_a_crash(store: Store) -
     successor = store.chat_for_room(encrypted.room_id)
     assert successor is not None
     assert successor.successor == store.chat_for_room(way_out).chat_id  # type: ignore[union-attr]
+
+
+@pytest.mark.parametrize("server_clock", [1_000_000, None])
+async def test_a_new_chat_is_created_at_the_servers_time(
+    store: Store, server_clock: int | None
+) -> None:
+    # Its messages' timestamps are the server's: a clock here running ahead must not
+    # make them look older than the chat. A server that tells no time: ours.
+    stub = StubClient(server_clock_ms=server_clock)
+    before = now_ms()
+    chat = await create_chat(client(stub), store, ALICE, "Plans", STUB_SERVER)
+    if server_clock is None:
+        assert before <= chat.created_ts <= now_ms()
+    else:
+        assert chat.created_ts == server_clock
+    [(_, content)] = markers(stub)
+    assert content["created_ts"] == chat.created_ts
