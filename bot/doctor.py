@@ -9,9 +9,12 @@ produce. Reconciliation runs against a copy of the store, never the store itself
 from __future__ import annotations
 
 import shutil
+import sqlite3
 import tempfile
 from collections.abc import Callable
 from pathlib import Path
+
+import trio
 
 from matrix_api import MatrixAPIError, MatrixClient
 
@@ -22,8 +25,9 @@ from .reconcile import reconcile_matrix_state
 from .reset import store_files
 from .session import AuthError, authenticate
 from .store import SCHEMA_VERSION, Store, StoreError
+from .store_lock import StoreLock, StoreLockHeld
 
-__all__ = ["run_doctor"]
+__all__ = ["run_doctor", "snapshot_store"]
 
 
 async def run_doctor(settings: Settings, say: Callable[[str], None]) -> int:
@@ -54,12 +58,12 @@ async def run_doctor(settings: Settings, say: Callable[[str], None]) -> int:
 
         with tempfile.TemporaryDirectory(prefix="surfaces-doctor-") as scratch:
             copy = Path(scratch) / "store.sqlite3"
-            for path in store_files(settings.store_path):
-                shutil.copy2(
-                    path, Path(scratch) / path.name.replace(settings.store_path.name, copy.name)
-                )
             try:
+                await trio.to_thread.run_sync(snapshot_store, settings.store_path, copy)
                 store = await Store.open(copy, settings.user_id)
+            except sqlite3.Error as exc:
+                bad(f"store: {settings.store_path}: cannot be read: {exc}")
+                return problems
             except StoreError as exc:
                 bad(f"store: {exc}")
                 return problems
@@ -103,3 +107,37 @@ async def run_doctor(settings: Settings, say: Callable[[str], None]) -> int:
             finally:
                 await store.aclose()
     return 1 if problems else 0
+
+
+def snapshot_store(store_path: Path, copy: Path) -> None:
+    """Copy the store at ``store_path`` to ``copy`` (no file there: no store yet) as
+    one committed state, even while a bot writes to it; nothing is left beside it.
+    """
+    if not store_files(store_path):
+        return
+    try:
+        lock = StoreLock.try_acquire(store_path)
+    except StoreLockHeld:
+        # A bot is running. Copying its files one by one could take the database
+        # from before a checkpoint and the WAL from after it; SQLite's backup reads
+        # one committed state. The bot's connection keeps the WAL files beside the
+        # store, so this read-only one adds none.
+        source = sqlite3.connect(f"{store_path.absolute().as_uri()}?mode=ro", uri=True)
+        try:
+            target = sqlite3.connect(copy)
+            try:
+                source.backup(target)
+            finally:
+                target.close()
+        finally:
+            source.close()
+        return
+    except OSError:
+        lock = None  # a directory we cannot write in: no bot can run there either
+    try:
+        # No bot runs, and none can start while the lock is ours: the files are still.
+        for path in store_files(store_path):
+            shutil.copy2(path, copy.with_name(path.name.replace(store_path.name, copy.name)))
+    finally:
+        if lock is not None:
+            lock.release()
