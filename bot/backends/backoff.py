@@ -7,11 +7,12 @@ waits what the server asked for, and one asking for too long is not waited for.
 
 from __future__ import annotations
 
-import email.utils
 import random
 import time
 from collections.abc import Mapping
 from dataclasses import dataclass, field
+
+from matrix_api.server_clock import http_date
 
 __all__ = ["Backoff", "retry_after_from"]
 
@@ -46,7 +47,11 @@ class Backoff:
 
 def retry_after_from(headers: Mapping[str, str]) -> float | None:
     """The wait a response asks for: ``retry-after-ms`` (OpenAI's), or ``Retry-After``
-    as delta-seconds or an HTTP date. None when absent or unreadable."""
+    as delta-seconds or an HTTP date. None when absent or unreadable.
+
+    A date is measured from the response's own ``Date`` when it has one: both are
+    the server's clock, so a skew between it and ours does not change the wait.
+    """
     millis = headers.get("retry-after-ms")
     if millis is not None:
         try:
@@ -61,8 +66,9 @@ def retry_after_from(headers: Mapping[str, str]) -> float | None:
         return max(0.0, float(value))
     except ValueError:
         pass
-    try:
-        when = email.utils.parsedate_to_datetime(value)
-    except (TypeError, ValueError):
+    when = http_date(value.encode("latin-1", "replace"))
+    if when is None:
         return None
-    return max(0.0, when.timestamp() - time.time())
+    date = headers.get("date")
+    now = http_date(date.encode("latin-1", "replace")) if date is not None else None
+    return max(0.0, when - (now if now is not None else time.time()))
