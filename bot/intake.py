@@ -172,10 +172,10 @@ class Intake:
         self, room_id: RoomID, room: JoinedRoom, since: SyncToken
     ) -> list[RoomEvent]:
         timeline = room.timeline
-        joined_at = _own_join_index(timeline.events, self._bot)
-        if joined_at is not None:
+        arrived_at = _own_arrival_index(timeline.events, self._bot)
+        if arrived_at is not None:
             # Newly joined: what came before the join is history, not for the bot.
-            return list(timeline.events[joined_at + 1 :])
+            return list(timeline.events[arrived_at + 1 :])
         if not timeline.limited or timeline.prev_batch is None:
             return list(timeline.events)
         missed: list[RoomEvent] = []  # newest first, as /messages pages backwards
@@ -194,9 +194,9 @@ class Intake:
         log.info("sync_gap_filled", room_id=room_id, events=len(missed), pages=pages)
         missed.reverse()
         events = _dedupe([*missed, *timeline.events])
-        joined_at = _own_join_index(events, self._bot)
+        arrived_at = _own_arrival_index(events, self._bot)
         # A join inside the gap: what came before it is history, not for the bot.
-        return events[joined_at + 1 :] if joined_at is not None else events
+        return events[arrived_at + 1 :] if arrived_at is not None else events
 
     async def _since_horizon(
         self, room_id: RoomID, room: JoinedRoom, chat: Chat
@@ -220,9 +220,9 @@ class Intake:
             token = page.end
             horizon = _horizon(events, self._bot, receipt)
         start = horizon.index + 1
-        joined_at = _own_join_index(events, self._bot)
-        if joined_at is not None:
-            start = max(start, joined_at + 1)
+        arrived_at = _own_arrival_index(events, self._bot)
+        if arrived_at is not None:
+            start = max(start, arrived_at + 1)
         picked = [
             event
             for event in events[start:]
@@ -239,12 +239,12 @@ class Intake:
         return _dedupe(picked)
 
 
-def _own_join_index(events: Sequence[RoomEvent], bot_user_id: str) -> int | None:
-    """Where the bot joined, if ``events`` show it (its last join, if several).
+def _own_arrival_index(events: Sequence[RoomEvent], bot_user_id: str) -> int | None:
+    """Where the bot came into the room, if ``events`` show it: its last join.
 
     The long-poll leaves out the bot's own events, its join among them: there the
-    invite it accepted (sent by the inviter) stands for it. What the inviter wrote
-    between the two is then left to the chat's ``created_ts``.
+    invite it accepted (sent by the inviter) stands for the join. What the inviter
+    wrote between the two is then left to the chat's ``created_ts``.
     """
     for index in range(len(events) - 1, -1, -1):
         event = events[index]
