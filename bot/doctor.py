@@ -8,6 +8,7 @@ produce. Reconciliation runs against a copy of the store, never the store itself
 
 from __future__ import annotations
 
+import contextlib
 import shutil
 import sqlite3
 import tempfile
@@ -122,15 +123,12 @@ def snapshot_store(store_path: Path, copy: Path) -> None:
         # from before a checkpoint and the WAL from after it; SQLite's backup reads
         # one committed state. The bot's connection keeps the WAL files beside the
         # store, so this read-only one adds none.
-        source = sqlite3.connect(f"{store_path.absolute().as_uri()}?mode=ro", uri=True)
-        try:
-            target = sqlite3.connect(copy)
-            try:
-                source.backup(target)
-            finally:
-                target.close()
-        finally:
-            source.close()
+        uri = f"{store_path.absolute().as_uri()}?mode=ro"
+        with (
+            contextlib.closing(sqlite3.connect(uri, uri=True)) as source,
+            contextlib.closing(sqlite3.connect(copy)) as target,
+        ):
+            source.backup(target)
         return
     except OSError:
         lock = None  # a directory we cannot write in: no bot can run there either

@@ -16,7 +16,6 @@ for a Matrix client and cost about 0.2 ms of CPU per request.
 
 from __future__ import annotations
 
-import time
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any, Literal, Protocol, Self, TypeVar
@@ -30,7 +29,7 @@ import trio
 from .errors import BadResponse, MatrixAPIError, MatrixError, MissingToken, NetworkError
 from .models.identifiers import UserID
 from .retry import RetryPolicy
-from .server_clock import ServerClock, http_date
+from .server_clock import ServerClock, seconds_until
 from .transport import Origin, RawResponse, Timeouts, TrioTransport, decode_content
 
 __all__ = ["DEFAULT_TIMEOUT", "HTTPCore", "Request", "decode_json_object", "ignore_body"]
@@ -111,21 +110,15 @@ def _encode_query(query: Mapping[str, str | Sequence[str]]) -> str:
     return "&".join(pairs)
 
 
-def _parse_retry_after(value: bytes | None, server_date: float | None) -> float | None:
-    """``Retry-After`` is either delta-seconds or an HTTP date.
-
-    A date is measured from the answer's own ``Date`` when it has one: both are
-    the server's clock, so a skew between it and ours does not stretch the wait.
-    """
+def _parse_retry_after(value: bytes | None, answered: bytes | None) -> float | None:
+    """``Retry-After`` is either delta-seconds or an HTTP date (`seconds_until`,
+    measured from the answer's own ``Date``, ``answered``)."""
     if value is None:
         return None
     value = value.strip()
     if value.isascii() and value.isdigit():
         return float(value)
-    when = http_date(value)
-    if when is None:
-        return None
-    return max(0.0, when - (server_date if server_date is not None else time.time()))
+    return seconds_until(value, answered)
 
 
 class HTTPCore:
@@ -308,7 +301,7 @@ class HTTPCore:
                 status,
                 body,
                 retry_after_header=_parse_retry_after(
-                    response.header(b"retry-after"), http_date(response.header(b"date"))
+                    response.header(b"retry-after"), response.header(b"date")
                 ),
             )
         content_type = (response.header(b"content-type") or b"no content type").decode("latin-1")

@@ -21,7 +21,7 @@ from collections.abc import Sequence
 
 from .transport import find_header
 
-__all__ = ["ServerClock", "http_date"]
+__all__ = ["ServerClock", "http_date", "seconds_until"]
 
 # A lower bound cannot fall this far below the one kept unless the server's
 # clock was set back: start again from it.
@@ -38,6 +38,21 @@ def http_date(value: bytes | None) -> float | None:
         return None
     # HTTP dates are GMT; one written with ``-0000`` comes back without a zone.
     return (when if when.tzinfo else when.replace(tzinfo=datetime.UTC)).timestamp()
+
+
+def seconds_until(date: bytes, answered: bytes | None) -> float | None:
+    """How long until HTTP date ``date`` (a ``Retry-After``), in seconds, or None
+    when it is unreadable.
+
+    Measured from ``answered``, the answer's own ``Date``, when it has a readable
+    one: both are the server's clock, so a skew between it and ours does not
+    change the wait. From our clock otherwise.
+    """
+    when = http_date(date)
+    if when is None:
+        return None
+    now = http_date(answered)
+    return max(0.0, when - (now if now is not None else time.time()))
 
 
 class ServerClock:

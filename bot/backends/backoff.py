@@ -8,11 +8,10 @@ waits what the server asked for, and one asking for too long is not waited for.
 from __future__ import annotations
 
 import random
-import time
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 
-from matrix_api.server_clock import http_date
+from matrix_api.server_clock import seconds_until
 
 __all__ = ["Backoff", "retry_after_from"]
 
@@ -49,8 +48,7 @@ def retry_after_from(headers: Mapping[str, str]) -> float | None:
     """The wait a response asks for: ``retry-after-ms`` (OpenAI's), or ``Retry-After``
     as delta-seconds or an HTTP date. None when absent or unreadable.
 
-    A date is measured from the response's own ``Date`` when it has one: both are
-    the server's clock, so a skew between it and ours does not change the wait.
+    A date is measured from the response's own ``Date`` (`seconds_until`).
     """
     millis = headers.get("retry-after-ms")
     if millis is not None:
@@ -66,9 +64,8 @@ def retry_after_from(headers: Mapping[str, str]) -> float | None:
         return max(0.0, float(value))
     except ValueError:
         pass
-    when = http_date(value.encode("latin-1", "replace"))
-    if when is None:
-        return None
     date = headers.get("date")
-    now = http_date(date.encode("latin-1", "replace")) if date is not None else None
-    return max(0.0, when - (now if now is not None else time.time()))
+    return seconds_until(
+        value.encode("latin-1", "replace"),
+        date.encode("latin-1", "replace") if date is not None else None,
+    )
