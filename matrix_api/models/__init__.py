@@ -1,6 +1,8 @@
 """Typed shapes of what the homeserver sends; unknown fields are ignored everywhere."""
 
 from .events import (
+    MAX_EVENT_BYTES,
+    MAX_EVENT_DEPTH,
     Event,
     RoomEvent,
     SkippedEvent,
@@ -22,6 +24,8 @@ from .responses import (
 from .sync import InvitedRoom, JoinedRoom, LeftRoom, Rooms, SyncResponse, Timeline, decode_sync
 
 __all__ = [
+    "MAX_EVENT_BYTES",
+    "MAX_EVENT_DEPTH",
     "CreateRoomResponse",
     "Event",
     "EventID",

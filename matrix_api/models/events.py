@@ -1,7 +1,9 @@
 """The event shapes the client-server API hands out.
 
 Events are decoded one at a time from raw JSON (see `decode_events`) so that one
-malformed event costs only itself, never the batch it came in.
+malformed event costs only itself, never the batch it came in. An event larger or
+nested deeper than any real one (`MAX_EVENT_BYTES`, `MAX_EVENT_DEPTH`) is refused
+before it is decoded, so nothing downstream walks an absurd structure.
 """
 
 from __future__ import annotations
@@ -13,8 +15,12 @@ from typing import Any, TypeVar
 import msgspec
 
 from .identifiers import EventID, RoomID, UserID
+from .nesting import exceeds_depth
 
 __all__ = [
+    "CUT_EVENT",
+    "MAX_EVENT_BYTES",
+    "MAX_EVENT_DEPTH",
     "Event",
     "RoomEvent",
     "SkippedEvent",
@@ -67,12 +73,38 @@ class StrippedStateEvent(msgspec.Struct, frozen=True):
     content: dict[str, Any]
 
 
+# A homeserver refuses events over 64 KiB; the client format adds ``unsigned``
+# (a previous content, relations), so a real event stays well under four times that.
+MAX_EVENT_BYTES = 256 * 1024
+# Real contents nest a handful of levels; decoders and walks recurse per level.
+MAX_EVENT_DEPTH = 64
+# Stands where an event was cut out of an envelope (see `.mending`), which recorded it.
+CUT_EVENT = b'"org.surfaces.cut-event"'
+
+
 @dataclass(frozen=True, slots=True)
 class SkippedEvent:
-    """An event that did not decode: where it was and why, for the logs."""
+    """Something that did not decode: where it was and why, for the logs.
+
+    For an event, its id, sender and room when those could still be read (none of
+    its content is kept).
+    """
 
     where: str
     reason: str
+    event_id: str | None = None
+    sender: str | None = None
+    room_id: str | None = None
+
+
+class _Ids(msgspec.Struct):
+    """The parts of an event that name it, read leniently from one that failed."""
+
+    event_id: Any = None
+    sender: Any = None
+
+
+_ids_decoder = msgspec.json.Decoder(_Ids)
 
 
 E = TypeVar("E", Event, RoomEvent, StrippedStateEvent, ToDeviceEvent)
@@ -87,13 +119,42 @@ def decode_events(
     cls: type[E],
     where: str,
     skipped: list[SkippedEvent],
+    *,
+    room_id: str | None = None,
 ) -> list[E]:
-    """Decode each raw event as ``cls``; append a `SkippedEvent` for each one that fails."""
+    """Decode each raw event as ``cls``; append a `SkippedEvent` for each one that fails.
+
+    An event too large or nested too deep is refused before decoding; a `CUT_EVENT`
+    placeholder (already recorded) is passed over.
+    """
     decoder: msgspec.json.Decoder[E] = _DECODERS[cls]
     events: list[E] = []
     for index, raw in enumerate(raws):
         try:
-            events.append(decoder.decode(raw))
+            if len(raw) > MAX_EVENT_BYTES:
+                reason = f"larger than {MAX_EVENT_BYTES} bytes"
+            elif exceeds_depth(bytes(raw), MAX_EVENT_DEPTH):
+                reason = f"nested deeper than {MAX_EVENT_DEPTH} levels"
+            else:
+                events.append(decoder.decode(raw))
+                continue
         except msgspec.DecodeError as exc:
-            skipped.append(SkippedEvent(f"{where}[{index}]", str(exc)))
+            if len(raw) == len(CUT_EVENT) and bytes(raw) == CUT_EVENT:
+                continue
+            reason = str(exc)
+        skipped.append(_skipped(raw, f"{where}[{index}]", reason, room_id))
     return events
+
+
+def _skipped(raw: msgspec.Raw, where: str, reason: str, room_id: str | None) -> SkippedEvent:
+    try:
+        ids = _ids_decoder.decode(raw)
+    except (msgspec.DecodeError, RecursionError):
+        ids = _Ids()
+    return SkippedEvent(
+        where,
+        reason,
+        ids.event_id if isinstance(ids.event_id, str) else None,
+        ids.sender if isinstance(ids.sender, str) else None,
+        room_id,
+    )

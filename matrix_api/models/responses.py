@@ -6,7 +6,7 @@ import msgspec
 
 from .events import RoomEvent, SkippedEvent, StrippedStateEvent, decode_events
 from .identifiers import EventID, RoomID, SyncToken, UserID
-from .surrogates import replace_lone_surrogates
+from .mending import decode_mended
 
 __all__ = [
     "CreateRoomResponse",
@@ -117,14 +117,7 @@ _messages_decoder = msgspec.json.Decoder(_Messages)
 def decode_messages(body: bytes) -> MessagesResponse:
     """Decode a /messages page, skipping (and recording) events that do not decode."""
     skipped: list[SkippedEvent] = []
-    try:
-        wire = _messages_decoder.decode(body)
-    except msgspec.DecodeError:
-        mended, count = replace_lone_surrogates(body)
-        if not count:
-            raise
-        wire = _messages_decoder.decode(mended)
-        skipped.append(SkippedEvent("body", f"{count} lone surrogate escape(s) replaced by U+FFFD"))
+    wire = decode_mended(_messages_decoder, body, skipped, ("chunk", "state"))
     return MessagesResponse(
         start=SyncToken(wire.start),
         chunk=decode_events(wire.chunk, RoomEvent, "chunk", skipped),

@@ -4,7 +4,9 @@ Decoding is two-step, as ruma does it: the envelope is decoded with every room a
 every event kept as raw JSON, then each room and each event is decoded on its own.
 A malformed event or room is dropped and recorded in `SyncResponse.skipped`; only a
 broken envelope (no ``next_batch``, a list where an object belongs) fails the whole
-response, since nothing in it could be trusted then.
+response, since nothing in it could be trusted then. Two things that would sink the
+envelope are mended first, each recorded: lone surrogate escapes, and values nested
+too deep for the decoder to follow (the event holding one is cut out whole).
 
 Remember when reading it: a joined room's ``state`` is the state at the *start* of
 its timeline; state events inside the timeline apply on top of it, in order.
@@ -27,7 +29,7 @@ from .events import (
     decode_events,
 )
 from .identifiers import RoomID, SyncToken
-from .surrogates import replace_lone_surrogates
+from .mending import decode_mended
 
 __all__ = [
     "InvitedRoom",
@@ -145,6 +147,7 @@ class _Sync(msgspec.Struct):
 
 
 _sync_decoder = msgspec.json.Decoder(_Sync)
+_EVENT_ARRAYS = frozenset({"events"})
 _joined_decoder = msgspec.json.Decoder(_Joined)
 _invited_decoder = msgspec.json.Decoder(_Invited)
 _knocked_decoder = msgspec.json.Decoder(_Knocked)
@@ -165,8 +168,8 @@ def _each_room(
         where = f"rooms.{section}.{room_id}"
         try:
             room = decoder.decode(raw_room)
-        except msgspec.DecodeError as exc:
-            skipped.append(SkippedEvent(where, str(exc)))
+        except (msgspec.DecodeError, RecursionError) as exc:
+            skipped.append(SkippedEvent(where, str(exc), room_id=room_id))
             continue
         yield RoomID(room_id), where, room
 
@@ -174,33 +177,28 @@ def _each_room(
 def decode_sync(body: bytes) -> SyncResponse:
     """Decode a /sync response body.
 
-    Raises `msgspec.DecodeError` when the envelope itself is unusable; a bad room or
-    event is skipped and recorded instead.
+    Raises `msgspec.DecodeError` (and nothing else) when the envelope itself is
+    unusable; a bad room or event is skipped and recorded instead.
     """
     skipped: list[SkippedEvent] = []
-    try:
-        wire = _sync_decoder.decode(body)
-    except msgspec.DecodeError:
-        mended, count = replace_lone_surrogates(body)
-        if not count:
-            raise
-        wire = _sync_decoder.decode(mended)
-        skipped.append(SkippedEvent("body", f"{count} lone surrogate escape(s) replaced by U+FFFD"))
+    wire = decode_mended(_sync_decoder, body, skipped, _EVENT_ARRAYS)
 
-    def events(raws: list[msgspec.Raw], cls: type[E], where: str) -> list[E]:
-        return decode_events(raws, cls, where, skipped)
+    def events(
+        raws: list[msgspec.Raw], cls: type[E], where: str, room_id: str | None = None
+    ) -> list[E]:
+        return decode_events(raws, cls, where, skipped, room_id=room_id)
 
-    def timeline(raw: _Timeline, where: str) -> Timeline:
+    def timeline(raw: _Timeline, where: str, room_id: str) -> Timeline:
         return Timeline(
-            events=events(raw.events, RoomEvent, where),
+            events=events(raw.events, RoomEvent, where, room_id),
             limited=raw.limited,
             prev_batch=SyncToken(raw.prev_batch) if raw.prev_batch is not None else None,
         )
 
     join = {
         room_id: JoinedRoom(
-            state=events(room.state.events, RoomEvent, f"{where}.state"),
-            timeline=timeline(room.timeline, f"{where}.timeline"),
+            state=events(room.state.events, RoomEvent, f"{where}.state", room_id),
+            timeline=timeline(room.timeline, f"{where}.timeline", room_id),
             account_data=events(room.account_data.events, Event, f"{where}.account_data"),
             ephemeral=events(room.ephemeral.events, Event, f"{where}.ephemeral"),
             summary=room.summary,
@@ -226,8 +224,8 @@ def decode_sync(body: bytes) -> SyncResponse:
     }
     leave = {
         room_id: LeftRoom(
-            state=events(room.state.events, RoomEvent, f"{where}.state"),
-            timeline=timeline(room.timeline, f"{where}.timeline"),
+            state=events(room.state.events, RoomEvent, f"{where}.state", room_id),
+            timeline=timeline(room.timeline, f"{where}.timeline", room_id),
             account_data=events(room.account_data.events, Event, f"{where}.account_data"),
         )
         for room_id, where, room in _each_room(wire.rooms.leave, _left_decoder, "leave", skipped)

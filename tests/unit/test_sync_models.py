@@ -405,7 +405,11 @@ def test_a_bad_invited_room_is_skipped_alone() -> None:
     sync = decode_sync(encode(body))
 
     assert set(sync.rooms.invite) == {INVITED}
-    assert sync.skipped == [SkippedEvent("rooms.invite.!bad:example.org", sync.skipped[0].reason)]
+    assert sync.skipped == [
+        SkippedEvent(
+            "rooms.invite.!bad:example.org", sync.skipped[0].reason, room_id="!bad:example.org"
+        )
+    ]
 
 
 # --- a broken envelope fails the whole response -----------------------------------------
@@ -444,17 +448,18 @@ def nested_event(depth: int) -> bytes:
     )
 
 
-async def test_a_deeply_nested_event_does_not_escape_as_recursion_error() -> None:
-    body = b'{"next_batch": "s1", "rooms": {"join": {"!r:x": {"timeline": {"events": [%s]}}}}}'
-    server = ScriptedServer(raw(200, body % nested_event(5000)))
+@pytest.mark.parametrize("depth", [100, 1_000, 100_000])
+async def test_a_deeply_nested_event_is_skipped_alone(depth: int) -> None:
+    body = b'{"next_batch": "s1", "rooms": {"join": {"!r:x": {"timeline": {"events": [%s, %s]}}}}}'
+    ok = json.dumps(room_event("$ok")).encode()
+    server = ScriptedServer(raw(200, body % (nested_event(depth), ok)))
     async with server.client(retry_policy=NO_RETRY) as client:
-        # Skipping just that event would be best; a BadResponse at least is an answer the
-        # sync loop knows how to handle.
-        try:
-            sync = await client.sync()
-        except BadResponse:
-            return
-    assert [skipped.where for skipped in sync.skipped] == ["rooms.join.!r:x.timeline[0]"]
+        sync = await client.sync()
+
+    assert [event.event_id for event in sync.rooms.join["!r:x"].timeline.events] == ["$ok"]
+    [skipped] = sync.skipped
+    assert (skipped.event_id, skipped.sender, skipped.room_id) == ("$deep", "@a:b", "!r:x")
+    assert "nested deeper than" in skipped.reason
 
 
 # --- /messages ----------------------------------------------------------------------------
