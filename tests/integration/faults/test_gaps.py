@@ -7,19 +7,10 @@ while it runs, four people write back to back into four rooms, faster than it re
 
 from __future__ import annotations
 
-from collections.abc import AsyncIterator
-from pathlib import Path
-
-import pytest
-
-from fault_harness import CI, FaultLab, fault_lab, run_gap_while_busy, run_gap_while_down
+from faults.harness.figures import CI
+from faults.harness.lab import FaultLab
+from faults.scenarios.gaps import run_gap_while_busy, run_gap_while_down
 from matrix_api.testing.synapse import SynapseServer
-
-
-@pytest.fixture
-async def lab(tmp_path: Path) -> AsyncIterator[FaultLab]:
-    async with fault_lab(tmp_path) as lab:
-        yield lab
 
 
 async def test_a_gap_while_the_bot_is_down_is_filled_and_answered_once_in_order(

@@ -7,21 +7,12 @@ in the inbox, and after a restart every message is answered exactly once.
 
 from __future__ import annotations
 
-from collections.abc import AsyncIterator
-from pathlib import Path
-
-import pytest
-
-from fault_harness import CI, FaultLab, fault_lab, run_graceful_stop
+from faults.harness.figures import CI
+from faults.harness.lab import FaultLab
+from faults.scenarios.graceful_stop import run_graceful_stop
 from matrix_api.testing.synapse import SynapseServer
 
 DRAIN_S = 10.0
-
-
-@pytest.fixture
-async def lab(tmp_path: Path) -> AsyncIterator[FaultLab]:
-    async with fault_lab(tmp_path) as lab:
-        yield lab
 
 
 async def test_sigterm_finishes_what_is_in_flight_and_keeps_the_queue(

@@ -8,19 +8,10 @@ often than the client itself retries, to see the dispatcher's retry honour it to
 
 from __future__ import annotations
 
-from collections.abc import AsyncIterator
-from pathlib import Path
-
-import pytest
-
-from fault_harness import CI, FaultLab, fault_lab, run_long_rate_limit, run_rate_limits
+from faults.harness.figures import CI
+from faults.harness.lab import FaultLab
+from faults.scenarios.rate_limits import run_long_rate_limit, run_rate_limits
 from matrix_api.testing.synapse import SynapseServer
-
-
-@pytest.fixture
-async def lab(tmp_path: Path) -> AsyncIterator[FaultLab]:
-    async with fault_lab(tmp_path) as lab:
-        yield lab
 
 
 async def test_a_burst_under_default_rate_limits_is_answered_once_honouring_retry_after(

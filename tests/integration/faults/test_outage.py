@@ -7,12 +7,13 @@ stops a Synapse of its own, so the session's shared server is never disturbed.
 
 from __future__ import annotations
 
-from collections.abc import AsyncIterator, Iterator
-from pathlib import Path
+from collections.abc import Iterator
 
 import pytest
 
-from fault_harness import CI, FaultLab, fault_lab, run_outage
+from faults.harness.figures import CI
+from faults.harness.lab import FaultLab
+from faults.scenarios.outage import run_outage
 from matrix_api.testing.synapse import SynapseServer
 
 
@@ -25,12 +26,6 @@ def own_synapse(tmp_path_factory: pytest.TempPathFactory) -> Iterator[SynapseSer
         yield server
     finally:
         server.stop()
-
-
-@pytest.fixture
-async def lab(tmp_path: Path) -> AsyncIterator[FaultLab]:
-    async with fault_lab(tmp_path) as lab:
-        yield lab
 
 
 async def test_an_outage_is_ridden_out_with_backoff_and_nothing_lost_or_repeated(

@@ -6,32 +6,15 @@
   characters, bidi overrides, HTML and Markdown injection, a body that is not a
   string, a lone surrogate escape) never crash the bot, and no ``formatted_body``
   it sends carries a raw injected tag.
-* Every test here (and in every ``test_faults_*`` file) ends by scanning all the
-  bots' log lines for the access tokens and passwords it handed out (`fault_lab`).
+* Every test here (and every fault test: the ``lab`` fixture) ends by scanning all
+  the bots' log lines for the access tokens and passwords it handed out (`fault_lab`).
 """
 
 from __future__ import annotations
 
-from collections.abc import AsyncIterator
-from pathlib import Path
-
-import pytest
-
-from fault_harness import (
-    FaultLab,
-    fault_lab,
-    html_problems,
-    run_hostile_bodies,
-    run_poisoned_event,
-    run_two_bots,
-)
+from faults.harness.lab import FaultLab
+from faults.scenarios.security import html_problems, run_hostile_bodies, run_two_bots
 from matrix_api.testing.synapse import SynapseServer
-
-
-@pytest.fixture
-async def lab(tmp_path: Path) -> AsyncIterator[FaultLab]:
-    async with fault_lab(tmp_path) as lab:
-        yield lab
 
 
 def test_the_html_check_sees_an_injection_and_passes_its_escaped_text() -> None:
@@ -71,16 +54,3 @@ async def test_hostile_bodies_never_crash_the_bot_nor_reach_its_html(
     assert result.lost == 0, f"lost: {result.details['lost_ids']}"
     assert result.duplicated == 0
     assert result.answered_once == result.sent
-
-
-async def test_a_lone_surrogate_escape_in_one_event_does_not_stall_the_bot(
-    synapse: SynapseServer, lab: FaultLab
-) -> None:
-    result = await run_poisoned_event(lab, synapse)
-    result.show()
-
-    assert result.details["alive"]
-    assert result.details["waited"] is not None, "messages after the bad one went unanswered"
-    assert result.lost == 0
-    assert result.duplicated == 0
-    assert result.notes["skip_logs"] >= 1, "the undecodable event should be logged as skipped"

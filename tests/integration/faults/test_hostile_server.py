@@ -8,19 +8,11 @@ skipped, and lose nothing it could have handled.
 
 from __future__ import annotations
 
-from collections.abc import AsyncIterator
-from pathlib import Path
-
-import pytest
-
-from fault_harness import CI, FAULT_KINDS, FaultLab, fault_lab, run_hostile_server
+from faults.harness.figures import CI
+from faults.harness.lab import FaultLab
+from faults.harness.proxy import FAULT_KINDS
+from faults.scenarios.hostile_server import run_hostile_server
 from matrix_api.testing.synapse import SynapseServer
-
-
-@pytest.fixture
-async def lab(tmp_path: Path) -> AsyncIterator[FaultLab]:
-    async with fault_lab(tmp_path) as lab:
-        yield lab
 
 
 async def test_spoiled_sync_answers_lose_nothing_and_are_logged(

@@ -15,7 +15,7 @@ from pathlib import Path
 import pytest
 
 from bot.__main__ import EXIT_STORE
-from fault_harness import (
+from faults.scenarios.store import (
     make_foreign_sqlite,
     make_newer_store,
     make_truncated_store,

@@ -8,26 +8,14 @@ non-zero, its store intact; given a new token it then answers what it missed.
 
 from __future__ import annotations
 
-from collections.abc import AsyncIterator
-from pathlib import Path
-
-import pytest
-
-from fault_harness import (
-    CI,
+from faults.harness.figures import CI
+from faults.harness.lab import FaultLab
+from faults.scenarios.lost_token import (
     DEVICE_ID,
-    FaultLab,
-    fault_lab,
     run_lost_token_with_password,
     run_lost_token_without_password,
 )
 from matrix_api.testing.synapse import SynapseServer
-
-
-@pytest.fixture
-async def lab(tmp_path: Path) -> AsyncIterator[FaultLab]:
-    async with fault_lab(tmp_path) as lab:
-        yield lab
 
 
 async def test_with_a_password_the_bot_logs_in_again_on_its_device_and_carries_on(

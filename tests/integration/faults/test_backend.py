@@ -7,21 +7,11 @@ failed: never silently dropped, never retried forever, and the room keeps workin
 
 from __future__ import annotations
 
-from collections.abc import AsyncIterator
-from pathlib import Path
-
-import pytest
-
 from bot.dispatch import MAX_ATTEMPTS
 from bot.handler import FAILED_NOTICE
-from fault_harness import FaultLab, fault_lab, run_backend_failures
+from faults.harness.lab import FaultLab
+from faults.scenarios.backend import run_backend_failures
 from matrix_api.testing.synapse import SynapseServer
-
-
-@pytest.fixture
-async def lab(tmp_path: Path) -> AsyncIterator[FaultLab]:
-    async with fault_lab(tmp_path) as lab:
-        yield lab
 
 
 async def test_a_raising_refusing_or_flaky_backend_gets_bounded_retries_and_a_notice(
@@ -54,9 +44,7 @@ async def test_a_raising_refusing_or_flaky_backend_gets_bounded_retries_and_a_no
 async def test_a_hanging_backend_is_timed_out_then_the_user_is_told(
     synapse: SynapseServer, lab: FaultLab
 ) -> None:
-    result = await run_backend_failures(
-        lab, synapse, kinds=("hang",), hang_patience_s=10.0, scenario="7 backend hangs"
-    )
+    result = await run_backend_failures(lab, synapse, kinds=("hang",), scenario="7 backend hangs")
     result.show()
     calls, outcomes, notices = (result.details[k] for k in ("calls", "outcomes", "notices"))
 

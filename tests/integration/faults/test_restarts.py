@@ -8,31 +8,17 @@ kill in the middle of ``!new`` leaves one room, not two.
 from __future__ import annotations
 
 import secrets
-from collections.abc import AsyncIterator
-from pathlib import Path
 
-import pytest
 import trio
 
-from fault_harness import (
-    CI,
-    Fault,
-    FaultLab,
-    audit,
-    fault_lab,
-    replies_by_target,
-    run_restarts,
-    stage,
-)
+from faults.harness.figures import CI
+from faults.harness.lab import FaultLab, stage
+from faults.harness.proxy import Fault
+from faults.harness.traffic import audit, replies_by_target
+from faults.scenarios.restarts import run_restarts
 from matrix_api import new_txn_id
 from matrix_api.models import RoomEvent
 from matrix_api.testing.synapse import SynapseServer
-
-
-@pytest.fixture
-async def lab(tmp_path: Path) -> AsyncIterator[FaultLab]:
-    async with fault_lab(tmp_path) as lab:
-        yield lab
 
 
 async def test_kill_9_at_three_random_moments_loses_and_repeats_nothing(
@@ -88,9 +74,7 @@ async def test_kill_9_between_create_room_and_its_marker_makes_one_room(
     async with lab.proxy(synapse.base_url) as proxy:
         s = await stage(lab, synapse, rooms=1, homeserver=proxy.url)
         [room] = s.rooms
-        bot = lab.bot(proxy.url, s.bot_user.user_id, access_token=s.bot_user.access_token)
-        await bot.start()
-        await bot.wait_ready()
+        bot = await lab.ready_bot(s)
         hold = proxy.arm(Fault("slow", method="PUT", path=marker_write, delay_s=120.0))
         command = await s.sender.send_event(
             room, "m.room.message", {"msgtype": "m.text", "body": "!new Plans"}, new_txn_id()
