@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import secrets
 import time
+import unicodedata
 from dataclasses import dataclass, field, replace
 from typing import Any
 
@@ -27,8 +28,10 @@ __all__ = [
     "created_now_ms",
     "marker_content",
     "new_chat_id",
+    "safe_title",
     "space_marker_content",
     "space_owner_from_marker",
+    "title_problem",
     "write_marker",
 ]
 
@@ -39,6 +42,79 @@ SPACE_MARKER = "org.surfaces_bot.space"
 MARKER_VERSION = 1
 MAX_TITLE = 255
 """Longest chat title, in characters (room names longer than this are unwieldy)."""
+
+# What a title may not hold, by Unicode category: characters that are invisible or
+# change how the text around them reads (bidi overrides, zero-width spaces, tag
+# characters), control characters, line breaks, and code points with no meaning.
+_REFUSED_IN_TITLE = {
+    "Cc": "a control character",
+    "Cf": "an invisible format character",
+    "Co": "a private-use character",
+    "Cs": "a surrogate",
+    "Cn": f"unassigned in Unicode {unicodedata.unidata_version}",
+    "Zl": "a line separator",
+    "Zp": "a paragraph separator",
+}
+# Unicode's Bidi_Control characters: they reorder the text around them unseen.
+_BIDI_CONTROLS = frozenset(
+    "\u061c\u200e\u200f\u202a\u202b\u202c\u202d\u202e\u2066\u2067\u2068\u2069"
+)
+# The one exception: ZWNJ and ZWJ are part of the spelling of words (Persian, Indic
+# scripts) and of emoji sequences. Between two visible characters they only shape
+# the text; anywhere else (an edge, next to a space, doubled) they are refused.
+_JOINERS = frozenset("\u200c\u200d")
+
+
+def _visible(char: str) -> bool:
+    return not char.isspace() and unicodedata.category(char) not in _REFUSED_IN_TITLE
+
+
+def _refusal(title: str, index: int) -> str | None:
+    """Why ``title[index]`` may not be in a title; None when it may."""
+    char = title[index]
+    what = _REFUSED_IN_TITLE.get(unicodedata.category(char))
+    if what is None:
+        return None
+    if char in _BIDI_CONTROLS:
+        return "an invisible direction-changing character"
+    if (
+        char in _JOINERS
+        and 0 < index < len(title) - 1
+        and _visible(title[index - 1])
+        and _visible(title[index + 1])
+    ):
+        return None
+    return what
+
+
+def title_problem(title: str) -> str | None:
+    """What is wrong with the characters of ``title`` (the first offender, named by
+    its code point, never shown raw), or None when every character may be in a title."""
+    for index, char in enumerate(title):
+        what = _refusal(title, index)
+        if what is not None:
+            name = unicodedata.name(char, "")
+            named = f"U+{ord(char):04X} {name}" if name else f"U+{ord(char):04X}"
+            return f"{named} ({what})"
+    return None
+
+
+def safe_title(raw: str) -> str:
+    """``raw`` as a title the bot can show, for titles it did not check itself (a
+    marker's): refused characters dropped (line breaks and tabs become spaces),
+    whitespace collapsed, at most `MAX_TITLE` characters. Never raises; may return ""
+    (a chat without a title)."""
+    title = unicodedata.normalize("NFC", raw)
+    for _ in range(3):  # dropping one character can leave a joiner at an edge
+        kept = "".join(
+            char if _refusal(title, i) is None else " " if char.isspace() else ""
+            for i, char in enumerate(title)
+        )
+        kept = " ".join(kept.split())[:MAX_TITLE].rstrip()
+        if kept == title:
+            break
+        title = kept
+    return title if title_problem(title) is None else ""
 
 
 @dataclass(frozen=True, slots=True)
@@ -105,7 +181,12 @@ def marker_content(chat: Chat) -> dict[str, Any]:
 
 
 def chat_from_marker(room_id: RoomID, content: dict[str, Any]) -> Chat:
-    """Read a marker's content; `MarkerError` says what is wrong with it."""
+    """Read a marker's content; `MarkerError` says what is wrong with it.
+
+    The title is made safe (`safe_title`) rather than refused: a marker may have been
+    written by another version of the bot or by hand, and a chat is worth more than
+    the characters of its title.
+    """
     version = content.get("version")
     if not isinstance(version, int) or isinstance(version, bool):
         raise MarkerError("no version")
@@ -141,7 +222,7 @@ def chat_from_marker(room_id: RoomID, content: dict[str, Any]) -> Chat:
         chat_id=chat_id,
         room_id=room_id,
         owner=owner,
-        title=title[:MAX_TITLE],
+        title=safe_title(title),
         created_ts=created_ts,
         archived=archived,
         space_id=RoomID(space_id) if space_id is not None else None,

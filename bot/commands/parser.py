@@ -12,17 +12,12 @@ import re
 import unicodedata
 from dataclasses import dataclass
 
-from ..chats import MAX_TITLE
+from ..chats import MAX_TITLE, title_problem
 
 __all__ = ["MAX_COMMAND_LENGTH", "CommandError", "ParsedCommand", "clean_title", "parse_command"]
 
 MAX_COMMAND_LENGTH = 2048
 _NAME = re.compile(r"[a-z][a-z0-9_-]{0,31}")
-# Characters that change how text reads without being visible: bidi embeddings,
-# overrides and isolates, and the BOM / zero-width no-break space.
-_INVISIBLE = frozenset(
-    "\u061c\u200e\u200f\u202a\u202b\u202c\u202d\u202e\u2066\u2067\u2068\u2069\ufeff"
-)
 
 
 class CommandError(ValueError):
@@ -62,17 +57,17 @@ def parse_command(body: str, prefix: str) -> ParsedCommand | None:
 def clean_title(raw: str) -> str:
     """A chat title from user text: one line, printable, at most `MAX_TITLE` characters.
 
-    Raises `CommandError` saying what is wrong with it.
+    Raises `CommandError` saying what is wrong with it: an empty or too long title, or
+    a character a title may not hold (see `bot.chats.title_problem`: control, format,
+    private-use, unassigned characters, line and paragraph separators), named by its
+    code point, since most of them cannot be seen.
     """
     title = unicodedata.normalize("NFC", raw).strip()
     if not title:
         raise CommandError("The title is empty.")
-    for char in title:
-        if char in _INVISIBLE:
-            raise CommandError("The title contains invisible direction-changing characters.")
-        category = unicodedata.category(char)
-        if category == "Cc" or category in ("Cs", "Co", "Cn"):
-            raise CommandError("The title contains control or unassigned characters.")
+    problem = title_problem(title)
+    if problem is not None:
+        raise CommandError(f"The title contains {problem}; remove it and try again.")
     title = " ".join(title.split())
     if len(title) > MAX_TITLE:
         raise CommandError(

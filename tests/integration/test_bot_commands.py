@@ -409,10 +409,13 @@ async def test_bad_input_gets_specific_hints_and_changes_nothing(
         assert "!rename <title>" in no_title.content["body"]
         bidi = await ask(alice, project, bot, "!rename abc\u202edcba")
         assert "direction" in bidi.content["body"]
+        assert "U+202E" in bidi.content["body"]
+        invisible = await ask(alice, project, bot, "!rename ad\u200bmin\U000e0041")
+        assert "U+200B" in invisible.content["body"]
         too_long = await ask(alice, project, bot, "!rename " + "x" * 300)
         assert "300" in too_long.content["body"]
         assert str(MAX_TITLE) in too_long.content["body"]
-        for refusal in (bidi, too_long):
+        for refusal in (bidi, invisible, too_long):
             assert "Renamed" not in refusal.content["body"]
         # A new chat with a bad title is not created at all.
         refused_new = await ask(alice, chat_room, bot, "!new abc\u202edcba")

@@ -11,11 +11,14 @@ from hypothesis import strategies as st
 from bot.chats import (
     CHAT_MARKER,
     MARKER_VERSION,
+    MAX_TITLE,
     Chat,
     MarkerError,
     chat_from_marker,
     marker_content,
     new_chat_id,
+    safe_title,
+    title_problem,
     write_marker,
 )
 from matrix_api.models import RoomID
@@ -52,7 +55,40 @@ def test_any_chat_round_trips(
 ) -> None:
     chat = Chat(chat_id, ROOM, owner, title, created_ts, archived)
 
-    assert chat_from_marker(ROOM, marker_content(chat)) == chat
+    # A title the bot itself checked comes back as it was; any other comes back safe.
+    assert chat_from_marker(ROOM, marker_content(chat)) == chat.with_title(safe_title(title))
+    if title_problem(title) is None and title == " ".join(title.split()):
+        assert safe_title(title) == title
+
+
+@given(raw=st.text(st.characters(blacklist_categories=())) | st.text(max_size=400))
+def test_a_safe_title_is_safe_and_stays_so(raw: str) -> None:
+    title = safe_title(raw)
+
+    assert title_problem(title) is None
+    assert len(title) <= MAX_TITLE
+    assert title == " ".join(title.split())
+    assert safe_title(title) == title
+
+
+@pytest.mark.parametrize(
+    ("hostile", "restored"),
+    [
+        ("Pay\u202eecnalab", "Payecnalab"),
+        ("\u200b\u200b", ""),
+        ("ad\u200bmin\U000e0041\U000e007f", "admin"),
+        ("line\u2028break\nand\ttab", "line break and tab"),
+        ("\u200dx\u200d", "x"),
+        ("a\u200d\u200bb", "ab"),
+        ("\u0645\u06cc\u200c\u062e", "\u0645\u06cc\u200c\u062e"),
+        ("x" * (MAX_TITLE - 1) + "\u200d" + "y", "x" * (MAX_TITLE - 1)),
+    ],
+)
+def test_a_hostile_title_in_a_marker_is_made_safe_not_refused(hostile: str, restored: str) -> None:
+    chat = chat_from_marker(ROOM, {**marker_content(CHAT), "title": hostile})
+
+    assert chat.title == restored
+    assert chat.chat_id == CHAT.chat_id
 
 
 def test_the_room_comes_from_where_the_marker_is_not_from_the_marker() -> None:

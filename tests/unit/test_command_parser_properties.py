@@ -194,16 +194,80 @@ def test_clean_title_is_one_printable_line_or_an_error(raw: str) -> None:
         return
     assert 1 <= len(title) <= MAX_TITLE
     assert title == title.strip()
-    for char in title:
-        assert unicodedata.category(char) not in ("Cc", "Cs", "Co", "Cn"), repr(char)
+    for index, char in enumerate(title):
+        category = unicodedata.category(char)
+        assert category not in REFUSED_CATEGORIES or _joining(title, index), repr(char)
         assert char not in LINE_BREAKS, repr(char)
         assert char not in BIDI_CONTROLS, repr(char)
     assert clean_title(title) == title, "cleaning is idempotent"
 
 
-def test_arabic_letter_mark_is_refused() -> None:
-    with pytest.raises(CommandError):
-        clean_title("abc\u061cdef")
+REFUSED_CATEGORIES = frozenset({"Cc", "Cf", "Co", "Cs", "Cn", "Zl", "Zp"})
+
+
+def _joining(title: str, index: int) -> bool:
+    """ZWNJ/ZWJ between two visible characters: the one format character a title keeps."""
+    return (
+        title[index] in "\u200c\u200d"
+        and 0 < index < len(title) - 1
+        and all(
+            not c.isspace() and unicodedata.category(c) not in REFUSED_CATEGORIES
+            for c in (title[index - 1], title[index + 1])
+        )
+    )
+
+
+@pytest.mark.parametrize(
+    ("raw", "code_point"),
+    [
+        ("abc\u061cdef", "U+061C"),  # ARABIC LETTER MARK (bidi)
+        ("pay\u202eecnalab", "U+202E"),  # RIGHT-TO-LEFT OVERRIDE
+        ("\u2066x\u2069", "U+2066"),  # isolates
+        ("ad\u200bmin", "U+200B"),  # ZERO WIDTH SPACE
+        ("\u200bleading", "U+200B"),
+        ("trailing\ufeff", "U+FEFF"),  # BOM
+        ("soft\u00adhyphen", "U+00AD"),
+        ("word\u2060joiner", "U+2060"),
+        ("flag\U000e0067\U000e0062\U000e007f", "U+E0067"),  # tag characters
+        ("tag\U000e0001", "U+E0001"),  # LANGUAGE TAG
+        ("one\u2028two", "U+2028"),  # LINE SEPARATOR
+        ("one\u2029two", "U+2029"),  # PARAGRAPH SEPARATOR
+        ("private\ue000use", "U+E000"),
+        ("plane\U000f0000", "U+F0000"),
+        ("unassigned\u0378", "U+0378"),
+        ("null\x00byte", "U+0000"),
+        ("escape\x1b[31m", "U+001B"),
+        ("tab\there", "U+0009"),
+        ("anchor\ufff9x", "U+FFF9"),
+        ("\u200dedge", "U+200D"),  # a joiner at an edge ...
+        ("edge\u200c", "U+200C"),
+        ("a \u200d b", "U+200D"),  # ... next to a space ...
+        ("a\u200d\u200db", "U+200D"),  # ... or doubled is refused
+    ],
+)
+def test_a_title_with_an_invisible_or_control_character_is_refused_by_name(
+    raw: str, code_point: str
+) -> None:
+    with pytest.raises(CommandError) as raised:
+        clean_title(raw)
+    message = str(raised.value)
+    assert code_point in message
+    # The message names the character; it never carries it (it cannot be seen).
+    assert all(unicodedata.category(c) not in REFUSED_CATEGORIES for c in message)
+
+
+@pytest.mark.parametrize(
+    "raw",
+    [
+        "\u0645\u06cc\u200c\u062e\u0648\u0627\u0647\u0645",  # Persian: ZWNJ is spelling
+        "\U0001f468\u200d\U0001f469\u200d\U0001f467",  # an emoji family (ZWJ sequence)
+        "\U0001f3f3\ufe0f\u200d\U0001f308 Pride",  # VS16 then ZWJ
+        "Caf\u00e9 \u00e0 Z\u00fcrich",
+        "\u05e9\u05dc\u05d5\u05dd world",  # right-to-left letters need no override
+    ],
+)
+def test_real_text_with_joiners_is_a_title(raw: str) -> None:
+    assert clean_title(raw) == raw
 
 
 # --- run_command ----------------------------------------------------------------------
