@@ -31,6 +31,7 @@ from matrix_api import MatrixClient
 from matrix_api.models import EventID, JoinedRoom, RoomEvent, RoomID, SyncResponse, SyncToken
 
 from .chats import Chat
+from .invites import pick_invite, unreadable_invite_state
 from .messages import in_reply_to, is_actionable
 from .store import InboxItem, NewInboxItem, Store
 
@@ -113,15 +114,29 @@ class _Horizon:
 
 
 def invite_item(
-    room_id: RoomID, inviter: str, bot_user_id: str, encrypted: bool = False
+    room_id: RoomID,
+    inviter: str,
+    bot_user_id: str,
+    encrypted: bool = False,
+    *,
+    ambiguous: str | None = None,
+    candidates: Sequence[str] = (),
 ) -> NewInboxItem:
-    """An inbox entry for a pending invite (stripped state has no event id)."""
+    """An inbox entry for a pending invite (stripped state has no event id).
+
+    An ``ambiguous`` one (see `bot.invites.pick_invite`) is declined when handled; it
+    goes through the inbox like any invite, so the decline is durable.
+    """
+    content: dict[str, Any] = {"membership": "invite", "encrypted": encrypted}
+    if ambiguous is not None:
+        content["ambiguous"] = ambiguous
+        content["candidates"] = list(candidates)
     event = RoomEvent(
         type="m.room.member",
         event_id=EventID(f"invite:{room_id}"),
         sender=inviter,  # type: ignore[arg-type]  # a user id from the invite state
         origin_server_ts=0,
-        content={"membership": "invite", "encrypted": encrypted},
+        content=content,
         state_key=bot_user_id,
         room_id=room_id,
     )
@@ -156,16 +171,26 @@ class Intake:
                 for event in events
                 if is_actionable(event, self._bot)
             )
+        unreadable = unreadable_invite_state(response.skipped)
         for room_id, invited in response.rooms.invite.items():
+            # The inviter is the sender of the invite the server appended, last; a
+            # state that says otherwise anywhere is declined (`pick_invite`).
+            picked = pick_invite(
+                invited.invite_state, self._bot, unreadable=unreadable.get(room_id, 0)
+            )
+            if picked is None:
+                continue
             encrypted = any(s.type == "m.room.encryption" for s in invited.invite_state)
-            for stripped in invited.invite_state:
-                if (
-                    stripped.type == "m.room.member"
-                    and stripped.state_key == self._bot
-                    and stripped.content.get("membership") == "invite"
-                ):
-                    items.append(invite_item(room_id, stripped.sender, self._bot, encrypted))
-                    break
+            items.append(
+                invite_item(
+                    room_id,
+                    picked.inviter,
+                    self._bot,
+                    encrypted,
+                    ambiguous=picked.ambiguous,
+                    candidates=picked.candidates,
+                )
+            )
         return await self._store.commit_sync_batch(response.next_batch, items)
 
     async def _with_gap_filled(

@@ -1,5 +1,11 @@
 """Invites: join rooms that allowed users invite the bot to, and make them chats.
 
+Who invited the bot is read from the invite's stripped state (`pick_invite`). That
+state is mostly copied from the inviting server, which may put anything in it; the
+one entry the bot's own homeserver vouches for is the invite event it appended
+itself, last. An invite whose entries for the bot disagree, or whose state could
+not all be read, is declined unread: the bot never guesses whose chat a room is.
+
 The marker is written before the join, so a crash at any point is completed at the
 next start: before the join, the invite is still pending (and shown again by the
 full-state sync) and the marker already names the chat id to reuse; after the
@@ -8,10 +14,13 @@ join, reconciliation restores the chat from the marker.
 
 from __future__ import annotations
 
+from collections.abc import Iterable, Sequence
+from dataclasses import dataclass
+
 import structlog
 
 from matrix_api import Forbidden, MatrixClient, NotFound
-from matrix_api.models import RoomID
+from matrix_api.models import RoomID, SkippedEvent, StrippedStateEvent
 
 from .chats import (
     CHAT_MARKER,
@@ -20,6 +29,7 @@ from .chats import (
     chat_from_marker,
     created_now_ms,
     new_chat_id,
+    safe_title,
     write_marker,
 )
 from .commands import Reply
@@ -28,13 +38,98 @@ from .encryption import offer_unencrypted_chat
 from .messages import notice, reply_txn_id
 from .store import InboxItem, Store
 
-__all__ = ["InviteHandler"]
+__all__ = ["InviteHandler", "PickedInvite", "pick_invite", "unreadable_invite_state"]
 
 log = structlog.get_logger("bot.invites")
 
 GREETING = (
     "Hello! This room is now a chat with the assistant. Write a message and I will answer here."
 )
+DECLINED_REASON = "This bot serves allowed users only."
+AMBIGUOUS_REASON = "This invite could not be verified."
+
+# Inviters named in an ambiguous invite's inbox item and log line: a forged state may
+# hold thousands, and a user id is at most 255 bytes (the spec's limit).
+MAX_CANDIDATES = 8
+_MAX_USER_ID = 255
+
+
+@dataclass(frozen=True, slots=True)
+class PickedInvite:
+    """What an invite's stripped state says about who invited the bot."""
+
+    inviter: str
+    """The sender of the invite the bot's homeserver appended (the last one for the
+    bot); "" when none could be read."""
+    ambiguous: str | None = None
+    """Why the invite cannot be trusted (it is declined unread); None when it can."""
+    candidates: tuple[str, ...] = ()
+    """For an ambiguous invite: the senders of its invites for the bot, in order,
+    each once (at most `MAX_CANDIDATES`, each at most 255 characters)."""
+
+
+def pick_invite(
+    invite_state: Sequence[StrippedStateEvent], bot_user_id: str, *, unreadable: int = 0
+) -> PickedInvite | None:
+    """Who invited ``bot_user_id``, from an invited room's stripped state. Pure.
+
+    The homeserver appends the invite event itself after the state the inviting
+    server supplied, so the last ``m.room.member`` entry for the bot is the invite.
+    Any earlier invite for the bot from another sender is a forgery (or a state no
+    server produces): the invite is then ambiguous. So is one whose last entry for
+    the bot is not an invite, and one with ``unreadable`` entries (they did not
+    decode: the real invite may be among them). None when the state holds nothing
+    for the bot and nothing unreadable (an invite that is not for this user).
+    ``membership`` may be any JSON value; only the string ``"invite"`` counts.
+    """
+    last_membership: object = None
+    inviters: list[str] = []
+    for stripped in invite_state:
+        if stripped.type != "m.room.member" or stripped.state_key != bot_user_id:
+            continue
+        last_membership = stripped.content.get("membership")
+        if last_membership == "invite":
+            inviters.append(stripped.sender)
+    if not inviters and not unreadable:
+        return None
+    last_is_invite = bool(inviters) and last_membership == "invite"
+    inviter = inviters[-1] if last_is_invite else ""
+    reason = None
+    if unreadable:
+        reason = f"{unreadable} invite state entries could not be read"
+    elif not last_is_invite:
+        reason = "the last membership for the bot is not an invite"
+    elif any(sender != inviter for sender in inviters):
+        reason = "the invites for the bot name different senders"
+    if reason is None:
+        return PickedInvite(inviter)
+    return PickedInvite(inviter, reason, _distinct(inviters))
+
+
+def _distinct(senders: Iterable[str]) -> tuple[str, ...]:
+    seen: list[str] = []
+    for sender in senders:
+        shown = sender[:_MAX_USER_ID]
+        if shown not in seen:
+            seen.append(shown)
+            if len(seen) == MAX_CANDIDATES:
+                break
+    return tuple(seen)
+
+
+def unreadable_invite_state(skipped: Iterable[SkippedEvent]) -> dict[str, int]:
+    """How many stripped state entries of each invited room did not decode, from a
+    sync's `SkippedEvent` records (room id -> count)."""
+    counts: dict[str, int] = {}
+    for record in skipped:
+        where = record.where
+        if not where.startswith("rooms.invite."):
+            continue
+        head, found, _ = where.rpartition(".invite_state")
+        if found:
+            room_id = head.removeprefix("rooms.invite.")
+            counts[room_id] = counts.get(room_id, 0) + 1
+    return counts
 
 
 class InviteHandler:
@@ -47,9 +142,22 @@ class InviteHandler:
         """Accept or decline the invite in ``item``; takes it out of the inbox."""
         room_id = item.room_id
         inviter = item.event.sender
+        ambiguous = item.event.content.get("ambiguous")
+        if ambiguous is not None:
+            candidates = item.event.content.get("candidates")
+            log.warning(
+                "invite_declined",
+                room_id=room_id,
+                reason="ambiguous",
+                detail=str(ambiguous),
+                candidates=candidates if isinstance(candidates, list) else [],
+            )
+            await self._client.leave_room(room_id, reason=AMBIGUOUS_REASON)
+            await self._store.discard(item)
+            return
         if not self._settings.allowed.allows(inviter):
             log.warning("invite_declined", room_id=room_id, inviter=inviter, reason="not allowed")
-            await self._client.leave_room(room_id, reason="This bot serves allowed users only.")
+            await self._client.leave_room(room_id, reason=DECLINED_REASON)
             await self._store.discard(item)
             return
 
@@ -59,7 +167,7 @@ class InviteHandler:
                 chat_id=new_chat_id(),
                 room_id=room_id,
                 owner=inviter,
-                title=f"Chat with {inviter}",
+                title=safe_title(f"Chat with {inviter}"),
                 created_ts=created_now_ms(self._client),
             )
             await write_marker(self._client, chat)
