@@ -33,7 +33,12 @@ from faults.harness.lab import FaultLab, fault_lab, seed_from_env
 from faults.scenarios.backend import run_backend_failures
 from faults.scenarios.gaps import run_gap_while_busy, run_gap_while_down
 from faults.scenarios.graceful_stop import run_graceful_stop
-from faults.scenarios.hostile_events import run_poisoned_event
+from faults.scenarios.hostile_events import (
+    DELIVERIES,
+    HOSTILE_CONTENTS,
+    run_hostile_event,
+    run_poisoned_event,
+)
 from faults.scenarios.hostile_server import run_hostile_server
 from faults.scenarios.lost_token import (
     run_lost_token_with_password,
@@ -184,6 +189,15 @@ async def security(lab: FaultLab, hs: SynapseServer, strict: SynapseServer) -> l
     ]
 
 
+async def hostile_events(lab: FaultLab, hs: SynapseServer, strict: SynapseServer) -> list[Figures]:
+    del strict
+    return [
+        await run_hostile_event(lab, hs, content=content, delivery=delivery)
+        for content in HOSTILE_CONTENTS
+        for delivery in DELIVERIES
+    ]
+
+
 SCENARIOS: dict[str, Scenario] = {
     "crash": crash,
     "outage": outage,
@@ -197,6 +211,7 @@ SCENARIOS: dict[str, Scenario] = {
     "store": store,
     "restart": restart,
     "security": security,
+    "hostile_events": hostile_events,
 }
 
 

@@ -69,6 +69,13 @@ class BotProcess:
     def running(self) -> bool:
         return bool(self.runs) and self.current.process.returncode is None
 
+    def exited(self) -> str | None:
+        """None while the current start runs; else its exit code and last log lines."""
+        if self.running:
+            return None
+        code = self.current.process.returncode if self.runs else None
+        return f"{self.name} exited ({code}):\n{self.tail()}"
+
     @property
     def pid(self) -> int | None:
         return self.current.process.pid if self.running else None

@@ -150,7 +150,7 @@ class FaultLab:
 
     def leaks(self) -> list[str]:
         """Where a secret shows up in captured output (never the secret itself)."""
-        found = []
+        found: list[str] = []
         texts: list[tuple[str, str]] = []
         for bot in self.bots:
             texts.extend(
@@ -165,7 +165,7 @@ class FaultLab:
 
     def stray_output(self) -> list[str]:
         """Lines a bot wrote that are not JSON log records (a raw traceback, a warning)."""
-        found = []
+        found: list[str] = []
         for bot in self.bots:
             for run in bot.runs:
                 bot.records(run.number)

@@ -12,8 +12,9 @@ import json
 import re
 import socket
 import struct
+import uuid
 from collections import Counter
-from collections.abc import AsyncIterator, Callable, Iterable
+from collections.abc import AsyncIterator, Callable, Iterable, Iterator
 from contextlib import asynccontextmanager
 from dataclasses import dataclass
 from functools import partial
@@ -161,6 +162,30 @@ def _json_or_none(body: bytes) -> Any:
         return None
 
 
+def timeline_events(doc: Any) -> Iterator[dict[str, Any]]:
+    """The events of a decoded /sync answer's joined timelines, or of a /messages
+    page (answers of the homeserver, before any fault: well-formed)."""
+    if not isinstance(doc, dict):
+        return
+    events = [
+        event
+        for room in doc.get("rooms", {}).get("join", {}).values()
+        for event in room.get("timeline", {}).get("events", [])
+    ]
+    events.extend(doc.get("chunk", []))
+    yield from (event for event in events if isinstance(event, dict))
+
+
+def _has_body(event: dict[str, Any], body: str) -> bool:
+    content = event.get("content")
+    return isinstance(content, dict) and content.get("body") == body
+
+
+def carries_body(body: str) -> Callable[[Any], bool]:
+    """A `Fault.when`: the answer carries the message whose body is ``body``."""
+    return lambda doc: any(_has_body(event, body) for event in timeline_events(doc))
+
+
 def carries_timeline(doc: Any) -> bool:
     """A /sync answer with at least one timeline event in a joined room."""
     if not isinstance(doc, dict):
@@ -255,13 +280,9 @@ class FaultProxy:
         self._moved = trio.Event()
 
     def _note_delivered(self, body: bytes) -> None:
-        doc = _json_or_none(body)
-        if not isinstance(doc, dict):
-            return
-        for room in doc.get("rooms", {}).get("join", {}).values():
-            for event in room.get("timeline", {}).get("events", []):
-                if isinstance(event, dict) and isinstance(event.get("event_id"), str):
-                    self.delivered.add(event["event_id"])
+        for event in timeline_events(_json_or_none(body)):
+            if isinstance(event.get("event_id"), str):
+                self.delivered.add(event["event_id"])
 
     def _pick(self, method: str, path: str, body: bytes) -> Fault | None:
         doc: Any = None
@@ -417,5 +438,23 @@ def lone_surrogate_rewrite(marker: str) -> Callable[[bytes], bytes]:
 
     def rewrite(body: bytes) -> bytes:
         return body.replace(needle, needle + rb" \ud800 lone")
+
+    return rewrite
+
+
+def content_rewrite(marker: str, content: bytes) -> Callable[[bytes], bytes]:
+    """Give the message whose body is ``marker`` the raw JSON ``content`` instead of its
+    own. ``content`` goes in as bytes, unparsed: it may nest deeper than any parser
+    here (or in the bot) would read."""
+    placeholder = f"fault-content-{uuid.uuid4().hex}"
+
+    def rewrite(body: bytes) -> bytes:
+        doc = _json_or_none(body)
+        found = [event for event in timeline_events(doc) if _has_body(event, marker)]
+        if not found:
+            return body
+        for event in found:
+            event["content"] = placeholder
+        return json.dumps(doc).encode().replace(json.dumps(placeholder).encode(), content)
 
     return rewrite

@@ -6,7 +6,7 @@ re-reads each room through /messages for the final count and order.
 from __future__ import annotations
 
 import time
-from collections.abc import Collection, Iterable, Sequence
+from collections.abc import Callable, Collection, Iterable, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -198,9 +198,11 @@ class Traffic:
         *,
         timeout: float,
         bots: Iterable[str] | None = None,
+        fail_if: Callable[[], str | None] | None = None,
     ) -> float:
         """Wait until each of ``events`` (default: all sent) has an answer from each
-        bot; returns the seconds it took. Fails after ``timeout`` s."""
+        bot; returns the seconds it took. Fails after ``timeout`` s, or as soon as
+        ``fail_if()`` gives a reason instead of None (`BotProcess.exited`)."""
         wanted = list(events) if events is not None else None
         bot_list = list(bots) if bots is not None else None
         started = trio.current_time()
@@ -208,6 +210,9 @@ class Traffic:
             missing = self.unanswered(wanted, bot_list)
             if not missing:
                 return trio.current_time() - started
+            reason = fail_if() if fail_if is not None else None
+            if reason is not None:
+                raise AssertionError(f"{len(missing)} message(s) unanswered: {reason}")
             if trio.current_time() - started > timeout:
                 raise AssertionError(
                     f"{len(missing)} message(s) still unanswered after {timeout} s "
@@ -252,7 +257,7 @@ def order_violations(
 ) -> list[str]:
     """Rooms where the bot answered the sent messages in another order than the room has them."""
     ours = {s.event_id for s in sent}
-    bad = []
+    bad: list[str] = []
     for room_id, events in timelines.items():
         asked = [e.event_id for e in events if e.event_id in ours]
         answered: list[str] = []
