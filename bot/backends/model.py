@@ -22,6 +22,15 @@ line, a repr or an exception message (server messages are scrubbed of it too).
     stream = true                               # MODEL_STREAM
     edit_interval_s = 1.5                       # MODEL_EDIT_INTERVAL_S
     context_budget_chars = 24000                # MODEL_CONTEXT_BUDGET_CHARS
+    max_response_bytes = 16777216               # MODEL_MAX_RESPONSE_BYTES
+    max_line_bytes = 1048576                    # MODEL_MAX_LINE_BYTES
+    max_answer_chars = 100000                   # MODEL_MAX_ANSWER_CHARS
+
+Limits: the bot reads at most ``max_response_bytes`` of one answer (a non-streamed
+body, or the whole stream), at most ``max_line_bytes`` of one stream line or event, and
+keeps at most ``max_answer_chars`` of the answer. An answer that outgrows a limit after
+some text came is cut there and ends with a note saying so (``[answer cut: ...]``); one
+that cannot be read within them at all is a `ModelError` (kind ``too_large``).
 """
 
 from __future__ import annotations
@@ -42,6 +51,16 @@ from ..chats import Chat
 from ..messages import IncomingMessage
 from .backoff import Backoff, retry_after_from
 from .base import BackendError
+from .bounded_read import (
+    BodyTooLarge,
+    LineSplitter,
+    LineTooLong,
+    ReadLimitError,
+    UnreadableEncoding,
+    cut_note,
+    open_body,
+    read_prefix,
+)
 from .context import Turn, trim_context
 from .http_backend import HTTPBackend
 from .model_settings import DEFAULT_SYSTEM_PROMPT, MODEL_ENV, ModelSettings, model_settings_from_env
@@ -61,6 +80,8 @@ log = structlog.get_logger("bot.backends.model")
 
 
 _EXCERPT = 300
+_ERROR_BODY_BYTES = 16 * 1024
+"""Of an error answer only an excerpt is shown: no more is read."""
 _DRAIN_S = 1.0
 _MASKED = re.compile(r"\S*\*{3,}\S*")
 
@@ -76,6 +97,7 @@ ErrorKind = Literal[
     "cut",
     "malformed",
     "empty",
+    "too_large",
 ]
 
 
@@ -116,11 +138,15 @@ class SSEParser:
 
     Lines starting with ``:`` are comments (keep-alives); ``event:``, ``id:`` and
     ``retry:`` fields are ignored; several ``data:`` lines of one event are joined with
-    newlines; a blank line ends an event.
+    newlines; a blank line ends an event. With ``max_event_chars``, an event whose data
+    grows past it raises `LineTooLong` (many short ``data:`` lines must not add up to an
+    unbounded event either).
     """
 
-    def __init__(self) -> None:
+    def __init__(self, max_event_chars: int | None = None) -> None:
         self._data: list[str] = []
+        self._size = 0
+        self._max = max_event_chars
 
     def feed(self, line: str) -> str | None:
         """The data of the event this line ends, if it ends one."""
@@ -130,7 +156,13 @@ class SSEParser:
             return None
         name, _, value = line.partition(":")
         if name == "data":
-            self._data.append(value.removeprefix(" "))
+            value = value.removeprefix(" ")
+            self._size += len(value) + 1
+            if self._max is not None and self._size > self._max:
+                self._data = []
+                self._size = 0
+                raise LineTooLong(self._max)
+            self._data.append(value)
         return None
 
     def flush(self) -> str | None:
@@ -139,6 +171,7 @@ class SSEParser:
             return None
         data = "\n".join(self._data)
         self._data = []
+        self._size = 0
         return data
 
 
@@ -154,6 +187,8 @@ class _Progress:
     finish_reason: str | None = None
     done: bool = False
     first_token_at: float | None = None
+    cut: str | None = None
+    """Why the answer was cut short (a limit): the note that ends it."""
 
 
 class ModelBackend(HTTPBackend):
@@ -310,6 +345,9 @@ class ModelBackend(HTTPBackend):
                 log.warning(
                     "model_answer_truncated", model=model_name, max_tokens=body.get("max_tokens")
                 )
+            if progress.cut is not None:
+                log.warning("model_answer_cut", model=model_name, reason=progress.cut)
+                return f"{progress.text.rstrip()}\n\n{progress.cut}"
             return progress.text
 
     async def _attempt(
@@ -319,24 +357,43 @@ class ModelBackend(HTTPBackend):
         progress: _Progress,
         on_partial: OnPartial | None,
     ) -> None:
-        headers = {"Accept": "text/event-stream" if body["stream"] else "application/json"}
+        headers = {
+            "Accept": "text/event-stream" if body["stream"] else "application/json",
+            # Decompressed by `bounded_read` a piece at a time; nothing else is read.
+            "Accept-Encoding": "gzip, deflate",
+        }
         if self.settings.api_key is not None:
             headers["Authorization"] = f"Bearer {self.settings.api_key}"
         url = self.settings.completions_url
         try:
             async with self._http.stream("POST", url, json=body, headers=headers) as response:
                 if response.status_code >= 400:
-                    await response.aread()
-                    raise self._status_error(response, model_name)
+                    excerpt = await read_prefix(response, _ERROR_BODY_BYTES)
+                    raise self._status_error(response, excerpt, model_name)
                 content_type = response.headers.get("content-type", "")
                 if body["stream"] and content_type.startswith("text/event-stream"):
                     await self._read_stream(response, progress, on_partial)
                 else:
                     # Not streamed (asked so, or the server ignored ``stream``).
-                    await response.aread()
-                    self._read_whole(response, progress)
+                    async with open_body(response, self.settings.max_response_bytes) as whole:
+                        raw = await whole.read_all()
+                    self._read_whole(raw, progress)
                     if on_partial is not None and progress.text:
                         await on_partial(progress.text)
+        except UnreadableEncoding as exc:
+            raise self._malformed(f"the answer from {url} cannot be read: {exc}", progress) from exc
+        except ReadLimitError as exc:
+            # Nothing of the answer could be read within the limits (a stream that had
+            # text by then was cut in `_read_stream` and is not an error).
+            raise ModelError(
+                f"the answer from {url} cannot be read within the limits: {exc}",
+                kind="too_large",
+                user_message=(
+                    "The assistant's server sent an answer too large for the bot to read "
+                    f"({_limit_words(exc)})."
+                ),
+                partial=progress.text,
+            ) from exc
         except httpx.TimeoutException as exc:
             phase = "connecting" if isinstance(exc, httpx.ConnectTimeout) else "waiting"
             kind: ErrorKind = "network" if isinstance(exc, httpx.ConnectTimeout) else "timeout"
@@ -369,29 +426,44 @@ class ModelBackend(HTTPBackend):
     async def _read_stream(
         self, response: httpx.Response, progress: _Progress, on_partial: OnPartial | None
     ) -> None:
-        parser = SSEParser()
+        limit = self.settings.max_line_bytes
+        lines = LineSplitter(limit)
+        parser = SSEParser(max_event_chars=limit)
         error: ModelError | None = None
-        # Once the answer is over ([DONE] or an error) the rest of the body is read and
-        # dropped, for at most _DRAIN_S: leaving httpx's nested byte iterators half-read
-        # would leave them to the garbage collector (and trio's ResourceWarning).
-        with trio.CancelScope() as drain:
-            async for line in response.aiter_lines():
-                if error is not None or progress.done:
-                    continue
-                data = parser.feed(line)
-                if data is None:
-                    continue
-                try:
-                    await self._take_event(data, progress, on_partial)
-                except ModelError as exc:
-                    error = exc
-                if error is not None or progress.done:
-                    drain.deadline = trio.current_time() + _DRAIN_S
-            data = parser.flush()
-            if data is not None and error is None and not progress.done:
-                await self._take_event(data, progress, on_partial)
+        async with open_body(response, self.settings.max_response_bytes) as stream:
+            try:
+                while error is None and not progress.done and progress.cut is None:
+                    chunk = await stream.next_chunk()
+                    ended = chunk is None
+                    if chunk is None:
+                        last = lines.flush()
+                        found = [] if last is None else [last]
+                    else:
+                        found = lines.feed(chunk)
+                    for line in found:
+                        data = parser.feed(line.decode("utf-8", errors="replace"))
+                        if data is not None:
+                            error = await self._take_event_or_error(data, progress, on_partial)
+                        if error is not None or progress.done or progress.cut is not None:
+                            break
+                    if ended:
+                        data = parser.flush()
+                        done = progress.done or progress.cut is not None
+                        if data is not None and error is None and not done:
+                            error = await self._take_event_or_error(data, progress, on_partial)
+                        break
+            except ReadLimitError as exc:
+                if not progress.text:
+                    raise
+                progress.cut = _cut_note(exc)
+            if progress.done:
+                # The answer is over: let the server end its body, then reuse the
+                # connection; a server that keeps sending is cut off after _DRAIN_S.
+                await stream.settle(_DRAIN_S)
         if error is not None:
             raise error
+        if progress.cut is not None:
+            return
         if not progress.done and progress.finish_reason is None:
             raise ModelError(
                 f"the stream ended without [DONE] after {progress.chunks} chunks",
@@ -401,6 +473,15 @@ class ModelBackend(HTTPBackend):
             )
         if not progress.text:
             raise self._empty_error(progress)
+
+    async def _take_event_or_error(
+        self, data: str, progress: _Progress, on_partial: OnPartial | None
+    ) -> ModelError | None:
+        try:
+            await self._take_event(data, progress, on_partial)
+        except ModelError as exc:
+            return exc
+        return None
 
     async def _take_event(
         self, data: str, progress: _Progress, on_partial: OnPartial | None
@@ -442,12 +523,20 @@ class ModelBackend(HTTPBackend):
             if progress.first_token_at is None:
                 progress.first_token_at = time.monotonic()
             progress.text += content
+            self._keep_within(progress)
             if on_partial is not None:
                 await on_partial(progress.text)
 
-    def _read_whole(self, response: httpx.Response, progress: _Progress) -> None:
+    def _keep_within(self, progress: _Progress) -> None:
+        """Cut ``progress.text`` at ``max_answer_chars``, noting why."""
+        limit = self.settings.max_answer_chars
+        if len(progress.text) > limit:
+            progress.text = progress.text[:limit]
+            progress.cut = cut_note(f"longer than {limit} characters")
+
+    def _read_whole(self, raw: bytes, progress: _Progress) -> None:
         try:
-            document = response.json()
+            document = json.loads(raw)
         except ValueError as exc:
             raise self._malformed(f"the answer is not JSON: {exc}", progress) from exc
         try:
@@ -467,6 +556,7 @@ class ModelBackend(HTTPBackend):
         progress.text = content or ""
         if not progress.text:
             raise self._empty_error(progress)
+        self._keep_within(progress)
 
     # -- errors --------------------------------------------------------------------------
 
@@ -489,12 +579,14 @@ class ModelBackend(HTTPBackend):
             text = json.dumps(document)
         return self._scrub(text[:_EXCERPT])
 
-    def _status_error(self, response: httpx.Response, model_name: str) -> ModelError:
+    def _status_error(
+        self, response: httpx.Response, excerpt: bytes, model_name: str
+    ) -> ModelError:
         status = response.status_code
         try:
-            detail = self._error_text(response.json())
+            detail = self._error_text(json.loads(excerpt))
         except ValueError:
-            detail = self._scrub(response.text[:_EXCERPT])
+            detail = self._scrub(excerpt[:_EXCERPT].decode("utf-8", errors="replace"))
         what = f"HTTP {status} from the model server: {detail}"
         if status in (401, 403):
             return ModelError(
@@ -585,3 +677,18 @@ class ModelBackend(HTTPBackend):
             elapsed_s=round(time.monotonic() - started, 3),
             error=str(exc),
         )
+
+
+def _cut_note(exc: ReadLimitError) -> str:
+    """The note ending an answer that a read limit cut short."""
+    if isinstance(exc, LineTooLong):
+        return cut_note(f"a line of the server's answer was longer than {exc.limit} bytes")
+    if isinstance(exc, BodyTooLarge):
+        return cut_note(f"the server sent more than {exc.limit} bytes")
+    return cut_note(str(exc))
+
+
+def _limit_words(exc: ReadLimitError) -> str:
+    if isinstance(exc, LineTooLong):
+        return f"a line longer than {exc.limit} bytes"
+    return f"more than {exc.limit} bytes"

@@ -11,7 +11,7 @@ from dataclasses import dataclass, field
 from typing import Any
 from urllib.parse import urlsplit
 
-from .settings import FieldReader, values_from_env
+from .settings import DEFAULT_MAX_ANSWER_CHARS, MAX_BYTES_CEILING, FieldReader, values_from_env
 
 __all__ = ["DEFAULT_SYSTEM_PROMPT", "MODEL_ENV", "ModelSettings", "model_settings_from_env"]
 
@@ -31,6 +31,9 @@ MODEL_ENV: dict[str, str] = {
     "stream": "MODEL_STREAM",
     "edit_interval_s": "MODEL_EDIT_INTERVAL_S",
     "context_budget_chars": "MODEL_CONTEXT_BUDGET_CHARS",
+    "max_response_bytes": "MODEL_MAX_RESPONSE_BYTES",
+    "max_line_bytes": "MODEL_MAX_LINE_BYTES",
+    "max_answer_chars": "MODEL_MAX_ANSWER_CHARS",
 }
 """Setting (key of the ``[model]`` TOML table) -> environment variable."""
 
@@ -52,6 +55,13 @@ class ModelSettings:
     edit_interval_s: float = 1.5
     """At most one edit of the growing reply per this many seconds."""
     context_budget_chars: int = 24_000
+    max_response_bytes: int = 16 << 20
+    """The most read from one answer: a non-streamed body, or a whole stream (whose
+    per-token JSON is ~50 times its text: 16 MiB carry well over 100,000 characters)."""
+    max_line_bytes: int = 1 << 20
+    """The longest one line (or one event) of a stream may be."""
+    max_answer_chars: int = DEFAULT_MAX_ANSWER_CHARS
+    """An answer is cut here, with a note saying so."""
 
     @property
     def completions_url(self) -> str:
@@ -84,12 +94,23 @@ class ModelSettings:
         stream = read.flag("stream", True)
         interval = read.number("edit_interval_s", 1.5, 0.1, 60.0)
         budget = read.whole("context_budget_chars", 24_000, 100, 10_000_000)
+        max_bytes = read.whole("max_response_bytes", 16 << 20, 1024, MAX_BYTES_CEILING)
+        max_line = read.whole("max_line_bytes", 1 << 20, 1024, MAX_BYTES_CEILING)
+        if max_bytes is not None and max_line is not None and max_line > max_bytes:
+            read.problems.append(
+                f"{read.name('max_line_bytes')}: must not be more than "
+                f"{read.name('max_response_bytes')} ({max_bytes})"
+            )
+        max_chars = read.whole("max_answer_chars", DEFAULT_MAX_ANSWER_CHARS, 100, 10_000_000)
         read.raise_if_problems()
         assert base_url is not None
         assert model is not None
         assert timeout is not None
         assert interval is not None
         assert budget is not None
+        assert max_bytes is not None
+        assert max_line is not None
+        assert max_chars is not None
         return cls(
             base_url=base_url,
             model=model,
@@ -101,6 +122,9 @@ class ModelSettings:
             stream=stream,
             edit_interval_s=interval,
             context_budget_chars=budget,
+            max_response_bytes=max_bytes,
+            max_line_bytes=max_line,
+            max_answer_chars=max_chars,
         )
 
 

@@ -10,12 +10,39 @@ from __future__ import annotations
 
 from collections.abc import Mapping
 from typing import Any
-from urllib.parse import urlsplit
+from urllib.parse import urlsplit, urlunsplit
 
-__all__ = ["FieldReader", "SettingsError", "values_from_env"]
+__all__ = [
+    "DEFAULT_MAX_ANSWER_CHARS",
+    "MAX_BYTES_CEILING",
+    "FieldReader",
+    "SettingsError",
+    "shown_url",
+    "values_from_env",
+    "without_userinfo",
+]
+
+DEFAULT_MAX_ANSWER_CHARS = 100_000
+"""About 25,000 tokens: more than any usual ``max_tokens``, and four Matrix events."""
+MAX_BYTES_CEILING = 1 << 30
+"""No byte limit may be set above 1 GiB (a non-streamed answer is held whole)."""
 
 _TRUE = frozenset({"1", "true", "yes", "on"})
 _FALSE = frozenset({"0", "false", "no", "off"})
+
+
+def shown_url(value: str) -> str:
+    """``value`` as a problem may quote it: not at all when it may hold credentials
+    (any ``@``: ``user:password@host``, even in a URL too broken to parse)."""
+    return "(not shown: it contains '@')" if "@" in value else repr(value)
+
+
+def without_userinfo(url: str) -> str:
+    """``url`` with any ``user:password@`` replaced by ``***@`` (for output only)."""
+    parts = urlsplit(url)
+    if "@" not in parts.netloc:
+        return url
+    return urlunsplit(parts._replace(netloc="***@" + parts.netloc.rpartition("@")[2]))
 
 
 class SettingsError(ValueError):
@@ -76,13 +103,16 @@ class FieldReader:
         if value is None:
             return None
         parts = urlsplit(value)
-        if parts.scheme not in ("http", "https") or not parts.hostname:
-            self._bad(key, "expected an http(s) URL", value)
-            return None
-        if parts.username is not None or parts.password is not None:
-            # Credentials in a URL end up in logs and tracebacks.
+        if parts.username is not None or parts.password is not None or "@" in parts.netloc:
+            # Credentials in a URL end up in logs and tracebacks; never echo them.
             self.problems.append(
-                f"{self.name(key)}: must not contain credentials; use the key/secret setting"
+                f"{self.name(key)}: must not contain credentials (user:password@); "
+                "use the key/secret setting"
+            )
+            return None
+        if parts.scheme not in ("http", "https") or not parts.hostname:
+            self.problems.append(
+                f"{self.name(key)}: expected an http(s) URL, got {shown_url(value)}"
             )
             return None
         return value.rstrip("/")

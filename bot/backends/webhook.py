@@ -16,6 +16,13 @@ than its ``Retry-After``; another 4xx is reported to the user and not retried.
     url = "https://assistant.internal/matrix"   # WEBHOOK_URL
     secret = "..."                              # WEBHOOK_SECRET (at least 16 characters)
     timeout_s = 30                              # WEBHOOK_TIMEOUT_S
+    max_response_bytes = 4194304                # WEBHOOK_MAX_RESPONSE_BYTES
+    max_answer_chars = 100000                   # WEBHOOK_MAX_ANSWER_CHARS
+
+At most ``max_response_bytes`` of an answer are read. A plain-text reply longer than
+that, or than ``max_answer_chars``, is cut there and ends with a note saying so
+(``[answer cut: ...]``); a JSON answer over the byte limit cannot be read and is
+reported to the user.
 """
 
 from __future__ import annotations
@@ -35,6 +42,7 @@ from ..chats import Chat
 from ..messages import IncomingMessage
 from .backoff import Backoff, retry_after_from
 from .base import BackendError
+from .bounded_read import BodyTooLarge, ReadLimitError, cut_note, open_body, read_prefix
 from .context import Turn
 from .http_backend import HTTPBackend
 from .streaming import ReplyOverrides, ReplySink
@@ -56,6 +64,9 @@ log = structlog.get_logger("bot.backends.webhook")
 SIGNATURE_HEADER = "X-Surfaces-Signature"
 EVENT_ID_HEADER = "X-Surfaces-Event-Id"
 _EXCERPT = 300
+_BODY_HEADERS = frozenset({"content-encoding", "content-length", "transfer-encoding"})
+_ERROR_BODY_BYTES = 16 * 1024
+"""Of an error answer only an excerpt is logged or shown: no more is read."""
 
 
 def sign(secret: str, body: bytes) -> str:
@@ -144,6 +155,8 @@ class WebhookBackend(HTTPBackend):
         body = json.dumps(document, ensure_ascii=False, separators=(",", ":")).encode("utf-8")
         headers = {
             "Content-Type": "application/json",
+            # Decompressed by `bounded_read` a piece at a time; nothing else is read.
+            "Accept-Encoding": "gzip, deflate",
             SIGNATURE_HEADER: sign(self.settings.secret, body),
             EVENT_ID_HEADER: event_id,
         }
@@ -191,7 +204,19 @@ class WebhookBackend(HTTPBackend):
         url = self.settings.url
         try:
             with trio.fail_after(self.settings.timeout_s):
-                response = await self._http.post(url, content=body, headers=headers)
+                async with self._http.stream("POST", url, content=body, headers=headers) as got:
+                    if got.status_code >= 300:
+                        content, cut = await read_prefix(got, _ERROR_BODY_BYTES), False
+                    else:
+                        content, cut = await self._read_reply(got)
+        except ReadLimitError as exc:
+            raise WebhookError(
+                f"the webhook's answer cannot be read within the limits: {exc}",
+                user_message="The assistant service sent a reply too large for the bot to read "
+                f"(over {self.settings.max_response_bytes} bytes)."
+                if isinstance(exc, BodyTooLarge)
+                else "The assistant service sent a reply the bot cannot read.",
+            ) from exc
         except (trio.TooSlowError, httpx.TimeoutException) as exc:
             raise _Retry(
                 WebhookError(
@@ -199,7 +224,7 @@ class WebhookBackend(HTTPBackend):
                     user_message="The assistant took too long to answer. Please try again.",
                 )
             ) from exc
-        except httpx.TransportError as exc:
+        except (httpx.TransportError, httpx.DecodingError) as exc:
             raise _Retry(
                 WebhookError(
                     f"could not reach the webhook: {type(exc).__name__}: {exc}",
@@ -207,6 +232,9 @@ class WebhookBackend(HTTPBackend):
                     "Please try again later.",
                 )
             ) from exc
+        # The body as read (decompressed): a response of it alone, for the readers below.
+        plain = {k: v for k, v in got.headers.items() if k not in _BODY_HEADERS}
+        response = httpx.Response(got.status_code, headers=plain, content=content)
         status = response.status_code
         if status == 429:
             # Busy, not refusing: ask again, no sooner than it said.
@@ -244,12 +272,60 @@ class WebhookBackend(HTTPBackend):
                 status=status,
                 user_message="The assistant service gave no reply.",
             )
-        return _reply_of(response)
+        return self._within_limits(_reply_of(response), cut)
+
+    async def _read_reply(self, response: httpx.Response) -> tuple[bytes, bool]:
+        """The body within ``max_response_bytes``, and whether it was cut there: a
+        plain-text reply keeps what fit; a JSON one over the limit raises `BodyTooLarge`
+        (half a document does not parse)."""
+        limit = self.settings.max_response_bytes
+        pieces: list[bytes] = []
+        async with open_body(response, limit, trust_length=not _is_text(response)) as reply:
+            try:
+                while (piece := await reply.next_chunk()) is not None:
+                    pieces.append(piece)
+            except BodyTooLarge:
+                if not _is_text(response):
+                    raise
+                kept = _whole_characters(b"".join(pieces)[:limit])
+                if not kept:
+                    raise
+                return kept, True
+        return b"".join(pieces), False
+
+    def _within_limits(self, reply: str, cut_at_bytes: bool) -> str:
+        limit = self.settings.max_answer_chars
+        note: str | None = None
+        if len(reply) > limit:
+            reply, note = reply[:limit], cut_note(f"longer than {limit} characters")
+        elif cut_at_bytes:
+            note = cut_note(f"the service sent more than {self.settings.max_response_bytes} bytes")
+        if note is None:
+            return reply
+        log.warning("webhook_answer_cut", reason=note)
+        return f"{reply.rstrip()}\n\n{note}"
 
 
 def _is_json(response: httpx.Response) -> bool:
     media: str = response.headers.get("content-type", "").split(";")[0].strip().lower()
     return media == "application/json" or media.endswith("+json")
+
+
+def _whole_characters(data: bytes) -> bytes:
+    """``data`` without a UTF-8 character the byte limit split at its end."""
+    for back in range(1, min(4, len(data)) + 1):
+        byte = data[-back]
+        if byte & 0xC0 != 0x80:  # the last character's first byte
+            size = 2 if byte >= 0xC0 else 1
+            size = 3 if byte >= 0xE0 else size
+            size = 4 if byte >= 0xF0 else size
+            return data[:-back] if size > back else data
+    return data
+
+
+def _is_text(response: httpx.Response) -> bool:
+    """A plain-text reply (anything not JSON is read as text, as `_reply_of` does)."""
+    return not _is_json(response)
 
 
 def _said(response: httpx.Response) -> str | None:

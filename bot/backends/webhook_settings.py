@@ -10,7 +10,7 @@ from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
-from .settings import FieldReader, values_from_env
+from .settings import DEFAULT_MAX_ANSWER_CHARS, MAX_BYTES_CEILING, FieldReader, values_from_env
 
 __all__ = ["MIN_SECRET", "WEBHOOK_ENV", "WebhookSettings", "webhook_settings_from_env"]
 
@@ -21,6 +21,8 @@ WEBHOOK_ENV: dict[str, str] = {
     "secret": "WEBHOOK_SECRET",
     "timeout_s": "WEBHOOK_TIMEOUT_S",
     "context_turns": "WEBHOOK_CONTEXT_TURNS",
+    "max_response_bytes": "WEBHOOK_MAX_RESPONSE_BYTES",
+    "max_answer_chars": "WEBHOOK_MAX_ANSWER_CHARS",
 }
 """Setting (key of the ``[webhook]`` TOML table) -> environment variable."""
 
@@ -33,6 +35,11 @@ class WebhookSettings:
     """The longest one attempt may take, from connecting to the whole answer."""
     context_turns: int = 20
     """How many recent turns go with each message."""
+    max_response_bytes: int = 4 << 20
+    """The most read from one answer (a JSON reply escapes each non-ASCII character in
+    up to 12 bytes: 4 MiB carry 100,000 characters of any script)."""
+    max_answer_chars: int = DEFAULT_MAX_ANSWER_CHARS
+    """A reply is cut here, with a note saying so."""
 
     @classmethod
     def from_mapping(cls, values: Mapping[str, Any]) -> WebhookSettings:
@@ -45,12 +52,23 @@ class WebhookSettings:
             read.problems.append(f"{read.name('secret')}: at least {MIN_SECRET} characters")
         timeout = read.number("timeout_s", 30.0, 0.1, 600.0)
         turns = read.whole("context_turns", 20, 0, 1000)
+        max_bytes = read.whole("max_response_bytes", 4 << 20, 1024, MAX_BYTES_CEILING)
+        max_chars = read.whole("max_answer_chars", DEFAULT_MAX_ANSWER_CHARS, 100, 10_000_000)
         read.raise_if_problems()
         assert url is not None
         assert secret is not None
         assert timeout is not None
         assert turns is not None
-        return cls(url=url, secret=secret, timeout_s=timeout, context_turns=turns)
+        assert max_bytes is not None
+        assert max_chars is not None
+        return cls(
+            url=url,
+            secret=secret,
+            timeout_s=timeout,
+            context_turns=turns,
+            max_response_bytes=max_bytes,
+            max_answer_chars=max_chars,
+        )
 
 
 def webhook_settings_from_env(

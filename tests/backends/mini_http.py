@@ -65,6 +65,10 @@ class Responder:
         if data:
             await self._stream.send_all(b"%x\r\n%s\r\n" % (len(data), data))
 
+    async def raw(self, data: bytes) -> None:
+        """Bytes as they are, no chunk framing (a body after a ``Content-Length``)."""
+        await self._stream.send_all(data)
+
     async def end(self) -> None:
         if self._chunked:
             await self._stream.send_all(b"0\r\n\r\n")
