@@ -9,7 +9,9 @@
   (``m.replace`` with ``m.new_content``), at most one per ``edit_interval_s``;
 * `MatrixReplySink.finish` sends the whole answer once: as the final edit of the reply
   when one was started, else as the reply itself; Markdown becomes ``formatted_body``;
-  an answer longer than one event allows continues in further notices.
+  an answer longer than one event allows continues in further notices, at most
+  ``max_parts`` events in all: past that the answer is cut, and its last event ends
+  with a note saying so (``[answer cut: longer than N messages]``).
 * `MatrixReplySink.fail` ends a reply that has no answer with the user message (after
   the partial text, when some was shown).
 
@@ -38,11 +40,13 @@ from matrix_api import MatrixAPIError, MatrixClient, new_txn_id
 from matrix_api.models import EventID, RoomID
 
 from ..messages import notice, reply_txn_id
+from .bounded_read import cut_note
 from .context import FAILED_KEY, STREAMING_KEY
 from .markdown import DEFAULT_PART_BYTES, formatted_or_none, split_message
 from .throttle import EditThrottler, open_edit_throttler
 
 __all__ = [
+    "DEFAULT_MAX_PARTS",
     "MAX_CONTENT_BYTES",
     "MatrixReplySink",
     "edit_content",
@@ -56,6 +60,9 @@ MAX_CONTENT_BYTES = 60_000
 """Largest event content sent (the whole event, signatures included, must stay under
 65,536 bytes); past it the HTML is dropped, the plain body is always kept."""
 _FALLBACK_CHARS = 1_000
+DEFAULT_MAX_PARTS = 16
+"""The most events one answer becomes (16 x 30 KB: an answer of 100,000 characters of
+any script fits)."""
 
 OnStarted = Callable[[EventID], Awaitable[None]]
 
@@ -128,7 +135,10 @@ class MatrixReplySink:
         on_started: OnStarted | None = None,
         part_bytes: int = DEFAULT_PART_BYTES,
         typing_timeout_ms: int = 120_000,
+        max_parts: int = DEFAULT_MAX_PARTS,
     ) -> None:
+        if max_parts < 1:
+            raise ValueError("max_parts must be at least 1")
         self.client = client
         self.room_id = room_id
         self.reply_to = reply_to
@@ -140,6 +150,7 @@ class MatrixReplySink:
         """The text last shown by a partial edit."""
         self._on_started = on_started
         self._part_bytes = part_bytes
+        self._max_parts = max_parts
         self._typing_timeout_ms = typing_timeout_ms
         self._typing = False
         self._throttler: EditThrottler | None = None
@@ -221,8 +232,27 @@ class MatrixReplySink:
             content["m.new_content"][FAILED_KEY] = True
         await self.client.send_event(self.room_id, "m.room.message", content, txn_id=new_txn_id())
 
+    def _parts(self, answer: str) -> list[str]:
+        """``answer`` as at most ``max_parts`` event bodies; cut with a note past that.
+
+        Only the head that can fill ``max_parts`` events is split (a part holds at most
+        ``part_bytes`` bytes, so at most as many characters): a huge answer costs no more.
+        """
+        most = self._max_parts
+        head = answer[: most * self._part_bytes + 1]
+        parts = split_message(head, self._part_bytes)
+        if len(parts) <= most:
+            return parts
+        note = cut_note(f"longer than {most} messages")
+        parts = parts[:most]
+        room = self._part_bytes - len(f"\n\n{note}".encode())
+        last = split_message(parts[-1], max(room, 64))[0]
+        parts[-1] = f"{last.rstrip()}\n\n{note}"
+        log.warning("reply_cut", parts=most, chars=len(answer))
+        return parts
+
     async def _send_final(self, answer: str) -> None:
-        parts = split_message(answer, self._part_bytes)
+        parts = self._parts(answer)
         await self._show(parts[0], streaming=False)
         assert self.event_id is not None
         self.event_ids = [self.event_id]
@@ -253,6 +283,7 @@ async def open_reply_sink(
     on_started: OnStarted | None = None,
     part_bytes: int = DEFAULT_PART_BYTES,
     typing_timeout_ms: int = 120_000,
+    max_parts: int = DEFAULT_MAX_PARTS,
 ) -> AsyncIterator[MatrixReplySink]:
     """A `MatrixReplySink` for the reply to ``reply_to``, for the ``async with`` block.
 
@@ -269,6 +300,7 @@ async def open_reply_sink(
         on_started=on_started,
         part_bytes=part_bytes,
         typing_timeout_ms=typing_timeout_ms,
+        max_parts=max_parts,
     )
     async with open_edit_throttler(sink._send, edit_interval_s) as throttler:
         sink._throttler = throttler

@@ -9,12 +9,19 @@ from __future__ import annotations
 
 from itertools import pairwise
 
+import pytest
 import trio
 import trio.testing
 
 from bot.backends.context import FAILED_KEY, STREAMING_KEY
+from bot.backends.markdown import split_message
 from bot.backends.model import ModelBackend, ModelError, ModelSettings
-from bot.backends.reply_sink import MAX_CONTENT_BYTES, edit_content, open_reply_sink
+from bot.backends.reply_sink import (
+    MAX_CONTENT_BYTES,
+    MatrixReplySink,
+    edit_content,
+    open_reply_sink,
+)
 from bot.chats import Chat
 from bot.messages import IncomingMessage, reply_txn_id
 from fake_openai import API_KEY, FakeOpenAI, Script
@@ -105,6 +112,54 @@ async def test_a_long_answer_continues_in_more_events(
     ]
     texts = [room.final_text(event_id) for event_id in ids]
     assert "\n\n".join(texts) == answer
+
+
+@pytest.mark.parametrize("max_parts", [1, 3, 16])
+async def test_an_answer_of_thousands_of_events_is_cut_at_max_parts(
+    autojump_clock: trio.testing.MockClock, max_parts: int
+) -> None:
+    room = FakeRoom()
+    answer = "\n\n".join(f"Paragraph {i}: " + "lorem ipsum " * 150 for i in range(5_000))
+    assert len(answer) > 4_000 * 2000  # uncut, thousands of events
+    with trio.fail_after(60):
+        async with (
+            room.client() as client,
+            open_reply_sink(
+                client, ROOM, SOURCE, edit_interval_s=0.5, part_bytes=2000, max_parts=max_parts
+            ) as sink,
+        ):
+            ids = await sink.finish(answer)
+    assert len(ids) == max_parts
+    assert len(room.sent) == max_parts
+    texts = [room.final_text(event_id) for event_id in ids]
+    assert all(len(text.encode()) <= 2000 for text in texts)
+    note = f"[answer cut: longer than {max_parts} messages]"
+    assert texts[-1].endswith(f"\n\n{note}")
+    assert all(note not in text for text in texts[:-1])
+    texts[-1] = texts[-1].removesuffix(f"\n\n{note}")
+    assert answer.startswith(texts[0])
+    assert all(text in answer for text in texts)
+
+
+async def test_an_answer_of_exactly_max_parts_events_is_not_cut(
+    autojump_clock: trio.testing.MockClock,
+) -> None:
+    room = FakeRoom()
+    answer = "\n\n".join(f"Paragraph {i}: " + "lorem ipsum " * 150 for i in range(3))
+    parts = split_message(answer, 2000)
+    async with (
+        room.client() as client,
+        open_reply_sink(
+            client, ROOM, SOURCE, edit_interval_s=0.5, part_bytes=2000, max_parts=len(parts)
+        ) as sink,
+    ):
+        ids = await sink.finish(answer)
+    assert [room.final_text(event_id) for event_id in ids] == parts
+
+
+def test_max_parts_must_be_at_least_one() -> None:
+    with pytest.raises(ValueError, match="max_parts"):
+        MatrixReplySink(FakeRoom().client(), ROOM, SOURCE, max_parts=0)
 
 
 async def test_a_failure_after_partial_text_keeps_it_and_says_why(
