@@ -18,6 +18,7 @@ file. Every problem is reported at once, each naming the setting it is about:
     drain_timeout_s = 10                       # BOT_DRAIN_TIMEOUT_S
     backend = "echo"                           # BOT_BACKEND: echo | model | webhook
     backend_timeout_s = 300                    # BOT_BACKEND_TIMEOUT_S
+    max_reply_parts = 16                       # BOT_MAX_REPLY_PARTS
 
     [model]                                    # backend = "model": MODEL_BASE_URL, ...
     base_url = "http://127.0.0.1:8080/v1"      # any OpenAI-compatible server
@@ -43,7 +44,7 @@ from typing import Any, Literal
 from urllib.parse import urlsplit
 
 from .backends.model_settings import ModelSettings, model_settings_from_env
-from .backends.settings import SettingsError
+from .backends.settings import SettingsError, shown_url
 from .backends.webhook_settings import WebhookSettings, webhook_settings_from_env
 
 __all__ = ["AllowList", "ConfigError", "Settings", "load_settings"]
@@ -95,6 +96,8 @@ class Settings:
     backend: str = "echo"
     backend_timeout_s: float = 300.0
     """The longest one reply may take, retries included; then the user is told."""
+    max_reply_parts: int = 16
+    """The most messages one answer may become; past that it is cut, with a note."""
     model: ModelSettings | None = None
     webhook: WebhookSettings | None = None
     log_level: str = "info"
@@ -120,6 +123,7 @@ _ENV = {
     ("bot", "drain_timeout_s"): "BOT_DRAIN_TIMEOUT_S",
     ("bot", "backend"): "BOT_BACKEND",
     ("bot", "backend_timeout_s"): "BOT_BACKEND_TIMEOUT_S",
+    ("bot", "max_reply_parts"): "BOT_MAX_REPLY_PARTS",
     ("logging", "level"): "BOT_LOG_LEVEL",
     ("logging", "format"): "BOT_LOG_FORMAT",
 }
@@ -238,9 +242,18 @@ def _validate(raw: dict[tuple[str, str], Any], problems: list[str]) -> Settings 
     homeserver = text(("matrix", "homeserver"), required=True)
     if homeserver is not None:
         parts = urlsplit(homeserver)
-        if parts.scheme not in ("http", "https") or not parts.netloc:
+        if "@" in parts.netloc:
+            # user:password@ would be sent, logged and echoed; the bot signs in with
+            # its own settings. The value is not shown: it holds the credentials.
             problems.append(
-                f"{_name(('matrix', 'homeserver'))}: expected an http(s) URL, got {homeserver!r}"
+                f"{_name(('matrix', 'homeserver'))}: must not contain credentials "
+                "(user:password@); use matrix.password or matrix.access_token"
+            )
+            homeserver = None
+        elif parts.scheme not in ("http", "https") or not parts.hostname:
+            problems.append(
+                f"{_name(('matrix', 'homeserver'))}: expected an http(s) URL, "
+                f"got {shown_url(homeserver)}"
             )
     user_id = text(("matrix", "user_id"), required=True)
     if user_id is not None and not _USER_ID.match(user_id):
@@ -288,6 +301,9 @@ def _validate(raw: dict[tuple[str, str], Any], problems: list[str]) -> Settings 
         problems.append(f"{_name(('bot', 'workers'))}: expected a whole number")
     drain = number(("bot", "drain_timeout_s"), 10.0, 0, 600)
     backend_timeout = number(("bot", "backend_timeout_s"), 300.0, 1, 3600)
+    max_parts = number(("bot", "max_reply_parts"), 16, 1, 1000)
+    if max_parts != int(max_parts):
+        problems.append(f"{_name(('bot', 'max_reply_parts'))}: expected a whole number")
     backend = text(("bot", "backend")) or "echo"
     if backend not in BACKENDS:
         problems.append(f"{_name(('bot', 'backend'))}: one of {', '.join(BACKENDS)}")
@@ -314,6 +330,7 @@ def _validate(raw: dict[tuple[str, str], Any], problems: list[str]) -> Settings 
         drain_timeout_s=drain,
         backend=backend,
         backend_timeout_s=backend_timeout,
+        max_reply_parts=int(max_parts),
         log_level=level,
         log_format=log_format,  # type: ignore[arg-type]  # checked against _LOG_FORMATS
     )

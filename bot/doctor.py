@@ -14,12 +14,14 @@ import sqlite3
 import tempfile
 from collections.abc import Callable
 from pathlib import Path
+from urllib.parse import urlsplit
 
 import trio
 
 from matrix_api import MatrixAPIError, MatrixClient
 
 from . import __version__
+from .backends.settings import without_userinfo
 from .config import Settings
 from .intake import full_state_sync
 from .reconcile import reconcile_matrix_state
@@ -32,8 +34,18 @@ __all__ = ["run_doctor", "snapshot_store"]
 
 
 async def run_doctor(settings: Settings, say: Callable[[str], None]) -> int:
-    """Print one line per check; returns 0 when every check passed, 1 otherwise."""
+    """Print one line per check; returns 0 when every check passed, 1 otherwise.
+
+    No line shows credentials of the homeserver URL (`load_settings` refuses them; a
+    hand-built `Settings` may still have them, and an error may quote the URL).
+    """
     problems = 0
+    userinfo = urlsplit(settings.homeserver).netloc.rpartition("@")[0]
+    if userinfo:
+        shown = say
+
+        def say(line: str) -> None:
+            shown(line.replace(userinfo, "***"))
 
     def ok(what: str) -> None:
         say(f"ok    {what}")
@@ -43,7 +55,7 @@ async def run_doctor(settings: Settings, say: Callable[[str], None]) -> int:
         problems += 1
         say(f"FAIL  {what}")
 
-    ok(f"configuration: bot {settings.user_id} on {settings.homeserver}")
+    ok(f"configuration: bot {settings.user_id} on {without_userinfo(settings.homeserver)}")
     async with MatrixClient(
         settings.homeserver,
         access_token=settings.access_token,

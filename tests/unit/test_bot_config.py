@@ -413,3 +413,185 @@ def test_a_hand_built_settings_hides_its_secrets_too() -> None:
 
     assert TOKEN not in repr(settings)
     assert PASSWORD not in repr(settings)
+
+
+# --- credentials in URLs ---------------------------------------------------------------
+
+URL_SECRET = "hunter2-in-the-url"
+
+
+@pytest.mark.parametrize(
+    ("variable", "value", "setting", "extra"),
+    [
+        (
+            "MATRIX_HOMESERVER",
+            f"https://bot:{URL_SECRET}@matrix.example.org",
+            "matrix.homeserver",
+            {},
+        ),
+        ("MATRIX_HOMESERVER", f"https://{URL_SECRET}@matrix.example.org", "matrix.homeserver", {}),
+        (
+            "MATRIX_HOMESERVER",
+            f"https://:{URL_SECRET}@matrix.example.org:8448",
+            "matrix.homeserver",
+            {},
+        ),
+        (
+            "MODEL_BASE_URL",
+            f"http://key:{URL_SECRET}@127.0.0.1:8080/v1",
+            "model.base_url",
+            {"BOT_BACKEND": "model", "MODEL_NAME": "m"},
+        ),
+        (
+            "WEBHOOK_URL",
+            f"https://svc:{URL_SECRET}@hooks.example.org/x",
+            "webhook.url",
+            {"BOT_BACKEND": "webhook", "WEBHOOK_SECRET": "s" * 20},
+        ),
+    ],
+)
+def test_credentials_in_a_url_are_refused_and_never_echoed(
+    variable: str, value: str, setting: str, extra: dict[str, str]
+) -> None:
+    problems = problems_of(None, env(**{variable: value}, **extra))
+
+    assert len(problems) == 1, problems
+    assert problems[0].startswith(f"{setting} ({variable}): must not contain credentials")
+    assert URL_SECRET not in problems[0]
+
+
+@pytest.mark.parametrize(
+    "value",
+    [
+        f"ftp://bot:{URL_SECRET}@matrix.example.org",  # not http(s) either
+        f"bot:{URL_SECRET}@matrix.example.org",  # no scheme: parsed as "bot:" + a path
+        f"https://matrix.example.org@{URL_SECRET}",  # the "host" is what follows @
+    ],
+)
+def test_a_broken_url_with_an_at_sign_is_not_echoed(value: str) -> None:
+    problems = problems_of(None, env(MATRIX_HOMESERVER=value))
+
+    assert len(problems) == 1, problems
+    assert problems[0].startswith("matrix.homeserver (MATRIX_HOMESERVER): ")
+    assert URL_SECRET not in problems[0]
+
+
+def test_a_broken_url_without_credentials_is_still_shown() -> None:
+    problems = problems_of(None, env(MATRIX_HOMESERVER="matrix.example.org"))
+
+    assert problems == [
+        "matrix.homeserver (MATRIX_HOMESERVER): expected an http(s) URL, got 'matrix.example.org'"
+    ]
+
+
+def test_credentials_in_the_homeserver_url_exit_with_code_2(
+    monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    from bot.__main__ import EXIT_CONFIG, main
+
+    for variable, value in env(MATRIX_HOMESERVER=f"https://u:{URL_SECRET}@hs.example").items():
+        monkeypatch.setenv(variable, value)
+    assert main(["doctor"]) == EXIT_CONFIG
+    out, err = capsys.readouterr()
+    assert "matrix.homeserver (MATRIX_HOMESERVER): must not contain credentials" in err
+    assert URL_SECRET not in out + err
+
+
+# --- limits on what comes from outside -------------------------------------------------
+
+
+def test_the_limits_have_defaults_for_a_real_model_server() -> None:
+    settings = load_settings(
+        None, env(BOT_BACKEND="model", MODEL_BASE_URL="http://127.0.0.1:8080", MODEL_NAME="m")
+    )
+
+    assert settings.max_reply_parts == 16
+    assert settings.model is not None
+    assert settings.model.max_response_bytes == 16 * 1024 * 1024
+    assert settings.model.max_line_bytes == 1024 * 1024
+    assert settings.model.max_answer_chars == 100_000
+
+
+def test_the_limits_come_from_the_environment_and_the_file(tmp_path: Path) -> None:
+    path = write_toml(
+        tmp_path,
+        """
+        [bot]
+        max_reply_parts = 4
+        backend = "webhook"
+        [webhook]
+        url = "https://hooks.example.org/x"
+        secret = "a-secret-long-enough"
+        max_response_bytes = 65536
+        max_answer_chars = 5000
+        """,
+    )
+    settings = load_settings(path, env(WEBHOOK_MAX_ANSWER_CHARS="7000"))
+
+    assert settings.max_reply_parts == 4
+    assert settings.webhook is not None
+    assert settings.webhook.max_response_bytes == 65536
+    assert settings.webhook.max_answer_chars == 7000  # the environment wins
+
+    model = load_settings(
+        None,
+        env(
+            BOT_BACKEND="model",
+            BOT_MAX_REPLY_PARTS="2",
+            MODEL_BASE_URL="http://127.0.0.1:8080",
+            MODEL_NAME="m",
+            MODEL_MAX_RESPONSE_BYTES="1048576",
+            MODEL_MAX_LINE_BYTES="4096",
+            MODEL_MAX_ANSWER_CHARS="300",
+        ),
+    )
+    assert model.max_reply_parts == 2
+    assert model.model is not None
+    assert (
+        model.model.max_response_bytes,
+        model.model.max_line_bytes,
+        model.model.max_answer_chars,
+    ) == (1048576, 4096, 300)
+
+
+MODEL_ENV = {"BOT_BACKEND": "model", "MODEL_BASE_URL": "http://127.0.0.1:8080", "MODEL_NAME": "m"}
+HOOK_ENV = {
+    "BOT_BACKEND": "webhook",
+    "WEBHOOK_URL": "https://h.example",
+    "WEBHOOK_SECRET": "s" * 20,
+}
+
+
+@pytest.mark.parametrize(
+    ("variable", "value", "setting", "backend"),
+    [
+        ("BOT_MAX_REPLY_PARTS", "0", "bot.max_reply_parts", {}),
+        ("BOT_MAX_REPLY_PARTS", "1001", "bot.max_reply_parts", {}),
+        ("BOT_MAX_REPLY_PARTS", "2.5", "bot.max_reply_parts", {}),
+        ("BOT_MAX_REPLY_PARTS", "lots", "bot.max_reply_parts", {}),
+        ("MODEL_MAX_RESPONSE_BYTES", "1023", "model.max_response_bytes", MODEL_ENV),
+        ("MODEL_MAX_RESPONSE_BYTES", str(2**30 + 1), "model.max_response_bytes", MODEL_ENV),
+        ("MODEL_MAX_RESPONSE_BYTES", "16MB", "model.max_response_bytes", MODEL_ENV),
+        ("MODEL_MAX_LINE_BYTES", "100", "model.max_line_bytes", MODEL_ENV),
+        ("MODEL_MAX_LINE_BYTES", str(32 * 1024 * 1024), "model.max_line_bytes", MODEL_ENV),
+        ("MODEL_MAX_ANSWER_CHARS", "99", "model.max_answer_chars", MODEL_ENV),
+        ("MODEL_MAX_ANSWER_CHARS", "-5", "model.max_answer_chars", MODEL_ENV),
+        ("WEBHOOK_MAX_RESPONSE_BYTES", "0", "webhook.max_response_bytes", HOOK_ENV),
+        ("WEBHOOK_MAX_ANSWER_CHARS", "many", "webhook.max_answer_chars", HOOK_ENV),
+    ],
+)
+def test_an_invalid_limit_names_its_setting(
+    variable: str, value: str, setting: str, backend: dict[str, str]
+) -> None:
+    problems = problems_of(None, env(**backend, **{variable: value}))
+
+    assert len(problems) == 1, problems
+    assert problems[0].startswith(f"{setting} ({variable}): ")
+
+
+@pytest.mark.parametrize("toml", ["max_reply_parts = true", "max_reply_parts = 4.5"])
+def test_a_limit_in_the_file_must_be_a_whole_number(tmp_path: Path, toml: str) -> None:
+    problems = problems_of(write_toml(tmp_path, f"[bot]\n{toml}\n"), env())
+
+    assert len(problems) == 1, problems
+    assert problems[0].startswith("bot.max_reply_parts (BOT_MAX_REPLY_PARTS): ")

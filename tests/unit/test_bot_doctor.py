@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import sqlite3
 import threading
 from pathlib import Path
@@ -125,3 +126,37 @@ async def test_a_running_bots_unreadable_store_is_an_sqlite_error(tmp_path: Path
 
     with StoreLock.try_acquire(store_path), pytest.raises(sqlite3.DatabaseError):
         snapshot_store(store_path, tmp_path / "copy.sqlite3")
+
+
+async def test_doctor_never_prints_the_credentials_of_a_homeserver_url(tmp_path: Path) -> None:
+    """`load_settings` refuses ``user:password@`` in the URL; a hand-built `Settings`
+    may still carry it, and no line the doctor prints shows it (matrix_api's errors
+    quote the URL)."""
+    import trio
+
+    from bot.config import Settings
+    from bot.doctor import run_doctor
+    from mini_http import HTTPRequest, Responder, serve_http
+
+    secret = "pa55-in-the-url"
+
+    async def refuse(request: HTTPRequest, out: Responder) -> None:
+        # A server (or a proxy) that quotes the credentials it was sent.
+        error = json.dumps({"errcode": "M_FORBIDDEN", "error": f"who is bot:{secret}?"})
+        await out.send(403, error.encode())
+
+    lines: list[str] = []
+    with trio.fail_after(30):
+        async with trio.open_nursery() as nursery:
+            port = await nursery.start(serve_http, refuse)
+            settings = Settings(
+                homeserver=f"http://bot:{secret}@127.0.0.1:{port}",
+                user_id=BOT,
+                access_token="syt_token",
+                store_path=tmp_path / "store.sqlite3",
+            )
+            assert await run_doctor(settings, lines.append) == 1
+            nursery.cancel_scope.cancel()
+    assert lines[0] == f"ok    configuration: bot {BOT} on http://***@127.0.0.1:{port}"
+    assert lines[-1] == "FAIL  homeserver: not reachable: 403 M_FORBIDDEN: who is ***?"
+    assert not any(secret in line for line in lines), lines
