@@ -135,6 +135,12 @@ class Chat:
     def with_title(self, title: str) -> Chat:
         return replace(self, title=title)
 
+    def changeable_by(self, user_id: str, admins: frozenset[str]) -> bool:
+        """Whether ``user_id`` may change this chat (rename, archive, settings,
+        ``!forget``): its owner and the bot's ``admins`` only. The one rule for live
+        commands and for a conversation rebuilt from the room's history."""
+        return user_id == self.owner or user_id in admins
+
 
 class MarkerError(ValueError):
     """A marker exists but is not one this bot can read."""

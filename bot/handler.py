@@ -252,12 +252,10 @@ class MessageHandler:
             try:
                 turns = await load_room_context(
                     self._client,
-                    item.room_id,
-                    self._bot,
+                    chat,
+                    self._settings,
                     budget_chars=budget,
-                    since_ts=chat.created_ts,
                     stop_at=item.event_id,
-                    command_prefix=self._settings.command_prefix,
                 )
             except MatrixAPIError as exc:
                 log.warning("context_rebuild_failed", error=str(exc))

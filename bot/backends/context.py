@@ -11,12 +11,18 @@ from __future__ import annotations
 
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
-from typing import Any, Literal
+from typing import TYPE_CHECKING, Any, Literal
 
 from matrix_api import MatrixClient
-from matrix_api.models import EventID, RoomEvent, RoomID
+from matrix_api.models import EventID, RoomEvent
 
-from ..messages import in_reply_to, strip_reply_fallback
+from ..chats import Chat
+from ..commands import forget
+from ..commands.parser import CommandError, parse_command
+from ..messages import in_reply_to, parse_incoming
+
+if TYPE_CHECKING:
+    from ..config import Settings
 
 __all__ = [
     "FAILED_KEY",
@@ -133,74 +139,105 @@ def latest_contents(events: Iterable[RoomEvent]) -> dict[str, dict[str, Any]]:
     return {target: content for target, (_, content) in latest.items()}
 
 
-def _is_command(body: str, command_prefix: str | None) -> bool:
-    return bool(command_prefix) and body.lstrip().startswith(command_prefix or "")
+def _command_name(body: str, prefix: str) -> str | None:
+    """The command ``body`` holds as live handling reads it (`parse_command`): its name,
+    "" for a malformed one (answered with a hint, so not conversation either), None
+    when ``body`` is not a command."""
+    try:
+        parsed = parse_command(body, prefix)
+    except CommandError:
+        return ""
+    return None if parsed is None else parsed.name
 
 
-def _is_forget(body: str, command_prefix: str | None, forget: str | None) -> bool:
-    if not command_prefix or not forget:
-        return False
-    words = body.strip().split(maxsplit=1)
-    return bool(words) and words[0] == f"{command_prefix}{forget}"
+def _answer(replies: Sequence[RoomEvent], replaced: dict[str, dict[str, Any]]) -> str | None:
+    """The whole answer the bot's ``replies`` to one message hold (the first one as its
+    latest edit, the others continuing a long answer), or None when they do not hold a
+    whole answer: one is cut short (streaming), a failure, redacted or not a notice."""
+    if not replies:
+        return None
+    parts: list[str] = []
+    for reply in replies:
+        if reply.is_redacted:
+            return None
+        content = replaced.get(reply.event_id, reply.content)
+        body = content.get("body")
+        if (
+            content.get("msgtype") != "m.notice"
+            or content.get(STREAMING_KEY)
+            or content.get(FAILED_KEY)
+            or not isinstance(body, str)
+        ):
+            return None
+        parts.append(body)
+    # An answer too long for one event was cut at a paragraph break, mostly.
+    return "\n\n".join(parts)
 
 
 def turns_from_history(
     events: Sequence[RoomEvent],
-    bot_user_id: str,
+    chat: Chat,
+    settings: Settings,
     *,
-    command_prefix: str | None = "!",
-    forget: str | None = "forget",
     stop_at: str | None = None,
 ) -> list[Turn]:
-    """The conversation held in ``events`` (chronological), oldest turn first.
+    """The conversation held in ``events`` (chronological) as live handling kept it.
 
-    * ``m.text`` messages from anyone but the bot are user turns (rich-reply fallback
-      stripped); the bot's ``m.notice`` messages are assistant turns.
-    * Edits are honoured: each message counts with the ``m.new_content`` of its latest
-      replacement by the same sender (see `latest_contents`); redacted messages drop out.
-    * Commands (bodies starting with ``command_prefix``) and the bot's answers to them
-      are not conversation. The command ``forget`` (``!forget``) starts the
-      conversation afresh: turns before it are dropped.
-    * A bot reply still marked as streaming (`STREAMING_KEY`) was cut short, and one
-      marked as failed (`FAILED_KEY`) holds no answer: both are left out, as are empty
-      bodies.
-    * ``stop_at``: the event being answered now; it and everything after it are ignored.
+    Live handling (`bot.handler`) keeps two turns for each message it answered in
+    full, the message and the answer, and ``!forget`` from the chat's owner or an
+    admin empties them. The same rules, applied to the room alone:
+
+    * A user turn is a message live handling answers: `bot.messages.parse_incoming`
+      (``m.text`` or ``m.emote``, not the bot's, not an edit, not redacted; the
+      rich-reply fallback stripped), from a sender ``settings.allowed`` allows, not
+      older than the chat (``chat.created_ts``), and not a command as the live parser
+      reads it (`bot.commands.parse_command`; a malformed command is not one either).
+      A user's later edits do not count: the answer was to the message as sent.
+    * It counts only with its whole answer: the bot's ``m.notice`` replies to it (the
+      first as the bot's own latest edit of it, the rest the continuation of a long
+      answer). No answer (an archived chat, a sender not allowed, a message given
+      up), one cut short (`STREAMING_KEY`), a failure (`FAILED_KEY`) or a redacted
+      one: live handling kept neither turn, and neither does this. Nothing else the
+      bot wrote (greetings, answers to commands) and nothing anyone else wrote (other
+      bots' notices, edits of the bot's messages by others) is an assistant turn.
+    * ``!forget`` empties the turns before it when its sender may change the chat
+      (`Chat.changeable_by`, the rule of the command itself); from anyone else it is
+      a refused command and changes nothing.
+    * ``stop_at``: the message being answered now; it and the messages after it are
+      not context (the bot's answers to earlier messages may come after it).
     """
+    bot = settings.user_id
     replaced = latest_contents(events)
-    skipped: set[str] = set()
+    answers: dict[str, list[RoomEvent]] = {}
+    for event in events:
+        if event.sender != bot or event.type != "m.room.message":
+            continue
+        target = in_reply_to(event)
+        if target is not None and _replacement_target(event) is None:
+            answers.setdefault(target, []).append(event)
     turns: list[Turn] = []
     for event in events:
         if stop_at is not None and event.event_id == stop_at:
             break
-        if event.type != "m.room.message" or event.is_redacted:
+        if event.origin_server_ts < chat.created_ts:
             continue
-        if _replacement_target(event) is not None:
+        # Content is whatever the sending server let through: any JSON type.
+        if not isinstance(event.content.get("msgtype"), str):
             continue
-        content = replaced.get(event.event_id, event.content)
-        body = content.get("body")
-        msgtype = content.get("msgtype")
-        if not isinstance(body, str):
+        message = parse_incoming(event, bot)
+        if message is None or not settings.allowed.allows(message.sender):
             continue
-        if event.sender == bot_user_id:
-            if msgtype != "m.notice" or content.get(STREAMING_KEY) or content.get(FAILED_KEY):
-                continue
-            target = in_reply_to(event)
-            if target is not None and target in skipped:
-                continue
-            role: Role = "assistant"
-        else:
-            if msgtype != "m.text":
-                continue
-            if in_reply_to(event) is not None:
-                body = strip_reply_fallback(body)
-            if _is_forget(body, command_prefix, forget):
+        command = _command_name(message.body, settings.command_prefix)
+        if command is not None:
+            if command == forget.COMMAND.name and chat.changeable_by(
+                message.sender, settings.admins
+            ):
                 turns.clear()
-            if _is_command(body, command_prefix):
-                skipped.add(event.event_id)
-                continue
-            role = "user"
-        if body.strip():
-            turns.append(Turn(role, body))
+            continue
+        answer = _answer(answers.get(message.event_id, ()), replaced)
+        if answer is not None:
+            turns.append(Turn("user", message.body))
+            turns.append(Turn("assistant", answer))
     return turns
 
 
@@ -223,31 +260,31 @@ def find_reply(events: Iterable[RoomEvent], bot_user_id: str, source: str) -> Ro
 
 async def load_room_context(
     client: MatrixClient,
-    room_id: RoomID,
-    bot_user_id: str,
+    chat: Chat,
+    settings: Settings,
     *,
     budget_chars: int,
-    since_ts: int = 0,
     stop_at: EventID | None = None,
-    command_prefix: str | None = "!",
     page_size: int = 100,
     max_pages: int = 10,
 ) -> list[Turn]:
-    """Rebuild a chat's conversation from its room, within ``budget_chars``.
+    """Rebuild ``chat``'s conversation from its room, within ``budget_chars``.
 
     Pages back through ``/messages`` from the newest event until the messages read
     hold about twice the budget (edits and commands are read too), an event older
-    than ``since_ts`` (the chat's creation) appears, the room's start is reached, or
-    ``max_pages`` pages were read. ``stop_at`` is the message being answered: it and
-    what follows it are not context. Raises `matrix_api.MatrixAPIError` when the room
-    cannot be read; the caller decides whether to answer without context.
+    than the chat (``chat.created_ts``) appears, the room's start is reached, or
+    ``max_pages`` pages were read. The turns are those live handling would have kept
+    (`turns_from_history`: ``settings.allowed``, the chat's owner and admins for
+    ``!forget``, the command prefix). ``stop_at`` is the message being answered: it
+    and what follows it are not context. Raises `matrix_api.MatrixAPIError` when the
+    room cannot be read; the caller decides whether to answer without context.
     """
     newest_first: list[RoomEvent] = []
     chars = 0
     token = None
     for _ in range(max_pages):
         page = await client.messages(
-            room_id,
+            chat.room_id,
             direction="b",
             from_token=token,
             limit=page_size,
@@ -255,7 +292,7 @@ async def load_room_context(
         )
         reached_start = False
         for event in page.chunk:
-            if event.origin_server_ts < since_ts:
+            if event.origin_server_ts < chat.created_ts:
                 reached_start = True
                 break
             newest_first.append(event)
@@ -266,5 +303,5 @@ async def load_room_context(
             break
         token = page.end
     events = list(reversed(newest_first))
-    turns = turns_from_history(events, bot_user_id, command_prefix=command_prefix, stop_at=stop_at)
+    turns = turns_from_history(events, chat, settings, stop_at=stop_at)
     return trim_context(turns, budget_chars)

@@ -37,8 +37,8 @@ class CommandContext:
     """The command's own event: what a command that makes rooms keys its work by."""
 
     def may_change(self, chat: Chat) -> bool:
-        """Only a chat's owner and the bot's admins may change it."""
-        return self.sender == chat.owner or self.sender in self.settings.admins
+        """Only a chat's owner and the bot's admins may change it (`Chat.changeable_by`)."""
+        return chat.changeable_by(self.sender, self.settings.admins)
 
     def command(self, name: str) -> str:
         return f"{self.settings.command_prefix}{name}"
