@@ -171,7 +171,7 @@ class Intake:
                 for event in events
                 if is_actionable(event, self._bot)
             )
-        unreadable = unreadable_invite_state(response.skipped)
+        unreadable = unreadable_invite_state(response.skipped, response.rooms.invite)
         for room_id, invited in response.rooms.invite.items():
             # The inviter is the sender of the invite the server appended, last; a
             # state that says otherwise anywhere is declined (`pick_invite`).

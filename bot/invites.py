@@ -117,18 +117,28 @@ def _distinct(senders: Iterable[str]) -> tuple[str, ...]:
     return tuple(seen)
 
 
-def unreadable_invite_state(skipped: Iterable[SkippedEvent]) -> dict[str, int]:
-    """How many stripped state entries of each invited room did not decode, from a
-    sync's `SkippedEvent` records (room id -> count)."""
+def unreadable_invite_state(
+    skipped: Iterable[SkippedEvent], invited: Iterable[str]
+) -> dict[str, int]:
+    """How many stripped state entries of each of the ``invited`` rooms did not decode,
+    from a sync's `SkippedEvent` records (room id -> count).
+
+    A record names where it was: ``rooms.invite.<room id>.invite_state...``. Room ids
+    and content keys are chosen by remote servers and may themselves hold
+    ``.invite_state``, so each place it occurs is tried against the invited rooms; a
+    record that could belong to several counts for each (declining is the safe side).
+    """
+    rooms = set(invited)
     counts: dict[str, int] = {}
     for record in skipped:
-        where = record.where
-        if not where.startswith("rooms.invite."):
+        rest = record.where.removeprefix("rooms.invite.")
+        if rest == record.where:
             continue
-        head, found, _ = where.rpartition(".invite_state")
-        if found:
-            room_id = head.removeprefix("rooms.invite.")
-            counts[room_id] = counts.get(room_id, 0) + 1
+        at = rest.find(".invite_state")
+        while at >= 0:
+            if rest[:at] in rooms:
+                counts[rest[:at]] = counts.get(rest[:at], 0) + 1
+            at = rest.find(".invite_state", at + 1)
     return counts
 
 

@@ -177,7 +177,20 @@ def test_unreadable_entries_are_counted_per_invited_room() -> None:
         SkippedEvent("body", "surrogates"),
     ]
 
-    assert unreadable_invite_state(skipped) == {ROOM: 2, "!b:x.y": 1}
+    assert unreadable_invite_state(skipped, [ROOM, "!b:x.y", "!c:x"]) == {ROOM: 2, "!b:x.y": 1}
+
+
+def test_a_room_id_or_key_holding_invite_state_does_not_hide_an_unreadable_entry() -> None:
+    # Remote servers choose room ids and content keys: neither may move the count elsewhere.
+    odd_room = "!a.invite_state:evil.example"
+    skipped = [
+        SkippedEvent(f"rooms.invite.{odd_room}.invite_state[0]", "bad"),
+        SkippedEvent(
+            f"rooms.invite.{ROOM}.invite_state.events[1].content.x.invite_state.y...", "deep"
+        ),
+    ]
+
+    assert unreadable_invite_state(skipped, [odd_room, ROOM]) == {odd_room: 1, ROOM: 1}
 
 
 def test_an_invite_state_entry_that_does_not_decode_is_counted() -> None:
@@ -209,7 +222,7 @@ def test_an_invite_state_entry_that_does_not_decode_is_counted() -> None:
     }
     response = decode_sync(json.dumps(body).encode())
 
-    unreadable = unreadable_invite_state(response.skipped)
+    unreadable = unreadable_invite_state(response.skipped, response.rooms.invite)
     assert unreadable == {ROOM: 1}
     picked = pick_invite(response.rooms.invite[ROOM].invite_state, BOT, unreadable=1)
     assert picked is not None
