@@ -25,6 +25,7 @@ import trio
 
 from .config import ConfigError, Settings, load_settings
 from .logging import configure_logging
+from .quarantine import failure_reason
 from .runtime import FatalError, run_bot
 from .session import AuthError
 from .store import StoreError
@@ -109,6 +110,11 @@ def run_service(settings: Settings) -> int:
     except* FatalError as fatal_errors:
         for fatal in _leaves(fatal_errors):
             log.error("fatal", error=str(fatal))
+        exit_code = EXIT_FATAL
+    except* Exception as crashes:
+        # A bug: still one structured line (with its traceback) and the fatal exit code.
+        for crash in _leaves(crashes):
+            log.error("crashed", reason=failure_reason(crash, "bot"), exc_info=crash)
         exit_code = EXIT_FATAL
     return exit_code
 

@@ -19,6 +19,7 @@ import trio
 
 from matrix_api import LimitExceeded, MatrixAPIError, MatrixError, TransportError, UnknownToken
 
+from .quarantine import failure_reason
 from .store import InboxItem, StoreUnavailable
 
 __all__ = ["MAX_RESUMPTIONS", "Dispatcher", "JobHandler", "LeftUnfinishedTooOften"]
@@ -52,7 +53,7 @@ class JobHandler(Protocol):
         ...
 
     async def give_up(self, item: InboxItem, error: Exception) -> bool:
-        """Record ``item`` as failed after its last attempt, telling the user.
+        """Quarantine ``item`` after its last attempt, telling the user.
 
         Return True when a reply in the room answers ``item``.
         """
@@ -220,7 +221,15 @@ class Dispatcher:
                     continue
                 if is_transient(exc):
                     return _Outcome.LEFT  # stopping: the job stays in the inbox
-                log.exception("job_failed", room_id=item.room_id, event_id=item.event_id)
+                # The traceback once; a job that fails the same way again says so briefly.
+                log.warning(
+                    "job_failed",
+                    room_id=item.room_id,
+                    event_id=item.event_id,
+                    attempt=attempt,
+                    reason=failure_reason(exc, "handling"),
+                    exc_info=attempt == 1,
+                )
                 if attempt >= MAX_ATTEMPTS or isinstance(exc, MatrixAPIError):
                     answered = await self._give_up(item, exc)
                     return _Outcome.of_handled(answered)

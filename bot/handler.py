@@ -21,6 +21,7 @@ from .backends.streaming import ReplyOverrides, StreamingBackend
 from .chats import Chat
 from .commands import CommandContext, CommandError, Reply, parse_command, run_command
 from .config import Settings
+from .dispatch import LeftUnfinishedTooOften
 from .encryption import offer_unencrypted_chat
 from .invites import InviteHandler
 from .logging import log_context
@@ -31,6 +32,7 @@ from .messages import (
     parse_incoming,
     reply_txn_id,
 )
+from .quarantine import failure_reason, log_quarantined
 from .reconcile import reconcile_single_room
 from .router import is_unregistered, resolve_chat_id
 from .store import InboxItem, Outcome, Store
@@ -269,7 +271,13 @@ class MessageHandler:
         return trim_context(turns, budget)
 
     async def _reply(
-        self, item: InboxItem, reply: Reply, outcome: Outcome, *, purpose: str = "reply"
+        self,
+        item: InboxItem,
+        reply: Reply,
+        outcome: Outcome,
+        *,
+        purpose: str = "reply",
+        reason: str | None = None,
     ) -> EventID:
         reply_id = await self._client.send_event(
             item.room_id,
@@ -277,21 +285,25 @@ class MessageHandler:
             notice(reply.body, reply_to=item.event_id, formatted_body=reply.html),
             txn_id=reply_txn_id(item.event_id, purpose),
         )
-        await self._store.finish(item, outcome, reply_id)
+        await self._store.finish(item, outcome, reply_id, reason=reason)
         return reply_id
 
     async def give_up(self, item: InboxItem, error: Exception) -> bool:
-        with log_context(room_id=item.room_id, event_id=item.event_id):
-            log.error("job_given_up", error=str(error))
-            if item.kind == "invite":
-                await self._store.discard(item)
-                return False
-            try:
-                await self._reply(item, Reply(FAILED_NOTICE), "failed", purpose="failure")
-            except MatrixAPIError:
-                await self._store.finish(item, "failed")
-                return False
-            return True
+        # Our own errors say nothing of the content; any other is named, not quoted.
+        reason = str(error) if isinstance(error, LeftUnfinishedTooOften) else None
+        reason = reason or failure_reason(error, "handling")
+        log_quarantined(item.room_id, item.event_id, item.event.sender, reason)
+        if item.kind == "invite":
+            await self._store.discard(item)
+            return False
+        try:
+            await self._reply(
+                item, Reply(FAILED_NOTICE), "quarantined", purpose="failure", reason=reason
+            )
+        except MatrixAPIError:
+            await self._store.finish(item, "quarantined", reason=reason)
+            return False
+        return True
 
     async def count_resumption(self, item: InboxItem) -> int:
         return await self._store.count_resumption(item)

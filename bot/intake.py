@@ -27,13 +27,14 @@ from typing import Any
 
 import structlog
 
-from matrix_api import MatrixClient
+from matrix_api import MatrixAPIError, MatrixClient
 from matrix_api.models import EventID, JoinedRoom, RoomEvent, RoomID, SyncResponse, SyncToken
 
 from .chats import Chat
 from .invites import pick_invite, unreadable_invite_state
-from .messages import in_reply_to, is_actionable
-from .store import InboxItem, NewInboxItem, Store
+from .messages import in_reply_to, is_actionable, malformed
+from .quarantine import failure_reason, log_quarantined_batch
+from .store import InboxItem, NewInboxItem, Quarantined, Store
 
 __all__ = ["Intake", "full_state_sync", "invite_item", "sync_filters"]
 
@@ -151,26 +152,47 @@ class Intake:
         self._store = store
         self._bot = bot_user_id
 
-    async def commit(self, response: SyncResponse, since: SyncToken | None) -> list[InboxItem]:
+    async def commit(
+        self, response: SyncResponse, since: SyncToken | None, *, salvage: bool = False
+    ) -> list[InboxItem]:
         """Pick, gap-fill and commit ``response`` (fetched with ``since``).
 
+        Each event is taken in on its own: one that did not decode, or that cannot
+        be looked at, is quarantined (`bot.quarantine`) and the rest go on; so does
+        a room whose events cannot be picked, for its own events.
+
         Returns the inbox items that are new. Raises what /messages raises; nothing
-        is committed then, so the same batch is fetched and handled again.
+        is committed then, so the same batch is fetched and handled again. With
+        ``salvage`` (the same batch failed before, see the sync loop) a gap that
+        /messages cannot fill is left unfilled instead.
         """
         items: list[NewInboxItem] = []
+        quarantined = self._unreadable(response)
         for room_id, room in response.rooms.join.items():
-            if since is not None:
-                events = await self._with_gap_filled(room_id, room, since)
-            else:
-                chat = self._store.chat_for_room(room_id)
-                if chat is None:
-                    continue
-                events = await self._since_horizon(room_id, room, chat)
-            items.extend(
-                NewInboxItem(event.event_id, room_id, "message", event)
-                for event in events
-                if is_actionable(event, self._bot)
-            )
+            try:
+                events = await self._pick(room_id, room, since, salvage=salvage)
+            except MatrixAPIError:
+                raise
+            except Exception as exc:  # one room's junk must not stop the others
+                reason = failure_reason(exc, "intake")
+                log.warning("intake_room_failed", room_id=room_id, reason=reason, exc_info=True)
+                quarantined.extend(
+                    self._quarantine(room_id, event, reason)
+                    for event in room.timeline.events
+                    if event.sender != self._bot
+                )
+                continue
+            for event in events:
+                problem: str | None
+                try:
+                    problem = malformed(event, self._bot)
+                    actionable = problem is None and is_actionable(event, self._bot)
+                except Exception as exc:  # noqa: BLE001  # one event's junk costs only itself
+                    problem, actionable = failure_reason(exc, "intake"), False
+                if problem is not None:
+                    quarantined.append(self._quarantine(room_id, event, problem))
+                elif actionable:
+                    items.append(NewInboxItem(event.event_id, room_id, "message", event))
         unreadable = unreadable_invite_state(response.skipped, response.rooms.invite)
         for room_id, invited in response.rooms.invite.items():
             # The inviter is the sender of the invite the server appended, last; a
@@ -191,7 +213,70 @@ class Intake:
                     candidates=picked.candidates,
                 )
             )
-        return await self._store.commit_sync_batch(response.next_batch, items)
+        log_quarantined_batch(quarantined)
+        return await self._store.commit_sync_batch(response.next_batch, items, quarantined)
+
+    async def quarantine_batch(self, response: SyncResponse, reason: str) -> None:
+        """Give up ``response``: record its timeline events as quarantined for
+        ``reason`` and move the sync token past it (the last resort of the sync loop
+        for a batch that failed again and again)."""
+        quarantined = self._unreadable(response)
+        for room_id, room in response.rooms.join.items():
+            quarantined.extend(
+                self._quarantine(room_id, event, reason) for event in room.timeline.events
+            )
+        log_quarantined_batch(quarantined)
+        await self._store.commit_sync_batch(response.next_batch, [], quarantined)
+
+    @staticmethod
+    def _quarantine(room_id: RoomID, event: RoomEvent, reason: str) -> Quarantined:
+        return Quarantined(event.event_id, room_id, reason, event.sender)
+
+    def _unreadable(self, response: SyncResponse) -> list[Quarantined]:
+        """The events of ``response`` that did not decode, to record; the rest of what
+        was skipped (a room, a value that is not an event) is logged here."""
+        quarantined: list[Quarantined] = []
+        other = []
+        for skipped in response.skipped:
+            if skipped.event_id is not None and skipped.room_id is not None:
+                quarantined.append(
+                    Quarantined(skipped.event_id, skipped.room_id, skipped.reason, skipped.sender)
+                )
+            else:
+                other.append(skipped)
+        if other:
+            log.warning(
+                "sync_events_skipped",
+                count=len(other),
+                first=[f"{s.where}: {s.reason}" for s in other[:5]],
+            )
+        return quarantined
+
+    async def _pick(
+        self, room_id: RoomID, room: JoinedRoom, since: SyncToken | None, *, salvage: bool
+    ) -> list[RoomEvent]:
+        """The events of ``room``'s timeline (and its gap) to consider taking in."""
+        if since is None:
+            chat = self._store.chat_for_room(room_id)
+            if chat is None:
+                return []
+            try:
+                return await self._since_horizon(room_id, room, chat)
+            except MatrixAPIError as exc:
+                if not salvage:
+                    raise
+                # Without the history the bot cannot tell what it answered: answer nothing.
+                log.warning("catch_up_abandoned", room_id=room_id, error=str(exc))
+                return []
+        try:
+            return await self._with_gap_filled(room_id, room, since)
+        except MatrixAPIError as exc:
+            if not salvage:
+                raise
+            log.warning("sync_gap_unfilled", room_id=room_id, error=str(exc))
+            events = room.timeline.events
+            arrived_at = _own_arrival_index(events, self._bot)
+            return list(events[arrived_at + 1 :] if arrived_at is not None else events)
 
     async def _with_gap_filled(
         self, room_id: RoomID, room: JoinedRoom, since: SyncToken

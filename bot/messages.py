@@ -20,6 +20,7 @@ __all__ = [
     "in_reply_to",
     "is_actionable",
     "is_encryption_event",
+    "malformed",
     "notice",
     "parse_incoming",
     "reply_txn_id",
@@ -64,6 +65,25 @@ def in_reply_to(event: RoomEvent) -> str | None:
     return event_id if isinstance(event_id, str) else None
 
 
+def malformed(event: RoomEvent, bot_user_id: str) -> str | None:
+    """Why ``event``, a message from someone else, breaks the spec's shape; None if not.
+
+    Such a message is quarantined rather than silently passed over: it is junk from a
+    server that validates less than it should, and the operator should see it.
+    """
+    if event.type != "m.room.message" or event.sender == bot_user_id or event.is_redacted:
+        return None
+    content = event.content
+    for key in ("msgtype", "body"):
+        value = content.get(key)
+        if value is not None and not isinstance(value, str):
+            return f"m.room.message {key} is a {type(value).__name__}, not a string"
+    relates = content.get("m.relates_to")
+    if relates is not None and not isinstance(relates, dict):
+        return f"m.room.message m.relates_to is a {type(relates).__name__}, not an object"
+    return None
+
+
 def parse_incoming(event: RoomEvent, bot_user_id: str) -> IncomingMessage | None:
     """The message to answer in ``event``, or None when the bot must not answer it.
 
@@ -73,7 +93,9 @@ def parse_incoming(event: RoomEvent, bot_user_id: str) -> IncomingMessage | None
     if event.type != "m.room.message" or event.sender == bot_user_id or event.is_redacted:
         return None
     content = event.content
-    if content.get("msgtype") not in _ANSWERED_MSGTYPES:
+    msgtype = content.get("msgtype")
+    # Content is whatever the sending server let through: any JSON type anywhere.
+    if not isinstance(msgtype, str) or msgtype not in _ANSWERED_MSGTYPES:
         return None
     relates = content.get("m.relates_to")
     if isinstance(relates, dict) and relates.get("rel_type") == "m.replace":

@@ -23,10 +23,10 @@ from pathlib import Path
 import httpx
 import structlog
 import trio
-from trio_util import AsyncValue
+from trio_util import AsyncValue, move_on_when
 
 from matrix_api import MatrixAPIError, MatrixClient, NetworkError, UnknownToken
-from matrix_api.models import FilterID, SyncResponse
+from matrix_api.models import FilterID, SyncResponse, SyncToken
 
 from . import __version__
 from .backends import Backend, open_backend
@@ -34,6 +34,7 @@ from .config import Settings
 from .dispatch import Dispatcher
 from .handler import MessageHandler
 from .intake import Intake, full_state_sync, sync_filters
+from .quarantine import failure_reason
 from .reconcile import ReconcileReport, reconcile_matrix_state
 from .session import AuthError, authenticate, log_in
 from .store import Store, StoreUnavailable
@@ -45,6 +46,13 @@ log = structlog.get_logger("bot.runtime")
 LONG_POLL_MS = 30_000
 STORE_CHECKPOINT_INTERVAL_S = 5.0
 _SYNC_BACKOFF_MAX = 60.0
+# A batch that keeps failing is not fetched and failed forever. From this many
+# failures in a row on the same position, a gap /messages cannot fill is left
+# unfilled (`Intake.commit(salvage=True)`); from `_GIVE_UP_BATCH_AFTER`, a batch
+# that still fails for a reason other than the server or the store being down is
+# given up: its events are quarantined and the sync token moves past it.
+_SALVAGE_BATCH_AFTER = 3
+_GIVE_UP_BATCH_AFTER = 5
 
 
 class Phase(enum.Enum):
@@ -148,22 +156,47 @@ class BotRuntime:
     ) -> None:
         await self._authenticate()
         since = self._store.sync_token
-        try:
-            initial = await full_state_sync(self._client, self.settings.user_id, since)
-        except NetworkError as exc:
-            raise FatalError(f"homeserver unreachable: {exc}") from exc
-        self._log_skipped(initial)
+        initial = await self._initial_sync(since)
+        if initial is None:
+            task_status.started(ReconcileReport())  # asked to stop: `run` takes it from here
+            return
         self.phase.value = Phase.RECONCILING
         report = await reconcile_matrix_state(self._client, self._store, initial)
         log.info("matrix_reconcile_complete", **report.log_fields())
         # Messages that arrived while the bot was down, now that every chat is known.
-        await self._intake.commit(initial, since)
+        try:
+            await self._intake.commit(initial, since)
+        except (MatrixAPIError, StoreUnavailable) as exc:
+            # Not committed: the sync loop fetches these events again, and retries.
+            log.warning("initial_batch_deferred", error=str(exc))
+        except Exception as exc:  # whatever the initial sync holds, the bot starts
+            log.warning(
+                "initial_batch_deferred", reason=failure_reason(exc, "intake"), exc_info=True
+            )
         try:
             # An uploaded filter keeps every long-poll URL short; inline works too.
             self._long_poll_filter_id = await self._client.upload_filter(self._long_poll_filter)
         except MatrixAPIError as exc:
             log.warning("filter_upload_failed", error=str(exc))
         task_status.started(report)
+
+    async def _initial_sync(self, since: SyncToken | None) -> SyncResponse | None:
+        """The start-up sync; an answer the bot cannot use is asked for again until
+        one is usable, or a stop is requested (then None)."""
+        failures = 0
+        while not self._stop.is_set():
+            try:
+                return await full_state_sync(self._client, self.settings.user_id, since)
+            except NetworkError as exc:
+                raise FatalError(f"homeserver unreachable: {exc}") from exc
+            except UnknownToken:
+                raise
+            except MatrixAPIError as exc:
+                failures += 1
+                log.warning("initial_sync_failed", error=str(exc), failures=failures)
+                async with move_on_when(self._stop.wait):
+                    await self._sync_backoff(failures)
+        return None
 
     async def _authenticate(self) -> None:
         stored = await self._store.get_meta("device_id")
@@ -177,35 +210,60 @@ class BotRuntime:
     # --- the sync loop --------------------------------------------------------------
 
     async def _sync_loop(self, scope: trio.CancelScope) -> None:
-        failures = 0
+        failures = 0  # in a row, on the same position
+        failed_since: SyncToken | None = None
         with scope:
             while True:
                 since = self._store.sync_token
+                if since != failed_since:
+                    failures = 0
+                response: SyncResponse | None = None
                 try:
                     response = await self._client.sync(
                         since=since,
                         timeout_ms=LONG_POLL_MS,
                         filter=self._long_poll_filter_id or self._long_poll_filter,
                     )
-                    self._log_skipped(response)
-                    fresh = await self._intake.commit(response, since)
+                    fresh = await self._intake.commit(
+                        response, since, salvage=failures >= _SALVAGE_BATCH_AFTER
+                    )
                 except UnknownToken as exc:
                     await self._recover_token(exc)
                     continue
                 except (MatrixAPIError, StoreUnavailable) as exc:
                     # Nothing was committed: the same batch is fetched again.
-                    failures += 1
-                    delay = self._rng.uniform(0, min(_SYNC_BACKOFF_MAX, 2.0**failures))
+                    failures, failed_since = failures + 1, since
                     log.warning(
                         "store_unavailable" if isinstance(exc, StoreUnavailable) else "sync_failed",
                         error=str(exc),
                         failures=failures,
-                        retry_in_s=round(delay, 2),
                     )
-                    await trio.sleep(delay)
+                    await self._sync_backoff(failures)
                     continue
-                failures = 0
+                except Exception as exc:  # a batch the bot cannot take: never the end of it
+                    failures, failed_since = failures + 1, since
+                    reason = failure_reason(exc, "sync")
+                    log.error("sync_batch_failed", reason=reason, failures=failures, exc_info=True)
+                    if response is not None and failures >= _GIVE_UP_BATCH_AFTER:
+                        await self._give_up_batch(response, reason)
+                    else:
+                        await self._sync_backoff(failures)
+                    continue
                 self._dispatcher.submit(fresh)
+
+    async def _sync_backoff(self, failures: int) -> None:
+        delay = self._rng.uniform(0, min(_SYNC_BACKOFF_MAX, 2.0**failures))
+        log.info("sync_retry_later", retry_in_s=round(delay, 2))
+        await trio.sleep(delay)
+
+    async def _give_up_batch(self, response: SyncResponse, reason: str) -> None:
+        try:
+            await self._intake.quarantine_batch(response, reason)
+        except StoreUnavailable as exc:
+            log.warning("store_unavailable", error=str(exc))
+            await self._sync_backoff(_GIVE_UP_BATCH_AFTER)
+        else:
+            log.error("sync_batch_given_up", reason=reason, next_batch=response.next_batch)
 
     async def _recover_token(self, error: UnknownToken) -> None:
         if self.settings.password is None:
@@ -219,15 +277,6 @@ class BotRuntime:
             await log_in(self._client, self.settings, await self._store.get_meta("device_id"))
         except AuthError as exc:
             raise FatalError(str(exc)) from exc
-
-    @staticmethod
-    def _log_skipped(response: SyncResponse) -> None:
-        if response.skipped:
-            log.warning(
-                "sync_events_skipped",
-                count=len(response.skipped),
-                first=[f"{s.where}: {s.reason}" for s in response.skipped[:5]],
-            )
 
 
 def _return_freed_memory() -> None:

@@ -44,6 +44,7 @@ import trio
 from matrix_api.models import EventID, RoomEvent, RoomID, SyncToken
 
 from .chats import Chat
+from .quarantine import log_quarantined
 from .store_lock import StoreLock, StoreLockHeld
 
 __all__ = [
@@ -52,6 +53,7 @@ __all__ = [
     "Outcome",
     "Provisioned",
     "ProvisionedRoom",
+    "Quarantined",
     "Store",
     "StoreError",
     "StoreUnavailable",
@@ -59,7 +61,8 @@ __all__ = [
 
 T = TypeVar("T")
 
-Outcome = Literal["replied", "ignored", "failed", "notified"]
+# "quarantined": not handled, for a reason recorded with it (see `Quarantined`).
+Outcome = Literal["replied", "ignored", "failed", "notified", "quarantined"]
 InboxKind = Literal["message", "invite"]
 
 log = structlog.get_logger("bot.store")
@@ -155,6 +158,10 @@ _MIGRATIONS: list[str] = [
     DROP TABLE inbox;
     DROP TABLE handled;
     """,
+    # 7: why an event was quarantined (never its content).
+    """
+    ALTER TABLE events ADD COLUMN reason TEXT;
+    """,
 ]
 SCHEMA_VERSION = len(_MIGRATIONS)
 # The tables a store of each schema version must have, to tell ours from others'.
@@ -165,6 +172,7 @@ _TABLES_BY_VERSION = {
     4: frozenset({"meta", "chats", "inbox", "handled", "spaces", "turns", "contexts"}),
     5: frozenset({"meta", "chats", "inbox", "handled", "spaces", "turns", "contexts"}),
     6: frozenset({"meta", "chats", "events", "spaces", "turns", "contexts"}),
+    7: frozenset({"meta", "chats", "events", "spaces", "turns", "contexts"}),
 }
 
 HANDLED_KEEP_MS = 30 * 24 * 3600 * 1000
@@ -229,8 +237,23 @@ class NewInboxItem:
     event: RoomEvent
 
 
+@dataclass(frozen=True, slots=True)
+class Quarantined:
+    """An event the bot could not take in, and why: recorded as handled, so it is
+    neither handled nor retried, and its id drops a later delivery."""
+
+    event_id: str
+    room_id: str
+    reason: str
+    sender: str | None = None  # for the log line; not stored
+
+
 def _record_handled(
-    db: sqlite3.Connection, item: InboxItem, outcome: Outcome, reply_event_id: EventID | None
+    db: sqlite3.Connection,
+    item: InboxItem,
+    outcome: Outcome,
+    reply_event_id: EventID | None,
+    reason: str | None = None,
 ) -> None:
     """Take ``item`` out of the inbox and remember it as handled, in one statement.
 
@@ -239,8 +262,16 @@ def _record_handled(
     """
     db.execute(
         "UPDATE events SET outcome = ?, reply_event_id = ?, handled_ts = ?, event = NULL,"
-        " provisioned = NULL WHERE seq = ?",
-        (outcome, reply_event_id, _now_ms(), item.seq),
+        " provisioned = NULL, reason = ? WHERE seq = ?",
+        (outcome, reply_event_id, _now_ms(), reason, item.seq),
+    )
+
+
+def _record_quarantined(db: sqlite3.Connection, entry: Quarantined, now: int) -> None:
+    db.execute(
+        "INSERT OR IGNORE INTO events(event_id, room_id, kind, received_ts, outcome, handled_ts,"
+        " reason) VALUES (?, ?, 'message', ?, 'quarantined', ?, ?)",
+        (entry.event_id, entry.room_id, now, now, entry.reason),
     )
 
 
@@ -605,29 +636,38 @@ class Store:
     # --- the inbox ------------------------------------------------------------------
 
     async def commit_sync_batch(
-        self, next_token: SyncToken, items: Sequence[NewInboxItem]
+        self,
+        next_token: SyncToken,
+        items: Sequence[NewInboxItem],
+        quarantined: Sequence[Quarantined] = (),
     ) -> list[InboxItem]:
         """Take a batch's events into the inbox and advance the sync token, atomically.
 
         Events already in the inbox or already handled are dropped (the server may
-        deliver an event twice). Returns the items that are new.
+        deliver an event twice). ``quarantined`` events are recorded with their
+        reason, as is an item that cannot be stored. Returns the items that are new.
         """
 
         def write(db: sqlite3.Connection) -> list[InboxItem]:
             fresh: list[InboxItem] = []
             received = _now_ms()
+            for entry in quarantined:
+                _record_quarantined(db, entry, received)
             for item in items:
+                try:
+                    encoded = msgspec.json.encode(item.event)
+                except (TypeError, ValueError, RecursionError) as exc:
+                    reason = f"cannot be stored: {type(exc).__name__}"
+                    _record_quarantined(
+                        db, Quarantined(item.event_id, item.room_id, reason), received
+                    )
+                    log_quarantined(item.room_id, item.event_id, item.event.sender, reason)
+                    continue
                 # An event pending or handled already has its row: ignored.
                 cursor = db.execute(
                     "INSERT OR IGNORE INTO events(event_id, room_id, kind, event, received_ts)"
                     " VALUES (?, ?, ?, ?, ?)",
-                    (
-                        item.event_id,
-                        item.room_id,
-                        item.kind,
-                        msgspec.json.encode(item.event),
-                        received,
-                    ),
+                    (item.event_id, item.room_id, item.kind, encoded, received),
                 )
                 if cursor.rowcount and cursor.lastrowid is not None:
                     fresh.append(
@@ -652,34 +692,54 @@ class Store:
         b-tree writes.
         """
 
-        def read() -> list[InboxItem]:
+        def read() -> tuple[list[InboxItem], list[tuple[int, str]]]:
             rows = self._db.execute(
                 "SELECT seq, event_id, room_id, kind, event, attempts FROM events"
                 " WHERE outcome IS NULL ORDER BY seq"
             ).fetchall()
-            return [
-                InboxItem(
-                    seq,
-                    EventID(event_id),
-                    RoomID(room_id),
-                    kind,
-                    _event_decoder.decode(event),
-                    attempts,
+            items: list[InboxItem] = []
+            unreadable: list[tuple[int, str]] = []
+            for seq, event_id, room_id, kind, event, attempts in rows:
+                try:
+                    decoded = _event_decoder.decode(event)
+                except (msgspec.DecodeError, RecursionError, TypeError) as exc:
+                    # Stored by an older bot, or damaged: one row must not stop the start.
+                    unreadable.append((seq, f"stored event unreadable: {type(exc).__name__}"))
+                    log_quarantined(room_id, event_id, None, unreadable[-1][1])
+                    continue
+                items.append(
+                    InboxItem(seq, EventID(event_id), RoomID(room_id), kind, decoded, attempts)
                 )
-                for seq, event_id, room_id, kind, event, attempts in rows
-            ]
+            return items, unreadable
 
-        return await self._run(read)
+        items, unreadable = await self._run(read)
+        if unreadable:
+
+            def write(db: sqlite3.Connection) -> None:
+                now = _now_ms()
+                db.executemany(
+                    "UPDATE events SET outcome = 'quarantined', handled_ts = ?, event = NULL,"
+                    " reason = ? WHERE seq = ?",
+                    [(now, reason, seq) for seq, reason in unreadable],
+                )
+
+            await self._run(self._transaction(write))
+        return items
 
     async def finish(
         self,
         item: InboxItem,
         outcome: Outcome,
         reply_event_id: EventID | None = None,
+        *,
+        reason: str | None = None,
     ) -> None:
-        """Record ``item`` as handled and take it out of the inbox, atomically."""
+        """Record ``item`` as handled and take it out of the inbox, atomically.
+
+        ``reason``: why it failed or was quarantined (never its content).
+        """
         # One statement is a transaction of its own.
-        await self._run(lambda: _record_handled(self._db, item, outcome, reply_event_id))
+        await self._run(lambda: _record_handled(self._db, item, outcome, reply_event_id, reason))
 
     async def finish_with_turns(
         self,
@@ -811,6 +871,17 @@ class Store:
                 "SELECT outcome FROM events WHERE event_id = ?", (event_id,)
             ).fetchone()
             return row[0] if row else None
+
+        return await self._run(read)
+
+    async def quarantined(self) -> dict[str, str]:
+        """The quarantined events still remembered, by event id, with their reasons."""
+
+        def read() -> dict[str, str]:
+            rows = self._db.execute(
+                "SELECT event_id, reason FROM events WHERE outcome = 'quarantined'"
+            ).fetchall()
+            return {event_id: reason or "" for event_id, reason in rows}
 
         return await self._run(read)
 

@@ -372,14 +372,14 @@ async def test_a_message_whose_handling_keeps_ending_the_bot_is_given_up(
                 what="the notice that the message was given up",
             )
             await ask(alice, room_id, bot.user_id, "after", "hook says: after")
-            [given_up] = process.events("job_given_up")
+            [given_up] = process.events("event_quarantined")
             await process.stop()
         nursery.cancel_scope.cancel()
 
     # Taken up again by MAX_RESUMPTIONS runs, each killed; the next did not try.
     assert asked_of_hook.count("poison") == MAX_RESUMPTIONS + 1
     assert given_up["event_id"] == poison
-    assert f"{MAX_RESUMPTIONS + 1} runs of the bot in a row" in given_up["error"]
+    assert f"{MAX_RESUMPTIONS + 1} runs of the bot in a row" in given_up["reason"]
     [notice] = [e for e in alice.bot_notices(room_id, bot.user_id) if poison in replies_to([e])]
     assert notice.content["body"].endswith(FAILED_NOTICE)
-    assert read_store(process.store_path).handled[poison] == "failed"
+    assert read_store(process.store_path).handled[poison] == "quarantined"

@@ -417,7 +417,12 @@ async def test_an_unexpected_error_is_given_up_after_max_attempts(
 
     assert len(handler.attempts["$e1"]) == MAX_ATTEMPTS
     assert handler.gave_up == [("$e1", boom)]
-    assert [e["event"] for e in logs if e["log_level"] == "error"] == ["job_failed"] * MAX_ATTEMPTS
+    failed = [e for e in logs if e["event"] == "job_failed"]
+    assert [e["attempt"] for e in failed] == list(range(1, MAX_ATTEMPTS + 1))
+    # The traceback once, not once per attempt; the reason names the error, not its text.
+    assert [bool(e["exc_info"]) for e in failed] == [True] + [False] * (MAX_ATTEMPTS - 1)
+    assert all(e["reason"].startswith("handling failed: ValueError at ") for e in failed)
+    assert all("bug in a backend" not in repr(e) for e in failed)
 
 
 async def test_an_unexpected_error_that_passes_is_not_given_up(

@@ -7,6 +7,7 @@ import re
 import sqlite3
 import time
 from collections.abc import AsyncIterator
+from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
@@ -15,6 +16,7 @@ import pytest
 import trio
 from hypothesis import given, settings
 from hypothesis import strategies as st
+from structlog.testing import capture_logs
 
 from bot.chats import Chat
 from bot.store import (
@@ -22,6 +24,7 @@ from bot.store import (
     HANDLED_KEEP_MS,
     SCHEMA_VERSION,
     NewInboxItem,
+    Quarantined,
     Store,
     StoreError,
     StoreUnavailable,
@@ -114,15 +117,30 @@ def write_old_store(path: Path, version: int) -> None:
         "INSERT INTO chats(chat_id, room_id, owner, title, created_ts) VALUES (?, ?, ?, ?, ?)",
         ("c1", ROOM, ALICE, "a chat", 1000),
     )
-    connection.execute(
-        "INSERT INTO inbox(event_id, room_id, kind, event, received_ts) VALUES (?, ?, ?, ?, 0)",
-        ("$a", ROOM, "message", msgspec.json.encode(message("$a"))),
-    )
-    connection.execute(
-        "INSERT INTO handled(event_id, room_id, outcome, reply_event_id, handled_ts)"
-        " VALUES (?, ?, ?, ?, ?)",
-        ("$done", ROOM, "replied", "$reply", int(time.time() * 1000)),
-    )
+    now = int(time.time() * 1000)
+    encoded = msgspec.json.encode(message("$a"))
+    if version < 6:
+        connection.execute(
+            "INSERT INTO inbox(event_id, room_id, kind, event, received_ts)"
+            " VALUES (?, ?, 'message', ?, 0)",
+            ("$a", ROOM, encoded),
+        )
+        connection.execute(
+            "INSERT INTO handled(event_id, room_id, outcome, reply_event_id, handled_ts)"
+            " VALUES (?, ?, ?, ?, ?)",
+            ("$done", ROOM, "replied", "$reply", now),
+        )
+    else:  # from version 6 on, inbox and handled are one table
+        connection.execute(
+            "INSERT INTO events(event_id, room_id, kind, event, received_ts)"
+            " VALUES (?, ?, 'message', ?, 0)",
+            ("$a", ROOM, encoded),
+        )
+        connection.execute(
+            "INSERT INTO events(event_id, room_id, kind, received_ts, outcome,"
+            " reply_event_id, handled_ts) VALUES (?, ?, 'message', ?, ?, ?, ?)",
+            ("$done", ROOM, now, "replied", "$reply", now),
+        )
     connection.commit()
     connection.close()
 
@@ -220,14 +238,60 @@ async def test_an_event_already_handled_is_never_taken_again(store: Store) -> No
 
 async def test_a_failing_batch_commits_nothing_not_even_the_token(store: Store) -> None:
     await store.commit_sync_batch(SyncToken("s1"), [new_item("$old")])
-    unencodable = new_item("$bad", weird=object())  # msgspec cannot encode it
+    unbindable = replace(new_item("$x"), event_id=object())  # SQLite cannot take it
 
-    with pytest.raises(TypeError):
-        await store.commit_sync_batch(SyncToken("s2"), [new_item("$new"), unencodable])
+    with pytest.raises(sqlite3.ProgrammingError):
+        await store.commit_sync_batch(SyncToken("s2"), [new_item("$new"), unbindable])
 
     assert store.sync_token == "s1"
     assert await store.get_meta("sync_token") == "s1"
     assert [item.event_id for item in await store.pending()] == ["$old"]
+
+
+async def test_an_event_that_cannot_be_stored_is_quarantined_alone(store: Store) -> None:
+    unencodable = new_item("$bad", weird=object())  # msgspec cannot encode it
+
+    with capture_logs() as logs:
+        fresh = await store.commit_sync_batch(SyncToken("s2"), [unencodable, new_item("$new")])
+
+    assert [item.event_id for item in fresh] == ["$new"]
+    assert store.sync_token == "s2"
+    assert await store.quarantined() == {"$bad": "cannot be stored: TypeError"}
+    [logged] = [e for e in logs if e["event"] == "event_quarantined"]
+    assert logged["event_id"] == "$bad"
+    # Recorded, so a later delivery is not taken in again.
+    assert await store.commit_sync_batch(SyncToken("s3"), [new_item("$bad")]) == []
+
+
+async def test_quarantined_events_are_recorded_with_the_batch(store: Store) -> None:
+    entry = Quarantined("$junk", ROOM, "Expected `str`, got `array`", "@mallory:x")
+
+    fresh = await store.commit_sync_batch(SyncToken("s2"), [new_item("$ok")], [entry])
+
+    assert [item.event_id for item in fresh] == ["$ok"]
+    assert await store.handled_outcome("$junk") == "quarantined"
+    assert await store.quarantined() == {"$junk": "Expected `str`, got `array`"}
+    assert [item.event_id for item in await store.pending()] == ["$ok"]
+
+
+async def test_a_stored_event_that_no_longer_reads_is_quarantined_at_start(
+    path: Path,
+) -> None:
+    store = await Store.open(path, BOT)
+    await store.commit_sync_batch(SyncToken("s1"), [new_item("$a"), new_item("$b")])
+    await store.aclose()
+    connection = sqlite3.connect(path)
+    connection.execute("UPDATE events SET event = ? WHERE event_id = '$a'", (b"[[[",))
+    connection.commit()
+    connection.close()
+
+    store = await Store.open(path, BOT)
+    try:
+        assert [item.event_id for item in await store.pending()] == ["$b"]
+        assert (await store.quarantined())["$a"].startswith("stored event unreadable")
+        assert [item.event_id for item in await store.pending()] == ["$b"]
+    finally:
+        await store.aclose()
 
 
 async def test_pending_is_in_seq_order(store: Store) -> None:

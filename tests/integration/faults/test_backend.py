@@ -23,9 +23,9 @@ async def test_a_raising_refusing_or_flaky_backend_gets_bounded_retries_and_a_no
     result.show()
     calls, outcomes, notices = (result.details[k] for k in ("calls", "outcomes", "notices"))
 
-    # A crash of the backend is retried a bounded number of times, then reported.
+    # A crash of the backend is retried a bounded number of times, then quarantined.
     assert calls["raise please"] == MAX_ATTEMPTS
-    assert outcomes["raise"] == "failed"
+    assert outcomes["raise"] == "quarantined"
     assert notices["raise"] == [FAILED_NOTICE]
     # A refusal is the backend's own answer: shown as it is, once, recorded as failed.
     assert calls["refuse please"] == 1
