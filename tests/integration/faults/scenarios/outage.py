@@ -56,10 +56,14 @@ async def run_outage(
     timelines = await audit(s.observer, s.rooms)
     attempts = _failed_attempts(bot, window["down"], window["starting"])
     down_s = window["starting"] - window["down"]
+    # The sync loop's backoff, from the line that says how long it waits (``sync_failed``
+    # itself, or the ``sync_retry_later`` after it).
     sync_delays = [
         r["retry_in_s"]
-        for r in bot.events("sync_failed")
-        if window["down"] <= r["_t"] <= window["up"]
+        for r in bot.records()
+        if r.get("event") in ("sync_failed", "sync_retry_later")
+        and "retry_in_s" in r
+        and window["down"] <= r["_t"] <= window["up"]
     ]
     result = figures(
         "2 outage",
