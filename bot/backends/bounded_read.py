@@ -263,20 +263,27 @@ class BoundedBody:
         """Stop reading: read and drop the rest for at most ``drain_s`` (a server that
         ends its answer at once lets the connection be reused), then cut it off.
 
-        Shielded from outside cancellation, but never longer than ``drain_s``: the
-        cancellation that cuts the body off is what ends httpx's generators cleanly.
+        The cut is a cancellation raised at httpx's innermost read: it ends all of httpx's
+        nested generators cleanly. Without a drain it is shielded (it takes no time, and
+        runs even while the caller is being cancelled); a drain is not.
         """
         if self._settled or self._raw is None:
             self._settled = True
             return
         self._settled = True
         drained = 0
-        with trio.CancelScope(deadline=trio.current_time() + drain_s, shield=True):
+        deadline = trio.current_time() + drain_s
+        with trio.CancelScope(deadline=deadline, shield=drain_s <= 0) as cut:
             try:
-                while drained <= self.max_bytes:
+                # Bytes already buffered come out without a checkpoint; the reads after
+                # them raise the cancellation. Only an in-memory body that never
+                # checkpoints could outlast the spare reads: the collector gets it then.
+                spare = 1024
+                while spare:
                     drained += len(await self._raw.__anext__())
-                # A body that never checkpoints and never ends (only an in-memory
-                # transport can): leave the rest to the garbage collector.
+                    if drained > self.max_bytes:
+                        cut.cancel()
+                        spare -= 1
             except StopAsyncIteration:
                 pass
             except httpx.HTTPError:

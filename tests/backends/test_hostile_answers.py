@@ -377,6 +377,35 @@ async def test_a_compressed_answer_within_the_limits_is_read() -> None:
     assert answer == "squeezed " * 100
 
 
+@pytest.mark.parametrize("raw_deflate", [False, True])
+async def test_a_deflated_answer_is_read_whether_zlib_wrapped_or_raw(raw_deflate: bool) -> None:
+    packer = zlib.compressobj(9, zlib.DEFLATED, -zlib.MAX_WBITS if raw_deflate else zlib.MAX_WBITS)
+    text = "deflated, " * 20_000  # inflates to more than one piece
+    body = packer.compress(completion(text)) + packer.flush()
+
+    async def deflated(request: HTTPRequest, out: Responder) -> None:
+        await out.send(200, body, headers={"Content-Encoding": "deflate"})
+
+    answer, _, _ = await ask_model(
+        deflated, stream=False, max_answer_chars=len(text), max_response_bytes=len(text) + 1000
+    )
+    assert answer == text
+
+
+async def test_an_endless_tail_after_done_does_not_spoil_the_answer() -> None:
+    async def done_then_more(request: HTTPRequest, out: Responder) -> None:
+        await sse_head(out)
+        await out.chunk(token("All"))
+        await out.chunk(token(" done."))
+        await out.chunk(b"data: [DONE]\n\n")
+        await forever(out, b": still here\n\n" * 1000)
+
+    answer, figures, _ = await ask_model(done_then_more)
+    assert answer == "All done."
+    # what came after [DONE] is dropped as it comes, for a second at most
+    within_limit(figures, 2 * MAX_BYTES)
+
+
 async def test_an_unknown_compression_is_an_answer_the_bot_cannot_read() -> None:
     async def brotli(request: HTTPRequest, out: Responder) -> None:
         await out.send(200, b"\x8b\x02\x80", headers={"Content-Encoding": "br"})
