@@ -37,3 +37,10 @@ def bench(session: nox.Session) -> None:
     session.install("-e", ".[dev]")
     for script in session.posargs or ["bench/sync_decode.py"]:
         session.run("python", script)
+
+
+@nox.session(python=PYTHON)
+def fuzz(session: nox.Session) -> None:
+    """The pipeline fuzz's long profile (bench/fuzz.py); pass its options after ``--``."""
+    session.install("-e", ".[dev]")
+    session.run("python", "bench/fuzz.py", *session.posargs)
