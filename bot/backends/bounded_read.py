@@ -39,6 +39,7 @@ __all__ = [
     "cut_note",
     "open_body",
     "read_prefix",
+    "with_note",
 ]
 
 PIECE_BYTES = 64 * 1024
@@ -50,6 +51,19 @@ _EOL = re.compile(rb"\r\n|\r|\n")
 def cut_note(why: str) -> str:
     """The note that ends an answer cut at a limit: ``[answer cut: <why>]``."""
     return f"[answer cut: {why}]"
+
+
+def with_note(text: str, note: str) -> str:
+    """``text`` (cut short) followed by ``note`` in a paragraph of its own: a code block
+    the cut left open is closed first, so the note is not shown as code."""
+    # markdown's own fence rule, so that the note lands where the renderer sees it.
+    from .markdown import _fence_after
+
+    text = text.rstrip()
+    fence = _fence_after(text, None)
+    if fence is not None:
+        text += f"\n{fence[0]}"
+    return f"{text}\n\n{note}"
 
 
 class ReadLimitError(Exception):

@@ -60,6 +60,7 @@ from .bounded_read import (
     cut_note,
     open_body,
     read_prefix,
+    with_note,
 )
 from .context import Turn, trim_context
 from .http_backend import HTTPBackend
@@ -347,7 +348,7 @@ class ModelBackend(HTTPBackend):
                 )
             if progress.cut is not None:
                 log.warning("model_answer_cut", model=model_name, reason=progress.cut)
-                return f"{progress.text.rstrip()}\n\n{progress.cut}"
+                return with_note(progress.text, progress.cut)
             return progress.text
 
     async def _attempt(

@@ -42,7 +42,14 @@ from ..chats import Chat
 from ..messages import IncomingMessage
 from .backoff import Backoff, retry_after_from
 from .base import BackendError
-from .bounded_read import BodyTooLarge, ReadLimitError, cut_note, open_body, read_prefix
+from .bounded_read import (
+    BodyTooLarge,
+    ReadLimitError,
+    cut_note,
+    open_body,
+    read_prefix,
+    with_note,
+)
 from .context import Turn
 from .http_backend import HTTPBackend
 from .streaming import ReplyOverrides, ReplySink
@@ -303,7 +310,7 @@ class WebhookBackend(HTTPBackend):
         if note is None:
             return reply
         log.warning("webhook_answer_cut", reason=note)
-        return f"{reply.rstrip()}\n\n{note}"
+        return with_note(reply, note)
 
 
 def _is_json(response: httpx.Response) -> bool:

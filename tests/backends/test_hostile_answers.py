@@ -25,6 +25,7 @@ import trio
 
 from bot.backends.backoff import Backoff
 from bot.backends.bounded_read import PIECE_BYTES, LineSplitter, LineTooLong
+from bot.backends.markdown import render_markdown
 from bot.backends.model import ModelBackend, ModelError, ModelSettings
 from bot.backends.webhook import WebhookBackend, WebhookError, WebhookSettings
 from bot.chats import Chat
@@ -322,6 +323,19 @@ async def test_a_huge_non_streamed_answer_is_cut_at_max_answer_chars() -> None:
         ("word " * MAX_CHARS)[:MAX_CHARS].rstrip()
         + f"\n\n[answer cut: longer than {MAX_CHARS} characters]"
     )
+
+
+async def test_a_code_block_cut_open_is_closed_before_the_note() -> None:
+    async def code_forever(request: HTTPRequest, out: Responder) -> None:
+        await sse_head(out)
+        await out.chunk(token("Here:\n\n```python\n"))
+        await forever(out, token("x = 1\n"))
+
+    answer, _, _ = await ask_model(code_forever)
+    assert isinstance(answer, str)
+    note = f"[answer cut: longer than {MAX_CHARS} characters]"
+    assert answer.endswith(f"\n```\n\n{note}")
+    assert render_markdown(answer).endswith(f"</code></pre>\n<p>{note}</p>")
 
 
 async def test_invalid_utf8_in_a_stream_is_replaced_not_fatal() -> None:
