@@ -16,7 +16,7 @@ from matrix_api import MatrixAPIError, MatrixClient
 from matrix_api.models import EventID, RoomID
 
 from .backends import Backend, BackendError
-from .backends.context import Role, Turn, load_room_context, trim_context
+from .backends.context import FAILED_KEY, Role, Turn, load_room_context, trim_context
 from .backends.streaming import ReplyOverrides, StreamingBackend
 from .chats import Chat
 from .commands import CommandContext, CommandError, Reply, parse_command, run_command
@@ -219,6 +219,7 @@ class MessageHandler:
             edit_interval_s=interval,
             existing_event_id=started,
             on_started=remember,
+            max_parts=self._settings.max_reply_parts,
         ) as sink:
             try:
                 with trio.fail_after(self._settings.backend_timeout_s):
@@ -279,11 +280,12 @@ class MessageHandler:
         purpose: str = "reply",
         reason: str | None = None,
     ) -> EventID:
+        content = notice(reply.body, reply_to=item.event_id, formatted_body=reply.html)
+        if outcome != "replied":
+            # Not an answer: a conversation rebuilt from the room leaves the exchange out.
+            content[FAILED_KEY] = True
         reply_id = await self._client.send_event(
-            item.room_id,
-            "m.room.message",
-            notice(reply.body, reply_to=item.event_id, formatted_body=reply.html),
-            txn_id=reply_txn_id(item.event_id, purpose),
+            item.room_id, "m.room.message", content, txn_id=reply_txn_id(item.event_id, purpose)
         )
         await self._store.finish(item, outcome, reply_id, reason=reason)
         return reply_id

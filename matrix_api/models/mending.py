@@ -6,11 +6,12 @@ escape (msgspec refuses the text) and a value nested deeper than the decoder wil
 follow. Each is mended and recorded, and the document decoded again: lone
 surrogates become U+FFFD; an event nested too deep is cut out whole (its id and
 sender kept for the record), and anything else nested too deep becomes ``null``.
+An envelope that still does not decode may be taken apart piece by piece.
 """
 
 from __future__ import annotations
 
-from collections.abc import Collection
+from collections.abc import Callable, Collection
 from typing import TypeVar
 
 import msgspec
@@ -33,11 +34,14 @@ def decode_mended(
     body: bytes,
     skipped: list[SkippedEvent],
     event_arrays: Collection[str],
+    lenient: Callable[[bytes, list[SkippedEvent]], T] | None = None,
 ) -> T:
     """``decoder.decode(body)``, mended as the module docstring says when it must be.
 
-    ``event_arrays``: the keys whose arrays hold events. Raises `msgspec.DecodeError`
-    and nothing else when the envelope cannot be used.
+    ``event_arrays``: the keys whose arrays hold events. ``lenient``: when even the
+    mended body does not decode, it gets the last word (a decoder that takes the
+    envelope apart piece by piece, recording what it leaves out). Raises
+    `msgspec.DecodeError` and nothing else when the envelope cannot be used.
     """
     mended_surrogates = cut_deep = False
     while True:
@@ -47,18 +51,30 @@ def decode_mended(
             if cut_deep:
                 raise msgspec.DecodeError("nested too deep even after cutting") from None
             cut_deep = True
-            body, cuts = cut_too_deep(body, ENVELOPE_DEPTH, CUT_EVENT, event_arrays)
-            skipped.extend(_skipped_for(cut) for cut in cuts)
+            body = _cut(body, event_arrays, skipped)
         except msgspec.DecodeError:
-            if mended_surrogates:
+            if not mended_surrogates:
+                mended_surrogates = True
+                body, count = replace_lone_surrogates(body)
+                if count:
+                    skipped.append(
+                        SkippedEvent("body", f"{count} lone surrogate escape(s) replaced by U+FFFD")
+                    )
+                    continue
+            if lenient is None:
                 raise
-            mended_surrogates = True
-            body, count = replace_lone_surrogates(body)
-            if not count:
-                raise
-            skipped.append(
-                SkippedEvent("body", f"{count} lone surrogate escape(s) replaced by U+FFFD")
-            )
+            if not cut_deep:  # a piecewise decode recurses too
+                body = _cut(body, event_arrays, skipped)
+            try:
+                return lenient(body, skipped)
+            except RecursionError:
+                raise msgspec.DecodeError("nested too deep even after cutting") from None
+
+
+def _cut(body: bytes, event_arrays: Collection[str], skipped: list[SkippedEvent]) -> bytes:
+    body, cuts = cut_too_deep(body, ENVELOPE_DEPTH, CUT_EVENT, event_arrays)
+    skipped.extend(_skipped_for(cut) for cut in cuts)
+    return body
 
 
 def _skipped_for(cut: Cut) -> SkippedEvent:

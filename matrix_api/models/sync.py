@@ -163,25 +163,143 @@ def _each_room(
     section: str,
     skipped: list[SkippedEvent],
 ) -> Iterator[tuple[RoomID, str, W]]:
-    """Decode each room of one section, recording (and leaving out) those that fail."""
+    """Decode each room of one section; one that is not what the spec says is taken
+    apart piece by piece (`_piecewise_room`), and left out only if it is no object."""
     for room_id, raw_room in raw_rooms.items():
         where = f"rooms.{section}.{room_id}"
         try:
             room = decoder.decode(raw_room)
-        except (msgspec.DecodeError, RecursionError) as exc:
-            skipped.append(SkippedEvent(where, str(exc), room_id=room_id))
-            continue
+        except (msgspec.DecodeError, RecursionError):
+            piecewise = _piecewise_room(raw_room, decoder.type, where, skipped)
+            if piecewise is None:
+                continue
+            room = piecewise
         yield RoomID(room_id), where, room
+
+
+# --- piece by piece: for an envelope or a room that is not what the spec says ---------
+#
+# Each part is decoded on its own; a part that fails is recorded and left at its
+# default, so one wrong type costs that part only (the events of a room whose
+# ``unread_notifications`` is a list are still read). Slower than the typed decoders
+# above, and used only when they fail.
+
+_object_of_raw = msgspec.json.Decoder(dict[str, msgspec.Raw])
+_list_of_raw = msgspec.json.Decoder(list[msgspec.Raw])
+_object = msgspec.json.Decoder(dict[str, Any])
+_string = msgspec.json.Decoder(str)
+_optional_string = msgspec.json.Decoder(str | None)
+_boolean = msgspec.json.Decoder(bool)
+
+P = TypeVar("P")
+
+
+def _part(
+    parts: dict[str, msgspec.Raw],
+    key: str,
+    decoder: msgspec.json.Decoder[P],
+    default: P,
+    where: str,
+    skipped: list[SkippedEvent],
+    room_id: str | None = None,
+) -> P:
+    raw = parts.get(key)
+    if raw is None:
+        return default
+    try:
+        return decoder.decode(raw)
+    except (msgspec.DecodeError, RecursionError) as exc:
+        skipped.append(SkippedEvent(_join(where, key), str(exc), room_id=room_id))
+        return default
+
+
+def _join(where: str, key: str) -> str:
+    return f"{where}.{key}" if where else key
+
+
+def _events_part(
+    parts: dict[str, msgspec.Raw],
+    key: str,
+    where: str,
+    skipped: list[SkippedEvent],
+    room_id: str | None = None,
+) -> _Events:
+    holder = _part(parts, key, _object_of_raw, {}, where, skipped, room_id)
+    return _Events(_part(holder, "events", _list_of_raw, [], _join(where, key), skipped, room_id))
+
+
+def _timeline_part(
+    parts: dict[str, msgspec.Raw], where: str, skipped: list[SkippedEvent], room_id: str
+) -> _Timeline:
+    timeline = _part(parts, "timeline", _object_of_raw, {}, where, skipped, room_id)
+    where = f"{where}.timeline"
+    return _Timeline(
+        events=_part(timeline, "events", _list_of_raw, [], where, skipped, room_id),
+        limited=_part(timeline, "limited", _boolean, False, where, skipped, room_id),
+        prev_batch=_part(timeline, "prev_batch", _optional_string, None, where, skipped, room_id),
+    )
+
+
+def _piecewise_room(
+    raw: msgspec.Raw, cls: Any, where: str, skipped: list[SkippedEvent]
+) -> Any | None:
+    """A room of type ``cls`` (`_Joined`, ...) decoded piece by piece; None if ``raw``
+    is not even an object."""
+    room_id = where.split(".", 2)[2]
+    try:
+        parts = _object_of_raw.decode(raw)
+    except (msgspec.DecodeError, RecursionError) as exc:
+        skipped.append(SkippedEvent(where, str(exc), room_id=room_id))
+        return None
+    if cls is _Invited:
+        return _Invited(_events_part(parts, "invite_state", where, skipped, room_id))
+    if cls is _Knocked:
+        return _Knocked(_events_part(parts, "knock_state", where, skipped, room_id))
+    state = _events_part(parts, "state", where, skipped, room_id)
+    timeline = _timeline_part(parts, where, skipped, room_id)
+    account_data = _events_part(parts, "account_data", where, skipped, room_id)
+    if cls is _Left:
+        return _Left(state, timeline, account_data)
+    return _Joined(
+        state,
+        timeline,
+        account_data,
+        _events_part(parts, "ephemeral", where, skipped, room_id),
+        _part(parts, "summary", _object, {}, where, skipped, room_id),
+        _part(parts, "unread_notifications", _object, {}, where, skipped, room_id),
+    )
+
+
+def _piecewise_sync(body: bytes, skipped: list[SkippedEvent]) -> _Sync:
+    """The envelope decoded piece by piece: all that is needed of it is ``next_batch``."""
+    top = _object_of_raw.decode(body)  # not an object: unusable (DecodeError)
+    if "next_batch" not in top:
+        raise msgspec.DecodeError("Object missing required field `next_batch`")
+    next_batch = _string.decode(top["next_batch"])
+    rooms = _part(top, "rooms", _object_of_raw, {}, "", skipped)
+    sections = {
+        name: _part(rooms, name, _object_of_raw, {}, "rooms", skipped)
+        for name in ("join", "invite", "leave", "knock")
+    }
+    return _Sync(
+        next_batch=next_batch,
+        rooms=_Rooms(**sections),
+        account_data=_events_part(top, "account_data", "", skipped),
+        presence=_events_part(top, "presence", "", skipped),
+        to_device=_events_part(top, "to_device", "", skipped),
+        device_lists=_part(top, "device_lists", _object, {}, "", skipped),
+    )
 
 
 def decode_sync(body: bytes) -> SyncResponse:
     """Decode a /sync response body.
 
-    Raises `msgspec.DecodeError` (and nothing else) when the envelope itself is
-    unusable; a bad room or event is skipped and recorded instead.
+    Raises `msgspec.DecodeError` (and nothing else) when the body is not a JSON
+    object with a ``next_batch`` string; anything else that is not what the spec
+    says (a room, a section, an event) is skipped and recorded instead.
     """
     skipped: list[SkippedEvent] = []
-    wire = decode_mended(_sync_decoder, body, skipped, _EVENT_ARRAYS)
+    wire = decode_mended(_sync_decoder, body, skipped, _EVENT_ARRAYS, _piecewise_sync)
 
     def events(
         raws: list[msgspec.Raw], cls: type[E], where: str, room_id: str | None = None

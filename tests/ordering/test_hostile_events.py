@@ -16,6 +16,8 @@ import httpx
 import pytest
 import trio
 
+from bot.backends import EchoBackend
+from bot.backends.context import FAILED_KEY
 from bot.chats import marker_content
 from bot.config import Settings
 from bot.runtime import Phase
@@ -281,3 +283,39 @@ async def test_a_gap_that_cannot_be_filled_is_left_after_a_few_tries(
     assert events.count("sync_failed") == 3
     assert events.count("sync_gap_unfilled") == 1
     assert [s.reply_to for s in hs.sent_in(ROOM)] == ["$m"]
+
+
+async def test_a_message_the_handler_keeps_failing_on_is_quarantined_with_a_notice(
+    autojump_clock: trio.abc.Clock,
+    hs: FakeHomeserver,
+    logs: Logs,
+    settings: Settings,
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    a = chat("c_a", ROOM)
+    await seed_store(settings.store_path, chats=[a], token="s0")
+    hs.add_room(ROOM, marker=marker_content(a))
+    reply = EchoBackend.reply
+
+    async def fails_on_poison(self: EchoBackend, chat: Any, message: Any) -> str:
+        if message.body == "poison":
+            raise ValueError(SECRET)
+        return await reply(self, chat, message)
+
+    monkeypatch.setattr(EchoBackend, "reply", fails_on_poison)
+
+    async with running_bot(settings, hs) as bot:
+        hs.queue_sync({ROOM: [text_event("$p", ALICE, "poison"), text_event("$n", ALICE, "ok")]})
+        await until_handled(bot.store, "$p", "$n")
+        assert await bot.store.handled_outcome("$p") == "quarantined"
+        reason = (await bot.store.quarantined())["$p"]
+
+    assert reason.startswith("handling failed: ValueError at ")
+    failure, answer = hs.sent_in(ROOM)
+    assert (failure.reply_to, answer.reply_to) == ("$p", "$n")
+    # Marked as no answer, so a conversation rebuilt from the room leaves the exchange out.
+    assert failure.content.get(FAILED_KEY) is True
+    assert FAILED_KEY not in answer.content
+    [line] = quarantine_lines(logs)
+    assert (line["event_id"], line["reason"]) == ("$p", reason)
+    assert_nothing_logged_of_the_content(logs)

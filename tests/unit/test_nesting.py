@@ -243,9 +243,17 @@ def test_decode_messages_skips_a_deep_event() -> None:
     [
         b'{"next_batch": ' + b"[" * 100_000,
         b"[" * 100_000 + b"]" * 100_000,
-        b'{"next_batch": "s", "rooms": ' + b"[" * 100_000 + b"]" * 100_000 + b"}",
     ],
 )
 def test_an_envelope_deep_at_its_core_is_a_decode_error_and_nothing_else(body: bytes) -> None:
     with pytest.raises(msgspec.DecodeError):
         decode_sync(body)
+
+
+def test_an_envelope_part_deep_where_rooms_belong_is_left_out() -> None:
+    body = b'{"next_batch": "s", "rooms": ' + b"[" * 100_000 + b"]" * 100_000 + b"}"
+
+    sync = decode_sync(body)
+
+    assert sync.next_batch == "s"
+    assert [s.where for s in sync.skipped] == ["rooms[0][0][0][0][0][0][0]...", "rooms"]

@@ -377,17 +377,13 @@ def test_bad_events_everywhere_are_each_recorded_where_they_were() -> None:
 
 
 @pytest.mark.parametrize(
-    "bad_room",
+    ("bad_room", "where"),
     [
-        pytest.param({"timeline": "not an object"}, id="timeline-string"),
-        pytest.param({"timeline": {"events": "nope"}}, id="events-string"),
-        pytest.param({"timeline": {"events": [], "limited": "yes"}}, id="limited-string"),
-        pytest.param({"state": []}, id="state-list"),
-        pytest.param([], id="room-list"),
-        pytest.param(None, id="room-null"),
+        pytest.param([], "", id="room-list"),
+        pytest.param(None, "", id="room-null"),
     ],
 )
-def test_one_bad_room_is_skipped_alone(bad_room: Any) -> None:
+def test_a_room_that_is_no_object_is_skipped_alone(bad_room: Any, where: str) -> None:
     body = copy.deepcopy(SYNC)
     body["rooms"]["join"]["!broken:example.org"] = bad_room
 
@@ -398,16 +394,53 @@ def test_one_bad_room_is_skipped_alone(bad_room: Any) -> None:
     assert [skipped.where for skipped in sync.skipped] == ["rooms.join.!broken:example.org"]
 
 
-def test_a_bad_invited_room_is_skipped_alone() -> None:
+@pytest.mark.parametrize(
+    ("broken", "where"),
+    [
+        pytest.param({"timeline": "not an object"}, "timeline", id="timeline-string"),
+        pytest.param({"timeline": {"events": "nope"}}, "timeline.events", id="events-string"),
+        pytest.param({"limited": "yes"}, "timeline.limited", id="limited-string"),
+        pytest.param({"prev_batch": 7}, "timeline.prev_batch", id="prev-batch-number"),
+        pytest.param({"state": []}, "state", id="state-list"),
+        pytest.param({"unread_notifications": []}, "unread_notifications", id="counts-list"),
+        pytest.param({"summary": 5}, "summary", id="summary-number"),
+        pytest.param({"ephemeral": {"events": {}}}, "ephemeral.events", id="ephemeral-object"),
+    ],
+)
+def test_a_room_with_a_broken_part_keeps_the_rest(broken: dict[str, Any], where: str) -> None:
+    body = copy.deepcopy(SYNC)
+    room = body["rooms"]["join"][ROOM]
+    if "limited" in broken or "prev_batch" in broken:
+        room["timeline"].update(broken)
+    else:
+        room.update(broken)
+
+    sync = decode_sync(encode(body))
+
+    clean = decode_sync(encode(SYNC)).rooms.join[ROOM]
+    assert sync.rooms.join[ROOM].timeline.events == (
+        []
+        if where.startswith("timeline") and "limited" not in where and "prev" not in where
+        else clean.timeline.events
+    )
+    assert sync.rooms.join[ROOM].account_data == clean.account_data
+    assert [s.where for s in sync.skipped] == [f"rooms.join.{ROOM}.{where}"]
+    assert sync.skipped[0].room_id == ROOM
+
+
+def test_a_bad_invited_room_keeps_its_id_and_records_the_unreadable_state() -> None:
     body = copy.deepcopy(SYNC)
     body["rooms"]["invite"]["!bad:example.org"] = {"invite_state": {"events": {}}}
 
     sync = decode_sync(encode(body))
 
-    assert set(sync.rooms.invite) == {INVITED}
+    assert set(sync.rooms.invite) == {INVITED, "!bad:example.org"}
+    assert sync.rooms.invite["!bad:example.org"].invite_state == []
     assert sync.skipped == [
         SkippedEvent(
-            "rooms.invite.!bad:example.org", sync.skipped[0].reason, room_id="!bad:example.org"
+            "rooms.invite.!bad:example.org.invite_state.events",
+            sync.skipped[0].reason,
+            room_id="!bad:example.org",
         )
     ]
 
@@ -417,12 +450,43 @@ def test_a_bad_invited_room_is_skipped_alone() -> None:
 BROKEN_ENVELOPES = [
     pytest.param(b'{"rooms": {}}', id="no-next-batch"),
     pytest.param(b'{"next_batch": 5}', id="next-batch-not-string"),
-    pytest.param(b'{"next_batch": "s1", "rooms": []}', id="rooms-list"),
-    pytest.param(b'{"next_batch": "s1", "rooms": {"join": []}}', id="join-list"),
-    pytest.param(b'{"next_batch": "s1", "account_data": {"events": {}}}', id="events-object"),
     pytest.param(b'{"next_batch": "s1", "rooms": {"join": {"!a": {"timel', id="truncated"),
     pytest.param(b"[]", id="list"),
+    pytest.param(b"[" * 100_000, id="deep-list"),
 ]
+
+
+@pytest.mark.parametrize(
+    ("body", "where"),
+    [
+        pytest.param(b'{"next_batch": "s1", "rooms": []}', "rooms", id="rooms-list"),
+        pytest.param(b'{"next_batch": "s1", "rooms": {"join": []}}', "rooms.join", id="join"),
+        pytest.param(
+            b'{"next_batch": "s1", "account_data": {"events": {}}}',
+            "account_data.events",
+            id="events-object",
+        ),
+        pytest.param(b'{"next_batch": "s1", "to_device": []}', "to_device", id="to-device"),
+        pytest.param(b'{"next_batch": "s1", "device_lists": 3}', "device_lists", id="devices"),
+    ],
+)
+def test_an_envelope_with_a_wrong_part_moves_on_without_it(body: bytes, where: str) -> None:
+    sync = decode_sync(body)
+
+    assert sync.next_batch == "s1"
+    assert [s.where for s in sync.skipped] == [where]
+
+
+def test_an_envelope_with_a_wrong_part_keeps_the_parts_that_read() -> None:
+    body = copy.deepcopy(SYNC)
+    body["presence"] = "junk"
+
+    sync = decode_sync(encode(body))
+
+    clean = decode_sync(encode(SYNC))
+    assert sync.rooms == clean.rooms
+    assert sync.account_data == clean.account_data
+    assert [s.where for s in sync.skipped] == ["presence"]
 
 
 @pytest.mark.parametrize("body", BROKEN_ENVELOPES)
