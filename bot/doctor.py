@@ -56,12 +56,17 @@ async def run_doctor(settings: Settings, say: Callable[[str], None]) -> int:
         say(f"FAIL  {what}")
 
     ok(f"configuration: bot {settings.user_id} on {without_userinfo(settings.homeserver)}")
-    async with MatrixClient(
-        settings.homeserver,
-        access_token=settings.access_token,
-        user_id=settings.user_id,
-        user_agent=f"surfaces-bot/{__version__} doctor",
-    ) as client:
+    try:
+        client = MatrixClient(
+            settings.homeserver,
+            access_token=settings.access_token,
+            user_id=settings.user_id,
+            user_agent=f"surfaces-bot/{__version__} doctor",
+        )
+    except MatrixAPIError as exc:  # a URL the client refuses (it never quotes credentials)
+        bad(f"homeserver: {exc}")
+        return problems
+    async with client:
         try:
             versions = await client.versions()
         except MatrixAPIError as exc:

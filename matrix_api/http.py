@@ -152,6 +152,9 @@ class HTTPCore:
         """Every attempt that went to the network, retries included (for diagnostics)."""
         self._server_clock = ServerClock()
         url = httpx.URL(self.homeserver)
+        if url.userinfo:
+            # Matrix authenticates by token; credentials here would only end up in messages.
+            raise MatrixAPIError("the homeserver URL must not hold credentials (user:password@)")
         if url.scheme not in ("http", "https") or not url.host:
             raise MatrixAPIError(f"not an http(s) homeserver URL: {self.homeserver!r}")
         self._origin = Origin.of(url)

@@ -30,7 +30,8 @@ from matrix_api.testing.synapse import RegisteredUser, SynapseServer
 from mini_http import HTTPRequest, Responder, serve_http
 
 if TYPE_CHECKING:
-    from fault_harness import BotProcess, FaultLab
+    from faults.harness.bot_process import BotProcess
+    from faults.harness.lab import FaultLab
 
 
 @pytest.fixture
@@ -272,7 +273,7 @@ async def test_a_crash_mid_stream_never_leaves_two_answers(
 ) -> None:
     """kill -9 while the reply is growing: after the restart the same reply is
     completed by an edit; the room never shows a second answer."""
-    from fault_harness import fault_lab
+    from faults.harness.lab import fault_lab
 
     model_server.token_delay = 0.15  # about six seconds for the whole answer
     question = " ".join(f"word{i}" for i in range(40))
@@ -329,7 +330,8 @@ async def test_a_message_whose_handling_keeps_ending_the_bot_is_given_up(
     """kill -9 every time the bot is handling one message: once more than
     MAX_RESUMPTIONS runs have taken it up again, the next gives it up with a notice
     instead of handling it, and the room goes on."""
-    from fault_harness import fault_lab, read_store
+    from faults.harness.lab import fault_lab
+    from faults.harness.store_view import read_store
 
     secret = "a-shared-secret-of-some-length"
     asked_of_hook: list[str] = []

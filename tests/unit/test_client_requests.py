@@ -551,3 +551,13 @@ async def test_space_hierarchy_decodes_rooms_and_next_batch() -> None:
     assert [room.room_id for room in page.rooms] == [ROOM, "!child:example.org"]
     assert page.rooms[0].room_type == "m.space"
     assert page.rooms[0].children_state[0].state_key == "!child:example.org"
+
+
+@pytest.mark.parametrize(
+    "url", ["http://bot:hunter2@127.0.0.1:8008", "https://hunter2@hs.example", "http://:hunter2@h"]
+)
+def test_a_homeserver_url_with_credentials_is_refused_without_echoing_them(url: str) -> None:
+    with pytest.raises(MatrixAPIError) as refused:
+        MatrixClient(url, access_token=TOKEN)
+    assert "hunter2" not in str(refused.value)
+    assert "credentials" in str(refused.value)
