@@ -248,7 +248,7 @@ huge_text = _repeated(["a", "\u202e", "\x00", "\U0001f600", "\ud800", "\\", '"',
 
 every_char = st.characters(exclude_categories=())  # lone surrogates and controls too
 plain_text = st.one_of(
-    st.text(every_char, max_size=30),
+    st.text(every_char, max_size=16),
     st.sampled_from(SPECIAL_TEXT),
 ).map(_no_archive)
 """Hostile text for anything that may rightly be logged (ids, types, titles)."""
@@ -298,7 +298,7 @@ def _objects(children: st.SearchStrategy[Any]) -> st.SearchStrategy[Any]:
     )
 
 
-json_values = st.recursive(scalars, _objects, max_leaves=6)
+json_values = st.recursive(scalars, _objects, max_leaves=5)
 deep_values = st.builds(
     deep,
     st.one_of(
