@@ -12,7 +12,7 @@ fake's own.
 * answers the final message exactly once, with the echo of its body;
 * moves its sync token past every batch (to `FINAL_TOKEN`);
 * leaves nothing in the inbox: every event taken in ends handled, answered, failed or
-  quarantined;
+  quarantined (with a reason, read back from the store);
 * never logs message contents (`CANARY`), and logs each quarantined event without them.
 
 Each example is bounded in virtual time (``trio.fail_after`` on the mock clock) and in
@@ -26,6 +26,7 @@ from __future__ import annotations
 import contextlib
 import faulthandler
 import os
+import sqlite3
 import tempfile
 import threading
 from collections import Counter
@@ -174,7 +175,22 @@ def check_scenario(scenario: Scenario) -> Logs:
             raise error from None
         finally:
             watchdog.disarm()
+        _check_store(settings.store_path)
     return logs
+
+
+def _check_store(path: Path) -> None:
+    """Read back what the stopped bot left: nothing pending, and a reason (without
+    content) for every quarantined event."""
+    with contextlib.closing(sqlite3.connect(path)) as db:
+        pending = db.execute("SELECT event_id FROM events WHERE outcome IS NULL").fetchall()
+        quarantined = db.execute(
+            "SELECT event_id, reason FROM events WHERE outcome = 'quarantined'"
+        ).fetchall()
+    assert pending == [], f"left in the inbox: {pending}"
+    for event_id, reason in quarantined:
+        assert reason, f"quarantined without a reason: {event_id!r}"
+        assert CANARY not in reason, f"message content in a quarantine reason: {event_id!r}"
 
 
 def _first_leaf(group: BaseExceptionGroup[Any]) -> BaseException:

@@ -13,6 +13,7 @@ from typing import Any
 from fuzz_harness import check_scenario
 from fuzz_strategies import (
     FINAL_TOKEN,
+    KNOWN_ROOM,
     Scenario,
     Step,
     deep,
@@ -24,11 +25,20 @@ from fuzz_strategies import (
 )
 
 from matrix_api.models import decode_sync
+from ordering_harness import Logs
 
 
 def junk_message(content: Any, event_id: str = "$junk") -> dict[str, Any]:
     """An allowed user's message in the known chat, with ``content`` as given."""
     return {**final_message(), "event_id": event_id, "content": content}
+
+
+def assert_quarantined(logs: Logs, event_id: str = "$junk") -> None:
+    """``event_id`` was logged once as quarantined, with a reason and its sender."""
+    (entry,) = [e for e in logs if e["event"] == "event_quarantined" and e["event_id"] == event_id]
+    assert entry["reason"]
+    assert entry["room_id"] == KNOWN_ROOM
+    assert entry["sender"] == final_message()["sender"]
 
 
 # --- per event -------------------------------------------------------------------------
@@ -38,14 +48,16 @@ def test_a_msgtype_that_is_a_list_in_a_long_poll() -> None:
     # Found at 60c345f: TypeError (unhashable type: 'list') in bot/messages.py
     # parse_incoming escaped the sync loop and stopped the bot.
     junk = junk_message({"msgtype": ["m.text"], "body": "x"})
-    check_scenario(hand_made(start_batch, lambda nb: final_batch(nb, junk)))
+    logs = check_scenario(hand_made(start_batch, lambda nb: final_batch(nb, junk)))
+    assert_quarantined(logs)
 
 
 def test_a_msgtype_that_is_an_object_in_the_start_up_sync() -> None:
     # Found at 60c345f: the same TypeError in the start-up sync stopped start-up, and the
     # token never moved past it: every restart died the same way.
     junk = junk_message({"msgtype": {"a": 1}, "body": "x"})
-    check_scenario(hand_made(lambda nb: start_batch(nb, junk), final_batch))
+    logs = check_scenario(hand_made(lambda nb: start_batch(nb, junk), final_batch))
+    assert_quarantined(logs)
 
 
 def test_a_msgtype_that_is_an_object_in_the_start_up_sync_of_an_empty_store() -> None:
@@ -61,7 +73,8 @@ def test_an_event_nested_100000_deep_before_the_final_message() -> None:
 
 def test_a_body_nested_100000_deep_before_the_final_message() -> None:
     junk = junk_message({"msgtype": "m.text", "body": deep(100_000)})
-    check_scenario(hand_made(start_batch, lambda nb: final_batch(nb, junk)))
+    logs = check_scenario(hand_made(start_batch, lambda nb: final_batch(nb, junk)))
+    assert_quarantined(logs)
 
 
 def test_a_limited_timeline_whose_prev_batch_is_70000_characters() -> None:
