@@ -40,6 +40,16 @@ SECRET = "the-content-nobody-may-log"
 DEEP = b'"@@deep@@"'  # stands, in the fake's JSON, for content too deep to build as objects
 
 
+async def a_known_chat(
+    hs: FakeHomeserver, settings: Settings, timeline: list[dict[str, Any]] | None = None
+) -> None:
+    """``ROOM`` as a chat the store and the server know, with ``timeline`` in the start-up
+    sync; the store has a sync token, so this is a restart."""
+    a = chat("c_a", ROOM)
+    await seed_store(settings.store_path, chats=[a], token="s0")
+    hs.add_room(ROOM, marker=marker_content(a), timeline=timeline or [])
+
+
 def junk(event_id: str, **content: Any) -> dict[str, Any]:
     event = text_event(event_id, ALICE, SECRET, ts=BASE_TS + 1)
     event["content"].update(content)
@@ -106,9 +116,7 @@ async def test_junk_in_the_long_poll_is_quarantined_and_the_next_message_answere
     event: dict[str, Any],
     reason: str,
 ) -> None:
-    a = chat("c_a", ROOM)
-    await seed_store(settings.store_path, chats=[a], token="s0")
-    hs.add_room(ROOM, marker=marker_content(a))
+    await a_known_chat(hs, settings)
     rewriting_syncs(hs, with_deep_content(100_000))
 
     async with running_bot(settings, hs) as bot:
@@ -139,9 +147,7 @@ async def test_junk_in_the_initial_sync_does_not_stop_the_start(
     event: dict[str, Any],
     reason: str,
 ) -> None:
-    a = chat("c_a", ROOM)
-    await seed_store(settings.store_path, chats=[a], token="s0")
-    hs.add_room(ROOM, marker=marker_content(a), timeline=[event])
+    await a_known_chat(hs, settings, [event])
     rewriting_syncs(hs, with_deep_content(100_000))
 
     async with running_bot(settings, hs) as bot:
@@ -159,9 +165,7 @@ async def test_junk_in_the_initial_sync_does_not_stop_the_start(
 async def test_a_start_up_sync_that_cannot_be_read_is_asked_for_again(
     autojump_clock: trio.abc.Clock, hs: FakeHomeserver, logs: Logs, settings: Settings
 ) -> None:
-    a = chat("c_a", ROOM)
-    await seed_store(settings.store_path, chats=[a], token="s0")
-    hs.add_room(ROOM, marker=marker_content(a), timeline=[text_event("$m", ALICE, "hi")])
+    await a_known_chat(hs, settings, [text_event("$m", ALICE, "hi")])
     broken = [b"[]", b'{"rooms": {}}', b"{" * 100_000]
     rewriting_syncs(hs, lambda body, nth: broken[nth] if nth < len(broken) else body)
 
@@ -196,9 +200,7 @@ async def test_a_batch_that_keeps_failing_is_given_up_and_the_bot_goes_on(
     settings: Settings,
     monkeypatch: pytest.MonkeyPatch,
 ) -> None:
-    a = chat("c_a", ROOM)
-    await seed_store(settings.store_path, chats=[a], token="s0")
-    hs.add_room(ROOM, marker=marker_content(a))
+    await a_known_chat(hs, settings)
     commit = Store.commit_sync_batch
 
     async def fails_on_poison(self: Store, token: Any, items: Any, quarantined: Any = ()) -> Any:
@@ -233,9 +235,7 @@ async def test_an_event_that_intake_chokes_on_costs_only_itself(
 ) -> None:
     import bot.intake
 
-    a = chat("c_a", ROOM)
-    await seed_store(settings.store_path, chats=[a], token="s0")
-    hs.add_room(ROOM, marker=marker_content(a))
+    await a_known_chat(hs, settings)
     actionable = bot.intake.is_actionable
 
     def chokes(event: Any, bot_user_id: str) -> bool:
@@ -263,9 +263,7 @@ async def test_a_gap_that_cannot_be_filled_is_left_after_a_few_tries(
     settings: Settings,
     monkeypatch: pytest.MonkeyPatch,
 ) -> None:
-    a = chat("c_a", ROOM)
-    await seed_store(settings.store_path, chats=[a], token="s0")
-    hs.add_room(ROOM, marker=marker_content(a))
+    await a_known_chat(hs, settings)
 
     async def refuses(*args: Any, **kwargs: Any) -> Any:
         raise MatrixError.from_response(400, {"errcode": "M_INVALID_PARAM", "error": "bad"})
@@ -292,9 +290,7 @@ async def test_a_message_the_handler_keeps_failing_on_is_quarantined_with_a_noti
     settings: Settings,
     monkeypatch: pytest.MonkeyPatch,
 ) -> None:
-    a = chat("c_a", ROOM)
-    await seed_store(settings.store_path, chats=[a], token="s0")
-    hs.add_room(ROOM, marker=marker_content(a))
+    await a_known_chat(hs, settings)
     reply = EchoBackend.reply
 
     async def fails_on_poison(self: EchoBackend, chat: Any, message: Any) -> str:
