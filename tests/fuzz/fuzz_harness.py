@@ -8,7 +8,9 @@ fake's own.
 
 `check_scenario` is the property. For each scenario, the bot:
 
-* starts and reaches READY, and no exception escapes the runtime at any point;
+* starts and reaches READY, and no exception escapes the runtime at any point (and
+  when the scenario says so, is stopped after a batch and started again on its store,
+  with what it had not handled yet still in the inbox);
 * answers the final message exactly once, with the echo of its body;
 * moves its sync token past every batch (to `FINAL_TOKEN`);
 * leaves nothing in the inbox: every event taken in ends handled, answered, failed or
@@ -56,7 +58,7 @@ from trio.testing import MockClock
 
 from bot.config import Settings
 from bot.logging import merge_log_context
-from bot.runtime import Phase
+from bot.runtime import BotRuntime, Phase
 from fake_homeserver import Call, FakeHomeserver
 from ordering_harness import Logs, bot_parts, chat, make_settings, seed_store, ticking
 
@@ -84,6 +86,8 @@ class FuzzHomeserver(FakeHomeserver):
         self.steps = dict(zip(scenario.tokens(), scenario.steps, strict=True))
         self.served: Counter[str | None] = Counter()
         self.unknown_since: list[str | None] = []
+        self.hold_since: str | None = None
+        """A sync from this token is held until the client gives up (a restart)."""
         # What joined_rooms and a marker GET answer (a repair reads the marker here).
         self.add_room(KNOWN_ROOM, marker=known_marker())
 
@@ -109,6 +113,8 @@ class FuzzHomeserver(FakeHomeserver):
 
     async def _scripted_sync(self, call: Call) -> tuple[int, dict[str, Any]]:
         since = call.query.get("since")
+        if since is not None and since == self.hold_since:
+            await trio.sleep_forever()
         step = self.steps.get(since)
         if step is not None:
             body = step.answer(self.served[since])
@@ -208,43 +214,9 @@ async def run_scenario(
     with trio.CancelScope() as real_time:
         if watchdog is not None:
             watchdog.arm(real_time)
-        # The store opens (in a worker thread) before any deadline exists: with the
-        # autojump threshold at 0 the clock would otherwise race to the next deadline
-        # while the thread works (see tests/ordering/conftest.py).
-        async with (
-            bot_parts(settings, hs) as (runtime, store),
-            ticking(STARTUP_WITHIN_S + FINAL_WITHIN_S + SETTLE_WITHIN_S + 60),
-            trio.open_nursery() as nursery,
-        ):
-            try:
-                with trio.fail_after(STARTUP_WITHIN_S):
-                    await nursery.start(runtime.run)
-            except trio.TooSlowError:
-                raise AssertionError(
-                    f"start-up did not reach READY within {STARTUP_WITHIN_S} virtual s; "
-                    + _diagnosis(hs, store.sync_token, logs)
-                ) from None
-            assert runtime.phase.value is Phase.READY
-            try:
-                with trio.fail_after(FINAL_WITHIN_S):
-                    await hs.wait_for(_replies_to(FINAL_EVENT), ended=True)
-            except trio.TooSlowError:
-                raise AssertionError(
-                    f"the final message was not answered within {FINAL_WITHIN_S} virtual s; "
-                    + _diagnosis(hs, store.sync_token, logs)
-                ) from None
-            with trio.move_on_after(SETTLE_WITHIN_S):
-                while await store.pending() or store.sync_token != FINAL_TOKEN:  # noqa: ASYNC110
-                    await trio.sleep(_POLL_S)
-            pending = await store.pending()
-            assert pending == [], f"still in the inbox: {[p.event_id for p in pending]}; " + (
-                _diagnosis(hs, store.sync_token, logs)
-            )
-            assert store.sync_token == FINAL_TOKEN, _diagnosis(hs, store.sync_token, logs)
-            assert await store.handled_outcome(FINAL_EVENT) == "replied"
-            assert runtime.phase.value is Phase.READY
-            runtime.request_stop()
-            await runtime.phase.wait_value(Phase.STOPPED)
+        if scenario.restart_at is not None:
+            await _run_until_token(settings, hs, logs, scenario.restart_at)
+        await _run_to_the_end(settings, hs, logs)
     if real_time.cancelled_caught:
         raise AssertionError(
             f"the example took more than {REAL_LIMIT_S} real seconds; " + _diagnosis(hs, None, logs)
@@ -253,6 +225,78 @@ async def run_scenario(
     assert [a.body for a in answers] == [FINAL_BODY], f"answers to the final message: {answers}"
     assert hs.unknown_since == [], f"synced from tokens the server never gave: {hs.unknown_since}"
     _check_logs(logs)
+
+
+# The store opens (in a worker thread) before any deadline exists: with the autojump
+# threshold at 0 the clock would otherwise race to the next deadline while the thread
+# works (see tests/ordering/conftest.py). Hence bot_parts before ticking below.
+
+
+async def _start(
+    runtime: BotRuntime, nursery: trio.Nursery, hs: FuzzHomeserver, logs: Logs
+) -> None:
+    try:
+        with trio.fail_after(STARTUP_WITHIN_S):
+            await nursery.start(runtime.run)
+    except trio.TooSlowError:
+        raise AssertionError(
+            f"start-up did not reach READY within {STARTUP_WITHIN_S} virtual s; "
+            + _diagnosis(hs, None, logs)
+        ) from None
+    assert runtime.phase.value is Phase.READY
+
+
+async def _run_until_token(settings: Settings, hs: FuzzHomeserver, logs: Logs, token: str) -> None:
+    """Run the bot until it has committed the batch that hands out ``token``, then stop
+    it gracefully: what it took in and has not handled yet waits in the store."""
+    async with (
+        bot_parts(settings, hs) as (runtime, store),
+        ticking(STARTUP_WITHIN_S + FINAL_WITHIN_S + 60),
+        trio.open_nursery() as nursery,
+    ):
+        hs.hold_since = token
+        await _start(runtime, nursery, hs, logs)
+        try:
+            with trio.fail_after(FINAL_WITHIN_S):
+                await hs.wait_for(lambda call: call.query.get("since") == token)
+        except trio.TooSlowError:
+            raise AssertionError(
+                "never got to the restart: " + _diagnosis(hs, store.sync_token, logs)
+            ) from None
+        assert store.sync_token == token
+        runtime.request_stop()
+        await runtime.phase.wait_value(Phase.STOPPED)
+        hs.hold_since = None
+
+
+async def _run_to_the_end(settings: Settings, hs: FuzzHomeserver, logs: Logs) -> None:
+    """Run the bot until it has answered the final message and emptied its inbox."""
+    async with (
+        bot_parts(settings, hs) as (runtime, store),
+        ticking(STARTUP_WITHIN_S + FINAL_WITHIN_S + SETTLE_WITHIN_S + 60),
+        trio.open_nursery() as nursery,
+    ):
+        await _start(runtime, nursery, hs, logs)
+        try:
+            with trio.fail_after(FINAL_WITHIN_S):
+                await hs.wait_for(_replies_to(FINAL_EVENT), ended=True)
+        except trio.TooSlowError:
+            raise AssertionError(
+                f"the final message was not answered within {FINAL_WITHIN_S} virtual s; "
+                + _diagnosis(hs, store.sync_token, logs)
+            ) from None
+        with trio.move_on_after(SETTLE_WITHIN_S):
+            while await store.pending() or store.sync_token != FINAL_TOKEN:  # noqa: ASYNC110
+                await trio.sleep(_POLL_S)
+        pending = await store.pending()
+        assert pending == [], f"still in the inbox: {[p.event_id for p in pending]}; " + (
+            _diagnosis(hs, store.sync_token, logs)
+        )
+        assert store.sync_token == FINAL_TOKEN, _diagnosis(hs, store.sync_token, logs)
+        assert await store.handled_outcome(FINAL_EVENT) == "replied"
+        assert runtime.phase.value is Phase.READY
+        runtime.request_stop()
+        await runtime.phase.wait_value(Phase.STOPPED)
 
 
 def _replies_to(event_id: str) -> Callable[[Call], bool]:

@@ -761,12 +761,16 @@ class Scenario:
 
     seeded: bool
     steps: list[Step]
+    restart_at: str | None = None
+    """Stop the bot once it has committed the batch that hands out this token, and
+    start it again on the same store."""
 
     def _repr_pretty_(self, printer: Any, cycle: bool) -> None:
         printer.text(repr(self))
 
     def __repr__(self) -> str:
-        return f"Scenario(seeded={self.seeded}, steps={self.steps!r})"
+        restart = f"restart_at={self.restart_at!r}"
+        return f"Scenario(seeded={self.seeded}, {restart}, steps={self.steps!r})"
 
     def tokens(self) -> list[str | None]:
         """The ``since`` each step answers."""
@@ -798,7 +802,8 @@ def scenarios(draw: st.DrawFn, max_polls: int = 2) -> Scenario:
             draw(st.lists(glitches(body), max_size=2)) if ENVELOPES and draw(st.booleans()) else []
         )
         steps.append(Step(body, glitched))
-    return Scenario(seeded, steps)
+    restart = draw(st.one_of(st.none(), st.integers(0, count - 2)))
+    return Scenario(seeded, steps, None if restart is None else next_token(restart, count))
 
 
 def hand_made(*bodies: Callable[[str], Any], seeded: bool = True) -> Scenario:
