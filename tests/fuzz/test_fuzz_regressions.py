@@ -14,6 +14,7 @@ from fuzz_harness import check_scenario
 from fuzz_strategies import (
     FINAL_TOKEN,
     KNOWN_ROOM,
+    MALLORY,
     Scenario,
     Step,
     deep,
@@ -24,6 +25,7 @@ from fuzz_strategies import (
     sync_body,
 )
 
+from fake_homeserver import ALICE
 from matrix_api.models import decode_sync
 from ordering_harness import Logs
 
@@ -85,6 +87,25 @@ def test_a_limited_timeline_whose_prev_batch_is_70000_characters() -> None:
     check_scenario(
         hand_made(start_batch, lambda nb: final_batch(nb, join={"!junk:hs.test": junk_room}))
     )
+
+
+def test_a_forged_invite_state_naming_an_allowed_user_first() -> None:
+    # Issue 15: a remote user who is not allowed put an allowed user's invite first in
+    # the stripped state; the server's own entry, last, is the stranger's. Never joined.
+    def member(sender: str) -> dict[str, Any]:
+        return {
+            "type": "m.room.member",
+            "state_key": "@bot:hs.test",
+            "sender": sender,
+            "content": {"membership": "invite"},
+        }
+
+    invite = {"invite_state": {"events": [member(ALICE), member(MALLORY)]}}
+    logs = check_scenario(
+        hand_made(start_batch, lambda nb: final_batch(nb, invite={"!forged:hs.test": invite}))
+    )
+    assert not [e for e in logs if e["event"] == "invite_accepted"]
+    assert [e["room_id"] for e in logs if e["event"] == "invite_declined"] == ["!forged:hs.test"]
 
 
 # --- per room ----------------------------------------------------------------------------
