@@ -9,6 +9,7 @@ from .endpoints.rooms import StateEventSpec
 from .errors import (
     BadResponse,
     Forbidden,
+    InvalidRequest,
     LimitExceeded,
     MatrixAPIError,
     MatrixError,
@@ -23,6 +24,7 @@ from .retry import RetryPolicy
 __all__ = [
     "BadResponse",
     "Forbidden",
+    "InvalidRequest",
     "LimitExceeded",
     "MatrixAPIError",
     "MatrixClient",

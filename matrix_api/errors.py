@@ -25,6 +25,7 @@ __all__ = [
     "Forbidden",
     "GuestAccessForbidden",
     "InvalidParam",
+    "InvalidRequest",
     "InvalidRoomState",
     "LimitExceeded",
     "MatrixAPIError",
@@ -48,6 +49,11 @@ __all__ = [
 
 class MatrixAPIError(Exception):
     """Base of every error `matrix_api` raises."""
+
+
+class InvalidRequest(MatrixAPIError):
+    """A request this client cannot send as asked (say, a URL longer than any server
+    takes, from a token a server handed out); sending it again fails the same way."""
 
 
 class TransportError(MatrixAPIError):

@@ -26,7 +26,14 @@ import msgspec
 import structlog
 import trio
 
-from .errors import BadResponse, MatrixAPIError, MatrixError, MissingToken, NetworkError
+from .errors import (
+    BadResponse,
+    InvalidRequest,
+    MatrixAPIError,
+    MatrixError,
+    MissingToken,
+    NetworkError,
+)
 from .models.identifiers import UserID
 from .retry import RetryPolicy
 from .server_clock import ServerClock, seconds_until
@@ -268,6 +275,8 @@ class HTTPCore:
             )
             self._server_clock.observe(response.headers)
             body = decode_content(response)
+        except httpx.InvalidURL as exc:
+            raise InvalidRequest(f"{what}: cannot be sent: {exc}") from exc
         except (httpx.ConnectError, httpx.ConnectTimeout, httpx.PoolTimeout) as exc:
             raise NetworkError(
                 f"{what}: could not connect to {self.homeserver}: {type(exc).__name__}: {exc}",

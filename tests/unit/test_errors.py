@@ -19,6 +19,7 @@ from matrix_api.errors import (
     Forbidden,
     GuestAccessForbidden,
     InvalidParam,
+    InvalidRequest,
     InvalidRoomState,
     LimitExceeded,
     MatrixAPIError,
@@ -37,7 +38,7 @@ from matrix_api.errors import (
     UserDeactivated,
     UserInUse,
 )
-from matrix_api.models import RoomID
+from matrix_api.models import RoomID, SyncToken
 from matrix_mock import NO_RETRY, ScriptedServer, Step, matrix_error, ok, raw
 
 # errcode -> (class, a status servers really send it with)
@@ -284,3 +285,11 @@ async def test_a_body_that_does_not_match_its_content_encoding_is_a_matrix_api_e
     )
     err = await error_from(answer)
     assert isinstance(err, TransportError)
+
+
+async def test_a_url_no_server_takes_is_an_invalid_request_not_an_httpx_error() -> None:
+    server = ScriptedServer(ok({}))
+    async with server.client() as client:
+        with pytest.raises(InvalidRequest) as refused:
+            await client.messages(RoomID("!r:x"), direction="b", from_token=SyncToken("p" * 70_000))
+    assert "cannot be sent" in str(refused.value)
