@@ -74,7 +74,7 @@ import select
 import socket
 import ssl
 import zlib
-from collections.abc import AsyncIterator, Iterator, Mapping
+from collections.abc import AsyncGenerator, AsyncIterator, Iterator, Mapping
 from dataclasses import dataclass, fields
 from typing import NamedTuple
 
@@ -252,6 +252,8 @@ class _Connection:
         self.h11 = h11.Connection(h11.CLIENT, max_incomplete_event_size=max_incomplete_event_size)
         self.received = 0
         """Bytes received during the current exchange."""
+        self.checkpointed = False
+        """A checkpoint passed since the last body piece went to the caller."""
 
     async def receive(self, read_s: float, total_deadline: float) -> None:
         """Feed h11 the next bytes (``b""`` at the end), within both deadlines."""
@@ -269,11 +271,13 @@ class _Connection:
                     httpx.RemoteProtocolError("the server closed the connection without answering")
                 )
             self.received += len(data)
+            self.checkpointed = True  # each receive path above is a schedule point
             self.h11.receive_data(data)
             return
         if total_deadline <= read_deadline:
             raise ResponseTooSlow(
-                "the response took longer than its total time", limit="total_timeout_s"
+                "the response took longer than its total time (ResponseLimits.total_timeout_s)",
+                limit="total_timeout_s",
             )
         raise ResponseTooSlow(f"no bytes from the server within {read_s} s", limit="read_timeout_s")
 
@@ -628,6 +632,18 @@ class _Inflater:
             raise httpx.DecodingError("compressed body cut short")
 
 
+async def _pause(connection: _Connection) -> None:
+    """A checkpoint before each body piece, unless a read just made one.
+
+    One read holds many pieces at times (tiny chunks, or a body that inflates a
+    lot), and a caller reading the body whole never yields between them.
+    """
+    if connection.checkpointed:
+        connection.checkpointed = False
+    else:
+        await trio.lowlevel.checkpoint()
+
+
 class _ResponseStream(httpx.AsyncByteStream):
     """A response body read as the caller iterates; gives the connection back at its end."""
 
@@ -653,8 +669,9 @@ class _ResponseStream(httpx.AsyncByteStream):
         if connection is None:
             raise httpx.StreamClosed()
         try:
-            async for piece in self._body(connection):
-                yield piece
+            async with contextlib.aclosing(self._body(connection)) as body:
+                async for piece in body:
+                    yield piece
         except h11.RemoteProtocolError as exc:
             await self.aclose()
             raise httpx.RemoteProtocolError(f"malformed response body: {exc}") from exc
@@ -664,7 +681,7 @@ class _ResponseStream(httpx.AsyncByteStream):
             await self.aclose()
             raise
 
-    async def _body(self, connection: _Connection) -> AsyncIterator[bytes]:
+    async def _body(self, connection: _Connection) -> AsyncGenerator[bytes, None]:
         machine = connection.h11
         inflater = self._inflater
         while True:
@@ -679,11 +696,11 @@ class _ResponseStream(httpx.AsyncByteStream):
                         f"body over {self._limits.max_body_bytes} bytes", limit="max_body_bytes"
                     )
                 if inflater is None:
+                    await _pause(connection)
                     yield data
                     continue
-                for index, piece in enumerate(inflater.feed(data)):
-                    if index:
-                        await trio.lowlevel.checkpoint()  # a bomb inflates in many steps
+                for piece in inflater.feed(data):
+                    await _pause(connection)
                     yield piece
             elif isinstance(event, h11.EndOfMessage):
                 if inflater is not None:
