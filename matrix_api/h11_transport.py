@@ -183,14 +183,18 @@ class _PlainIO:
     def readable_now(self) -> bool:
         return bool(self._poll.poll(0))
 
-    async def send_all(self, data: bytes) -> None:
+    def send_now(self, data: bytes | memoryview) -> int:
+        """Send what the kernel takes without waiting; how many bytes that was."""
+        try:
+            return self._socket.send(data)
+        except BlockingIOError:
+            return 0
+
+    async def send_all(self, data: bytes | memoryview) -> None:
         view = memoryview(data)
-        while True:
-            with contextlib.suppress(BlockingIOError):
-                view = view[self._socket.send(view) :]
-            if not view:
-                return
+        while view:
             await trio.lowlevel.wait_writable(self._socket)
+            view = view[self.send_now(view) :]
 
     async def receive(self, *, eager: bool) -> bytes:
         if eager:
@@ -229,7 +233,10 @@ class _TLSIO:
         # (at worst a rare key update costs one handshake).
         return bool(self._poll.poll(0))
 
-    async def send_all(self, data: bytes) -> None:
+    def send_now(self, data: bytes | memoryview) -> int:
+        return 0  # TLS records are written by the stream
+
+    async def send_all(self, data: bytes | memoryview) -> None:
         await self._stream.send_all(data)
 
     async def receive(self, *, eager: bool) -> bytes:
@@ -241,6 +248,7 @@ class _TLSIO:
 
 
 _IO = _PlainIO | _TLSIO
+_Next = h11.Event | type[h11.NEED_DATA] | type[h11.PAUSED]
 _IO_ERRORS = (OSError, trio.BrokenResourceError, trio.ClosedResourceError)
 
 
@@ -378,10 +386,11 @@ class H11Transport(httpx.AsyncBaseTransport):
             pool.slots.release()
             raise
         stream = _ResponseStream(pool, connection, inflater, limits, read_s, total_deadline)
+        whole = await stream.whole_if_buffered()
         return httpx.Response(
             response.status_code,
             headers=headers,
-            stream=stream,
+            stream=stream if whole is None else httpx.ByteStream(whole),
             request=request,
             extensions={
                 "http_version": b"HTTP/" + response.http_version,
@@ -485,15 +494,19 @@ async def _send_request(
         data += machine.send(h11.EndOfMessage()) or b""
     except h11.LocalProtocolError as exc:
         raise httpx.LocalProtocolError(f"request refused: {exc}") from exc
-    deadline = total_deadline
-    if write_s is not None:
-        deadline = min(deadline, trio.current_time() + write_s)
-    with trio.move_on_at(deadline):
-        try:
-            await connection.io.send_all(data)
-        except _IO_ERRORS as exc:
-            raise _ClosedBeforeAnswer(httpx.WriteError(f"sending failed: {_reason(exc)}")) from exc
-        return
+    try:
+        # Most requests fit in the kernel's buffer at once: no wait, no cancel scope.
+        sent = connection.io.send_now(data)
+        if sent == len(data):
+            return
+        deadline = total_deadline
+        if write_s is not None:
+            deadline = min(deadline, trio.current_time() + write_s)
+        with trio.move_on_at(deadline):
+            await connection.io.send_all(memoryview(data)[sent:])
+            return
+    except _IO_ERRORS as exc:
+        raise _ClosedBeforeAnswer(httpx.WriteError(f"sending failed: {_reason(exc)}")) from exc
     raise httpx.WriteTimeout("timed out sending the request")
 
 
@@ -663,6 +676,47 @@ class _ResponseStream(httpx.AsyncByteStream):
         self._read_s = read_s
         self._total_deadline = total_deadline
         self._body_bytes = 0
+        self._prefix: bytes | None = None
+        self._pending: _Next | None = None
+
+    async def whole_if_buffered(self) -> bytes | None:
+        """The body, when it is plain and already read whole with the head (most
+        answers): the connection goes back at once, and httpx gets bytes, not a stream.
+        Else None, and nothing is lost: the stream starts where this stopped."""
+        connection = self._connection
+        if connection is None or self._inflater is not None:
+            return None
+        machine = connection.h11
+        try:
+            event = machine.next_event()
+            if isinstance(event, h11.EndOfMessage):
+                await self._release(connection)
+                return b""
+            if not isinstance(event, h11.Data):
+                self._pending = event
+                return None
+            data = self._count(event)
+            following = machine.next_event()
+        except h11.RemoteProtocolError as exc:
+            await self.aclose()
+            raise httpx.RemoteProtocolError(f"malformed response body: {exc}") from exc
+        except BaseException:
+            await self.aclose()
+            raise
+        if isinstance(following, h11.EndOfMessage):
+            await self._release(connection)
+            return data
+        self._prefix, self._pending = data, following
+        return None
+
+    def _count(self, event: h11.Data) -> bytes:
+        data = bytes(event.data)
+        self._body_bytes += len(data)
+        if self._body_bytes > self._limits.max_body_bytes:
+            raise ResponseTooLarge(
+                f"body over {self._limits.max_body_bytes} bytes", limit="max_body_bytes"
+            )
+        return data
 
     async def __aiter__(self) -> AsyncIterator[bytes]:
         connection = self._connection
@@ -684,17 +738,19 @@ class _ResponseStream(httpx.AsyncByteStream):
     async def _body(self, connection: _Connection) -> AsyncGenerator[bytes, None]:
         machine = connection.h11
         inflater = self._inflater
+        if self._prefix is not None:
+            prefix, self._prefix = self._prefix, None
+            await _pause(connection)
+            yield prefix
         while True:
-            event = machine.next_event()
+            if self._pending is None:
+                event = machine.next_event()
+            else:
+                event, self._pending = self._pending, None
             if event is h11.NEED_DATA:
                 await connection.receive(self._read_s, self._total_deadline)
             elif isinstance(event, h11.Data):
-                data = bytes(event.data)
-                self._body_bytes += len(data)
-                if self._body_bytes > self._limits.max_body_bytes:
-                    raise ResponseTooLarge(
-                        f"body over {self._limits.max_body_bytes} bytes", limit="max_body_bytes"
-                    )
+                data = self._count(event)
                 if inflater is None:
                     await _pause(connection)
                     yield data

@@ -229,6 +229,26 @@ async def test_put_sends_the_body_with_its_length() -> None:
     assert request.endswith(b'\r\n\r\n{"body": "hi"}')
 
 
+async def test_a_body_larger_than_the_socket_buffer_is_sent_whole() -> None:
+    body = bytes(range(256)) * 16384  # 4 MiB: the kernel takes it in several goes
+    async with (
+        serving(keep_alive(answer(b"{}"))) as server,
+        client(server, H11Transport()) as http,
+    ):
+        with trio.fail_after(5):
+            await http.put("/big", content=body)
+    assert server.requests[0].endswith(b"\r\n\r\n" + body)
+
+
+async def test_a_server_that_stops_reading_is_a_write_timeout() -> None:
+    async def deaf(stream: trio.SocketStream, server: Server) -> None:
+        await trio.sleep_forever()
+
+    async with serving(deaf) as server, client(server, H11Transport()) as http:
+        with trio.fail_after(5), pytest.raises(httpx.WriteTimeout):
+            await http.put("/big", content=b"x" * (64 * MiB), timeout=httpx.Timeout(5.0, write=0.2))
+
+
 async def test_a_body_to_the_end_of_the_connection_and_an_interim_head() -> None:
     async def handler(stream: trio.SocketStream, server: Server) -> None:
         await server.read_request(stream, bytearray())
