@@ -62,6 +62,11 @@ h11 itself bounds an unfinished head (and a chunk header or trailer) by its
 ``max_head_bytes`` above the transport's is capped there (a plain
 `httpx.RemoteProtocolError`).
 
+Over TLS, the idle check sees only the socket: a stray TLS record that arrived in
+the same read as the answer waits inside the `trio.SSLStream`, out of sight, and
+would be read as the next answer (on plain TCP h11 sees it and the connection is
+dropped).
+
 It is not `MatrixClient`'s transport yet: `matrix_api.http` still calls
 `TrioTransport.exchange` directly.
 """
@@ -163,9 +168,9 @@ class _Origin(NamedTuple):
 
 
 class _ClosedBeforeAnswer(Exception):
-    """The connection failed before a byte of answer came: on a reused connection the
-    server closed it as it was taken, and never saw the request; on a new one
-    ``error`` is what to raise."""
+    """Sending failed, or the server closed the connection cleanly before a byte of
+    answer: on a reused connection, the server closing it as it was taken (it did not
+    act on the request); on a new one, ``error`` is what to raise."""
 
     def __init__(self, error: httpx.TransportError) -> None:
         super().__init__(str(error))
@@ -270,10 +275,9 @@ class _Connection:
             try:
                 data = await self.io.receive(eager=self.received > 0)
             except _IO_ERRORS as exc:
-                error = httpx.ReadError(f"reading failed: {_reason(exc)}")
-                if not self.received:
-                    raise _ClosedBeforeAnswer(error) from exc
-                raise error from exc
+                # A reset after the request went out: the server may have acted on
+                # it, so this is not retried here.
+                raise httpx.ReadError(f"reading failed: {_reason(exc)}") from exc
             if not data and not self.received:
                 raise _ClosedBeforeAnswer(
                     httpx.RemoteProtocolError("the server closed the connection without answering")
