@@ -48,8 +48,11 @@ __all__ = [
     "KNOWN_ROOM",
     "MALLORY",
     "SEED_TOKEN",
+    "Deep",
+    "Glitch",
     "Obj",
     "Raw",
+    "Repeat",
     "Scenario",
     "Step",
     "deep",
@@ -92,6 +95,31 @@ class Raw:
 
 
 @dataclass(frozen=True)
+class Deep:
+    """A value nested ``levels`` deep, written as bytes when dumped (a Python value that
+    deep could not be built, let alone dumped, without recursion). Kept as a recipe, not
+    as bytes: hypothesis keeps drawn values around, and megabytes each add up."""
+
+    levels: int
+    shape: str = "["
+
+    def render(self) -> bytes:
+        if self.shape == "[":
+            return b"[" * self.levels + b"]" * self.levels
+        if self.shape == "{":
+            return b'{"a":' * self.levels + b"0" + b"}" * self.levels
+        return b'[{"a":' * self.levels + b"0" + b"}]" * self.levels
+
+
+@dataclass(frozen=True)
+class Repeat:
+    """A huge string: ``unit`` ``count`` times, written out only when dumped."""
+
+    unit: str
+    count: int
+
+
+@dataclass(frozen=True)
 class Obj:
     """A JSON object written pair by pair, so a key may appear twice."""
 
@@ -112,6 +140,10 @@ def dump(value: Any) -> bytes:
 def _dump(value: Any, out: bytearray) -> None:
     if isinstance(value, Raw):
         out += value.data
+    elif isinstance(value, Deep):
+        out += value.render()
+    elif isinstance(value, Repeat):
+        out += _string(value.unit * value.count)
     elif isinstance(value, str):
         out += _string(value)
     elif value is None or isinstance(value, bool | int | float):
@@ -152,14 +184,8 @@ def clip(data: bytes | str, limit: int = 300) -> bytes | str:
     return data[:limit] + (note.encode() if isinstance(data, bytes) else note)
 
 
-def deep(levels: int, shape: str = "[") -> Raw:
-    """A value nested ``levels`` deep, as bytes (a Python value that deep could not be
-    built, let alone dumped, without recursion)."""
-    if shape == "[":
-        return Raw(b"[" * levels + b"]" * levels)
-    if shape == "{":
-        return Raw(b'{"a":' * levels + b"0" + b"}" * levels)
-    return Raw(b'[{"a":' * levels + b"0" + b"}]" * levels)
+def deep(levels: int, shape: str = "[") -> Deep:
+    return Deep(levels, shape)
 
 
 # --- text -------------------------------------------------------------------------------
@@ -231,10 +257,10 @@ SPECIAL_TEXT = [
 ]
 
 
-def _repeated(units: Sequence[str], sizes: Sequence[int]) -> st.SearchStrategy[str]:
+def _repeated(units: Sequence[str], sizes: Sequence[int]) -> st.SearchStrategy[Repeat]:
     """Long strings, cheap to draw: a unit repeated up to about ``size`` characters."""
     return st.builds(
-        lambda unit, size: unit * max(1, size // len(unit)),
+        lambda unit, size: Repeat(unit, max(1, size // len(unit))),
         st.sampled_from(units),
         st.sampled_from(sizes),
     )
@@ -686,11 +712,33 @@ def sync_bodies(
     return body
 
 
+@dataclass(frozen=True)
+class Glitch:
+    """An answer that is no sync at all, made from a batch when served (see `glitches`)."""
+
+    kind: str
+    body: Any
+    arg: Any = None
+
+    def render(self) -> bytes:
+        if self.kind == "no_next_batch":
+            return dump({k: v for k, v in self.body.items() if k != "next_batch"})
+        if self.kind == "next_batch_junk":
+            return dump({**self.body, "next_batch": self.arg})
+        if self.kind == "truncated":  # arg: how much of it, in thousandths
+            whole = dump(self.body)
+            return whole[: len(whole) * self.arg // 1000]
+        if self.kind == "trailing":
+            return dump(self.body) + self.arg
+        if self.kind == "invalid_utf8":
+            return dump({**self.body, "junk": Raw(b'"\xff\xfe\xc3("')})
+        return dump(self.arg)  # not_json, top_level
+
+
 @st.composite
-def glitches(draw: st.DrawFn, body: dict[str, Any]) -> bytes:
+def glitches(draw: st.DrawFn, body: dict[str, Any]) -> Glitch:
     """An answer that is no sync at all, served once in place of ``body``: the bot
     must ride it out (retry) and take the real batch after it."""
-    whole = dump(body)
     kind = draw(
         st.sampled_from(
             [
@@ -704,20 +752,18 @@ def glitches(draw: st.DrawFn, body: dict[str, Any]) -> bytes:
             ]
         )
     )
-    if kind == "no_next_batch":
-        return dump({k: v for k, v in body.items() if k != "next_batch"})
+    arg: Any = None
     if kind == "next_batch_junk":
-        value = draw(st.one_of(st.none(), st.integers(), st.lists(st.integers(), max_size=2)))
-        return dump({**body, "next_batch": value})
-    if kind == "truncated":
-        return whole[: draw(st.integers(0, max(0, len(whole) - 1)))]
-    if kind == "trailing":
-        return whole + draw(st.sampled_from([b"}", b",", b" x", b"\x00", b"{}"]))
-    if kind == "invalid_utf8":
-        return dump({**body, "junk": Raw(b'"\xff\xfe\xc3("')})
-    if kind == "not_json":
-        return draw(st.sampled_from([b"", b"NaN", b"{'next_batch': 's'}", b"<html>502</html>"]))
-    return dump(draw(st.one_of(deep_values, st.just(Raw(b"null")), st.just(Raw(b"[]")))))
+        arg = draw(st.one_of(st.none(), st.integers(), st.lists(st.integers(), max_size=2)))
+    elif kind == "truncated":
+        arg = draw(st.integers(0, 999))
+    elif kind == "trailing":
+        arg = draw(st.sampled_from([b"}", b",", b" x", b"\x00", b"{}"]))
+    elif kind == "not_json":
+        arg = Raw(draw(st.sampled_from([b"", b"NaN", b"{'next_batch': 's'}", b"<html>502</html>"])))
+    elif kind == "top_level":
+        arg = draw(st.one_of(deep_values, st.just(Raw(b"null")), st.just(Raw(b"[]"))))
+    return Glitch(kind, body, arg)
 
 
 # --- scenarios ----------------------------------------------------------------------------
@@ -729,22 +775,22 @@ class Step:
     order, then ``body`` to every request (the same batch, as a real server would)."""
 
     body: Any
-    glitches: list[bytes] = field(default_factory=list)
-    _rendered: bytes | None = field(default=None, repr=False, compare=False)
+    glitches: list[Glitch | bytes] = field(default_factory=list)
 
     def answer(self, served: int) -> bytes:
+        """The bytes of the answer to request number ``served`` (from 0) for this token,
+        written out each time (see `Deep`)."""
         if served < len(self.glitches):
-            return self.glitches[served]
-        if self._rendered is None:
-            self._rendered = self.body if isinstance(self.body, bytes) else dump(self.body)
-        return self._rendered
+            glitch = self.glitches[served]
+            return glitch if isinstance(glitch, bytes) else glitch.render()
+        return self.body if isinstance(self.body, bytes) else dump(self.body)
 
     def _repr_pretty_(self, printer: Any, cycle: bool) -> None:
         # Hypothesis prints a falsifying example with this: clipped, never megabytes.
         printer.text(repr(self))
 
     def __repr__(self) -> str:
-        shown = [clip(g) for g in self.glitches]
+        shown = [clip(g if isinstance(g, bytes) else g.render()) for g in self.glitches]
         return f"Step(glitches={shown!r}, body={clip(self.answer(len(self.glitches)), 1500)!r})"
 
 
