@@ -131,12 +131,17 @@ def decode_events(
     events: list[E] = []
     for index, raw in enumerate(raws):
         try:
-            if len(raw) > MAX_EVENT_BYTES:
+            data = bytes(raw)
+            if len(data) > MAX_EVENT_BYTES:
                 reason = f"larger than {MAX_EVENT_BYTES} bytes"
-            elif exceeds_depth(bytes(raw), MAX_EVENT_DEPTH):
+            # Fewer brackets than the limit cannot nest deeper: no scan for almost every
+            # event (the counts, inline, are most of what this check costs).
+            elif data.count(b"{") + data.count(b"[") > MAX_EVENT_DEPTH and exceeds_depth(
+                data, MAX_EVENT_DEPTH
+            ):
                 reason = f"nested deeper than {MAX_EVENT_DEPTH} levels"
             else:
-                events.append(decoder.decode(raw))
+                events.append(decoder.decode(data))
                 continue
         except msgspec.DecodeError as exc:
             if len(raw) == len(CUT_EVENT) and bytes(raw) == CUT_EVENT:
