@@ -176,11 +176,7 @@ class Intake:
             except Exception as exc:  # one room's junk must not stop the others
                 reason = failure_reason(exc, "intake")
                 log.warning("intake_room_failed", room_id=room_id, reason=reason, exc_info=True)
-                quarantined.extend(
-                    self._quarantine(room_id, event, reason)
-                    for event in room.timeline.events
-                    if event.sender != self._bot
-                )
+                quarantined.extend(self._quarantine_timeline(room_id, room, reason))
                 continue
             for event in events:
                 problem: str | None
@@ -222,15 +218,23 @@ class Intake:
         for a batch that failed again and again)."""
         quarantined = self._unreadable(response)
         for room_id, room in response.rooms.join.items():
-            quarantined.extend(
-                self._quarantine(room_id, event, reason) for event in room.timeline.events
-            )
+            quarantined.extend(self._quarantine_timeline(room_id, room, reason))
         log_quarantined_batch(quarantined)
         await self._store.commit_sync_batch(response.next_batch, [], quarantined)
 
     @staticmethod
     def _quarantine(room_id: RoomID, event: RoomEvent, reason: str) -> Quarantined:
         return Quarantined(event.event_id, room_id, reason, event.sender)
+
+    def _quarantine_timeline(
+        self, room_id: RoomID, room: JoinedRoom, reason: str
+    ) -> list[Quarantined]:
+        """What others wrote in ``room``'s timeline, quarantined for ``reason``."""
+        return [
+            self._quarantine(room_id, event, reason)
+            for event in room.timeline.events
+            if event.sender != self._bot
+        ]
 
     def _unreadable(self, response: SyncResponse) -> list[Quarantined]:
         """The events of ``response`` that did not decode, to record; the rest of what
@@ -268,18 +272,10 @@ class Intake:
                 # Without the history the bot cannot tell what it answered: answer nothing.
                 log.warning("catch_up_abandoned", room_id=room_id, error=str(exc))
                 return []
-        try:
-            return await self._with_gap_filled(room_id, room, since)
-        except MatrixAPIError as exc:
-            if not salvage:
-                raise
-            log.warning("sync_gap_unfilled", room_id=room_id, error=str(exc))
-            events = room.timeline.events
-            arrived_at = _own_arrival_index(events, self._bot)
-            return list(events[arrived_at + 1 :] if arrived_at is not None else events)
+        return await self._with_gap_filled(room_id, room, since, salvage=salvage)
 
     async def _with_gap_filled(
-        self, room_id: RoomID, room: JoinedRoom, since: SyncToken
+        self, room_id: RoomID, room: JoinedRoom, since: SyncToken, *, salvage: bool
     ) -> list[RoomEvent]:
         timeline = room.timeline
         arrived_at = _own_arrival_index(timeline.events, self._bot)
@@ -288,8 +284,24 @@ class Intake:
             return list(timeline.events[arrived_at + 1 :])
         if not timeline.limited or timeline.prev_batch is None:
             return list(timeline.events)
+        try:
+            missed = await self._missed(room_id, timeline.prev_batch, since)
+        except MatrixAPIError as exc:
+            if not salvage:
+                raise
+            log.warning("sync_gap_unfilled", room_id=room_id, error=str(exc))
+            return list(timeline.events)
+        events = _dedupe([*missed, *timeline.events])
+        arrived_at = _own_arrival_index(events, self._bot)
+        # A join inside the gap: what came before it is history, not for the bot.
+        return events[arrived_at + 1 :] if arrived_at is not None else events
+
+    async def _missed(
+        self, room_id: RoomID, prev_batch: SyncToken, since: SyncToken
+    ) -> list[RoomEvent]:
+        """The events of a gap, oldest first, from /messages back to ``since``."""
         missed: list[RoomEvent] = []  # newest first, as /messages pages backwards
-        token: SyncToken | None = timeline.prev_batch
+        token: SyncToken | None = prev_batch
         pages = 0
         while token is not None and pages < _MAX_PAGES:
             page = await self._client.messages(
@@ -303,10 +315,7 @@ class Intake:
             log.warning("sync_gap_truncated", room_id=room_id, events=len(missed))
         log.info("sync_gap_filled", room_id=room_id, events=len(missed), pages=pages)
         missed.reverse()
-        events = _dedupe([*missed, *timeline.events])
-        arrived_at = _own_arrival_index(events, self._bot)
-        # A join inside the gap: what came before it is history, not for the bot.
-        return events[arrived_at + 1 :] if arrived_at is not None else events
+        return missed
 
     async def _since_horizon(
         self, room_id: RoomID, room: JoinedRoom, chat: Chat

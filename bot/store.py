@@ -250,12 +250,13 @@ class Quarantined:
 
 def _record_handled(
     db: sqlite3.Connection,
-    item: InboxItem,
+    seq: int,
     outcome: Outcome,
     reply_event_id: EventID | None,
     reason: str | None = None,
 ) -> None:
-    """Take ``item`` out of the inbox and remember it as handled, in one statement.
+    """Take inbox item ``seq`` out of the inbox and remember it as handled, in one
+    statement.
 
     The event itself and what handling it made are no longer needed: only its id
     stays, to drop a later delivery.
@@ -263,7 +264,7 @@ def _record_handled(
     db.execute(
         "UPDATE events SET outcome = ?, reply_event_id = ?, handled_ts = ?, event = NULL,"
         " provisioned = NULL, reason = ? WHERE seq = ?",
-        (outcome, reply_event_id, _now_ms(), reason, item.seq),
+        (outcome, reply_event_id, _now_ms(), reason, seq),
     )
 
 
@@ -716,12 +717,8 @@ class Store:
         if unreadable:
 
             def write(db: sqlite3.Connection) -> None:
-                now = _now_ms()
-                db.executemany(
-                    "UPDATE events SET outcome = 'quarantined', handled_ts = ?, event = NULL,"
-                    " reason = ? WHERE seq = ?",
-                    [(now, reason, seq) for seq, reason in unreadable],
-                )
+                for seq, reason in unreadable:
+                    _record_handled(db, seq, "quarantined", None, reason)
 
             await self._run(self._transaction(write))
         return items
@@ -739,7 +736,9 @@ class Store:
         ``reason``: why it failed or was quarantined (never its content).
         """
         # One statement is a transaction of its own.
-        await self._run(lambda: _record_handled(self._db, item, outcome, reply_event_id, reason))
+        await self._run(
+            lambda: _record_handled(self._db, item.seq, outcome, reply_event_id, reason)
+        )
 
     async def finish_with_turns(
         self,
@@ -753,7 +752,7 @@ class Store:
         one transaction: a crash never records the answer twice or loses it."""
 
         def write(db: sqlite3.Connection) -> None:
-            _record_handled(db, item, outcome, reply_event_id)
+            _record_handled(db, item.seq, outcome, reply_event_id)
             db.executemany(
                 "INSERT INTO turns(chat_id, role, content) VALUES (?, ?, ?)",
                 [(chat_id, role, content) for role, content in turns],

@@ -170,7 +170,7 @@ def _each_room(
         try:
             room = decoder.decode(raw_room)
         except (msgspec.DecodeError, RecursionError):
-            piecewise = _piecewise_room(raw_room, decoder.type, where, skipped)
+            piecewise = _piecewise_room(raw_room, decoder.type, room_id, where, skipped)
             if piecewise is None:
                 continue
             room = piecewise
@@ -241,11 +241,10 @@ def _timeline_part(
 
 
 def _piecewise_room(
-    raw: msgspec.Raw, cls: Any, where: str, skipped: list[SkippedEvent]
+    raw: msgspec.Raw, cls: Any, room_id: str, where: str, skipped: list[SkippedEvent]
 ) -> Any | None:
     """A room of type ``cls`` (`_Joined`, ...) decoded piece by piece; None if ``raw``
     is not even an object."""
-    room_id = where.split(".", 2)[2]
     try:
         parts = _object_of_raw.decode(raw)
     except (msgspec.DecodeError, RecursionError) as exc:
