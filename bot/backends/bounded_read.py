@@ -2,31 +2,38 @@
 
 A model server or a webhook is outside the bot's control: it may send an endless body,
 an endless line, a ``Content-Length`` far beyond what the bot will read, or a small
-compressed body that inflates to gigabytes. `open_body` reads one streamed
-`httpx.Response` a piece at a time (at most `PIECE_BYTES` at once, decompression
-included) and stops with a `ReadLimitError` once more than ``max_bytes`` came, so the
-bot never holds more than the limit plus one piece. `LineSplitter` cuts bytes into
-lines (``\\r\\n``, ``\\n`` or ``\\r``, as server-sent events end them) and stops with
-`LineTooLong` instead of buffering a line without end.
+compressed body that inflates to gigabytes. The transport under the backends
+(`matrix_api.h11_transport.H11Transport`, see `bot.backends.http_backend`) refuses a
+head or a declared length over its limits, inflates gzip and deflate itself in bounded
+steps under a cap, and stops a body at its byte limit. This module adds what is the
+backends' own business:
 
-Why not httpx's own ``aiter_bytes``/``aiter_lines`` (or httpx-sse, built on them): they
-buffer a line until it ends and inflate a whole network read at once, with no limit.
+* `open_body` reads one streamed `httpx.Response` a piece at a time and stops with
+  `BodyTooLarge` once more than ``max_bytes`` came, whichever layer notices first (the
+  transport's limit is the same number), so that an answer with some text already can
+  be cut with a note (`cut_note`, `with_note`) instead of failing. It also bounds a
+  body an in-memory transport (a test's ``httpx.MockTransport``) holds whole, and
+  refuses a body still compressed (a transport that inflates without a cap).
+* `LineSplitter` cuts bytes into lines (``\\r\\n``, ``\\n`` or ``\\r``, as server-sent
+  events end them) and stops with `LineTooLong` instead of buffering a line without
+  end (httpx's ``aiter_lines``, and httpx-sse on it, buffer a line until it ends).
 
 Leaving `open_body` early (a limit, an error, a cancellation) stops the body at once:
-httpx's nested async generators are run to their end by a cancellation raised at their
-innermost read (the connection is then closed, not reused), so none is left to the
+the transport's body stream is ended by a cancellation raised at its innermost read
+(the connection is then closed, not reused), so no async generator is left to the
 garbage collector.
 """
 
 from __future__ import annotations
 
 import re
-import zlib
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 
 import httpx
 import trio
+
+from matrix_api.h11_transport import DecodedTooLarge, ResponseTooLarge
 
 __all__ = [
     "PIECE_BYTES",
@@ -43,7 +50,8 @@ __all__ = [
 ]
 
 PIECE_BYTES = 64 * 1024
-"""The most one step hands over (decompressed); also what httpcore reads at once."""
+"""The most one step of an in-memory body hands over; also what the transport reads
+(and inflates) at once."""
 
 _EOL = re.compile(rb"\r\n|\r|\n")
 
@@ -95,7 +103,7 @@ class LineTooLong(ReadLimitError):
 
 
 class UnreadableEncoding(ReadLimitError):
-    """The answer is compressed in a way the bot does not read (it asks for gzip or none)."""
+    """The answer is still compressed: its transport did not inflate it under a cap."""
 
     def __init__(self, encoding: str) -> None:
         super().__init__(f"the answer is encoded as {encoding!r}", limit=0)
@@ -147,124 +155,67 @@ class LineSplitter:
         return line
 
 
-class _Inflater:
-    """gzip or deflate, at most `PIECE_BYTES` of output per step (no bomb inflates)."""
-
-    def __init__(self, encoding: str) -> None:
-        self._deflate = encoding == "deflate"
-        wbits = zlib.MAX_WBITS if self._deflate else zlib.MAX_WBITS | 16
-        self._z = zlib.decompressobj(wbits)
-        self._first = True
-        self._tail = b""
-        self._flushed = False
-
-    @property
-    def has_more(self) -> bool:
-        return bool(self._tail)
-
-    def feed(self, data: bytes) -> bytes:
-        """Inflate ``data`` (or, given b"", what is left of the previous input)."""
-        data = data or self._tail
-        try:
-            out = self._z.decompress(data, PIECE_BYTES)
-        except zlib.error as exc:
-            if self._deflate and self._first:
-                # "deflate" is zlib-wrapped by the RFC, raw by some servers (as in httpx).
-                self._first = False
-                self._z = zlib.decompressobj(-zlib.MAX_WBITS)
-                return self.feed(data)
-            raise httpx.DecodingError(f"the compressed answer is broken: {exc}") from exc
-        self._first = False
-        self._tail = self._z.unconsumed_tail
-        return out
-
-    def flush(self) -> bytes:
-        if self._flushed:
-            return b""
-        self._flushed = True
-        try:
-            # All input is consumed (the tail was inflated first): what is left is at
-            # most one window of output.
-            return self._z.flush()
-        except zlib.error as exc:  # pragma: no cover - zlib raises in decompress first
-            raise httpx.DecodingError(f"the compressed answer is broken: {exc}") from exc
-
-
-def _inflater_for(headers: httpx.Headers) -> _Inflater | None:
+def _undecoded(headers: httpx.Headers) -> str | None:
+    """The content codings a response still declares (its transport did not undo them)."""
     codings = [
         value.strip().lower()
         for value in headers.get("content-encoding", "").split(",")
         if value.strip() and value.strip().lower() != "identity"
     ]
-    if not codings:
-        return None
-    if len(codings) == 1 and codings[0] in ("gzip", "x-gzip", "deflate"):
-        return _Inflater(codings[0])
-    raise UnreadableEncoding(", ".join(codings)[:40])
+    return ", ".join(codings)[:40] if codings else None
 
 
 class BoundedBody:
     """One response body, read a piece at a time within ``max_bytes``; see `open_body`.
 
-    ``bytes_read`` counts what was handed out (after decompression), ``raw_bytes`` what
-    came over the connection; either past ``max_bytes`` raises `BodyTooLarge`.
+    ``bytes_read`` counts what was handed out; past ``max_bytes`` it raises
+    `BodyTooLarge`, and so does the transport's own body limit when it is hit first.
     """
 
-    def __init__(
-        self, response: httpx.Response, max_bytes: int, *, trust_length: bool = True
-    ) -> None:
+    def __init__(self, response: httpx.Response, max_bytes: int) -> None:
         self.response = response
         self.max_bytes = max_bytes
         self.bytes_read = 0
-        self.raw_bytes = 0
         # A response built in memory (a test's mock transport) was read and decoded
         # already: it is handed out as it is, in pieces, within the same limit.
         self._loaded = response.content if response.is_stream_consumed else None
-        self._inflater = None if self._loaded is not None else _inflater_for(response.headers)
-        declared = _content_length(response.headers)
-        if (
-            trust_length
-            and self._inflater is None
-            and declared is not None
-            and declared > max_bytes
-        ):
-            raise BodyTooLarge(max_bytes, declared=declared)
+        if self._loaded is None and (coding := _undecoded(response.headers)) is not None:
+            # H11Transport inflates under its cap and drops the header; compressed
+            # bytes here came through a transport that inflates without one.
+            raise UnreadableEncoding(coding)
         self._raw: AsyncIterator[bytes] | None = None
         self._ended = False
         self._settled = False
 
     async def next_chunk(self) -> bytes | None:
-        """The next piece of the body (at most `PIECE_BYTES` when compressed), or None
-        at its end. Raises `BodyTooLarge`, and httpx's transport and decoding errors."""
-        while True:
-            if self._inflater is not None and self._inflater.has_more:
-                piece = self._inflater.feed(b"")
-            elif self._ended:
-                piece = self._inflater.flush() if self._inflater is not None else b""
-                if not piece:
-                    return None
-            elif self._loaded is not None:
+        """The next piece of the body (at most what the transport read at once, or
+        `PIECE_BYTES` of an in-memory body), or None at its end. Raises `BodyTooLarge`,
+        and httpx's transport and decoding errors."""
+        while not self._ended:
+            if self._loaded is not None:
                 piece = self._loaded[self.bytes_read : self.bytes_read + PIECE_BYTES]
                 if not piece:
                     self._ended = self._settled = True
-                    return None
+                    break
             else:
                 if self._raw is None:
                     self._raw = self.response.aiter_raw()
                 try:
-                    raw = await self._raw.__anext__()
+                    piece = await self._raw.__anext__()
                 except StopAsyncIteration:
                     self._ended = self._settled = True
+                    break
+                except (ResponseTooLarge, DecodedTooLarge) as exc:
+                    # The transport's body limit (the backends set it to ``max_bytes``)
+                    # came first: the same limit, the same error.
+                    raise BodyTooLarge(self.max_bytes) from exc
+                if not piece:
                     continue
-                self.raw_bytes += len(raw)
-                if self.raw_bytes > self.max_bytes:
-                    raise BodyTooLarge(self.max_bytes)
-                piece = self._inflater.feed(raw) if self._inflater is not None else raw
-            if piece:
-                self.bytes_read += len(piece)
-                if self.bytes_read > self.max_bytes:
-                    raise BodyTooLarge(self.max_bytes)
-                return piece
+            self.bytes_read += len(piece)
+            if self.bytes_read > self.max_bytes:
+                raise BodyTooLarge(self.max_bytes)
+            return piece
+        return None
 
     async def read_all(self) -> bytes:
         """The whole body; raises `BodyTooLarge` past ``max_bytes``."""
@@ -304,29 +255,21 @@ class BoundedBody:
                 pass  # the rest was broken anyway: nothing more to read
 
 
-def _content_length(headers: httpx.Headers) -> int | None:
-    value = headers.get("content-length")
-    if value is None:
-        return None
-    try:
-        return int(value.split(",")[0].strip())
-    except ValueError:
-        return None
-
-
 @asynccontextmanager
 async def open_body(
     response: httpx.Response, max_bytes: int, *, trust_length: bool = True
 ) -> AsyncIterator[BoundedBody]:
     """A `BoundedBody` of ``response`` (opened with ``client.stream``) for the block.
 
-    Raises `BodyTooLarge` at once when ``Content-Length`` is over ``max_bytes``, and
-    `UnreadableEncoding` for a compression other than gzip or deflate (``trust_length``
-    False: the declared length is not checked, only what comes). Leaving the block
-    stops reading the body at once (call `BoundedBody.settle` with a drain time first
-    to let the server finish cleanly).
+    Raises `UnreadableEncoding` at once when the body is still compressed (see
+    `BoundedBody`). Leaving the block stops reading the body at once (call
+    `BoundedBody.settle` with a drain time first to let the server finish cleanly).
+    ``trust_length`` is ignored: a ``Content-Length`` over the limit is the transport's
+    to refuse, before the body (`ResponseTooLarge`); the parameter goes once no caller
+    passes it.
     """
-    body = BoundedBody(response, max_bytes, trust_length=trust_length)
+    del trust_length
+    body = BoundedBody(response, max_bytes)
     try:
         yield body
     finally:
@@ -339,10 +282,10 @@ async def read_prefix(response: httpx.Response, limit: int) -> bytes:
     pieces: list[bytes] = []
     taken = 0
     try:
-        async with open_body(response, limit + PIECE_BYTES, trust_length=False) as body:
+        async with open_body(response, limit + PIECE_BYTES) as body:
             while taken < limit and (piece := await body.next_chunk()) is not None:
                 pieces.append(piece)
                 taken += len(piece)
     except BodyTooLarge:
-        pass  # one piece bigger than a network read (an in-memory transport): no excerpt
+        pass  # the body's own limit is below the excerpt's: what came before it
     return b"".join(pieces)[:limit]

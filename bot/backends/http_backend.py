@@ -1,5 +1,19 @@
-"""What the backends that talk HTTP share: one client, owned and closed, and the
-plain `Backend.reply` as a streaming reply nobody watches."""
+"""What the backends that talk HTTP share: one client over the project's HTTP/1.1
+transport within limits, owned and closed, and the plain `Backend.reply` as a
+streaming reply nobody watches.
+
+The client's transport is `matrix_api.h11_transport.H11Transport` (h11 does the
+framing), with `ResponseLimits` that suit the backend (`model_limits`,
+`webhook_limits`): a response whose head, interim heads, body or inflated body
+outgrows them, or that comes too slowly, fails with a typed error instead of costing
+the bot memory or a stuck task. A test hands in its own transport
+(``httpx.MockTransport``) and that one is used as it is.
+
+What the transport raises: while the body is read, `bounded_read` turns an over-limit
+body into its `BodyTooLarge` (so an answer with some text is cut with a note); before
+the body (``client.stream(...)`` itself) the backend maps `ResponseTooLarge`,
+`httpx.DecodingError` and `ResponseTooSlow` (an `httpx.ReadTimeout`) to its error.
+"""
 
 from __future__ import annotations
 
@@ -8,18 +22,53 @@ from typing import Self
 
 import httpx
 
+from matrix_api.h11_transport import H11Transport, ResponseLimits
+
 from ..chats import Chat
 from ..messages import IncomingMessage
 from .context import Turn
+from .model_settings import ModelSettings
 from .streaming import NullSink, ReplyOverrides, ReplySink
+from .webhook_settings import WebhookSettings
 
-__all__ = ["HTTPBackend"]
+__all__ = ["MODEL_ANSWER_CEILING_S", "HTTPBackend", "model_limits", "webhook_limits"]
+
+MODEL_ANSWER_CEILING_S = 3600.0
+"""The longest one model answer may take, streamed or not: the most `bot.backend_timeout_s`
+may be set to (the handler's deadline, 300 s by default, normally comes first). Between
+two pieces of an answer the wait is `ModelSettings.request_timeout_s`."""
+
+
+def model_limits(settings: ModelSettings) -> ResponseLimits:
+    """The model's answers: a body (or a whole stream) of ``max_response_bytes`` as sent
+    and once inflated; silent for ``request_timeout_s`` at most at a time (a model that
+    thinks before its first token, or a slow token stream); minutes in all."""
+    return ResponseLimits(
+        max_body_bytes=settings.max_response_bytes,
+        max_decoded_bytes=settings.max_response_bytes,
+        total_timeout_s=MODEL_ANSWER_CEILING_S,
+        read_timeout_s=settings.request_timeout_s,
+    )
+
+
+def webhook_limits(settings: WebhookSettings) -> ResponseLimits:
+    """The webhook's replies: ``max_response_bytes`` as sent and once inflated, all of
+    it within ``timeout_s`` (the backend's own deadline for one attempt)."""
+    return ResponseLimits(
+        max_body_bytes=settings.max_response_bytes,
+        max_decoded_bytes=settings.max_response_bytes,
+        total_timeout_s=settings.timeout_s,
+        read_timeout_s=settings.timeout_s,
+    )
 
 
 class HTTPBackend:
     """Owns one `httpx.AsyncClient`; the caller closes it (``async with`` or `aclose`).
 
-    Subclasses implement ``reply_streaming`` (the `StreamingBackend` protocol).
+    Without a ``transport``, the client's is an `H11Transport` within ``limits``
+    (given None: `model_limits` or `webhook_limits` of the subclass's ``settings``,
+    else the transport's defaults). Subclasses implement ``reply_streaming`` (the
+    `StreamingBackend` protocol).
     """
 
     def __init__(
@@ -28,13 +77,26 @@ class HTTPBackend:
         timeout: httpx.Timeout,
         transport: httpx.AsyncBaseTransport | None,
         user_agent: str,
+        limits: ResponseLimits | None = None,
     ) -> None:
+        if transport is None:
+            transport = H11Transport(limits=limits or self._default_limits())
         self._http = httpx.AsyncClient(
             transport=transport,
             timeout=timeout,
             headers={"User-Agent": user_agent},
             follow_redirects=False,
         )
+
+    def _default_limits(self) -> ResponseLimits | None:
+        # Until the subclasses pass ``limits`` themselves: their settings are set
+        # before they call this constructor.
+        settings = getattr(self, "settings", None)
+        if isinstance(settings, ModelSettings):
+            return model_limits(settings)
+        if isinstance(settings, WebhookSettings):
+            return webhook_limits(settings)
+        return None
 
     async def aclose(self) -> None:
         await self._http.aclose()
