@@ -5,15 +5,17 @@ A small trio server in its own process (``--serve``) answers every request on
 after another and in rounds, each client sends ``--requests`` GETs over one
 keep-alive connection (``--concurrency`` tasks at once) and decodes the body:
 
-* ``matrix_client/trio``: `MatrixClient.whoami` over `TrioTransport.exchange`, the
-  path the bot takes today;
-* ``httpx/trio``: `httpx.AsyncClient` over `TrioTransport`;
-* ``httpx/h11``: `httpx.AsyncClient` over `H11Transport` (h11 framing, limits);
-* ``matrix_client/h11``: `MatrixClient.whoami` over `H11Transport`, through
-  `HTTPCore`'s adapter for other transports (roughly what wiring it in costs
-  before any trimming);
+* ``matrix_client``: `MatrixClient.whoami`, the bot's path: `HTTPCore` builds the
+  `httpx.Request`, `httpx.AsyncClient.send` sends it over `H11Transport`;
+* ``httpx/h11``: `httpx.AsyncClient.get` over `H11Transport` (h11 framing, limits),
+  with the client's URL merging and default headers;
+* ``transport/h11``: `H11Transport.handle_async_request` alone, on a request built
+  once (the floor under both);
 * ``httpx/default``: `httpx.AsyncClient` with its default transport (httpcore over
   anyio), skipped if it does not run under trio.
+
+To compare with an older commit, run that commit's copy of this file in the same
+session (``git worktree add``): its ``matrix_client`` row is the path of its day.
 
 CPU is this process's (``time.process_time``), so the server's work is not in it.
 On a small shared machine the figures move by a tenth from run to run: compare
@@ -38,7 +40,6 @@ import trio
 
 from matrix_api import MatrixClient
 from matrix_api.h11_transport import H11Transport
-from matrix_api.transport import TrioTransport
 
 BODY = b'{"user_id": "@bench:example.org", "device_id": "BENCH"}'
 ANSWER = (
@@ -86,16 +87,26 @@ def httpx_get(client: httpx.AsyncClient) -> Send:
     return send
 
 
+def transport_only(transport: H11Transport, base: str, headers: dict[str, str]) -> Send:
+    request = httpx.Request("GET", base + "/_matrix/client/v3/account/whoami", headers=headers)
+
+    async def send() -> object:
+        response = await transport.handle_async_request(request)
+        return _decoder.decode(await response.aread())
+
+    return send
+
+
 async def make_clients(stack: AsyncExitStack, base: str) -> dict[str, Send]:
     clients: dict[str, Send] = {}
-    trio_matrix = await stack.enter_async_context(MatrixClient(base, access_token="bench"))
-    clients["matrix_client/trio"] = trio_matrix.whoami
+    matrix = await stack.enter_async_context(MatrixClient(base, access_token="bench"))
+    clients["matrix_client"] = matrix.whoami
     headers = {"Authorization": "Bearer bench"}
-    for name, transport in (("httpx/trio", TrioTransport()), ("httpx/h11", H11Transport())):
-        client = httpx.AsyncClient(transport=transport, base_url=base, headers=headers)
-        clients[name] = httpx_get(await stack.enter_async_context(client))
-    h11_matrix = MatrixClient(base, access_token="bench", transport=H11Transport())
-    clients["matrix_client/h11"] = (await stack.enter_async_context(h11_matrix)).whoami
+    client = httpx.AsyncClient(transport=H11Transport(), base_url=base, headers=headers)
+    clients["httpx/h11"] = httpx_get(await stack.enter_async_context(client))
+    clients["transport/h11"] = transport_only(
+        await stack.enter_async_context(H11Transport()), base, headers
+    )
     default = await stack.enter_async_context(httpx.AsyncClient(base_url=base, headers=headers))
     try:
         await httpx_get(default)()

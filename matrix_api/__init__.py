@@ -15,9 +15,11 @@ from .errors import (
     MatrixError,
     NetworkError,
     NotFound,
+    ResponseLimitExceeded,
     TransportError,
     UnknownToken,
 )
+from .h11_transport import ResponseLimits
 from .http import Request
 from .retry import RetryPolicy
 
@@ -32,6 +34,8 @@ __all__ = [
     "NetworkError",
     "NotFound",
     "Request",
+    "ResponseLimitExceeded",
+    "ResponseLimits",
     "RetryPolicy",
     "StateEventSpec",
     "TransportError",

@@ -36,6 +36,7 @@ __all__ = [
     "NotFound",
     "NotJSON",
     "ResourceLimitExceeded",
+    "ResponseLimitExceeded",
     "RoomInUse",
     "TooLarge",
     "TransportError",
@@ -71,6 +72,16 @@ class NetworkError(TransportError):
     def __init__(self, message: str, *, maybe_processed: bool) -> None:
         super().__init__(message)
         self.maybe_processed = maybe_processed
+
+
+class ResponseLimitExceeded(NetworkError):
+    """The answer broke one of the client's response limits (too large, too slow,
+    inflating too far); ``limit`` names the `ResponseLimits` field. The server may
+    have acted on the request, and a retry may get a better answer."""
+
+    def __init__(self, message: str, *, limit: str) -> None:
+        super().__init__(message, maybe_processed=True)
+        self.limit = limit
 
 
 class BadResponse(TransportError):

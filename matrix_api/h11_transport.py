@@ -367,7 +367,7 @@ class H11Transport(httpx.AsyncBaseTransport):
                 headers=request.headers.raw,
             )
         except h11.LocalProtocolError as exc:
-            raise httpx.LocalProtocolError(f"request refused: {exc}") from exc
+            raise _refused(exc) from exc
         body = await request.aread()
         url = request.url
         origin = _Origin(url.scheme, url.host, url.port or (443 if url.scheme == "https" else 80))
@@ -475,6 +475,12 @@ class H11Transport(httpx.AsyncBaseTransport):
         return _Connection(_TLSIO(tls), self._max_incomplete)
 
 
+def _refused(exc: h11.LocalProtocolError) -> httpx.LocalProtocolError:
+    """h11's reason without the value it quotes: a refused header may be the token."""
+    reason = str(exc).split(" b'", 1)[0].split(' b"', 1)[0]
+    return httpx.LocalProtocolError(f"request refused: {reason}")
+
+
 def _reason(exc: BaseException) -> str:
     """A message that says something: trio's BrokenResourceError keeps it in its cause."""
     while not str(exc) and exc.__cause__ is not None:
@@ -497,7 +503,7 @@ async def _send_request(
             data += machine.send(h11.Data(data=body)) or b""
         data += machine.send(h11.EndOfMessage()) or b""
     except h11.LocalProtocolError as exc:
-        raise httpx.LocalProtocolError(f"request refused: {exc}") from exc
+        raise _refused(exc) from exc
     try:
         # Most requests fit in the kernel's buffer at once: no wait, no cancel scope.
         sent = connection.io.send_now(data)

@@ -1,24 +1,24 @@
 """The one place requests meet the network.
 
-`HTTPCore` turns a `Request` into bytes, adds the bearer token, hands it to its
-transport, translates every failure into the `matrix_api.errors` tree, and retries
-what the `RetryPolicy` allows. Endpoint mixins (`matrix_api.endpoints`) only build
-`Request` values and name the decoder for the answer; they never touch httpx.
+`HTTPCore` turns a `Request` into an `httpx.Request`, adds the bearer token, sends it
+through its one `httpx.AsyncClient`, maps every failure onto the `matrix_api.errors`
+tree (here, once), and retries what the `RetryPolicy` allows. Endpoint mixins
+(`matrix_api.endpoints`) only build `Request` values and name the decoder for the
+answer; they never touch httpx.
 
-The transport is httpx's seam: any `httpx.AsyncBaseTransport` works
-(`httpx.MockTransport` in tests). The default, `TrioTransport`, is also called
-below httpx's models, through `TrioTransport.exchange`: building an `httpx.Request`
-(URL parsing included) and reading an `httpx.Response` cost more CPU than the
-exchange on the socket, and a bot pays that on every message. `httpx.AsyncClient`
-is not used at all: its URL merging, cookie jar, auth and redirect flows do nothing
-for a Matrix client and cost about 0.2 ms of CPU per request.
+The transport is httpx's seam (``transport=``): `H11Transport` by default (HTTP/1.1
+framed by h11 on trio, inside `ResponseLimits`), `httpx.MockTransport` in tests; both
+receive the same `httpx.Request` values through the same client. Requests are built
+here with their headers, timeouts and limits and handed to `httpx.AsyncClient.send`,
+so the client merges nothing per request; it follows no redirects (a 3xx is an
+error), reads no proxy settings from the environment, and keeps no cookies.
 """
 
 from __future__ import annotations
 
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
-from typing import Any, Literal, Protocol, Self, TypeVar
+from typing import Any, Literal, Self, TypeVar
 from urllib.parse import quote
 
 import httpx
@@ -33,13 +33,22 @@ from .errors import (
     MatrixError,
     MissingToken,
     NetworkError,
+    ResponseLimitExceeded,
 )
+from .h11_transport import LIMITS_EXTENSION, H11Transport, ResponseLimitError, ResponseLimits
 from .models.identifiers import UserID
 from .retry import RetryPolicy
-from .server_clock import ServerClock, seconds_until
-from .transport import Origin, RawResponse, Timeouts, TrioTransport, decode_content
+from .server_clock import ServerClock, find_header, seconds_until
 
-__all__ = ["DEFAULT_TIMEOUT", "HTTPCore", "Request", "decode_json_object", "ignore_body"]
+__all__ = [
+    "DEFAULT_LIMITS",
+    "DEFAULT_TIMEOUT",
+    "LARGE_ANSWER_LIMITS",
+    "HTTPCore",
+    "Request",
+    "decode_json_object",
+    "ignore_body",
+]
 
 log = structlog.get_logger("matrix_api")
 
@@ -49,6 +58,17 @@ Method = Literal["GET", "POST", "PUT", "DELETE"]
 # httpx's own default (5 s for everything) is too short for a homeserver under load;
 # a long-poll /sync raises the read timeout above its own ``timeout`` per request.
 DEFAULT_TIMEOUT = httpx.Timeout(connect=10.0, read=30.0, write=30.0, pool=10.0)
+
+_MiB = 1024 * 1024
+DEFAULT_LIMITS = ResponseLimits(
+    max_body_bytes=16 * _MiB, max_decoded_bytes=16 * _MiB, total_timeout_s=120.0
+)
+"""What any answer may cost: a page of events, a room's members, an error."""
+LARGE_ANSWER_LIMITS = ResponseLimits(
+    max_body_bytes=64 * _MiB, max_decoded_bytes=64 * _MiB, total_timeout_s=300.0
+)
+"""For answers that grow with the account: a /sync (an initial full-state one
+above all), a big room's whole state."""
 _EXCERPT = 200
 
 
@@ -69,6 +89,8 @@ class Request:
     authenticated: bool = True
     idempotent: bool | None = None
     read_timeout: float | None = None
+    # None: the transport's own (`DEFAULT_LIMITS` unless the client was given others).
+    limits: ResponseLimits | None = None
 
     @property
     def is_idempotent(self) -> bool:
@@ -117,6 +139,29 @@ def _encode_query(query: Mapping[str, str | Sequence[str]]) -> str:
     return "&".join(pairs)
 
 
+class _NoCookies(httpx.Cookies):
+    """Matrix authenticates by token: a cookie set by a server or a proxy in front
+    of it is never kept, never sent back, and costs no parsing."""
+
+    def extract_cookies(self, response: httpx.Response) -> None:
+        pass
+
+
+class _Client(httpx.AsyncClient):
+    """httpx's client with `_NoCookies` (its ``cookies`` argument would copy any jar
+    into a plain one, and parse every answer for ``Set-Cookie``)."""
+
+    _no_cookies = _NoCookies()
+
+    @property
+    def cookies(self) -> httpx.Cookies:
+        return self._no_cookies
+
+    @cookies.setter
+    def cookies(self, cookies: object) -> None:
+        raise AttributeError("this client keeps no cookies")
+
+
 def _parse_retry_after(value: bytes | None, answered: bytes | None) -> float | None:
     """``Retry-After`` is either delta-seconds or an HTTP date (`seconds_until`,
     measured from the answer's own ``Date``, ``answered``)."""
@@ -134,6 +179,10 @@ class HTTPCore:
     The caller owns the instance and must close it (``async with`` or `aclose`).
     The access token lives only in the ``Authorization`` header of each request; it
     is never part of a URL, a log line, a repr or an error message.
+
+    ``limits`` bound every answer whose `Request` names none, when the transport is
+    the default `H11Transport`; a transport passed in keeps its own, and gets a
+    `Request`'s limits as the ``response_limits`` request extension.
     """
 
     def __init__(
@@ -146,6 +195,7 @@ class HTTPCore:
         transport: httpx.AsyncBaseTransport | None = None,
         retry_policy: RetryPolicy | None = None,
         timeout: httpx.Timeout = DEFAULT_TIMEOUT,
+        limits: ResponseLimits = DEFAULT_LIMITS,
         user_agent: str = "surfaces-bot matrix_api",
     ) -> None:
         self.homeserver = homeserver.rstrip("/")
@@ -164,12 +214,12 @@ class HTTPCore:
             raise MatrixAPIError("the homeserver URL must not hold credentials (user:password@)")
         if url.scheme not in ("http", "https") or not url.host:
             raise MatrixAPIError(f"not an http(s) homeserver URL: {self.homeserver!r}")
-        self._origin = Origin.of(url)
+        if url.query or url.fragment:
+            raise MatrixAPIError(f"the homeserver URL must not have a query: {self.homeserver!r}")
         # A homeserver behind a path prefix (``https://example.org/matrix``) keeps it.
-        self._path_prefix = url.raw_path.split(b"?", 1)[0].rstrip(b"/")
+        self._base = self.homeserver
         # Built once: the same on every request.
         self._fixed_headers = [
-            (b"Host", self._origin.host_header()),
             (b"User-Agent", user_agent.encode()),
             (b"Accept", b"application/json"),
         ]
@@ -177,12 +227,13 @@ class HTTPCore:
         # large, while the answer to a write is a few bytes, which the server would
         # compress and we would inflate for nothing, on every message sent.
         self._get_headers = [*self._fixed_headers, (b"Accept-Encoding", b"gzip, deflate")]
-        # Ours unless a test (MockTransport) or a caller brings another; owned either way.
-        self._transport = transport if transport is not None else TrioTransport()
-        self._exchange: _Exchange = (
-            self._transport.exchange
-            if isinstance(self._transport, TrioTransport)
-            else _HttpxExchange(self._transport)
+        self._http = _Client(
+            transport=transport if transport is not None else H11Transport(limits=limits),
+            timeout=timeout,
+            follow_redirects=False,
+            # Proxies from the environment would be served by httpx's own transport,
+            # outside these limits; netrc credentials have no place in Matrix.
+            trust_env=False,
         )
 
     def __repr__(self) -> str:
@@ -216,7 +267,7 @@ class HTTPCore:
         return self._server_clock.now_ms()
 
     async def aclose(self) -> None:
-        await self._transport.aclose()
+        await self._http.aclose()
 
     async def __aenter__(self) -> Self:
         return self
@@ -228,9 +279,11 @@ class HTTPCore:
         """Send ``request`` (retrying as the policy allows) and decode its answer.
 
         Raises a `MatrixError` subclass for a Matrix error answer, `NetworkError`
-        when no answer came, and `BadResponse` when the answer was not the JSON the
-        endpoint promises. The request is the same value on every attempt, so a
-        transaction id in its path makes a retried send idempotent.
+        when no answer came (`ResponseLimitExceeded` when one broke a limit),
+        `BadResponse` when the answer was not the JSON the endpoint promises (or a
+        redirect), and `InvalidRequest` for a request that cannot be sent. The
+        request is the same value on every attempt, so a transaction id in its path
+        makes a retried send idempotent.
         """
         attempt = 0
         while True:
@@ -251,7 +304,7 @@ class HTTPCore:
                 await trio.sleep(delay)
                 attempt += 1
 
-    async def _send_once(self, request: Request, decode: Callable[[bytes], T]) -> T:
+    def _build(self, request: Request) -> httpx.Request:
         headers = list(self._get_headers if request.method == "GET" else self._fixed_headers)
         if request.authenticated:
             if self._authorization is None:
@@ -263,109 +316,88 @@ class HTTPCore:
         timeouts = self._timeouts
         if request.read_timeout is not None:
             timeouts = {**timeouts, "read": request.read_timeout}
-        what = f"{request.method} {request.path}"
-        # Paths and queries are percent-encoded by their builders: ASCII only.
-        target = self._path_prefix + request.path.encode("ascii")
+        # Paths and queries are percent-encoded by their builders.
+        url = self._base + request.path
         if request.query:
-            target += b"?" + _encode_query(request.query).encode("ascii")
+            url += "?" + _encode_query(request.query)
+        extensions: dict[str, object] = {"timeout": timeouts}
+        if request.limits is not None:
+            extensions[LIMITS_EXTENSION] = request.limits
+        return httpx.Request(
+            request.method, url, headers=headers, content=content, extensions=extensions
+        )
+
+    async def _send_once(self, request: Request, decode: Callable[[bytes], T]) -> T:
+        what = f"{request.method} {request.path}"
+        try:
+            http_request = self._build(request)
+        except httpx.InvalidURL as exc:
+            raise InvalidRequest(f"{what}: cannot be sent: {exc}") from exc
         self.requests_sent += 1
         try:
-            response = await self._exchange(
-                self._origin, request.method, target, headers, content, timeouts
-            )
-            self._server_clock.observe(response.headers)
-            body = decode_content(response)
-        except httpx.InvalidURL as exc:
+            response = await self._http.send(http_request)
+        except ResponseLimitError as exc:
+            raise ResponseLimitExceeded(
+                f"{what}: answer refused ({exc.limit}): {exc}", limit=exc.limit
+            ) from exc
+        except (httpx.InvalidURL, httpx.LocalProtocolError, httpx.UnsupportedProtocol) as exc:
             raise InvalidRequest(f"{what}: cannot be sent: {exc}") from exc
         except (httpx.ConnectError, httpx.ConnectTimeout, httpx.PoolTimeout) as exc:
             raise NetworkError(
                 f"{what}: could not connect to {self.homeserver}: {type(exc).__name__}: {exc}",
                 maybe_processed=False,
             ) from exc
-        except (httpx.TransportError, httpx.DecodingError) as exc:
-            # DecodingError: a body that does not match its Content-Encoding.
+        except httpx.RequestError as exc:
+            # Every other transport failure, and a body that does not match its
+            # Content-Encoding (DecodingError): the request went out, no answer came.
             raise NetworkError(
                 f"{what}: no complete answer: {type(exc).__name__}: {exc}",
                 maybe_processed=True,
             ) from exc
-
-        if response.status >= 400:
-            raise self._error_from(response, body, what)
+        raw_headers = response.headers.raw
+        self._server_clock.observe(raw_headers)
+        body = response.content
+        status = response.status_code
+        if not 200 <= status < 300:
+            raise _error_from(status, raw_headers, body, what)
         try:
             return decode(body)
         except (msgspec.DecodeError, RecursionError) as exc:
             # RecursionError: JSON nested deeper than the decoder will follow.
             raise BadResponse(
-                f"{what}: {response.status} answer is not what the endpoint promises: {exc}",
-                status=response.status,
+                f"{what}: {status} answer is not what the endpoint promises: {exc}",
+                status=status,
                 body_excerpt=body[:_EXCERPT].decode("utf-8", "replace"),
             ) from exc
 
-    @staticmethod
-    def _error_from(response: RawResponse, content: bytes, what: str) -> MatrixAPIError:
-        status = response.status
-        try:
-            body = _object_decoder.decode(content)
-        except (msgspec.DecodeError, RecursionError):
-            body = None
-        if body is not None and isinstance(body.get("errcode"), str):
-            return MatrixError.from_response(
-                status,
-                body,
-                retry_after_header=_parse_retry_after(
-                    response.header(b"retry-after"), response.header(b"date")
-                ),
-            )
-        content_type = (response.header(b"content-type") or b"no content type").decode("latin-1")
+
+def _error_from(
+    status: int, headers: Sequence[tuple[bytes, bytes]], content: bytes, what: str
+) -> MatrixAPIError:
+    """The error a non-2xx answer means: a Matrix error when its body is one."""
+    try:
+        body = _object_decoder.decode(content)
+    except (msgspec.DecodeError, RecursionError):
+        body = None
+    if body is not None and isinstance(body.get("errcode"), str):
+        return MatrixError.from_response(
+            status,
+            body,
+            retry_after_header=_parse_retry_after(
+                find_header(headers, b"retry-after"), find_header(headers, b"date")
+            ),
+        )
+    if 300 <= status < 400:
+        location = find_header(headers, b"location") or b"nowhere"
         return BadResponse(
-            f"{what}: HTTP {status} without a Matrix error body ({content_type})",
+            f"{what}: HTTP {status} redirect to {location[:_EXCERPT].decode('latin-1')!r},"
+            " not followed",
             status=status,
             body_excerpt=content[:_EXCERPT].decode("utf-8", "replace"),
         )
-
-
-class _Exchange(Protocol):
-    """`TrioTransport.exchange`'s shape: what `HTTPCore` needs of a transport."""
-
-    async def __call__(
-        self,
-        origin: Origin,
-        method: str,
-        target: bytes,
-        headers: Sequence[tuple[bytes, bytes]],
-        body: bytes | None,
-        timeouts: Timeouts,
-    ) -> RawResponse: ...
-
-
-class _HttpxExchange:
-    """Any other httpx transport (`httpx.MockTransport` in tests) behind `_Exchange`."""
-
-    def __init__(self, transport: httpx.AsyncBaseTransport) -> None:
-        self._transport = transport
-
-    async def __call__(
-        self,
-        origin: Origin,
-        method: str,
-        target: bytes,
-        headers: Sequence[tuple[bytes, bytes]],
-        body: bytes | None,
-        timeouts: Timeouts,
-    ) -> RawResponse:
-        url = httpx.URL(scheme=origin.scheme, host=origin.host, port=origin.port, raw_path=target)
-        response = await self._transport.handle_async_request(
-            httpx.Request(
-                method, url, headers=headers, content=body, extensions={"timeout": dict(timeouts)}
-            )
-        )
-        try:
-            content = await response.aread()  # httpx undoes any Content-Encoding
-        finally:
-            await response.aclose()
-        decoded_headers = [
-            (name, value)
-            for name, value in response.headers.raw
-            if name.lower() != b"content-encoding"
-        ]
-        return RawResponse(response.status_code, decoded_headers, content)
+    content_type = find_header(headers, b"content-type") or b"no content type"
+    return BadResponse(
+        f"{what}: HTTP {status} without a Matrix error body ({content_type.decode('latin-1')})",
+        status=status,
+        body_excerpt=content[:_EXCERPT].decode("utf-8", "replace"),
+    )

@@ -19,8 +19,6 @@ import email.utils
 import time
 from collections.abc import Sequence
 
-from .transport import find_header
-
 __all__ = ["ServerClock", "http_date", "seconds_until"]
 
 # A lower bound cannot fall this far below the one kept unless the server's
@@ -85,3 +83,11 @@ class ServerClock:
         if self._offset is None:
             return None
         return int((self._offset + time.monotonic()) * 1000)
+
+
+def find_header(headers: Sequence[tuple[bytes, bytes]], name: bytes) -> bytes | None:
+    """The first value of header ``name`` (lower case) in ``headers``, if any."""
+    for key, value in headers:
+        if key.lower() == name:
+            return value
+    return None

@@ -7,7 +7,7 @@ from typing import Any, Literal
 
 import msgspec
 
-from ..http import HTTPCore, Request, ignore_body
+from ..http import LARGE_ANSWER_LIMITS, HTTPCore, Request, ignore_body
 from ..models.identifiers import RoomID, UserID
 from ..models.responses import JoinedMembersResponse, JoinedRoomsResponse, RoomIDResponse
 from ..paths import CLIENT_V3, client_path
@@ -142,7 +142,11 @@ class RoomEndpoints(HTTPCore):
     async def joined_members(self, room_id: RoomID) -> dict[UserID, str | None]:
         """The joined members of a room and their display names."""
         response = await self.send(
-            Request("GET", client_path(CLIENT_V3, "rooms", room_id, "joined_members")),
+            Request(
+                "GET",
+                client_path(CLIENT_V3, "rooms", room_id, "joined_members"),
+                limits=LARGE_ANSWER_LIMITS,
+            ),
             _joined_members,
         )
         return {user: member.display_name for user, member in response.joined.items()}

@@ -7,7 +7,7 @@ from typing import Any
 
 import msgspec
 
-from ..http import HTTPCore, Request, decode_json_object
+from ..http import LARGE_ANSWER_LIMITS, HTTPCore, Request, decode_json_object
 from ..models.events import RoomEvent
 from ..models.identifiers import EventID, RoomID
 from ..models.responses import EventIDResponse
@@ -39,4 +39,4 @@ class StateEndpoints(HTTPCore):
     async def get_state(self, room_id: RoomID) -> list[RoomEvent]:
         """The whole current state of a room."""
         path = client_path(CLIENT_V3, "rooms", room_id, "state")
-        return await self.send(Request("GET", path), _state)
+        return await self.send(Request("GET", path, limits=LARGE_ANSWER_LIMITS), _state)

@@ -7,7 +7,7 @@ from typing import Any, Literal
 
 import msgspec
 
-from ..http import HTTPCore, Request
+from ..http import LARGE_ANSWER_LIMITS, HTTPCore, Request
 from ..models.identifiers import FilterID, SyncToken
 from ..models.responses import FilterIDResponse
 from ..models.sync import SyncResponse, decode_sync
@@ -54,6 +54,7 @@ class SyncEndpoints(HTTPCore):
             f"{CLIENT_V3}/sync",
             query=query,
             read_timeout=timeout_ms / 1000 + LONG_POLL_MARGIN_S,
+            limits=LARGE_ANSWER_LIMITS,
         )
         return await self.send(request, decode_sync)
 

@@ -31,9 +31,9 @@ from command_helpers import (
 )
 from conftest import MakeUser
 from matrix_api import MatrixClient, NotFound, RetryPolicy, StateEventSpec, new_txn_id
+from matrix_api.h11_transport import H11Transport
 from matrix_api.models import RoomID
 from matrix_api.testing.synapse import SynapseServer
-from matrix_api.transport import TrioTransport
 
 MEGOLM = "m.megolm.v1.aes-sha2"
 FAKE_CIPHERTEXT = {
@@ -95,7 +95,7 @@ class _MarkerWritesFail(httpx.AsyncBaseTransport):
     reach it."""
 
     def __init__(self) -> None:
-        self._inner = TrioTransport()
+        self._inner = H11Transport()
         self.times = 0
         self.refused = 0
 
