@@ -1,14 +1,14 @@
 """HTTP/1.1 on trio with h11 doing the framing, inside hard limits: an httpx transport.
 
 `H11Transport` is an `httpx.AsyncBaseTransport`: hand it to `httpx.AsyncClient`
-(``transport=``) and every request of that client goes through it. It keeps the idea
-that makes `matrix_api.transport.TrioTransport` cheap (a small keep-alive pool per
-origin, plain TCP sockets driven directly with non-blocking calls, TLS through
-`trio.SSLStream` with one `ssl.SSLContext` per transport, built once), but it parses
-and writes no HTTP itself: h11 serialises the request (and refuses a header name or
-value holding CR, LF or NUL before a byte is sent), parses the response head, frames
-the body (one valid ``Content-Length``, or chunked, or to the end of the connection)
-and decides whether the connection may carry another request.
+(``transport=``) and every request of that client goes through it. It keeps a small
+keep-alive pool per origin, drives plain TCP sockets directly with non-blocking
+calls, and does TLS through `trio.SSLStream` with one `ssl.SSLContext` per
+transport, built once; but it parses and writes no HTTP itself: h11 serialises the
+request (and refuses a header name or value holding CR, LF or NUL before a byte is
+sent), parses the response head, frames the body (one valid ``Content-Length``, or
+chunked, or to the end of the connection) and decides whether the connection may
+carry another request.
 
 What it adds on top of h11, per response (`ResponseLimits`, per transport, or per
 request through the ``LIMITS_EXTENSION`` request extension):
@@ -67,8 +67,8 @@ the same read as the answer waits inside the `trio.SSLStream`, out of sight, and
 would be read as the next answer (on plain TCP h11 sees it and the connection is
 dropped).
 
-It is not `MatrixClient`'s transport yet: `matrix_api.http` still calls
-`TrioTransport.exchange` directly.
+It is the transport of every `MatrixClient` (`matrix_api.http`) and of the
+backends' HTTP clients, unless a caller passes another.
 """
 
 from __future__ import annotations
