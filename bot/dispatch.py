@@ -18,17 +18,28 @@ import structlog
 import trio
 
 from matrix_api import LimitExceeded, MatrixAPIError, MatrixError, TransportError, UnknownToken
+from matrix_api.retry import Backoff
 
 from .quarantine import failure_reason
 from .store import InboxItem, StoreUnavailable
 
-__all__ = ["MAX_RESUMPTIONS", "Dispatcher", "JobHandler", "LeftUnfinishedTooOften"]
+__all__ = ["JOB_BACKOFF", "MAX_RESUMPTIONS", "Dispatcher", "JobHandler", "LeftUnfinishedTooOften"]
 
 log = structlog.get_logger("bot.dispatch")
 
 # A job that fails for a reason that may pass (the homeserver is down, a rate limit
-# longer than the client waits) is retried with backoff, capped at this many seconds.
-_MAX_TRANSIENT_DELAY = 60.0
+# longer than the client waits) is run again after waits of up to 2, 4, ... 60 s, for as
+# long as that lasts: while the homeserver refuses, nobody can be told anything, and
+# the job must not be lost. A rate limit is waited out (never less than the backoff, so
+# "retry after 0" cannot spin), unless it asks for more than an hour: then the job is
+# given up. docs/retries.md says what each layer retries.
+JOB_BACKOFF = Backoff(
+    max_attempts=None,
+    base_delay=2.0,
+    max_delay=60.0,
+    max_retry_after=3600.0,
+    floor_retry_after=True,
+)
 # A job that fails with an unexpected error is given up after this many attempts.
 MAX_ATTEMPTS = 3
 # Attempts are counted in memory; what survives a restart is how many runs took a
@@ -111,8 +122,11 @@ class Dispatcher:
     was doing; queued jobs stay in the inbox for the next start.
     """
 
-    def __init__(self, handler: JobHandler, workers: int) -> None:
+    def __init__(
+        self, handler: JobHandler, workers: int, *, backoff: Backoff = JOB_BACKOFF
+    ) -> None:
         self._handler = handler
+        self._backoff = backoff
         self._channels = [trio.open_memory_channel[InboxItem](math.inf) for _ in range(workers)]
         self._queued: set[str] = set()
         self._resumed: set[str] = set()
@@ -206,20 +220,18 @@ class Dispatcher:
                 return _Outcome.of_handled(answered)
             except Exception as exc:  # one job's failure must not stop the worker
                 attempt += 1
-                if is_transient(exc) and not self._stopping:
-                    delay = min(_MAX_TRANSIENT_DELAY, 2 ** min(attempt, 6))
-                    if isinstance(exc, LimitExceeded) and exc.retry_after is not None:
-                        delay = max(delay, exc.retry_after)  # never before the server said
+                delay = self._transient_delay(exc, attempt - 1)
+                if delay is not None and not self._stopping:
                     log.warning(
                         "job_retry_later",
                         room_id=item.room_id,
                         event_id=item.event_id,
                         error=str(exc),
-                        delay_s=delay,
+                        delay_s=round(delay, 3),
                     )
                     await trio.sleep(delay)
                     continue
-                if is_transient(exc):
+                if delay is not None:
                     return _Outcome.LEFT  # stopping: the job stays in the inbox
                 # The traceback once; a job that fails the same way again says so briefly.
                 log.warning(
@@ -233,6 +245,14 @@ class Dispatcher:
                 if attempt >= MAX_ATTEMPTS or isinstance(exc, MatrixAPIError):
                     answered = await self._give_up(item, exc)
                     return _Outcome.of_handled(answered)
+
+    def _transient_delay(self, error: Exception, attempt: int) -> float | None:
+        """The wait before running a job again after ``error`` (failed attempt
+        ``attempt``, from 0), or None when ``error`` is no reason to run it again."""
+        if not is_transient(error):
+            return None
+        retry_after = error.retry_after if isinstance(error, LimitExceeded) else None
+        return self._backoff.delay(attempt, retry_after=retry_after)
 
     async def _count_resumption(self, item: InboxItem) -> int:
         try:

@@ -18,6 +18,7 @@ import ctypes
 import enum
 import gc
 import random
+from dataclasses import replace
 from pathlib import Path
 
 import httpx
@@ -27,6 +28,7 @@ from trio_util import AsyncValue, move_on_when
 
 from matrix_api import MatrixAPIError, MatrixClient, NetworkError, UnknownToken
 from matrix_api.models import FilterID, SyncResponse, SyncToken
+from matrix_api.retry import Backoff
 
 from . import __version__
 from .backends import Backend, open_backend
@@ -39,13 +41,16 @@ from .reconcile import ReconcileReport, reconcile_matrix_state
 from .session import AuthError, authenticate, log_in
 from .store import Store, StoreUnavailable
 
-__all__ = ["BotRuntime", "FatalError", "Phase", "run_bot"]
+__all__ = ["SYNC_BACKOFF", "BotRuntime", "FatalError", "Phase", "run_bot"]
 
 log = structlog.get_logger("bot.runtime")
 
 LONG_POLL_MS = 30_000
 STORE_CHECKPOINT_INTERVAL_S = 5.0
-_SYNC_BACKOFF_MAX = 60.0
+# After the n-th failed /sync (or batch) in a row, a wait of up to 2, 4, ... 60 s; no
+# limit, the loop is the bot's only way to hear of new messages. The client has already
+# retried the request itself (docs/retries.md).
+SYNC_BACKOFF = Backoff(max_attempts=None, base_delay=2.0, max_delay=60.0)
 # A batch that keeps failing is not fetched and failed forever. From this many
 # failures in a row on the same position, a gap /messages cannot fill is left
 # unfilled (`Intake.commit(salvage=True)`); from `_GIVE_UP_BATCH_AFTER`, a batch
@@ -95,7 +100,7 @@ class BotRuntime:
         self._handler = MessageHandler(client, store, settings, backend)
         self._dispatcher = Dispatcher(self._handler, settings.workers)
         self._stop = stop if stop is not None else trio.Event()
-        self._rng = rng or random.Random()
+        self._sync_backoff_policy = replace(SYNC_BACKOFF, rng=rng or random.Random())
 
     def request_stop(self) -> None:
         """Begin a graceful stop; safe to call at any time, more than once."""
@@ -252,7 +257,8 @@ class BotRuntime:
                 self._dispatcher.submit(fresh)
 
     async def _sync_backoff(self, failures: int) -> None:
-        delay = self._rng.uniform(0, min(_SYNC_BACKOFF_MAX, 2.0**failures))
+        """Wait after the ``failures``-th failure in a row (from 1)."""
+        delay = self._sync_backoff_policy.wait(failures - 1)
         log.info("sync_retry_later", retry_in_s=round(delay, 2))
         await trio.sleep(delay)
 

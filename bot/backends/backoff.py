@@ -1,47 +1,23 @@
-"""How long a backend waits before asking again, and when it stops asking.
+"""What is particular to a backend's retries: its backoff parameters, and reading the
+wait a model server or a webhook asks for.
 
-Pure: it decides, the backend sleeps (under trio, so tests on the mock clock see exact
-virtual times). Bounded in attempts and in the longest wait; a rate-limited answer
-waits what the server asked for, and one asking for too long is not waited for.
+The backoff itself is the project's one `matrix_api.retry.Backoff` (docs/retries.md
+says which layer retries what). A backend retries only before the first token of an
+answer arrived (nothing was shown to the user yet), within ``BOT_BACKEND_TIMEOUT_S``.
 """
 
 from __future__ import annotations
 
-import random
 from collections.abc import Mapping
-from dataclasses import dataclass, field
 
+from matrix_api.retry import Backoff
 from matrix_api.server_clock import seconds_until
 
-__all__ = ["Backoff", "retry_after_from"]
+__all__ = ["BACKEND_BACKOFF", "Backoff", "retry_after_from"]
 
-
-@dataclass(frozen=True)
-class Backoff:
-    """Exponential backoff with equal jitter; ``max_attempts`` counts the first try.
-
-    The n-th wait (n from 0) is in ``[c/2, c]`` with ``c = min(max_delay, base_delay *
-    2**n)``: never near zero, so a struggling server gets real relief.
-    """
-
-    max_attempts: int = 3
-    base_delay: float = 1.0
-    max_delay: float = 20.0
-    max_retry_after: float = 60.0
-    rng: random.Random = field(default_factory=random.Random, compare=False, repr=False)
-
-    def delay(self, attempt: int, *, retry_after: float | None = None) -> float | None:
-        """Seconds to wait after failed attempt ``attempt`` (0-based), or None to give up.
-
-        ``retry_after`` is what the server asked for (429 or 503 ``Retry-After``): it is
-        honoured exactly, unless it exceeds ``max_retry_after``.
-        """
-        if attempt + 1 >= self.max_attempts:
-            return None
-        if retry_after is not None:
-            return retry_after if retry_after <= self.max_retry_after else None
-        ceiling = min(self.max_delay, self.base_delay * (2.0**attempt))
-        return ceiling / 2 + self.rng.uniform(0, ceiling / 2)
+# 3 attempts, waits up to 1 and 2 s; a server asking for more than a minute is not
+# waited for (the user is told to try again in that long).
+BACKEND_BACKOFF = Backoff(max_attempts=3, base_delay=1.0, max_delay=20.0, max_retry_after=60.0)
 
 
 def retry_after_from(headers: Mapping[str, str]) -> float | None:

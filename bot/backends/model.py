@@ -49,7 +49,7 @@ import trio
 
 from ..chats import Chat
 from ..messages import IncomingMessage
-from .backoff import Backoff, retry_after_from
+from .backoff import BACKEND_BACKOFF, Backoff, retry_after_from
 from .base import BackendError
 from .bounded_read import (
     BodyTooLarge,
@@ -207,7 +207,7 @@ class ModelBackend(HTTPBackend):
         user_agent: str = "surfaces-bot",
     ) -> None:
         self.settings = settings
-        self.backoff = backoff or Backoff()
+        self.backoff = backoff or BACKEND_BACKOFF
         timeout = settings.request_timeout_s
         super().__init__(
             timeout=httpx.Timeout(timeout, connect=min(10.0, timeout)),
@@ -311,8 +311,12 @@ class ModelBackend(HTTPBackend):
             try:
                 await self._attempt(body, model_name, progress, on_partial)
             except ModelError as exc:
-                delay = self.backoff.delay(attempt, retry_after=exc.retry_after)
-                if not exc.retryable or delay is None:
+                delay = (
+                    self.backoff.delay(attempt, retry_after=exc.retry_after)
+                    if exc.retryable
+                    else None
+                )
+                if delay is None:
                     self._log_failure(exc, model_name, attempt, started)
                     raise self._final_error(exc) from exc.__cause__
                 log.warning(

@@ -40,7 +40,7 @@ import trio
 
 from ..chats import Chat
 from ..messages import IncomingMessage
-from .backoff import Backoff, retry_after_from
+from .backoff import BACKEND_BACKOFF, Backoff, retry_after_from
 from .base import BackendError
 from .bounded_read import (
     BodyTooLarge,
@@ -118,7 +118,7 @@ class WebhookBackend(HTTPBackend):
         user_agent: str = "surfaces-bot",
     ) -> None:
         self.settings = settings
-        self.backoff = backoff or Backoff()
+        self.backoff = backoff or BACKEND_BACKOFF
         super().__init__(
             timeout=httpx.Timeout(settings.timeout_s), transport=transport, user_agent=user_agent
         )

@@ -7,6 +7,7 @@ virtual timings are checked with `httpx.MockTransport` on the mock clock at the 
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import random
 import time
@@ -18,7 +19,7 @@ import httpx
 import pytest
 import trio
 
-from bot.backends.backoff import Backoff
+from bot.backends.backoff import BACKEND_BACKOFF, Backoff
 from bot.backends.base import BackendError
 from bot.backends.context import Turn
 from bot.backends.model import (
@@ -353,7 +354,7 @@ async def test_retry_after_is_honoured_exactly(autojump_clock: trio.testing.Mock
     backend = ModelBackend(
         ModelSettings.from_mapping(values),
         transport=httpx.MockTransport(handler),
-        backoff=Backoff(max_attempts=5),
+        backoff=dataclasses.replace(BACKEND_BACKOFF, max_attempts=5),
     )
     async with backend:
         assert await backend.reply(CHAT, message()) == "finally"

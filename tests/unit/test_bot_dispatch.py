@@ -6,6 +6,7 @@ times it records are exact.
 
 from __future__ import annotations
 
+import dataclasses
 import itertools
 import math
 import random
@@ -19,6 +20,7 @@ import trio.testing
 from structlog.testing import capture_logs
 
 from bot.dispatch import (
+    JOB_BACKOFF,
     MAX_ATTEMPTS,
     MAX_RESUMPTIONS,
     RECEIPT_DELAY_S,
@@ -37,6 +39,22 @@ from matrix_api import (
     UnknownToken,
 )
 from matrix_api.models import EventID, RoomEvent, RoomID, UserID
+from matrix_api.retry import Backoff
+
+
+class Edge(random.Random):
+    """An rng that always draws the top (or the bottom) of a range: exact backoffs."""
+
+    def __init__(self, *, top: bool) -> None:
+        super().__init__(0)
+        self.top = top
+
+    def random(self) -> float:
+        return 1.0 if self.top else 0.0
+
+
+LONGEST = dataclasses.replace(JOB_BACKOFF, rng=Edge(top=True))
+SHORTEST = dataclasses.replace(JOB_BACKOFF, rng=Edge(top=False))
 
 
 def item(seq: int, room_id: str, event_id: str | None = None) -> InboxItem:
@@ -136,12 +154,14 @@ async def run_until(
     then: Callable[[Dispatcher], Awaitable[None]] | None = None,
     *,
     resumed: Sequence[InboxItem] = (),
+    backoff: Backoff = LONGEST,
 ) -> Dispatcher:
     """Run a dispatcher over ``items`` until ``condition`` holds, then stop it.
 
-    The ``resumed`` items go first, as ones an earlier run left in the inbox.
+    The ``resumed`` items go first, as ones an earlier run left in the inbox. Every
+    backoff is its longest unless ``backoff`` says otherwise.
     """
-    dispatcher = Dispatcher(handler, workers)
+    dispatcher = Dispatcher(handler, workers, backoff=backoff)
     async with trio.open_nursery() as nursery:
         await nursery.start(dispatcher.run)
         dispatcher.submit(resumed, resumed=True)
@@ -352,6 +372,38 @@ async def test_a_rate_limit_is_retried_no_sooner_than_the_server_asked(
     assert handler.done_ids() == ["$e1"]
 
 
+@pytest.mark.parametrize("retry_after", [0.0, -5.0, 0.5])
+async def test_a_rate_limit_shorter_than_the_backoff_waits_the_backoff(
+    autojump_clock: trio.abc.Clock, retry_after: float
+) -> None:
+    # The client already waited the server out: an outer loop with no attempt limit
+    # must not spin on "retry after 0".
+    limited = LimitExceeded(429, "M_LIMIT_EXCEEDED", "slow down", retry_after=retry_after)
+    handler = Handler(duration=0.0, failures={"$e1": [limited] * 3})
+
+    await run_until(handler, 1, [item(1, "!a:x")], lambda: bool(handler.done), backoff=SHORTEST)
+
+    times = handler.attempts["$e1"]
+    assert [b - a for a, b in itertools.pairwise(times)] == [1.0, 2.0, 4.0]
+
+
+@pytest.mark.parametrize("retry_after", [3600.5, math.inf, math.nan])
+async def test_a_rate_limit_longer_than_an_hour_gives_the_job_up(
+    autojump_clock: trio.abc.Clock, retry_after: float
+) -> None:
+    limited = LimitExceeded(429, "M_LIMIT_EXCEEDED", "slow down", retry_after=retry_after)
+    handler = Handler(duration=0.0, failures={"$e1": [limited]})
+    t0 = trio.current_time()
+
+    with capture_logs() as logs:
+        await run_until(handler, 1, [item(1, "!a:x")], lambda: bool(handler.gave_up))
+
+    assert trio.current_time() == t0
+    assert handler.attempts["$e1"] == [t0]
+    assert handler.gave_up == [("$e1", limited)]
+    assert "job_retry_later" not in [entry["event"] for entry in logs]
+
+
 # --- retries -------------------------------------------------------------------------------------
 
 
@@ -377,6 +429,7 @@ async def test_a_transient_error_is_retried_after_a_backoff(
         await run_until(handler, 2, [item(1, "!a:x")], lambda: bool(handler.read))
 
     first, second = handler.attempts["$e1"]
+    # The longest first backoff (`LONGEST`), also for the rate limit's 1.5 s.
     assert second - first == 2.0
     assert handler.done_ids() == ["$e1"]
     assert handler.gave_up == []
@@ -403,6 +456,35 @@ async def test_the_backoff_grows_and_is_capped(autojump_clock: trio.abc.Clock) -
         60.0,
     ]
     assert handler.gave_up == []
+
+
+async def test_the_shortest_backoff_is_half_the_longest(autojump_clock: trio.abc.Clock) -> None:
+    network = NetworkError("down", maybe_processed=False)
+    handler = Handler(duration=0.0, failures={"$e1": [network] * 7})
+
+    await run_until(handler, 1, [item(1, "!a:x")], lambda: bool(handler.done), backoff=SHORTEST)
+
+    times = handler.attempts["$e1"]
+    assert [b - a for a, b in itertools.pairwise(times)] == [1, 2, 4, 8, 16, 30, 30]
+
+
+async def test_the_default_backoff_is_jittered_within_its_bounds(
+    autojump_clock: trio.abc.Clock,
+) -> None:
+    # Four rooms on four workers fail together (the homeserver restarting): their
+    # retries spread out instead of arriving at the same instant.
+    network = NetworkError("down", maybe_processed=False)
+    rooms = [f"!room{n}:x" for n in range(40)]
+    handler = Handler(duration=0.0, failures={f"$e{n}": [network] * 3 for n in range(40)})
+    items = [item(n, room) for n, room in enumerate(rooms)]
+    backoff = dataclasses.replace(JOB_BACKOFF, rng=random.Random(5))
+
+    await run_until(handler, 4, items, lambda: len(handler.done) == 40, backoff=backoff)
+
+    waits = [[b - a for a, b in itertools.pairwise(handler.attempts[f"$e{n}"])] for n in range(40)]
+    for per_job in waits:
+        assert [1 <= per_job[0] <= 2, 2 <= per_job[1] <= 4, 4 <= per_job[2] <= 8] == [True] * 3
+    assert len({round(per_job[0], 6) for per_job in waits}) == 40
 
 
 async def test_an_unexpected_error_is_given_up_after_max_attempts(
