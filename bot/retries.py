@@ -13,7 +13,7 @@ from __future__ import annotations
 import dataclasses
 from dataclasses import dataclass
 
-from matrix_api.h11_transport import ResponseLimits
+from matrix_api.http import DEFAULT_LIMITS
 from matrix_api.retry import Backoff, RetryPolicy
 
 from .backends.backoff import BACKEND_BACKOFF
@@ -61,13 +61,14 @@ def worst_case_total_delay(
     """The worst case of the nested retries; every argument defaults to the bot's
     default, so called bare it gives the figures docs/retries.md states.
 
-    ``client_attempt_s`` is the longest one Matrix attempt can take
-    (`ResponseLimits.total_timeout_s`), ``backend_attempt_s`` one backend attempt's (the
-    longer of the model's and the webhook's timeouts).
+    ``client_attempt_s`` is the longest one Matrix attempt can take (the total time
+    of `matrix_api.http.DEFAULT_LIMITS`, which bounds a send), ``backend_attempt_s``
+    one backend attempt's before the first token (the longer of the model's and the
+    webhook's timeouts).
     """
     client = client or RetryPolicy()
     if client_attempt_s is None:
-        client_attempt_s = ResponseLimits().total_timeout_s
+        client_attempt_s = DEFAULT_LIMITS.total_timeout_s
     if backend_attempt_s is None:
         backend_attempt_s = max(
             _default(ModelSettings, "request_timeout_s"), _default(WebhookSettings, "timeout_s")

@@ -16,11 +16,11 @@ Which layer retries what (in full, with the arithmetic: docs/retries.md):
 - the bot's sync loop: a failed /sync; no attempt limit, waits up to 60 s.
 
 Retries nest (this client's run inside each of the dispatcher's), so their worst cases
-add up and multiply. The longest one request can take here: 5 attempts x 300 s
-(`ResponseLimits.total_timeout_s`) + 4 waits x 300 s (a Retry-After at
-``max_retry_after``) = 2700 s. The longest before a user is told that their message
+add up and multiply. The longest one request can take here: 5 attempts x 120 s (the
+total time of `http.DEFAULT_LIMITS`) + 4 waits x 300 s (a Retry-After at
+``max_retry_after``) = 1800 s. The longest before a user is told that their message
 failed, with the homeserver taking the notice at this client's last attempt: 300 s of
-backend (``BOT_BACKEND_TIMEOUT_S``) + 2700 s = **3000 s**.
+backend (``BOT_BACKEND_TIMEOUT_S``) + 1800 s = **2100 s**.
 """
 
 from __future__ import annotations

@@ -229,9 +229,9 @@ def figure(text: str, label: str) -> float:
 def test_the_documented_worst_case_is_what_the_defaults_give() -> None:
     worst = worst_case_total_delay()
     # The arithmetic, spelled out as docs/retries.md does.
-    assert worst.request_s == 5 * 300 + 4 * 300 == 2700
+    assert worst.request_s == 5 * 120 + 4 * 300 == 1800
     assert worst.backend_s == min(300, 3 * 120 + 2 * 60) == 300
-    assert worst.told_s == 300 + 2700 == 3000
+    assert worst.told_s == 300 + 1800 == 2100
     assert worst.dispatcher_wait_s == 3600
     doc = (ROOT / "docs" / "retries.md").read_text(encoding="utf-8")
     assert figure(doc, "One Matrix request") == worst.request_s
@@ -239,15 +239,15 @@ def test_the_documented_worst_case_is_what_the_defaults_give() -> None:
     assert figure(doc, "Until the user is told") == worst.told_s
     assert figure(doc, "Before the dispatcher runs the job again") == worst.dispatcher_wait_s
     brief = retry_module.__doc__ or ""
-    assert "= 2700 s" in brief
+    assert "= 1800 s" in brief
     assert figure(brief, "told that their message failed") == worst.told_s
 
 
 def test_the_worst_case_follows_the_parameters() -> None:
     # A different default would change the figure: the test above then fails until the
     # document says the new one.
-    assert worst_case_total_delay(backend_timeout_s=60.0).told_s == 60 + 2700
-    assert worst_case_total_delay(client=RetryPolicy(max_attempts=2)).request_s == 2 * 300 + 300
+    assert worst_case_total_delay(backend_timeout_s=60.0).told_s == 60 + 1800
+    assert worst_case_total_delay(client=RetryPolicy(max_attempts=2)).request_s == 2 * 120 + 300
     fast = worst_case_total_delay(client_attempt_s=0.0, backend_attempt_s=0.0)
     assert fast.request_s == 4 * 300
     assert fast.backend_s == 2 * 60
