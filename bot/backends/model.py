@@ -8,8 +8,10 @@ to a `ReplySink` as it grows.
 Failures become a `ModelError` (a `BackendError`) whose ``user_message`` is short and
 says what went wrong; the operator's log says the rest. Retried, with bounded backoff,
 only before any token arrived: 429 (waiting its ``Retry-After``), 5xx, and connections
-that failed. The API key lives only in the ``Authorization`` header: never in a log
-line, a repr or an exception message (server messages are scrubbed of it too).
+that failed; an answer over a limit, or in a coding the bot does not read, is not (the
+server would send the same again); docs/retries.md says what every layer retries. The
+API key lives only in the ``Authorization`` header: never in a log line, a repr or an
+exception message (server messages are scrubbed of it too).
 
     [model]                                     # or the environment variables
     base_url = "http://127.0.0.1:11434/v1"      # MODEL_BASE_URL (…/v1 added when no path)
@@ -47,6 +49,8 @@ import httpx
 import structlog
 import trio
 
+from matrix_api.h11_transport import ResponseTooLarge
+
 from ..chats import Chat
 from ..messages import IncomingMessage
 from .backoff import BACKEND_BACKOFF, Backoff, retry_after_from
@@ -63,7 +67,7 @@ from .bounded_read import (
     with_note,
 )
 from .context import Turn, trim_context
-from .http_backend import HTTPBackend
+from .http_backend import HTTPBackend, model_limits
 from .model_settings import DEFAULT_SYSTEM_PROMPT, MODEL_ENV, ModelSettings, model_settings_from_env
 from .streaming import ReplyOverrides, ReplySink
 
@@ -83,6 +87,12 @@ log = structlog.get_logger("bot.backends.model")
 _EXCERPT = 300
 _ERROR_BODY_BYTES = 16 * 1024
 """Of an error answer only an excerpt is shown: no more is read."""
+# The transport's limits on an answer's head, in words (`ResponseLimits` fields).
+_HEAD_LIMIT_WORDS = {
+    "max_head_bytes": "its headers are too large",
+    "max_header_count": "too many headers",
+    "max_interim_responses": "too many interim answers",
+}
 _DRAIN_S = 1.0
 _MASKED = re.compile(r"\S*\*{3,}\S*")
 
@@ -213,6 +223,7 @@ class ModelBackend(HTTPBackend):
             timeout=httpx.Timeout(timeout, connect=min(10.0, timeout)),
             transport=transport,
             user_agent=user_agent,
+            limits=model_limits(settings),
         )
 
     def __repr__(self) -> str:
@@ -399,6 +410,19 @@ class ModelBackend(HTTPBackend):
                 ),
                 partial=progress.text,
             ) from exc
+        except ResponseTooLarge as exc:
+            # Refused by the transport before the body (a head, or a Content-Length, over
+            # a limit; while reading, `bounded_read` makes it a ReadLimitError): the
+            # server answered, and asking again gets the same answer. Not retried.
+            raise ModelError(
+                f"the answer from {url} is over a limit ({exc.limit}): {exc}",
+                kind="too_large",
+                user_message=(
+                    "The assistant's server sent an answer too large for the bot to read "
+                    f"({self._head_limit_words(exc.limit)})."
+                ),
+                partial=progress.text,
+            ) from exc
         except httpx.TimeoutException as exc:
             phase = "connecting" if isinstance(exc, httpx.ConnectTimeout) else "waiting"
             kind: ErrorKind = "network" if isinstance(exc, httpx.ConnectTimeout) else "timeout"
@@ -421,6 +445,12 @@ class ModelBackend(HTTPBackend):
                     kind="cut",
                     user_message="The assistant's answer was cut off. Please try again.",
                     partial=progress.text,
+                ) from exc
+            if isinstance(exc, httpx.DecodingError):
+                # Two content codings, or one the bot does not read: an answer, not a
+                # network failure, and not retried.
+                raise self._malformed(
+                    f"the answer from {url} cannot be decoded: {exc}", progress
                 ) from exc
             raise ModelError(
                 f"could not reach {url}: {type(exc).__name__}: {self._scrub(str(exc))}",
@@ -635,6 +665,12 @@ class ModelBackend(HTTPBackend):
             status=status,
             user_message=f"The assistant's server rejected the request (HTTP {status}).",
         )
+
+    def _head_limit_words(self, limit: str) -> str:
+        """What a `ResponseTooLarge` raised before the body says, for the user."""
+        if limit == "max_body_bytes":
+            return f"more than {self.settings.max_response_bytes} bytes"
+        return _HEAD_LIMIT_WORDS.get(limit, limit)
 
     def _malformed(self, what: str, progress: _Progress) -> ModelError:
         return ModelError(

@@ -10,7 +10,8 @@ shared secret (check it over the bytes received, before parsing), and
 ``X-Surfaces-Event-Id`` (the same on every retry: a receiver can de-duplicate). The
 answer is the reply: JSON ``{"reply": "..."}``, or plain text. A 5xx answer, a timeout
 or a failed connection is retried with bounded backoff, and a 429 (or a 503) no sooner
-than its ``Retry-After``; another 4xx is reported to the user and not retried.
+than its ``Retry-After``; another 4xx, or an answer over a limit or in a coding the bot
+does not read, is reported to the user and not retried (docs/retries.md).
 
     [webhook]
     url = "https://assistant.internal/matrix"   # WEBHOOK_URL
@@ -38,6 +39,8 @@ import httpx
 import structlog
 import trio
 
+from matrix_api.h11_transport import ResponseTooLarge
+
 from ..chats import Chat
 from ..messages import IncomingMessage
 from .backoff import BACKEND_BACKOFF, Backoff, retry_after_from
@@ -51,7 +54,7 @@ from .bounded_read import (
     with_note,
 )
 from .context import Turn
-from .http_backend import HTTPBackend
+from .http_backend import HTTPBackend, webhook_limits
 from .streaming import ReplyOverrides, ReplySink
 from .webhook_settings import WEBHOOK_ENV, WebhookSettings, webhook_settings_from_env
 
@@ -74,6 +77,12 @@ _EXCERPT = 300
 _BODY_HEADERS = frozenset({"content-encoding", "content-length", "transfer-encoding"})
 _ERROR_BODY_BYTES = 16 * 1024
 """Of an error answer only an excerpt is logged or shown: no more is read."""
+# The transport's limits on an answer's head, in words (`ResponseLimits` fields).
+_HEAD_LIMIT_WORDS = {
+    "max_head_bytes": "its headers are too large",
+    "max_header_count": "too many headers",
+    "max_interim_responses": "too many interim answers",
+}
 
 
 def sign(secret: str, body: bytes) -> str:
@@ -120,7 +129,10 @@ class WebhookBackend(HTTPBackend):
         self.settings = settings
         self.backoff = backoff or BACKEND_BACKOFF
         super().__init__(
-            timeout=httpx.Timeout(settings.timeout_s), transport=transport, user_agent=user_agent
+            timeout=httpx.Timeout(settings.timeout_s),
+            transport=transport,
+            user_agent=user_agent,
+            limits=webhook_limits(settings),
         )
 
     def __repr__(self) -> str:
@@ -224,6 +236,25 @@ class WebhookBackend(HTTPBackend):
                 if isinstance(exc, BodyTooLarge)
                 else "The assistant service sent a reply the bot cannot read.",
             ) from exc
+        except ResponseTooLarge as exc:
+            # Refused by the transport before the body (a head, or a Content-Length, over
+            # a limit): the service answered, and asking again gets the same. Not retried.
+            raise WebhookError(
+                f"the webhook's answer is over a limit ({exc.limit}): {exc}",
+                user_message="The assistant service sent a reply too large for the bot to read "
+                + (
+                    f"(over {self.settings.max_response_bytes} bytes)."
+                    if exc.limit == "max_body_bytes"
+                    else f"({_HEAD_LIMIT_WORDS.get(exc.limit, exc.limit)})."
+                ),
+            ) from exc
+        except httpx.DecodingError as exc:
+            # Two content codings, one the bot does not read, or a broken one: an answer
+            # the bot cannot read, not a failed connection. Not retried.
+            raise WebhookError(
+                f"the webhook's answer cannot be decoded: {exc}",
+                user_message="The assistant service sent a reply the bot cannot read.",
+            ) from exc
         except (trio.TooSlowError, httpx.TimeoutException) as exc:
             raise _Retry(
                 WebhookError(
@@ -231,7 +262,7 @@ class WebhookBackend(HTTPBackend):
                     user_message="The assistant took too long to answer. Please try again.",
                 )
             ) from exc
-        except (httpx.TransportError, httpx.DecodingError) as exc:
+        except httpx.TransportError as exc:
             raise _Retry(
                 WebhookError(
                     f"could not reach the webhook: {type(exc).__name__}: {exc}",
@@ -287,7 +318,7 @@ class WebhookBackend(HTTPBackend):
         (half a document does not parse)."""
         limit = self.settings.max_response_bytes
         pieces: list[bytes] = []
-        async with open_body(response, limit, trust_length=not _is_text(response)) as reply:
+        async with open_body(response, limit) as reply:
             try:
                 while (piece := await reply.next_chunk()) is not None:
                     pieces.append(piece)

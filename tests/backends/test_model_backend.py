@@ -34,6 +34,7 @@ from bot.backends.streaming import ReplyOverrides, StreamingBackend
 from bot.chats import Chat
 from bot.messages import IncomingMessage
 from fake_openai import API_KEY, FakeOpenAI, Script, split_tokens
+from matrix_api.h11_transport import ResponseTooLarge
 from matrix_api.models import EventID, RoomID
 
 CHAT = Chat("c_test", RoomID("!room:example.org"), "@alice:example.org", "Test", 0)
@@ -412,6 +413,74 @@ async def test_an_empty_answer_is_an_error() -> None:
         with pytest.raises(ModelError) as caught:
             await backend.reply(CHAT, message())
     assert caught.value.kind == "empty"
+
+
+@pytest.mark.parametrize(
+    ("refusal", "kind", "words"),
+    [
+        pytest.param(
+            ResponseTooLarge("head over 65536 bytes", limit="max_head_bytes"),
+            "too_large",
+            "too large for the bot to read (its headers are too large)",
+            id="head",
+        ),
+        pytest.param(
+            ResponseTooLarge("9 interim heads", limit="max_interim_responses"),
+            "too_large",
+            "too large for the bot to read (too many interim answers)",
+            id="interim",
+        ),
+        pytest.param(
+            ResponseTooLarge("Content-Length 10000000000", limit="max_body_bytes"),
+            "too_large",
+            "too large for the bot to read (more than 16777216 bytes)",
+            id="content-length",
+        ),
+        pytest.param(
+            httpx.DecodingError("two content codings"),
+            "malformed",
+            "an answer the bot cannot read",
+            id="coding",
+        ),
+    ],
+)
+async def test_an_answer_the_transport_refuses_is_reported_and_not_retried(
+    refusal: Exception, kind: str, words: str
+) -> None:
+    # The server answered, with something the bot refuses: asking again gets the same.
+    calls: list[httpx.Request] = []
+
+    def handler(request: httpx.Request) -> httpx.Response:
+        calls.append(request)
+        raise refusal
+
+    values = {"base_url": "http://model.test", "model": "m", "stream": True}
+    async with ModelBackend(
+        ModelSettings.from_mapping(values), transport=httpx.MockTransport(handler), backoff=FAST
+    ) as backend:
+        with pytest.raises(ModelError) as caught:
+            await backend.reply(CHAT, message())
+    assert len(calls) == 1
+    assert caught.value.kind == kind
+    assert words in caught.value.user_message
+    assert caught.value.__cause__ is refusal
+
+
+async def test_a_broken_connection_before_any_token_is_still_retried() -> None:
+    calls: list[httpx.Request] = []
+
+    def handler(request: httpx.Request) -> httpx.Response:
+        calls.append(request)
+        if len(calls) == 1:
+            raise httpx.RemoteProtocolError("peer closed connection without a response")
+        return completion("after all")
+
+    values = {"base_url": "http://model.test", "model": "m", "stream": False}
+    async with ModelBackend(
+        ModelSettings.from_mapping(values), transport=httpx.MockTransport(handler), backoff=FAST
+    ) as backend:
+        assert await backend.reply(CHAT, message()) == "after all"
+    assert len(calls) == 2
 
 
 # -- SSE and settings ----------------------------------------------------------------------

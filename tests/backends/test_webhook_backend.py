@@ -31,6 +31,7 @@ from bot.backends.webhook import (
 )
 from bot.chats import Chat
 from bot.messages import IncomingMessage
+from matrix_api.h11_transport import ResponseTooLarge
 from matrix_api.models import EventID, RoomID
 from mini_http import HTTPRequest, Responder, serve_http
 
@@ -300,3 +301,43 @@ def test_settings_from_env() -> None:
     assert SECRET not in repr(settings)
     with pytest.raises(SettingsError, match=r"webhook\.secret .*: required"):
         webhook_settings_from_env({"WEBHOOK_URL": "https://hook.example/in"})
+
+
+REFUSED_ANSWERS = [
+    pytest.param(
+        ResponseTooLarge("head over 65536 bytes", limit="max_head_bytes"),
+        "too large for the bot to read (its headers are too large)",
+        id="head",
+    ),
+    pytest.param(
+        ResponseTooLarge("Content-Length 10000000000", limit="max_body_bytes"),
+        "too large for the bot to read (over 4194304 bytes)",
+        id="content-length",
+    ),
+    pytest.param(
+        httpx.DecodingError("unsupported Content-Encoding b'br'"),
+        "a reply the bot cannot read",
+        id="coding",
+    ),
+]
+
+
+@pytest.mark.parametrize(("refusal", "words"), REFUSED_ANSWERS)
+async def test_an_answer_the_transport_refuses_is_reported_and_not_retried(
+    refusal: Exception, words: str
+) -> None:
+    # The service answered (with something over a limit, or in a coding the bot does
+    # not read): asking again would get the same, so it is not retried.
+    calls: list[httpx.Request] = []
+
+    def handler(request: httpx.Request) -> httpx.Response:
+        calls.append(request)
+        raise refusal
+
+    settings = WebhookSettings(url="http://hook.test/", secret=SECRET)
+    async with WebhookBackend(settings, transport=httpx.MockTransport(handler)) as hook:
+        with pytest.raises(WebhookError) as caught:
+            await hook.reply(CHAT, MESSAGE)
+    assert len(calls) == 1
+    assert words in caught.value.user_message
+    assert caught.value.__cause__ is refusal
