@@ -35,8 +35,9 @@ __all__ = ["Backoff", "RetryPolicy"]
 
 # Gateways answer these when the homeserver behind them is restarting or overloaded.
 _RETRYABLE_STATUSES = frozenset({502, 503, 504})
-# 2**64 times any base is past every max_delay; a larger exponent would overflow a float
-# after about a thousand failures in a row (eight hours of a sync loop's 30 s waits).
+# The ceiling stops doubling after 64 failures (any sensible base has long reached
+# max_delay): an unbounded exponent overflows a float after 1024 failures in a row,
+# which a sync loop waiting about 45 s each time reaches in a 13-hour outage.
 _MAX_EXPONENT = 64
 
 

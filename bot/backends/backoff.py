@@ -10,6 +10,7 @@ from __future__ import annotations
 
 from collections.abc import Mapping
 
+# Re-exported: whoever configures a backend's backoff (a test, a caller) finds it here.
 from matrix_api.retry import Backoff
 from matrix_api.server_clock import seconds_until
 
