@@ -375,7 +375,7 @@ class ModelBackend(HTTPBackend):
     ) -> None:
         headers = {
             "Accept": "text/event-stream" if body["stream"] else "application/json",
-            # Decompressed by `bounded_read` a piece at a time; nothing else is read.
+            # Inflated by the transport in bounded steps, under the byte limit (http_backend.py).
             "Accept-Encoding": "gzip, deflate",
         }
         if self.settings.api_key is not None:

@@ -174,7 +174,7 @@ class WebhookBackend(HTTPBackend):
         body = json.dumps(document, ensure_ascii=False, separators=(",", ":")).encode("utf-8")
         headers = {
             "Content-Type": "application/json",
-            # Decompressed by `bounded_read` a piece at a time; nothing else is read.
+            # Inflated by the transport in bounded steps, under the byte limit (http_backend.py).
             "Accept-Encoding": "gzip, deflate",
             SIGNATURE_HEADER: sign(self.settings.secret, body),
             EVENT_ID_HEADER: event_id,
