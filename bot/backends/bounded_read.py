@@ -10,7 +10,7 @@ backends' own business:
 
 * `open_body` reads one streamed `httpx.Response` a piece at a time and stops with
   `BodyTooLarge` once more than ``max_bytes`` came, whichever layer notices first (the
-  transport's limit is the same number), so that an answer with some text already can
+  backends give the transport the same number), so that an answer with some text already can
   be cut with a note (`cut_note`, `with_note`) instead of failing. It also bounds a
   body an in-memory transport (a test's ``httpx.MockTransport``) holds whole, and
   refuses a body still compressed (a transport that inflates without a cap).
@@ -206,8 +206,9 @@ class BoundedBody:
                     self._ended = self._settled = True
                     break
                 except (ResponseTooLarge, DecodedTooLarge) as exc:
-                    # The transport's body limit (the backends set it to ``max_bytes``)
-                    # came first: the same limit, the same error.
+                    # The transport's limit on the body, as sent or inflated, came
+                    # first: the backends set it to ``max_bytes``, so it is the same
+                    # limit, and the same error.
                     raise BodyTooLarge(self.max_bytes) from exc
                 if not piece:
                     continue
@@ -256,19 +257,15 @@ class BoundedBody:
 
 
 @asynccontextmanager
-async def open_body(
-    response: httpx.Response, max_bytes: int, *, trust_length: bool = True
-) -> AsyncIterator[BoundedBody]:
+async def open_body(response: httpx.Response, max_bytes: int) -> AsyncIterator[BoundedBody]:
     """A `BoundedBody` of ``response`` (opened with ``client.stream``) for the block.
 
     Raises `UnreadableEncoding` at once when the body is still compressed (see
     `BoundedBody`). Leaving the block stops reading the body at once (call
     `BoundedBody.settle` with a drain time first to let the server finish cleanly).
-    ``trust_length`` is ignored: a ``Content-Length`` over the limit is the transport's
-    to refuse, before the body (`ResponseTooLarge`); the parameter goes once no caller
-    passes it.
+    A declared ``Content-Length`` is not looked at: the transport refuses one over its
+    own limit before the body (`ResponseTooLarge`), and the count here stops the rest.
     """
-    del trust_length
     body = BoundedBody(response, max_bytes)
     try:
         yield body

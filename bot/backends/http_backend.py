@@ -53,7 +53,12 @@ def model_limits(settings: ModelSettings) -> ResponseLimits:
 
 def webhook_limits(settings: WebhookSettings) -> ResponseLimits:
     """The webhook's replies: ``max_response_bytes`` as sent and once inflated, all of
-    it within ``timeout_s`` (the backend's own deadline for one attempt)."""
+    it within ``timeout_s`` (the backend's own deadline for one attempt).
+
+    A reply that declares a ``Content-Length`` over the limit is refused before it is
+    read, plain text included (one sent chunked is cut with a note where the limit
+    falls: `bounded_read`).
+    """
     return ResponseLimits(
         max_body_bytes=settings.max_response_bytes,
         max_decoded_bytes=settings.max_response_bytes,
@@ -65,10 +70,10 @@ def webhook_limits(settings: WebhookSettings) -> ResponseLimits:
 class HTTPBackend:
     """Owns one `httpx.AsyncClient`; the caller closes it (``async with`` or `aclose`).
 
-    Without a ``transport``, the client's is an `H11Transport` within ``limits``
-    (given None: `model_limits` or `webhook_limits` of the subclass's ``settings``,
-    else the transport's defaults). Subclasses implement ``reply_streaming`` (the
-    `StreamingBackend` protocol).
+    Without a ``transport``, the client's is an `H11Transport` within ``limits`` (the
+    subclass passes `model_limits` or `webhook_limits`; None: the transport's
+    defaults). Subclasses implement ``reply_streaming`` (the `StreamingBackend`
+    protocol).
     """
 
     def __init__(
@@ -80,23 +85,13 @@ class HTTPBackend:
         limits: ResponseLimits | None = None,
     ) -> None:
         if transport is None:
-            transport = H11Transport(limits=limits or self._default_limits())
+            transport = H11Transport(limits=limits)
         self._http = httpx.AsyncClient(
             transport=transport,
             timeout=timeout,
             headers={"User-Agent": user_agent},
             follow_redirects=False,
         )
-
-    def _default_limits(self) -> ResponseLimits | None:
-        # Until the subclasses pass ``limits`` themselves: their settings are set
-        # before they call this constructor.
-        settings = getattr(self, "settings", None)
-        if isinstance(settings, ModelSettings):
-            return model_limits(settings)
-        if isinstance(settings, WebhookSettings):
-            return webhook_limits(settings)
-        return None
 
     async def aclose(self) -> None:
         await self._http.aclose()

@@ -8,9 +8,8 @@ codings, or a slow drip. Each test checks that the call ends within its deadline
 typed failure (the transport's `ResponseLimitError` is in the error's chain), what the
 user is told, and, for the bombs, the memory it took (tracemalloc's peak).
 
-Cases refused before the body are raised by ``client.stream(...)`` itself, where the
-backend maps errors (bot/backends/model.py and webhook.py): their user message is
-checked by the tests marked ``HEAD_MAPPING`` (see /work/notes/requests-backends.md).
+Cases refused before the body are raised by ``client.stream(...)`` itself and mapped
+by the backend (bot/backends/model.py, webhook.py): reported, and not retried.
 """
 
 from __future__ import annotations
@@ -55,12 +54,6 @@ MEMORY_CEILING = 4 * 1024 * 1024
 """A call's peak of Python allocations with the limits above (an unbounded read of the
 same answers reaches hundreds of megabytes)."""
 DEADLINE_S = 10
-
-HEAD_MAPPING = pytest.mark.xfail(
-    reason="model.py/webhook.py map ResponseTooLarge and a DecodingError raised before "
-    "the body as an unreachable server, retried (requests-backends.md #1)",
-    strict=False,
-)
 
 Handler = Callable[[HTTPRequest, Responder], Awaitable[None]]
 
@@ -379,7 +372,6 @@ async def test_a_coding_the_bot_does_not_read_is_refused_before_the_body(
     assert any(isinstance(e, httpx.DecodingError) for e in chain(error)), chain(error)
 
 
-@HEAD_MAPPING
 @pytest.mark.parametrize("case", list(HEAD_CASES))
 async def test_a_hostile_head_is_reported_as_too_large_and_not_retried(case: str) -> None:
     handler, _, _ = HEAD_CASES[case]
@@ -390,7 +382,6 @@ async def test_a_hostile_head_is_reported_as_too_large_and_not_retried(case: str
     assert outcome.requests == 1
 
 
-@HEAD_MAPPING
 @pytest.mark.parametrize("handler", [gzip_gzip, brotli], ids=["gzip, gzip", "br"])
 async def test_a_coding_the_bot_does_not_read_is_reported_as_unreadable(
     handler: Handler,
@@ -412,12 +403,15 @@ async def test_an_endless_json_reply_is_too_large() -> None:
         while True:
             await out.chunk(FILLER)
 
-    error = webhook_error(await ask_webhook(endless_json))
+    outcome = await ask_webhook(endless_json)
+    error = webhook_error(outcome)
     assert error.user_message == (
         f"The assistant service sent a reply too large for the bot to read "
         f"(over {MAX_BYTES} bytes)."
     )
+    assert isinstance(error.__cause__, BodyTooLarge)
     assert limit_hit(error).limit == "max_body_bytes"
+    assert outcome.requests == 1
 
 
 async def test_a_webhook_gzip_bomb_is_too_large() -> None:
@@ -461,7 +455,6 @@ async def test_a_webhook_drip_ends_at_its_timeout() -> None:
     assert outcome.requests == 2  # a timeout is worth one more try (FAST: two in all)
 
 
-@HEAD_MAPPING
 async def test_a_webhooks_huge_content_length_is_too_large_and_not_retried() -> None:
     outcome = await ask_webhook(huge_length)
     error = webhook_error(outcome)
@@ -469,11 +462,25 @@ async def test_a_webhooks_huge_content_length_is_too_large_and_not_retried() -> 
     assert outcome.requests == 1
 
 
-async def test_a_webhooks_huge_content_length_is_refused_before_the_body() -> None:
-    outcome = await ask_webhook(huge_length)
-    hit = limit_hit(webhook_error(outcome))
+async def test_a_webhooks_plain_text_with_a_huge_length_is_refused_before_the_body() -> None:
+    """Unlike a chunked one (cut with a note), a reply that declares a length over the
+    limit is not read at all: the transport refuses its head."""
+
+    async def huge_text(request: HTTPRequest, out: Responder) -> None:
+        await out.start(200, {"Content-Type": "text/plain", "Content-Length": "10000000000"})
+        while True:
+            await out.raw(b"z" * 65536)
+
+    outcome = await ask_webhook(huge_text)
+    error = webhook_error(outcome)
+    assert error.user_message == (
+        f"The assistant service sent a reply too large for the bot to read "
+        f"(over {MAX_BYTES} bytes)."
+    )
+    hit = limit_hit(error)
     assert isinstance(hit, ResponseTooLarge)
     assert hit.limit == "max_body_bytes"
+    assert outcome.requests == 1
 
 
 # -- what the backends build ----------------------------------------------------------
