@@ -336,17 +336,21 @@ def _print_burst(label: str, round_number: int, outcome: Outcome, messages: int)
     latencies = outcome.clock.latencies()
     p95s = outcome.room_p95s()
     spread = f"{p95s[0]:.2f}-{p95s[-1]:.2f}" if p95s else "-"
+    per = outcome.answered or messages  # a burst cut short: per message answered
     print(
         f"{label:<22}{round_number:>6}{f'{outcome.answered}/{messages}':>10}"
         f"{outcome.replies_per_s():>11.1f}{_percentile(latencies, 0.5):>8.2f}"
         f"{_percentile(latencies, 0.95):>8.2f}{_percentile(latencies, 1.0):>8.2f}"
-        f"{spread:>18}{outcome.cpu_s / messages * 1000:>10.2f}{outcome.requests:>9.2f}"
+        f"{spread:>18}{outcome.cpu_s / per * 1000:>10.2f}{outcome.requests:>9.2f}"
         f"{os.getloadavg()[0]:>6.1f}",
         flush=True,
     )
     notes = []
     if outcome.timed_out:
-        notes.append(f"TIMED OUT: {outcome.answered} of {messages} answered")
+        # The store is shared, so the next start answers what is left first.
+        notes.append(
+            f"TIMED OUT: {outcome.answered} of {messages} answered; the rest load the next scenario"
+        )
     if outcome.error:
         notes.append(f"FAILED: {outcome.error}")
     if outcome.clock.duplicates:
@@ -381,7 +385,8 @@ def burst_scenario(
     finally:
         stopped = _stop(process)
     if stopped is not None and "requests" in stopped and "startup_requests" in ready:
-        outcome.requests = (stopped["requests"] - ready["startup_requests"]) / messages
+        requests = stopped["requests"] - ready["startup_requests"]
+        outcome.requests = requests / (outcome.answered or messages)
     return outcome
 
 
