@@ -14,7 +14,7 @@ file. Every problem is reported at once, each naming the setting it is about:
     allowed_users = ["@alice:example.org", ":example.org"]   # BOT_ALLOWED_USERS (comma-separated)
     admins = ["@ops:example.org"]              # BOT_ADMINS
     command_prefix = "!"                       # BOT_COMMAND_PREFIX
-    workers = 4                                # BOT_WORKERS
+    max_concurrent_answers = 16                # BOT_MAX_CONCURRENT_ANSWERS
     drain_timeout_s = 10                       # BOT_DRAIN_TIMEOUT_S
     backend = "echo"                           # BOT_BACKEND: echo | model | webhook
     backend_timeout_s = 300                    # BOT_BACKEND_TIMEOUT_S
@@ -91,7 +91,8 @@ class Settings:
     allowed: AllowList = AllowList()
     admins: frozenset[str] = frozenset()
     command_prefix: str = "!"
-    workers: int = 4
+    max_concurrent_answers: int = 16
+    """Backend calls at once, across all rooms (each room has its own lane)."""
     drain_timeout_s: float = 10.0
     backend: str = "echo"
     backend_timeout_s: float = 300.0
@@ -119,7 +120,7 @@ _ENV = {
     ("bot", "allowed_users"): "BOT_ALLOWED_USERS",
     ("bot", "admins"): "BOT_ADMINS",
     ("bot", "command_prefix"): "BOT_COMMAND_PREFIX",
-    ("bot", "workers"): "BOT_WORKERS",
+    ("bot", "max_concurrent_answers"): "BOT_MAX_CONCURRENT_ANSWERS",
     ("bot", "drain_timeout_s"): "BOT_DRAIN_TIMEOUT_S",
     ("bot", "backend"): "BOT_BACKEND",
     ("bot", "backend_timeout_s"): "BOT_BACKEND_TIMEOUT_S",
@@ -128,6 +129,14 @@ _ENV = {
     ("logging", "format"): "BOT_LOG_FORMAT",
 }
 _LISTS = {("bot", "allowed_users"), ("bot", "admins")}
+# Settings that once were, with what to set instead: naming one is a problem, so
+# that an operator is not left believing it still does something.
+_RETIRED = {
+    ("bot", "workers", "BOT_WORKERS"): (
+        "no longer used: each room has its own lane now; "
+        "bot.max_concurrent_answers (BOT_MAX_CONCURRENT_ANSWERS) bounds the backend calls"
+    ),
+}
 
 
 def load_settings(
@@ -143,6 +152,9 @@ def load_settings(
     problems: list[str] = []
     if config_path is not None:
         raw.update(_read_toml(config_path, problems, tables))
+    for (_, _, var), instead in _RETIRED.items():
+        if env.get(var):
+            problems.append(f"{var}: {instead}")
     for key, var in _ENV.items():
         value = env.get(var)
         if value is None or value == "":
@@ -194,6 +206,10 @@ def _read_toml(
             tables[section] = table
             continue
         for key, value in table.items():
+            retired = [text for (s, k, _), text in _RETIRED.items() if (s, k) == (section, key)]
+            if retired:
+                problems.append(f"{section}.{key}: {retired[0]}")
+                continue
             if (section, key) not in _ENV:
                 problems.append(f"{section}.{key}: unknown setting")
                 continue
@@ -296,9 +312,9 @@ def _validate(raw: dict[tuple[str, str], Any], problems: list[str]) -> Settings 
     prefix = text(("bot", "command_prefix")) or "!"
     if len(prefix) > 8 or any(c.isspace() for c in prefix):
         problems.append(f"{_name(('bot', 'command_prefix'))}: 1-8 characters, no spaces")
-    workers = number(("bot", "workers"), 4, 1, 64)
-    if workers != int(workers):
-        problems.append(f"{_name(('bot', 'workers'))}: expected a whole number")
+    answers = number(("bot", "max_concurrent_answers"), 16, 1, 1024)
+    if answers != int(answers):
+        problems.append(f"{_name(('bot', 'max_concurrent_answers'))}: expected a whole number")
     drain = number(("bot", "drain_timeout_s"), 10.0, 0, 600)
     backend_timeout = number(("bot", "backend_timeout_s"), 300.0, 1, 3600)
     max_parts = number(("bot", "max_reply_parts"), 16, 1, 1000)
@@ -326,7 +342,7 @@ def _validate(raw: dict[tuple[str, str], Any], problems: list[str]) -> Settings 
         allowed=AllowList(frozenset(users), frozenset(servers)),
         admins=frozenset(admins),
         command_prefix=prefix,
-        workers=int(workers),
+        max_concurrent_answers=int(answers),
         drain_timeout_s=drain,
         backend=backend,
         backend_timeout_s=backend_timeout,

@@ -1,16 +1,19 @@
-"""The worker pool: per-room order, rooms in parallel, one job's failure its own.
+"""Per-room lanes: each room's jobs in order, no room waiting for another, one job's
+failure its own.
 
-Each room is pinned to one worker (a stable hash of its id), so a room's events are
-handled strictly in inbox order while other rooms proceed on other workers. Jobs
-come from the inbox and leave it only when the handler records them; the queues
-here hold nothing that is not also in the store, so stopping at any point is safe.
+A room with work has a lane: a queue and the one task that handles it, strictly in
+inbox order, one job at a time. The lane ends when its queue is empty, so a quiet
+room costs nothing. Rooms never wait for each other here; what they share (the
+backend, the homeserver) is bounded where it is used, by limiters that serve their
+waiters in turn (`MessageHandler`, `matrix_api`). Jobs come from the inbox and leave
+it only when the handler records them; the lanes hold nothing that is not also in
+the store, so stopping at any point is safe.
 """
 
 from __future__ import annotations
 
 import enum
-import math
-import zlib
+from collections import deque
 from collections.abc import Iterable
 from typing import Protocol
 
@@ -115,27 +118,29 @@ def is_transient(error: Exception) -> bool:
 
 
 class Dispatcher:
-    """Feeds inbox items to ``workers`` worker tasks; owns those tasks.
+    """Runs a lane per room with work; owns the lanes' tasks.
 
-    `submit` never blocks (the queues are in memory and mirror the durable inbox).
-    `run` returns when `stop` was called and every worker has finished the job it
-    was doing; queued jobs stay in the inbox for the next start.
+    `submit` never blocks (the lanes are in memory and mirror the durable inbox).
+    `run` returns when `stop` was called and every lane has finished the job it was
+    doing; queued jobs stay in the inbox for the next start.
     """
 
-    def __init__(
-        self, handler: JobHandler, workers: int, *, backoff: Backoff = JOB_BACKOFF
-    ) -> None:
+    def __init__(self, handler: JobHandler, *, backoff: Backoff = JOB_BACKOFF) -> None:
         self._handler = handler
         self._backoff = backoff
-        self._channels = [trio.open_memory_channel[InboxItem](math.inf) for _ in range(workers)]
+        self._lanes: dict[str, deque[InboxItem]] = {}
+        self._lane_tasks: trio.Nursery | None = None
         self._queued: set[str] = set()
         self._resumed: set[str] = set()
         self._stopping = False
+        self._stopped = trio.Event()
         self._unread: dict[str, str] = {}
         self._receipts_due = trio.Event()
 
-    def shard(self, room_id: str) -> int:
-        return zlib.crc32(room_id.encode()) % len(self._channels)
+    @property
+    def busy_rooms(self) -> int:
+        """Rooms with a lane: a job in hand or waiting."""
+        return len(self._lanes)
 
     def submit(self, items: Iterable[InboxItem], *, resumed: bool = False) -> None:
         """Queue ``items``; ``resumed`` when an earlier run left them in the inbox."""
@@ -145,39 +150,48 @@ class Dispatcher:
             self._queued.add(item.event_id)
             if resumed:
                 self._resumed.add(item.event_id)
-            send, _ = self._channels[self.shard(item.room_id)]
-            send.send_nowait(item)
+            lane = self._lanes.get(item.room_id)
+            if lane is None:
+                lane = self._lanes[item.room_id] = deque()
+                if self._lane_tasks is not None:
+                    self._lane_tasks.start_soon(self._lane, item.room_id, lane)
+            lane.append(item)
 
     def stop(self) -> None:
-        """Take no new jobs; workers finish the job in hand and return."""
+        """Take no new jobs; lanes finish the job in hand and end."""
         self._stopping = True
-        for send, _ in self._channels:
-            send.close()
+        self._stopped.set()
 
     async def run(self, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
         async with trio.open_nursery() as nursery:
             nursery.start_soon(self._send_receipts_every, RECEIPT_DELAY_S)
-            async with trio.open_nursery() as workers:
-                for index, (_, receive) in enumerate(self._channels):
-                    workers.start_soon(self._worker, index, receive)
+            async with trio.open_nursery() as lanes:
+                self._lane_tasks = lanes
+                for room_id, lane in self._lanes.items():  # submitted before the start
+                    lanes.start_soon(self._lane, room_id, lane)
                 task_status.started()
+                await self._stopped.wait()
+            self._lane_tasks = None
             nursery.cancel_scope.cancel()
         # The last receipts, within whatever drain deadline the caller set.
         await self._send_receipts()
 
-    async def _worker(self, index: int, receive: trio.MemoryReceiveChannel[InboxItem]) -> None:
-        async with receive:
-            async for item in receive:
-                if self._stopping:
-                    return
+    async def _lane(self, room_id: str, lane: deque[InboxItem]) -> None:
+        try:
+            while lane and not self._stopping:
+                item = lane[0]
                 outcome = await self._run_job(item)
+                lane.popleft()
                 self._queued.discard(item.event_id)
                 if outcome is _Outcome.ANSWERED:
-                    self._unread.pop(item.room_id, None)
+                    self._unread.pop(room_id, None)
                 elif outcome is _Outcome.HANDLED:
-                    self._unread[item.room_id] = item.event_id
+                    self._unread[room_id] = item.event_id
                     self._receipts_due.set()
-        log.debug("worker_stopped", worker=index)
+        finally:
+            # No checkpoint since the queue was last seen empty: nothing was added
+            # that this lane would leave behind. A stopped lane's jobs stay in the inbox.
+            del self._lanes[room_id]
 
     async def _send_receipts_every(self, delay: float) -> None:
         # Receipts are batched: one per room per ``delay`` at most, not one per message.

@@ -71,6 +71,11 @@ class MessageHandler:
         self._backend_timeout_s = (
             None if getattr(backend, "instant", False) else settings.backend_timeout_s
         )
+        # Shared by every room's lane, served in turn (trio's limiter is first come,
+        # first served): rooms with work take turns at the backend, and nothing else
+        # (commands, notices, Matrix sends) waits for it. An instant backend waits on
+        # nothing and takes no slot.
+        self._answer_slots = trio.CapacityLimiter(settings.max_concurrent_answers)
         self._invites = InviteHandler(client, store, settings)
         self._bot = settings.user_id
 
@@ -184,9 +189,11 @@ class MessageHandler:
         """The backend's reply, or None when it took longer than allowed."""
         if self._backend_timeout_s is None:
             return await self._backend.reply(chat, message)
-        # A bare cancel scope: `fail_after` wraps one in a generator, per message.
-        with trio.move_on_after(self._backend_timeout_s):
-            return await self._backend.reply(chat, message)
+        # The timeout is the backend's own time, not the wait for a slot.
+        async with self._answer_slots:
+            # A bare cancel scope: `fail_after` wraps one in a generator, per message.
+            with trio.move_on_after(self._backend_timeout_s):
+                return await self._backend.reply(chat, message)
         return None
 
     async def _answer_in_conversation(
@@ -222,10 +229,11 @@ class MessageHandler:
             max_parts=self._settings.max_reply_parts,
         ) as sink:
             try:
-                with trio.fail_after(self._settings.backend_timeout_s):
-                    text = await backend.reply_streaming(
-                        chat, message, context, sink, overrides=overrides
-                    )
+                async with self._answer_slots:
+                    with trio.fail_after(self._settings.backend_timeout_s):
+                        text = await backend.reply_streaming(
+                            chat, message, context, sink, overrides=overrides
+                        )
             except (BackendError, trio.TooSlowError) as exc:
                 user_message = (
                     exc.user_message if isinstance(exc, BackendError) else BACKEND_TIMEOUT_NOTICE

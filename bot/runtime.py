@@ -1,14 +1,14 @@
-"""The service's one nursery: bootstrap, then the sync loop and the dispatch workers.
+"""The service's one nursery: bootstrap, then the sync loop and the room lanes.
 
 Order is the point. `BotRuntime.run` first awaits the bootstrap task
 (``nursery.start``), which authenticates, does the initial full-state sync,
 reconciles the store against the server's markers, logs
 ``matrix_reconcile_complete``, and commits the events the initial sync carried.
-Only after it reports started do the dispatch workers and the long-polling sync
+Only after it reports started do the dispatcher's room lanes and the long-polling sync
 loop exist at all, so nothing can take a message against a half-restored chat map.
 
 Shutdown (`request_stop`, wired to SIGINT/SIGTERM by the CLI): the sync loop is
-cancelled, workers take no new job and finish the one in hand within the drain
+cancelled, lanes take no new job and finish the one in hand within the drain
 deadline; whatever is still queued stays in the durable inbox.
 """
 
@@ -98,7 +98,7 @@ class BotRuntime:
         _, self._long_poll_filter = sync_filters(settings.user_id)
         self._long_poll_filter_id: FilterID | None = None
         self._handler = MessageHandler(client, store, settings, backend)
-        self._dispatcher = Dispatcher(self._handler, settings.workers)
+        self._dispatcher = Dispatcher(self._handler)
         self._stop = stop if stop is not None else trio.Event()
         self._sync_backoff_policy = replace(SYNC_BACKOFF, rng=rng or random.Random())
 
@@ -135,7 +135,7 @@ class BotRuntime:
                 user_id=self.settings.user_id,
                 chats=len(self._store.chats()),
                 pending=len(pending),
-                workers=self.settings.workers,
+                max_concurrent_answers=self.settings.max_concurrent_answers,
                 startup_requests=self._client.requests_sent,
             )
             task_status.started()

@@ -46,7 +46,6 @@ def bot_settings(
         device_id=bot_user.device_id,
         store_path=store_path,
         allowed=AllowList(servers=frozenset({synapse.server_name})),
-        workers=2,
         drain_timeout_s=5.0,
     )
     return replace(settings, **overrides)

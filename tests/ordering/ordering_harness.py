@@ -62,7 +62,6 @@ def make_settings(tmp_path: Path) -> Settings:
         access_token="tok",
         store_path=tmp_path / "s.sqlite3",
         allowed=AllowList(servers=frozenset({"hs.test"})),
-        workers=2,
         drain_timeout_s=5,
     )
 

@@ -40,7 +40,7 @@ async def test_messages_from_the_initial_sync_are_answered_after_reconciliation_
     ]
     hs.add_room(A, marker=marker_content(a), timeline=timeline_a)
     hs.add_room(B, marker=marker_content(b), timeline=timeline_b)
-    # Slow sends: the two rooms' answers overlap in time when they are on different workers.
+    # Slow sends: the two rooms' answers overlap in time, each room in its own lane.
     hs.delays["send"] = 1.0
 
     async with running_bot(settings, hs) as bot:

@@ -1,5 +1,5 @@
 """Start-up order: initial sync, then reconciliation (once), then ready, then the sync loop and
-the workers; nothing takes a message against a half-restored chat map (issue items 1 and 2)."""
+the lanes; nothing takes a message against a half-restored chat map (issue items 1 and 2)."""
 
 from __future__ import annotations
 
@@ -57,7 +57,7 @@ async def test_initial_sync_then_one_reconciliation_then_ready_then_sync_loop_an
     # Before reconciliation completed: authentication and the initial sync, nothing else.
     before = [call.endpoint for call in hs.calls if not call.after_log(reconciled)]
     assert before == ["whoami", "initial_sync"]
-    # The sync loop and the workers only exist after the bot said it was ready.
+    # The sync loop and the lanes only exist after the bot said it was ready.
     long_polls, sends = hs.of("long_poll"), hs.of("send")
     assert long_polls
     assert sends
@@ -73,7 +73,7 @@ async def test_slow_reconciliation_holds_back_the_sync_loop_and_the_pending_inbo
     logs: Logs,
     settings: Settings,
 ) -> None:
-    """Fails if the sync loop or the workers started before reconciliation finished: the
+    """Fails if the sync loop or the lanes started before reconciliation finished: the
     confirming joined_rooms request takes 30 virtual seconds, and nothing may overtake it."""
     home = chat("c_home", HOME)
     # GONE is in the store but not in the initial sync: reconciliation asks joined_rooms.

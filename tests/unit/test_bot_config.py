@@ -84,7 +84,7 @@ def test_defaults_apply_to_what_is_not_set() -> None:
     assert settings.store_path == Path("surfaces-bot.sqlite3")
     assert settings.admins == frozenset()
     assert settings.command_prefix == "!"
-    assert settings.workers == 4
+    assert settings.max_concurrent_answers == 16
     assert settings.drain_timeout_s == 10.0
     assert settings.backend == "echo"
     assert settings.log_level == "info"
@@ -96,16 +96,32 @@ def test_without_environ_the_process_environment_is_read(
 ) -> None:
     for name, value in MINIMAL_ENV.items():
         monkeypatch.setenv(name, value)
-    monkeypatch.setenv("BOT_WORKERS", "7")
+    monkeypatch.setenv("BOT_MAX_CONCURRENT_ANSWERS", "7")
 
-    assert load_settings().workers == 7
+    assert load_settings().max_concurrent_answers == 7
+
+
+def test_the_retired_workers_setting_says_what_replaced_it(tmp_path: Path) -> None:
+    config = tmp_path / "bot.toml"
+    config.write_text("[bot]\nworkers = 4\n")
+
+    with pytest.raises(ConfigError) as from_file:
+        load_settings(config, MINIMAL_ENV)
+    with pytest.raises(ConfigError) as from_env:
+        load_settings(None, {**MINIMAL_ENV, "BOT_WORKERS": "4"})
+
+    assert from_file.value.problems == [
+        "bot.workers: no longer used: each room has its own lane now; "
+        "bot.max_concurrent_answers (BOT_MAX_CONCURRENT_ANSWERS) bounds the backend calls"
+    ]
+    assert from_env.value.problems[0].startswith("BOT_WORKERS: no longer used")
 
 
 def test_settings_are_frozen() -> None:
     settings = load_settings(None, MINIMAL_ENV)
 
     with pytest.raises(dataclasses.FrozenInstanceError):
-        settings.workers = 9  # type: ignore[misc]
+        settings.max_concurrent_answers = 9  # type: ignore[misc]
 
 
 # --- the file and the environment ----------------------------------------------------
@@ -124,7 +140,7 @@ def test_a_file_alone_is_enough(tmp_path: Path) -> None:
         allowed_users = ["@alice:example.org", ":example.com"]
         admins = ["@ops:example.org"]
         command_prefix = "?"
-        workers = 2
+        max_concurrent_answers = 2
         drain_timeout_s = 2.5
 
         [logging]
@@ -141,7 +157,7 @@ def test_a_file_alone_is_enough(tmp_path: Path) -> None:
     assert settings.allowed.servers == {"example.com"}
     assert settings.admins == {"@ops:example.org"}
     assert settings.command_prefix == "?"
-    assert settings.workers == 2
+    assert settings.max_concurrent_answers == 2
     assert settings.drain_timeout_s == 2.5
     assert settings.log_level == "debug"
     assert settings.log_format == "json"
@@ -159,7 +175,7 @@ def test_the_environment_wins_over_the_file(tmp_path: Path) -> None:
 
         [bot]
         allowed_users = ["@alice:example.org"]
-        workers = 2
+        max_concurrent_answers = 2
         """,
     )
 
@@ -169,7 +185,7 @@ def test_the_environment_wins_over_the_file(tmp_path: Path) -> None:
             "MATRIX_HOMESERVER": "https://env.example.org",
             "MATRIX_ACCESS_TOKEN": "env-token",
             "BOT_ALLOWED_USERS": "@carol:example.org",
-            "BOT_WORKERS": "8",
+            "BOT_MAX_CONCURRENT_ANSWERS": "8",
             # An empty variable does not count as set: the file's value stays.
             "MATRIX_DEVICE_ID": "",
         },
@@ -178,7 +194,7 @@ def test_the_environment_wins_over_the_file(tmp_path: Path) -> None:
     assert settings.homeserver == "https://env.example.org"
     assert settings.access_token == "env-token"
     assert settings.allowed.users == {"@carol:example.org"}
-    assert settings.workers == 8
+    assert settings.max_concurrent_answers == 8
     assert settings.user_id == "@bot:example.org"  # only in the file
     assert settings.device_id == "FILEDEVICE"
 
@@ -232,7 +248,10 @@ def test_a_file_that_is_not_toml_is_a_config_error(tmp_path: Path) -> None:
         ('[bot]\nallowed_users = "@alice:example.org"', "bot.allowed_users (BOT_ALLOWED_USERS)"),
         ("[bot]\nallowed_users = [1, 2]", "bot.allowed_users (BOT_ALLOWED_USERS)"),
         ('[bot]\nadmins = "@ops:example.org"', "bot.admins (BOT_ADMINS)"),
-        ('[bot]\nworkers = "four"', "bot.workers (BOT_WORKERS)"),
+        (
+            '[bot]\nmax_concurrent_answers = "four"',
+            "bot.max_concurrent_answers (BOT_MAX_CONCURRENT_ANSWERS)",
+        ),
         ("[bot]\nstore_path = 5", "bot.store_path (BOT_STORE_PATH)"),
         ("[matrix]\ndevice_id = 12", "matrix.device_id (MATRIX_DEVICE_ID)"),
     ],
@@ -249,7 +268,10 @@ def test_a_wrongly_typed_file_value_names_its_setting(
 @pytest.mark.parametrize(
     ("toml", "setting"),
     [
-        ("[bot]\nworkers = true", "bot.workers (BOT_WORKERS)"),
+        (
+            "[bot]\nmax_concurrent_answers = true",
+            "bot.max_concurrent_answers (BOT_MAX_CONCURRENT_ANSWERS)",
+        ),
         ("[bot]\ndrain_timeout_s = false", "bot.drain_timeout_s (BOT_DRAIN_TIMEOUT_S)"),
     ],
 )
@@ -291,11 +313,11 @@ def test_nothing_set_reports_every_required_setting_at_once() -> None:
         ("BOT_ADMINS", ":example.org", "bot.admins"),
         ("BOT_COMMAND_PREFIX", "a b", "bot.command_prefix"),
         ("BOT_COMMAND_PREFIX", "ninechars", "bot.command_prefix"),
-        ("BOT_WORKERS", "0", "bot.workers"),
-        ("BOT_WORKERS", "65", "bot.workers"),
-        ("BOT_WORKERS", "2.5", "bot.workers"),
-        ("BOT_WORKERS", "many", "bot.workers"),
-        ("BOT_WORKERS", "nan", "bot.workers"),
+        ("BOT_MAX_CONCURRENT_ANSWERS", "0", "bot.max_concurrent_answers"),
+        ("BOT_MAX_CONCURRENT_ANSWERS", "1025", "bot.max_concurrent_answers"),
+        ("BOT_MAX_CONCURRENT_ANSWERS", "2.5", "bot.max_concurrent_answers"),
+        ("BOT_MAX_CONCURRENT_ANSWERS", "many", "bot.max_concurrent_answers"),
+        ("BOT_MAX_CONCURRENT_ANSWERS", "nan", "bot.max_concurrent_answers"),
         ("BOT_DRAIN_TIMEOUT_S", "-1", "bot.drain_timeout_s"),
         ("BOT_DRAIN_TIMEOUT_S", "601", "bot.drain_timeout_s"),
         ("BOT_DRAIN_TIMEOUT_S", "soon", "bot.drain_timeout_s"),
@@ -320,7 +342,7 @@ def test_every_problem_is_reported_at_once() -> None:
             "MATRIX_HOMESERVER": "not a url",
             "MATRIX_USER_ID": "nobody",
             "BOT_ALLOWED_USERS": "alice",
-            "BOT_WORKERS": "0",
+            "BOT_MAX_CONCURRENT_ANSWERS": "0",
             "BOT_LOG_FORMAT": "xml",
         },
     )
@@ -331,7 +353,7 @@ def test_every_problem_is_reported_at_once() -> None:
         "matrix.user_id",
         "matrix.access_token",
         "bot.allowed_users",
-        "bot.workers",
+        "bot.max_concurrent_answers",
         "logging.format",
     ]
 
@@ -348,7 +370,10 @@ def test_a_blank_token_is_invalid_and_does_not_count_as_given() -> None:
 
 def test_a_config_error_never_shows_the_secrets() -> None:
     with pytest.raises(ConfigError) as caught:
-        load_settings(None, env(MATRIX_USER_ID="nobody", MATRIX_PASSWORD=PASSWORD, BOT_WORKERS="x"))
+        load_settings(
+            None,
+            env(MATRIX_USER_ID="nobody", MATRIX_PASSWORD=PASSWORD, BOT_MAX_CONCURRENT_ANSWERS="x"),
+        )
 
     assert TOKEN not in str(caught.value)
     assert PASSWORD not in str(caught.value)

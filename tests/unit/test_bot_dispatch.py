@@ -148,7 +148,6 @@ class Handler:
 
 async def run_until(
     handler: Handler,
-    workers: int,
     items: Sequence[InboxItem],
     condition: Callable[[], bool],
     then: Callable[[Dispatcher], Awaitable[None]] | None = None,
@@ -161,7 +160,7 @@ async def run_until(
     The ``resumed`` items go first, as ones an earlier run left in the inbox. Every
     backoff is its longest unless ``backoff`` says otherwise.
     """
-    dispatcher = Dispatcher(handler, workers, backoff=backoff)
+    dispatcher = Dispatcher(handler, backoff=backoff)
     async with trio.open_nursery() as nursery:
         await nursery.start(dispatcher.run)
         dispatcher.submit(resumed, resumed=True)
@@ -182,14 +181,8 @@ def idle(seconds: float) -> Callable[[Dispatcher], Awaitable[None]]:
     return wait
 
 
-def rooms_on_distinct_workers(dispatcher: Dispatcher, count: int) -> list[str]:
-    rooms: dict[int, str] = {}
-    index = 0
-    while len(rooms) < count:
-        room = f"!room{index}:example.org"
-        rooms.setdefault(dispatcher.shard(room), room)
-        index += 1
-    return list(rooms.values())
+def room_ids(count: int) -> list[str]:
+    return [f"!room{index}:example.org" for index in range(count)]
 
 
 def assert_in_order_without_overlap(handler: Handler, items: Sequence[InboxItem]) -> None:
@@ -209,11 +202,11 @@ def assert_in_order_without_overlap(handler: Handler, items: Sequence[InboxItem]
 
 async def test_rooms_run_in_parallel_each_in_order(autojump_clock: trio.abc.Clock) -> None:
     handler = Handler(duration=1.0)
-    a, b, c = rooms_on_distinct_workers(Dispatcher(handler, 3), 3)
+    a, b, c = room_ids(3)
     items = [item(seq, room) for seq, room in enumerate([a, b, c, a, b, c, a, b, c])]
 
     t0 = trio.current_time()
-    await run_until(handler, 3, items, lambda: len(handler.done) == 9)
+    await run_until(handler, items, lambda: len(handler.done) == 9)
 
     assert_in_order_without_overlap(handler, items)
     assert trio.current_time() - t0 == 3.0  # three rooms side by side, not nine jobs in a row
@@ -221,13 +214,13 @@ async def test_rooms_run_in_parallel_each_in_order(autojump_clock: trio.abc.Cloc
     assert set(firsts.values()) == {t0}
 
 
-async def test_many_rooms_on_few_workers_keep_their_order(autojump_clock: trio.abc.Clock) -> None:
+async def test_many_rooms_keep_their_order(autojump_clock: trio.abc.Clock) -> None:
     rng = random.Random(7)
     rooms = [f"!r{i}:example.org" for i in range(7)]
     items = [item(seq, rng.choice(rooms)) for seq in range(60)]
     handler = Handler(durations={it.event_id: rng.choice([0.1, 0.5, 2.0]) for it in items})
 
-    await run_until(handler, 3, items, lambda: len(handler.done) == 60)
+    await run_until(handler, items, lambda: len(handler.done) == 60)
 
     assert_in_order_without_overlap(handler, items)
 
@@ -242,7 +235,7 @@ async def test_items_submitted_later_still_queue_behind_their_room(
         await handler.until(lambda: len(handler.done) == 3)
 
     items = [item(1, "!a:x")]
-    await run_until(handler, 4, items, lambda: bool(handler.attempts), then=submit_more)
+    await run_until(handler, items, lambda: bool(handler.attempts), then=submit_more)
 
     assert_in_order_without_overlap(handler, [*items, item(2, "!a:x"), item(3, "!a:x")])
 
@@ -253,17 +246,17 @@ async def test_an_item_already_queued_is_not_queued_twice(
     handler = Handler()
     items = [item(1, "!a:x"), item(2, "!a:x"), item(2, "!a:x"), item(1, "!a:x")]
 
-    await run_until(handler, 2, items, lambda: len(handler.done) == 2, then=idle(10))
+    await run_until(handler, items, lambda: len(handler.done) == 2, then=idle(10))
 
     assert handler.done_ids() == ["$e1", "$e2"]
 
 
 async def test_read_receipts_are_batched_per_room(autojump_clock: trio.abc.Clock) -> None:
     handler = Handler(duration=1.0)
-    a, b = rooms_on_distinct_workers(Dispatcher(handler, 2), 2)
+    a, b = room_ids(2)
     items = [item(seq, room) for seq, room in enumerate([a, b] * 6)]
 
-    await run_until(handler, 2, items, lambda: len(handler.done) == 12)
+    await run_until(handler, items, lambda: len(handler.done) == 12)
 
     for room in (a, b):
         receipts = [eid for r, eid in handler.read if r == room]
@@ -278,11 +271,11 @@ async def test_a_slow_flush_sends_each_room_once(autojump_clock: trio.abc.Clock)
     # Receipts slower than messages: while one room's receipt is on its way, the
     # others move on. They wait for the next flush instead of joining this one.
     handler = Handler(duration=0.25, mark_read_duration=0.5)
-    rooms = rooms_on_distinct_workers(Dispatcher(handler, 2), 2)
+    rooms = room_ids(2)
     items = [item(seq, room) for seq, room in enumerate(rooms * 80)]
 
     t0 = trio.current_time()
-    await run_until(handler, 2, items, lambda: len(handler.done) == len(items))
+    await run_until(handler, items, lambda: len(handler.done) == len(items))
 
     elapsed = trio.current_time() - t0
     flushes = math.ceil(elapsed / RECEIPT_DELAY_S) + 1  # the last one at stop
@@ -296,7 +289,7 @@ async def test_the_last_receipts_are_sent_at_stop(autojump_clock: trio.abc.Clock
     handler = Handler(duration=1.0)
     t0 = trio.current_time()
 
-    await run_until(handler, 1, [item(1, "!a:x")], lambda: bool(handler.done))
+    await run_until(handler, [item(1, "!a:x")], lambda: bool(handler.done))
 
     assert handler.read == [("!a:x", "$e1")]
     assert trio.current_time() - t0 == 1.0  # stopping did not wait for the batch delay
@@ -309,7 +302,7 @@ async def test_a_message_answered_by_a_reply_gets_no_receipt(
     handler = Handler(duration=1.0, answered={"$e1", "$e2", "$e4"})
     items = [item(1, "!a:x"), item(2, "!a:x"), item(3, "!b:x"), item(4, "!b:x")]
 
-    await run_until(handler, 1, items, lambda: len(handler.done) == 4, then=idle(30))
+    await run_until(handler, items, lambda: len(handler.done) == 4, then=idle(30))
 
     # !b:x's ignored $e3 is covered by the reply to $e4, which came after it.
     assert handler.read == []
@@ -321,7 +314,7 @@ async def test_a_message_handled_without_reply_after_the_last_reply_gets_a_recei
     handler = Handler(duration=1.0, answered={"$e1", "$e3"})
     items = [item(1, "!a:x"), item(2, "!a:x"), item(3, "!a:x"), item(4, "!a:x")]
 
-    await run_until(handler, 1, items, lambda: len(handler.done) == 4, then=idle(30))
+    await run_until(handler, items, lambda: len(handler.done) == 4, then=idle(30))
 
     assert handler.read == [("!a:x", "$e4")]
 
@@ -339,7 +332,7 @@ async def test_a_job_given_up_with_a_notice_gets_no_receipt(
     )
     items = [item(1, "!a:x"), item(2, "!b:x")]
 
-    await run_until(handler, 1, items, lambda: len(handler.gave_up) == 2, then=idle(30))
+    await run_until(handler, items, lambda: len(handler.gave_up) == 2, then=idle(30))
 
     # $e1's failure notice answers it; $e2's could not be sent.
     assert handler.read == [("!b:x", "$e2")]
@@ -353,7 +346,7 @@ async def test_a_failed_read_receipt_is_not_fatal(autojump_clock: trio.abc.Clock
         await handler.until(lambda: len(handler.read) == 2)
 
     with capture_logs() as logs:
-        await run_until(handler, 1, [item(1, "!a:x")], lambda: bool(handler.read), then=more)
+        await run_until(handler, [item(1, "!a:x")], lambda: bool(handler.read), then=more)
 
     assert handler.done_ids() == ["$e1", "$e2"]
     assert "read_receipt_failed" in [entry["event"] for entry in logs]
@@ -365,7 +358,7 @@ async def test_a_rate_limit_is_retried_no_sooner_than_the_server_asked(
     limited = LimitExceeded(429, "M_LIMIT_EXCEEDED", "slow down", retry_after=120.0)
     handler = Handler(duration=0.0, failures={"$e1": [limited]})
 
-    await run_until(handler, 2, [item(1, "!a:x")], lambda: bool(handler.read))
+    await run_until(handler, [item(1, "!a:x")], lambda: bool(handler.read))
 
     first, second = handler.attempts["$e1"]
     assert second - first == 120.0
@@ -381,7 +374,7 @@ async def test_a_rate_limit_shorter_than_the_backoff_waits_the_backoff(
     limited = LimitExceeded(429, "M_LIMIT_EXCEEDED", "slow down", retry_after=retry_after)
     handler = Handler(duration=0.0, failures={"$e1": [limited] * 3})
 
-    await run_until(handler, 1, [item(1, "!a:x")], lambda: bool(handler.done), backoff=SHORTEST)
+    await run_until(handler, [item(1, "!a:x")], lambda: bool(handler.done), backoff=SHORTEST)
 
     times = handler.attempts["$e1"]
     assert [b - a for a, b in itertools.pairwise(times)] == [1.0, 2.0, 4.0]
@@ -396,7 +389,7 @@ async def test_a_rate_limit_longer_than_an_hour_gives_the_job_up(
     t0 = trio.current_time()
 
     with capture_logs() as logs:
-        await run_until(handler, 1, [item(1, "!a:x")], lambda: bool(handler.gave_up))
+        await run_until(handler, [item(1, "!a:x")], lambda: bool(handler.gave_up))
 
     assert trio.current_time() == t0
     assert handler.attempts["$e1"] == [t0]
@@ -426,7 +419,7 @@ async def test_a_transient_error_is_retried_after_a_backoff(
     handler = Handler(duration=0.0, failures={"$e1": [error]})
 
     with capture_logs() as logs:
-        await run_until(handler, 2, [item(1, "!a:x")], lambda: bool(handler.read))
+        await run_until(handler, [item(1, "!a:x")], lambda: bool(handler.read))
 
     first, second = handler.attempts["$e1"]
     # The longest first backoff (`LONGEST`), also for the rate limit's 1.5 s.
@@ -442,7 +435,7 @@ async def test_the_backoff_grows_and_is_capped(autojump_clock: trio.abc.Clock) -
     network = NetworkError("down", maybe_processed=False)
     handler = Handler(duration=0.0, failures={"$e1": [network] * 8})
 
-    await run_until(handler, 1, [item(1, "!a:x")], lambda: bool(handler.done))
+    await run_until(handler, [item(1, "!a:x")], lambda: bool(handler.done))
 
     times = handler.attempts["$e1"]
     assert [b - a for a, b in itertools.pairwise(times)] == [
@@ -462,7 +455,7 @@ async def test_the_shortest_backoff_is_half_the_longest(autojump_clock: trio.abc
     network = NetworkError("down", maybe_processed=False)
     handler = Handler(duration=0.0, failures={"$e1": [network] * 7})
 
-    await run_until(handler, 1, [item(1, "!a:x")], lambda: bool(handler.done), backoff=SHORTEST)
+    await run_until(handler, [item(1, "!a:x")], lambda: bool(handler.done), backoff=SHORTEST)
 
     times = handler.attempts["$e1"]
     assert [b - a for a, b in itertools.pairwise(times)] == [1, 2, 4, 8, 16, 30, 30]
@@ -471,7 +464,7 @@ async def test_the_shortest_backoff_is_half_the_longest(autojump_clock: trio.abc
 async def test_the_default_backoff_is_jittered_within_its_bounds(
     autojump_clock: trio.abc.Clock,
 ) -> None:
-    # Four rooms on four workers fail together (the homeserver restarting): their
+    # Four rooms fail together (the homeserver restarting): their
     # retries spread out instead of arriving at the same instant.
     network = NetworkError("down", maybe_processed=False)
     rooms = [f"!room{n}:x" for n in range(40)]
@@ -479,7 +472,7 @@ async def test_the_default_backoff_is_jittered_within_its_bounds(
     items = [item(n, room) for n, room in enumerate(rooms)]
     backoff = dataclasses.replace(JOB_BACKOFF, rng=random.Random(5))
 
-    await run_until(handler, 4, items, lambda: len(handler.done) == 40, backoff=backoff)
+    await run_until(handler, items, lambda: len(handler.done) == 40, backoff=backoff)
 
     waits = [[b - a for a, b in itertools.pairwise(handler.attempts[f"$e{n}"])] for n in range(40)]
     for per_job in waits:
@@ -495,7 +488,7 @@ async def test_an_unexpected_error_is_given_up_after_max_attempts(
 
     with capture_logs() as logs:
         # Nothing more happens to it once given up.
-        await run_until(handler, 1, [item(1, "!a:x")], lambda: bool(handler.gave_up), idle(100))
+        await run_until(handler, [item(1, "!a:x")], lambda: bool(handler.gave_up), idle(100))
 
     assert len(handler.attempts["$e1"]) == MAX_ATTEMPTS
     assert handler.gave_up == [("$e1", boom)]
@@ -512,7 +505,7 @@ async def test_an_unexpected_error_that_passes_is_not_given_up(
 ) -> None:
     handler = Handler(failures={"$e1": [ValueError("once")] * (MAX_ATTEMPTS - 1)})
 
-    await run_until(handler, 1, [item(1, "!a:x")], lambda: bool(handler.done))
+    await run_until(handler, [item(1, "!a:x")], lambda: bool(handler.done))
 
     assert len(handler.attempts["$e1"]) == MAX_ATTEMPTS
     assert handler.gave_up == []
@@ -533,7 +526,7 @@ async def test_a_permanent_matrix_error_is_given_up_at_once(
     assert not is_transient(error)
     handler = Handler(forever={"$e1": error})
 
-    await run_until(handler, 1, [item(1, "!a:x")], lambda: bool(handler.gave_up))
+    await run_until(handler, [item(1, "!a:x")], lambda: bool(handler.gave_up))
 
     assert len(handler.attempts["$e1"]) == 1
     assert handler.gave_up == [("$e1", error)]
@@ -545,7 +538,7 @@ async def test_one_jobs_failure_does_not_stop_the_others(autojump_clock: trio.ab
     )
     items = [item(1, "!a:x"), item(2, "!a:x"), item(3, "!b:x"), item(4, "!b:x"), item(5, "!a:x")]
 
-    await run_until(handler, 2, items, lambda: len(handler.done) == 3)
+    await run_until(handler, items, lambda: len(handler.done) == 3)
 
     assert handler.done_ids("!a:x") == ["$e2", "$e5"]
     assert handler.done_ids("!b:x") == ["$e3"]
@@ -557,7 +550,7 @@ async def test_one_jobs_failure_does_not_stop_the_others(autojump_clock: trio.ab
 async def test_a_failing_give_up_does_not_stop_the_worker(autojump_clock: trio.abc.Clock) -> None:
     handler = Handler(forever={"$e1": ValueError("x")}, give_up_error=RuntimeError("store down"))
 
-    await run_until(handler, 1, [item(1, "!a:x"), item(2, "!a:x")], lambda: bool(handler.done))
+    await run_until(handler, [item(1, "!a:x"), item(2, "!a:x")], lambda: bool(handler.done))
 
     assert handler.done_ids() == ["$e2"]
     assert len(handler.gave_up) == 1
@@ -573,7 +566,7 @@ async def test_a_job_taken_up_again_is_counted_once_and_handled(
         resumptions={"$e1": MAX_RESUMPTIONS - 1}, failures={"$e1": [ValueError("once")]}
     )
     await run_until(
-        handler, 1, [item(2, "!a:x")], lambda: len(handler.done) == 2, resumed=[item(1, "!a:x")]
+        handler, [item(2, "!a:x")], lambda: len(handler.done) == 2, resumed=[item(1, "!a:x")]
     )
 
     assert handler.done_ids() == ["$e1", "$e2"]
@@ -590,7 +583,7 @@ async def test_a_job_left_unfinished_by_too_many_runs_is_given_up_unhandled(
 
     with capture_logs() as logs:
         await run_until(
-            handler, 1, [], lambda: bool(handler.done), idle(2 * RECEIPT_DELAY_S), resumed=resumed
+            handler, [], lambda: bool(handler.done), idle(2 * RECEIPT_DELAY_S), resumed=resumed
         )
 
     assert "$e1" not in handler.attempts
@@ -610,7 +603,7 @@ async def test_a_job_whose_resumption_cannot_be_counted_is_still_handled(
     handler = Handler(count_error=RuntimeError("store down"))
 
     with capture_logs() as logs:
-        await run_until(handler, 1, [], lambda: bool(handler.done), resumed=[item(1, "!a:x")])
+        await run_until(handler, [], lambda: bool(handler.done), resumed=[item(1, "!a:x")])
 
     assert handler.done_ids() == ["$e1"]
     assert handler.gave_up == []
@@ -627,7 +620,7 @@ async def test_stop_finishes_the_job_in_hand_and_leaves_the_queue(
     items = [item(1, "!a:x"), item(2, "!a:x"), item(3, "!a:x")]
     t0 = trio.current_time()
 
-    dispatcher = await run_until(handler, 2, items, lambda: "$e1" in handler.attempts)
+    dispatcher = await run_until(handler, items, lambda: "$e1" in handler.attempts)
 
     # run_until returned once the dispatcher's run did: the job in hand was finished.
     assert trio.current_time() - t0 == 10.0
@@ -636,8 +629,8 @@ async def test_stop_finishes_the_job_in_hand_and_leaves_the_queue(
     dispatcher.submit([item(4, "!a:x")])  # ignored after stop, and no error
 
 
-async def test_stop_with_idle_workers_returns_at_once(autojump_clock: trio.abc.Clock) -> None:
-    dispatcher = Dispatcher(Handler(), 4)
+async def test_stop_with_no_work_returns_at_once(autojump_clock: trio.abc.Clock) -> None:
+    dispatcher = Dispatcher(Handler())
     t0 = trio.current_time()
     async with trio.open_nursery() as nursery:
         await nursery.start(dispatcher.run)
@@ -652,7 +645,7 @@ async def test_stop_during_a_transient_backoff_leaves_the_job(
     handler = Handler(duration=0.0, forever={"$e1": NetworkError("down", maybe_processed=True)})
 
     # Stop while the worker waits out the backoff after the first failure.
-    await run_until(handler, 1, [item(1, "!a:x")], lambda: bool(handler.failed))
+    await run_until(handler, [item(1, "!a:x")], lambda: bool(handler.failed))
 
     # The retry after the backoff fails again; stopping, the worker leaves the job.
     assert len(handler.attempts["$e1"]) == 2
@@ -670,10 +663,30 @@ async def test_a_transient_failure_while_stopping_is_not_retried(
     t0 = trio.current_time()
 
     # Stop while the first attempt is still under way.
-    await run_until(handler, 1, [item(1, "!a:x")], lambda: bool(handler.attempts))
+    await run_until(handler, [item(1, "!a:x")], lambda: bool(handler.attempts))
 
     assert len(handler.attempts["$e1"]) == 1
     assert trio.current_time() - t0 == 1.0
     assert handler.done == []
     assert handler.gave_up == []
     assert handler.read == []
+
+
+async def test_a_lane_lives_only_while_its_room_has_work(autojump_clock: trio.abc.Clock) -> None:
+    handler = Handler(duration=1.0)
+    many = [item(seq, f"!quiet{seq}:x") for seq in range(10_000)]
+    seen: list[int] = []
+
+    async def watch(dispatcher: Dispatcher) -> None:
+        seen.append(dispatcher.busy_rooms)
+        await trio.sleep(5)
+        seen.append(dispatcher.busy_rooms)
+
+    t0 = trio.current_time()
+    await run_until(handler, many[:3], lambda: len(handler.done) == 3, then=watch)
+    dispatcher = await run_until(handler, many, lambda: len(handler.done) == 10_003)
+
+    assert seen == [0, 0]  # three rooms done, their lanes gone
+    assert dispatcher.busy_rooms == 0
+    # Ten thousand rooms with one job each: side by side, not one after another.
+    assert trio.current_time() - t0 < 10

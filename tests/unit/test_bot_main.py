@@ -69,13 +69,13 @@ def test_every_invalid_variable_is_named(
     monkeypatch.setenv("MATRIX_HOMESERVER", "https://hs.invalid")
     monkeypatch.setenv("MATRIX_USER_ID", "@bot:hs.invalid")
     monkeypatch.setenv("MATRIX_ACCESS_TOKEN", "syt_secret_token_value")
-    monkeypatch.setenv("BOT_WORKERS", "0")
+    monkeypatch.setenv("BOT_MAX_CONCURRENT_ANSWERS", "0")
     monkeypatch.setenv("BOT_LOG_LEVEL", "loud")
 
     assert main(["run"]) == EXIT_CONFIG
 
     err = capsys.readouterr().err
-    assert "BOT_WORKERS" in err
+    assert "BOT_MAX_CONCURRENT_ANSWERS" in err
     assert "BOT_LOG_LEVEL" in err
     assert "syt_secret_token_value" not in err
 
@@ -91,13 +91,15 @@ def test_a_missing_config_file_exits_2(tmp_path: Path, capsys: pytest.CaptureFix
 
 def test_the_config_file_is_read(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
     config = tmp_path / "bot.toml"
-    config.write_text('[matrix]\nhomeserver = "https://hs.invalid"\n[bot]\nworkers = 0\n')
+    config.write_text(
+        '[matrix]\nhomeserver = "https://hs.invalid"\n[bot]\nmax_concurrent_answers = 0\n'
+    )
 
     assert main(["run", "--config", str(config)]) == EXIT_CONFIG
 
     err = capsys.readouterr().err
     assert "MATRIX_HOMESERVER" not in err  # the file gave it
-    assert "bot.workers (BOT_WORKERS)" in err
+    assert "bot.max_concurrent_answers (BOT_MAX_CONCURRENT_ANSWERS)" in err
     assert "MATRIX_USER_ID" in err
 
 

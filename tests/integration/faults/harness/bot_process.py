@@ -219,7 +219,6 @@ def bot_env(
     access_token: str | None,
     password: str | None,
     device_id: str | None,
-    workers: int,
     drain_s: float,
     allowed: Sequence[str],
     level: str,
@@ -231,7 +230,6 @@ def bot_env(
         BOT_STORE_PATH=str(store),
         BOT_LOG_FORMAT="json",
         BOT_LOG_LEVEL=level,
-        BOT_WORKERS=str(workers),
         BOT_DRAIN_TIMEOUT_S=str(drain_s),
     )
     if access_token is not None:

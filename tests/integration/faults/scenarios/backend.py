@@ -82,7 +82,6 @@ async def run_backend_failures(
         access_token=s.bot_user.access_token,
         store_path=lab.workdir / f"backend-{uuid.uuid4().hex[:8]}.sqlite3",
         allowed=AllowList(servers=frozenset({hs.server_name})),
-        workers=2,
         drain_timeout_s=1.0,
         backend_timeout_s=2.0,
     )

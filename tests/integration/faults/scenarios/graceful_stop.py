@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import time
-import zlib
 from functools import partial
 
 import trio
@@ -16,8 +15,6 @@ from faults.harness.tasks import background
 from faults.harness.traffic import audit
 from matrix_api.testing.synapse import SynapseServer
 
-WORKERS = 4
-
 
 async def run_graceful_stop(
     lab: FaultLab, hs: SynapseServer, *, messages: int, slow_s: float = 1.5, drain_s: float = 10.0
@@ -26,15 +23,14 @@ async def run_graceful_stop(
     holds the answers to the bot's sends); SIGTERM once several are in flight."""
     async with lab.proxy(hs.base_url) as proxy:
         s = await stage(lab, hs, rooms=4, homeserver=proxy.url)
-        bot = await lab.ready_bot(s, drain_s=drain_s, workers=WORKERS)
+        bot = await lab.ready_bot(s, drain_s=drain_s)
         slow = proxy.arm(
             Fault("slow", method="PUT", path=r"/send/m\.room\.message/", times=None, delay_s=slow_s)
         )
         async with background(partial(s.traffic.collect, s.observer)):
             await s.traffic.stream(s.sender, s.rooms, messages, None, label="in flight")
-            # Rooms are pinned to workers by a hash of their id: as many replies can be
-            # in flight as the rooms take workers.
-            busy = len({zlib.crc32(room.encode()) % WORKERS for room in s.rooms})
+            # Each room has its own lane: one reply per room in flight.
+            busy = len(s.rooms)
             await proxy.wait_until(lambda: proxy.in_flight("PUT", r"/send/") >= busy, timeout=30)
             # Every message has reached the bot (and so its inbox) before the signal.
             sent_ids = {x.event_id for x in s.traffic.sent}

@@ -77,7 +77,6 @@ async def run_unusable_store(path: Path, homeserver: str = "http://127.0.0.1:9")
         access_token="syt_never_used_token",
         password=None,
         device_id=None,
-        workers=1,
         drain_s=1,
         allowed=(),
         level="info",
