@@ -76,7 +76,9 @@ class BotRuntime:
     """One bot: a client, a store, a backend, and the tasks that connect them.
 
     The caller owns the client and the store (and closes them); the runtime owns
-    its tasks. ``phase`` lets tests and the CLI wait for a milestone.
+    its tasks. ``ready`` is the start-up gate: set once, when reconciliation is done
+    and the messages of the initial sync are in the inbox; the room lanes and the sync
+    loop take nothing before it. ``phase`` lets tests and the CLI wait for a milestone.
     """
 
     def __init__(
@@ -91,6 +93,7 @@ class BotRuntime:
     ) -> None:
         self.settings = settings
         self.phase: AsyncValue[Phase] = AsyncValue(Phase.STARTING)
+        self.ready = trio.Event()
         self.reconcile_report: ReconcileReport | None = None
         self._client = client
         self._store = store
@@ -121,7 +124,7 @@ class BotRuntime:
                 task_status.started()
                 self.phase.value = Phase.STOPPED
                 return
-            await nursery.start(self._dispatcher.run)
+            await nursery.start(self._lanes)
             pending = await self._store.pending()
             self._dispatcher.submit(pending, resumed=True)
             _return_freed_memory()
@@ -149,6 +152,12 @@ class BotRuntime:
             nursery.cancel_scope.deadline = trio.current_time() + self.settings.drain_timeout_s
         self.phase.value = Phase.STOPPED
         log.info("bot_stopped", requests=self._client.requests_sent)
+
+    async def _lanes(
+        self, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED
+    ) -> None:
+        await self.ready.wait()
+        await self._dispatcher.run(task_status=task_status)
 
     async def _checkpoint_store(self, scope: trio.CancelScope) -> None:
         with scope:
@@ -183,6 +192,7 @@ class BotRuntime:
             self._long_poll_filter_id = await self._client.upload_filter(self._long_poll_filter)
         except MatrixAPIError as exc:
             log.warning("filter_upload_failed", error=str(exc))
+        self.ready.set()
         task_status.started(report)
 
     async def _initial_sync(self, since: SyncToken | None) -> SyncResponse | None:
@@ -218,6 +228,7 @@ class BotRuntime:
         failures = 0  # in a row, on the same position
         failed_since: SyncToken | None = None
         with scope:
+            await self.ready.wait()
             while True:
                 since = self._store.sync_token
                 if since != failed_since:

@@ -296,6 +296,7 @@ class Store:
         self._spaces: dict[str, RoomID] = {}
         self._checkpointer: sqlite3.Connection | None = None
         self._lock: StoreLock | None = None
+        self._watchers = trio.lowlevel.ParkingLot()
 
     # --- opening ------------------------------------------------------------------
 
@@ -502,6 +503,18 @@ class Store:
             if exc.sqlite_errorcode & 0xFF in _TRANSIENT_SQLITE_CODES:
                 raise StoreUnavailable(f"{self.path}: {exc}") from exc
             raise
+        finally:
+            if self._watchers:
+                self._watchers.unpark_all()
+
+    async def wait_for_change(self) -> None:
+        """Return after the next store call ends (it may have written something).
+
+        For whatever wants to see the store move without polling it: look, and if
+        what you want is not there yet, wait for this and look again (nothing runs
+        between a look and this wait, on trio's one thread).
+        """
+        await self._watchers.park()
 
     def _transaction(self, body: Callable[[sqlite3.Connection], T]) -> Callable[[], T]:
         def run() -> T:

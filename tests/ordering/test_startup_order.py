@@ -13,6 +13,7 @@ from bot.runtime import BotRuntime, Phase, run_bot
 from fake_homeserver import ALICE, Call, FakeHomeserver, text_event
 from ordering_harness import (
     Logs,
+    bot_parts,
     chat,
     only_log,
     reply_to,
@@ -65,6 +66,54 @@ async def test_initial_sync_then_one_reconciliation_then_ready_then_sync_loop_an
     assert hs.calls.index(long_polls[0]) > hs.calls.index(initial)
     assert [sent.reply_to for sent in hs.sent] == ["$down", "$live"]
     assert runtime.phase.value is Phase.STOPPED
+
+
+async def test_the_ready_gate_is_set_once_after_reconciliation_and_before_any_message(
+    autojump_clock: trio.abc.Clock,
+    hs: FakeHomeserver,
+    logs: Logs,
+    settings: Settings,
+) -> None:
+    home = chat("c_home", HOME)
+    # GONE is in the store but not in the initial sync: reconciliation asks joined_rooms,
+    # and that answer takes a while, so an early gate would open while it waits.
+    await seed_store(
+        settings.store_path,
+        chats=[home, chat("c_gone", GONE)],
+        token="s0",
+        inbox=[(HOME, text_event("$before", ALICE, "asked before the restart"))],
+    )
+    hs.add_room(
+        HOME, marker=marker_content(home), timeline=[text_event("$down", ALICE, "while away")]
+    )
+    hs.delays["joined_rooms"] = 30.0
+    seen_at_ready: list[tuple[list[str], list[str], int]] = []
+
+    async with ticking() as tasks, bot_parts(settings, hs) as (runtime, _):
+
+        async def watch_gate() -> None:
+            await runtime.ready.wait()
+            seen_at_ready.append(
+                (
+                    [entry["event"] for entry in logs],
+                    [call.endpoint for call in hs.calls],
+                    len(hs.sent),
+                )
+            )
+
+        tasks.start_soon(watch_gate)
+        await tasks.start(runtime.run)
+        await hs.wait_for(reply_to("$down"), ended=True)
+        runtime.request_stop()
+
+    ((events, endpoints, sent),) = seen_at_ready
+    # Set after reconciliation was logged and the initial batch went into the inbox...
+    assert "matrix_reconcile_complete" in events
+    assert runtime.ready.is_set()
+    # ... and before any lane or long-poll took anything.
+    assert "long_poll" not in endpoints
+    assert sent == 0
+    assert "bot_ready" not in events
 
 
 async def test_slow_reconciliation_holds_back_the_sync_loop_and_the_pending_inbox(
