@@ -86,9 +86,15 @@ class ReconcileReport:
             "pending_invites": self.pending_invites,
             "spaces": self.spaces,
             "duration_ms": round(self.duration_ms, 1),
-            "skipped_rooms": [_note_fields(n) for n in self.skipped],
-            "conflict_rooms": [_note_fields(n) for n in self.conflicts],
+            # Counts always; room lists bounded, so a bot in 300 foreign rooms logs one
+            # readable line (the counts above say how many were left out).
+            "skipped_rooms": [_note_fields(n) for n in self.skipped[:LOGGED_ROOMS]],
+            "conflict_rooms": [_note_fields(n) for n in self.conflicts[:LOGGED_ROOMS]],
         }
+
+
+LOGGED_ROOMS = 20
+"""Most rooms of each kind (skipped, conflicts) named in the reconciliation log line."""
 
 
 def _note_fields(note: RoomNote) -> dict[str, str | None]:

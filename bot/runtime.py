@@ -176,7 +176,10 @@ class BotRuntime:
             return
         self.phase.value = Phase.RECONCILING
         report = await reconcile_matrix_state(self._client, self._store, initial)
-        log.info("matrix_reconcile_complete", **report.log_fields())
+        # A conflict needs the operator: it is a warning, not a line among the others.
+        (log.warning if report.conflicts else log.info)(
+            "matrix_reconcile_complete", **report.log_fields()
+        )
         # Messages that arrived while the bot was down, now that every chat is known.
         try:
             await self._intake.commit(initial, since)

@@ -16,7 +16,7 @@ from bot.chats import (
     marker_content,
     space_marker_content,
 )
-from bot.reconcile import reconcile_matrix_state, reconcile_single_room
+from bot.reconcile import LOGGED_ROOMS, reconcile_matrix_state, reconcile_single_room
 from bot.store import Store
 from matrix_api import MatrixClient, MatrixError, NetworkError, NotFound
 from matrix_api.models import (
@@ -352,6 +352,19 @@ async def test_the_log_fields_summarise_the_report(store: Store) -> None:
         ],
     }.items() <= fields.items()
     assert fields["duration_ms"] >= 0
+
+
+async def test_the_log_line_names_at_most_twenty_rooms_of_a_kind_and_counts_them_all(
+    store: Store,
+) -> None:
+    foreign = {f"!foreign{n}:x": joined(None) for n in range(300)}
+    report = await reconcile_matrix_state(FakeClient(joined=[]).api(), store, sync(foreign))
+
+    fields = report.log_fields()
+
+    assert fields["skipped"] == 300
+    assert len(fields["skipped_rooms"]) == LOGGED_ROOMS == 20
+    assert fields["conflict_rooms"] == []
 
 
 # --- Spaces ----------------------------------------------------------------------------------
