@@ -15,6 +15,10 @@ file. Every problem is reported at once, each naming the setting it is about:
     admins = ["@ops:example.org"]              # BOT_ADMINS
     command_prefix = "!"                       # BOT_COMMAND_PREFIX
     max_concurrent_answers = 16                # BOT_MAX_CONCURRENT_ANSWERS
+    user_messages_burst = 20                   # BOT_USER_MESSAGES_BURST
+    user_messages_per_s = 1.0                  # BOT_USER_MESSAGES_PER_S
+    max_chats_per_user = 50                    # BOT_MAX_CHATS_PER_USER
+    limits_exempt_admins = false               # BOT_LIMITS_EXEMPT_ADMINS
     drain_timeout_s = 10                       # BOT_DRAIN_TIMEOUT_S
     backend = "echo"                           # BOT_BACKEND: echo | model | webhook
     backend_timeout_s = 300                    # BOT_BACKEND_TIMEOUT_S
@@ -53,6 +57,8 @@ _USER_ID = re.compile(r"^@[^:\s]+:[A-Za-z0-9.\-\[\]:]+$")
 _SERVER = re.compile(r"^[A-Za-z0-9.\-\[\]:]+$")
 _LOG_LEVELS = ("debug", "info", "warning", "error")
 _LOG_FORMATS = ("auto", "json", "console")
+_TRUE = frozenset({"1", "true", "yes", "on"})
+_FALSE = frozenset({"0", "false", "no", "off"})
 BACKENDS = ("echo", "model", "webhook")
 # Tables handed whole to their backend's own validation.
 _BACKEND_TABLES = ("model", "webhook")
@@ -93,6 +99,14 @@ class Settings:
     command_prefix: str = "!"
     max_concurrent_answers: int = 16
     """Backend calls at once, across all rooms (each room has its own lane)."""
+    user_messages_burst: int = 20
+    """Messages one user may send at once before the per-user limit applies."""
+    user_messages_per_s: float = 1.0
+    """How fast one user's allowance comes back (`bot.user_limits`)."""
+    max_chats_per_user: int = 50
+    """The most unarchived chats one user may have for ``!new`` to make another."""
+    limits_exempt_admins: bool = False
+    """Whether the admins are exempt from the two limits above."""
     drain_timeout_s: float = 10.0
     backend: str = "echo"
     backend_timeout_s: float = 300.0
@@ -121,6 +135,10 @@ _ENV = {
     ("bot", "admins"): "BOT_ADMINS",
     ("bot", "command_prefix"): "BOT_COMMAND_PREFIX",
     ("bot", "max_concurrent_answers"): "BOT_MAX_CONCURRENT_ANSWERS",
+    ("bot", "user_messages_burst"): "BOT_USER_MESSAGES_BURST",
+    ("bot", "user_messages_per_s"): "BOT_USER_MESSAGES_PER_S",
+    ("bot", "max_chats_per_user"): "BOT_MAX_CHATS_PER_USER",
+    ("bot", "limits_exempt_admins"): "BOT_LIMITS_EXEMPT_ADMINS",
     ("bot", "drain_timeout_s"): "BOT_DRAIN_TIMEOUT_S",
     ("bot", "backend"): "BOT_BACKEND",
     ("bot", "backend_timeout_s"): "BOT_BACKEND_TIMEOUT_S",
@@ -248,6 +266,22 @@ def _validate(raw: dict[tuple[str, str], Any], problems: list[str]) -> Settings 
             return default
         return result
 
+    def whole(key: tuple[str, str], default: int, low: int, high: int) -> int:
+        value = number(key, default, low, high)
+        if value != int(value):
+            problems.append(f"{_name(key)}: expected a whole number")
+            return default
+        return int(value)
+
+    def flag(key: tuple[str, str], default: bool) -> bool:
+        value = raw.get(key, default)
+        if isinstance(value, bool):
+            return value
+        if isinstance(value, str) and value.strip().lower() in _TRUE | _FALSE:
+            return value.strip().lower() in _TRUE
+        problems.append(f"{_name(key)}: expected true or false, got {value!r}")
+        return default
+
     def user_list(key: tuple[str, str]) -> list[str]:
         value = raw.get(key, [])
         if not isinstance(value, list) or not all(isinstance(v, str) for v in value):
@@ -315,6 +349,10 @@ def _validate(raw: dict[tuple[str, str], Any], problems: list[str]) -> Settings 
     answers = number(("bot", "max_concurrent_answers"), 16, 1, 1024)
     if answers != int(answers):
         problems.append(f"{_name(('bot', 'max_concurrent_answers'))}: expected a whole number")
+    burst = whole(("bot", "user_messages_burst"), 20, 1, 100_000)
+    per_s = number(("bot", "user_messages_per_s"), 1.0, 0.001, 1000)
+    max_chats = whole(("bot", "max_chats_per_user"), 50, 1, 100_000)
+    exempt_admins = flag(("bot", "limits_exempt_admins"), False)
     drain = number(("bot", "drain_timeout_s"), 10.0, 0, 600)
     backend_timeout = number(("bot", "backend_timeout_s"), 300.0, 1, 3600)
     max_parts = number(("bot", "max_reply_parts"), 16, 1, 1000)
@@ -343,6 +381,10 @@ def _validate(raw: dict[tuple[str, str], Any], problems: list[str]) -> Settings 
         admins=frozenset(admins),
         command_prefix=prefix,
         max_concurrent_answers=int(answers),
+        user_messages_burst=burst,
+        user_messages_per_s=per_s,
+        max_chats_per_user=max_chats,
+        limits_exempt_admins=exempt_admins,
         drain_timeout_s=drain,
         backend=backend,
         backend_timeout_s=backend_timeout,

@@ -7,6 +7,8 @@ re-handles the item and the server de-duplicates the re-sent reply.
 
 from __future__ import annotations
 
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
 from typing import cast
 
 import structlog
@@ -36,6 +38,7 @@ from .quarantine import failure_reason, log_quarantined
 from .reconcile import reconcile_single_room
 from .router import is_unregistered, resolve_chat_id
 from .store import InboxItem, Outcome, Store
+from .user_limits import UserLimiter, Verdict
 
 __all__ = ["REPAIR_FAILED_NOTICE", "MessageHandler"]
 
@@ -48,6 +51,8 @@ REPAIR_FAILED_NOTICE = (
 )
 FAILED_NOTICE = "Sorry, I could not handle that message. Please try again later."
 BACKEND_TIMEOUT_NOTICE = "Sorry, the assistant took too long to answer. Please try again."
+# The reason recorded with a message the per-user limit left unanswered.
+RATE_LIMITED = "rate_limited"
 
 
 class MessageHandler:
@@ -76,6 +81,12 @@ class MessageHandler:
         # (commands, notices, Matrix sends) waits for it. An instant backend waits on
         # nothing and takes no slot.
         self._answer_slots = trio.CapacityLimiter(settings.max_concurrent_answers)
+        # Per user, in memory: after a restart every user starts with a full burst
+        # (the durable part is the inbox, and nothing in it is lost by this).
+        self._limits = UserLimiter(settings.user_messages_burst, settings.user_messages_per_s)
+        # One `!new` at a time per user, so that two rooms' `!new` at once cannot both
+        # pass the chat cap; an entry lives only while a `!new` of its user runs.
+        self._creating: dict[str, trio.Lock] = {}
         self._invites = InviteHandler(client, store, settings)
         self._bot = settings.user_id
 
@@ -109,6 +120,11 @@ class MessageHandler:
                 # History from before the room became a chat (a newly joined room's
                 # timeline and gap carry it): not for the bot to answer.
                 return await self._ignore(item)
+            # Every message a chat's user sends counts, commands too: `!new` a hundred
+            # times costs the homeserver more than a hundred questions cost the backend.
+            verdict = self._take(item, sender)
+            if verdict.limited:
+                return await self._rate_limited(item, sender, verdict)
             if encrypted:
                 reply = await offer_unencrypted_chat(
                     self._client,
@@ -126,6 +142,43 @@ class MessageHandler:
     async def _ignore(self, item: InboxItem) -> bool:
         await self._store.finish(item, "ignored")
         return False
+
+    def _take(self, item: InboxItem, sender: str) -> Verdict:
+        if self._settings.limits_exempt_admins and sender in self._settings.admins:
+            return Verdict.ALLOWED
+        # trio's clock: monotonic, and under test the mock clock. The message's key
+        # makes a retried message cost nothing more and keep its first verdict.
+        return self._limits.take(sender, trio.current_time(), item.event_id)
+
+    async def _rate_limited(self, item: InboxItem, sender: str, verdict: Verdict) -> bool:
+        """Record ``item`` as handled without an answer; the first of an episode
+        tells the user, once."""
+        if verdict is not Verdict.LIMITED_TELL:
+            await self._store.finish(item, "ignored", reason=RATE_LIMITED)
+            return False
+        log.info("user_rate_limited", sender=sender, room_id=item.room_id)
+        every = 1 / self._settings.user_messages_per_s
+        text = (
+            f"Please slow down a little: I take up to {self._settings.user_messages_burst} "
+            f"messages from you at once, then one every {every:g} s. I did not answer this "
+            "message, and I will skip the ones that come faster than that without saying so "
+            "again."
+        )
+        await self._reply(
+            item, Reply(text), "notified", purpose="rate_limit", reason=RATE_LIMITED, mention=sender
+        )
+        return True
+
+    @asynccontextmanager
+    async def _one_new_chat_at_a_time(self, user: str) -> AsyncIterator[None]:
+        lock = self._creating.setdefault(user, trio.Lock())
+        try:
+            async with lock:
+                yield
+        finally:
+            # Released with no one waiting: nothing to keep.
+            if not lock.locked() and self._creating.get(user) is lock:
+                del self._creating[user]
 
     async def _chat_of(self, item: InboxItem, sender: str) -> Chat | None:
         """The room's chat, repaired from the server if need be; None when it cannot
@@ -163,7 +216,11 @@ class MessageHandler:
                 chat=chat,
                 event_id=item.event_id,
             )
-            reply = await run_command(context, command)
+            if command.name == "new":
+                async with self._one_new_chat_at_a_time(message.sender):
+                    reply = await run_command(context, command)
+            else:
+                reply = await run_command(context, command)
             await self._reply(item, reply, "replied", purpose="command")
             log.info("command_handled", command=command.name)
             return True
@@ -287,8 +344,11 @@ class MessageHandler:
         *,
         purpose: str = "reply",
         reason: str | None = None,
+        mention: str | None = None,
     ) -> EventID:
         content = notice(reply.body, reply_to=item.event_id, formatted_body=reply.html)
+        if mention is not None:
+            content["m.mentions"] = {"user_ids": [mention]}
         if outcome != "replied":
             # Not an answer: a conversation rebuilt from the room leaves the exchange out.
             content[FAILED_KEY] = True

@@ -8,6 +8,7 @@ from ..chats import write_marker
 from ..provisioning import link_to_space, unlink_from_space
 from .base import Command, CommandContext, Reply
 from .guards import changeable_chat
+from .new import chat_cap_refusal
 
 
 async def _set_archived(ctx: CommandContext, archived: bool) -> Reply:
@@ -15,6 +16,11 @@ async def _set_archived(ctx: CommandContext, archived: bool) -> Reply:
     if chat.archived == archived:
         state = "already archived" if archived else "not archived"
         return Reply(f"This chat is {state}.")
+    if not archived:
+        # Otherwise archive, !new, unarchive would get past the cap on chats.
+        refusal = chat_cap_refusal(ctx, chat.owner)
+        if refusal is not None:
+            return Reply(refusal)
     changed = replace(chat, archived=archived)
     # The Space first (it may be refused), then the marker, then the store, so a
     # failure leaves them agreeing. Only a room that belongs to a Space is moved.

@@ -620,3 +620,109 @@ def test_a_limit_in_the_file_must_be_a_whole_number(tmp_path: Path, toml: str) -
 
     assert len(problems) == 1, problems
     assert problems[0].startswith("bot.max_reply_parts (BOT_MAX_REPLY_PARTS): ")
+
+
+# --- per-user limits ---------------------------------------------------------------
+
+
+def test_the_per_user_limits_have_generous_defaults() -> None:
+    settings = load_settings(None, MINIMAL_ENV)
+
+    assert settings.user_messages_burst == 20
+    assert settings.user_messages_per_s == 1.0
+    assert settings.max_chats_per_user == 50
+    assert settings.limits_exempt_admins is False
+
+
+def test_the_per_user_limits_come_from_the_file_and_the_environment(tmp_path: Path) -> None:
+    path = write_toml(
+        tmp_path,
+        "[bot]\nuser_messages_burst = 5\nuser_messages_per_s = 0.25\n"
+        "max_chats_per_user = 3\nlimits_exempt_admins = true\n",
+    )
+    from_file = load_settings(path, MINIMAL_ENV)
+    assert (
+        from_file.user_messages_burst,
+        from_file.user_messages_per_s,
+        from_file.max_chats_per_user,
+        from_file.limits_exempt_admins,
+    ) == (5, 0.25, 3, True)
+
+    from_env = load_settings(
+        path,
+        env(
+            BOT_USER_MESSAGES_BURST="100",
+            BOT_USER_MESSAGES_PER_S="2",
+            BOT_MAX_CHATS_PER_USER="7",
+            BOT_LIMITS_EXEMPT_ADMINS="off",
+        ),
+    )
+    assert (
+        from_env.user_messages_burst,
+        from_env.user_messages_per_s,
+        from_env.max_chats_per_user,
+        from_env.limits_exempt_admins,
+    ) == (100, 2.0, 7, False)
+
+
+@pytest.mark.parametrize("value", ["1", "true", "YES", " on "])
+def test_admins_are_exempted_by_any_spelling_of_true(value: str) -> None:
+    assert load_settings(None, env(BOT_LIMITS_EXEMPT_ADMINS=value)).limits_exempt_admins
+
+
+@pytest.mark.parametrize(
+    ("variable", "value"),
+    [
+        ("BOT_USER_MESSAGES_BURST", "0"),
+        ("BOT_USER_MESSAGES_BURST", "-20"),
+        ("BOT_USER_MESSAGES_BURST", "100001"),
+        ("BOT_USER_MESSAGES_BURST", "2.5"),
+        ("BOT_USER_MESSAGES_BURST", "lots"),
+        ("BOT_USER_MESSAGES_PER_S", "0"),
+        ("BOT_USER_MESSAGES_PER_S", "-1"),
+        ("BOT_USER_MESSAGES_PER_S", "0.0001"),
+        ("BOT_USER_MESSAGES_PER_S", "1001"),
+        ("BOT_USER_MESSAGES_PER_S", "nan"),
+        ("BOT_USER_MESSAGES_PER_S", "inf"),
+        ("BOT_MAX_CHATS_PER_USER", "0"),
+        ("BOT_MAX_CHATS_PER_USER", "1e9"),
+        ("BOT_MAX_CHATS_PER_USER", "4.5"),
+        ("BOT_LIMITS_EXEMPT_ADMINS", "maybe"),
+        ("BOT_LIMITS_EXEMPT_ADMINS", "2"),
+    ],
+)
+def test_an_invalid_per_user_limit_names_its_setting(variable: str, value: str) -> None:
+    setting = {
+        "BOT_USER_MESSAGES_BURST": "bot.user_messages_burst",
+        "BOT_USER_MESSAGES_PER_S": "bot.user_messages_per_s",
+        "BOT_MAX_CHATS_PER_USER": "bot.max_chats_per_user",
+        "BOT_LIMITS_EXEMPT_ADMINS": "bot.limits_exempt_admins",
+    }[variable]
+    problems = problems_of(None, env(**{variable: value}))
+
+    assert len(problems) == 1, problems
+    assert problems[0].startswith(f"{setting} ({variable}): ")
+
+
+@pytest.mark.parametrize(
+    ("toml", "setting"),
+    [
+        ("user_messages_burst = true", "bot.user_messages_burst (BOT_USER_MESSAGES_BURST)"),
+        ('user_messages_burst = "20"', None),
+        ("user_messages_per_s = false", "bot.user_messages_per_s (BOT_USER_MESSAGES_PER_S)"),
+        ("max_chats_per_user = 50.5", "bot.max_chats_per_user (BOT_MAX_CHATS_PER_USER)"),
+        ("limits_exempt_admins = 1", "bot.limits_exempt_admins (BOT_LIMITS_EXEMPT_ADMINS)"),
+        ('limits_exempt_admins = "yes"', None),
+    ],
+)
+def test_per_user_limits_in_the_file_are_checked_too(
+    tmp_path: Path, toml: str, setting: str | None
+) -> None:
+    path = write_toml(tmp_path, f"[bot]\n{toml}\n")
+    if setting is None:  # the same text as the environment would give: accepted
+        load_settings(path, MINIMAL_ENV)
+        return
+    problems = problems_of(path, MINIMAL_ENV)
+
+    assert len(problems) == 1, problems
+    assert problems[0].startswith(f"{setting}: ")
