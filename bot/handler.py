@@ -55,6 +55,10 @@ BACKEND_TIMEOUT_NOTICE = "Sorry, the assistant took too long to answer. Please t
 RATE_LIMITED = "rate_limited"
 
 
+# The estimate of the server's clock may be up to a second behind it (`ServerClock`).
+_CLOCK_SLACK_MS = 2_000
+
+
 class MessageHandler:
     """The `bot.dispatch.JobHandler` of the bot: invites and messages."""
 
@@ -146,9 +150,17 @@ class MessageHandler:
     def _take(self, item: InboxItem, sender: str) -> Verdict:
         if self._settings.limits_exempt_admins and sender in self._settings.admins:
             return Verdict.ALLOWED
-        # trio's clock: monotonic, and under test the mock clock. The message's key
-        # makes a retried message cost nothing more and keep its first verdict.
-        return self._limits.take(sender, trio.current_time(), item.event_id)
+        # When the user sent it, on the homeserver's clock, not when the bot got to it:
+        # thirty messages written over the hour the bot was down are thirty messages
+        # an hour, not a burst at restart. A timestamp from the future (a server's
+        # clock, or a forged one over federation) counts as now, so it cannot refill a
+        # bucket early. The message's key makes a retried message cost nothing more
+        # and keep its first verdict.
+        sent_ms = item.event.origin_server_ts
+        server_now_ms = self._client.server_time_ms()
+        if server_now_ms is not None:
+            sent_ms = min(sent_ms, server_now_ms + _CLOCK_SLACK_MS)
+        return self._limits.take(sender, sent_ms / 1000, item.event_id)
 
     async def _rate_limited(self, item: InboxItem, sender: str, verdict: Verdict) -> bool:
         """Record ``item`` as handled without an answer; the first of an episode

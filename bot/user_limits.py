@@ -4,9 +4,12 @@ Each user has a bucket of ``burst`` tokens that refills at ``per_s`` tokens a se
 handling a message takes one. A message that finds the bucket empty is over the
 limit: the first such message of an episode is told so (`Verdict.LIMITED_TELL`), the
 rest are not (`Verdict.LIMITED`), until the bucket is full again, which ends the
-episode. The caller passes the time: `bot.handler` gives trio's monotonic clock at
-handling time, so a wrong or jumping wall clock on this host changes nothing, and
-tests are exact.
+episode. The caller passes the time: `bot.handler` gives the time the message was
+sent, on the homeserver's clock (``origin_server_ts``, never later than the server's
+now), so the limit is on how fast a user writes, not on how fast the bot catches up
+after a restart; this host's wall clock plays no part, and tests are exact. Messages
+from one user in several rooms may come out of order: an earlier time than the last
+one seen refills nothing.
 
 The buckets live in memory only, on purpose: the durable inbox is what must survive a
 restart, and after one every bucket starts full (at worst a user gets one more burst).

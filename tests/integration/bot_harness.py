@@ -19,6 +19,9 @@ from matrix_api import MatrixClient, new_txn_id
 from matrix_api.models import RoomEvent, RoomID, SyncToken
 from matrix_api.testing.synapse import RegisteredUser, SynapseServer
 
+DELIVERY_BURST = 100_000
+"""A per-user burst no test reaches (the per-user limit has tests of its own)."""
+
 
 def bot_process_env(
     synapse: SynapseServer, bot_user: RegisteredUser, store_path: Path, **extra: str
@@ -31,6 +34,8 @@ def bot_process_env(
         MATRIX_ACCESS_TOKEN=bot_user.access_token,
         BOT_STORE_PATH=str(store_path),
         BOT_LOG_FORMAT="json",
+        # These tests count deliveries, not fairness: no user runs out of messages.
+        BOT_USER_MESSAGES_BURST=str(DELIVERY_BURST),
     )
     env.update(extra)
     return env
@@ -47,6 +52,7 @@ def bot_settings(
         store_path=store_path,
         allowed=AllowList(servers=frozenset({synapse.server_name})),
         drain_timeout_s=5.0,
+        user_messages_burst=DELIVERY_BURST,
     )
     return replace(settings, **overrides)
 

@@ -167,6 +167,8 @@ class FakeHomeserver:
         self.sent: list[Sent] = []
         self.rooms: dict[str, FakeRoom] = {}
         self.delays: dict[str, float] = {}
+        self.date: str | None = None
+        """A ``Date`` header for every answer (the server's clock), if set."""
         self.observers: list[Callable[[Call], None]] = []
         self.long_poll_s = long_poll_s
         self._logs = logs if logs is not None else []
@@ -278,7 +280,8 @@ class FakeHomeserver:
         call.ended = trio.current_time()
         call.status = status
         self._changed.set()
-        return httpx.Response(status, json=body)
+        headers = {"Date": self.date} if self.date is not None else None
+        return httpx.Response(status, json=body, headers=headers)
 
     def _route(self, call: Call, segments: list[str]) -> Callable[[], Awaitable[Answer]]:
         """Name the endpoint on ``call`` and return the coroutine function answering it."""

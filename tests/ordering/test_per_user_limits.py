@@ -1,13 +1,14 @@
 """Per-user limits on the mock clock: the message bucket (one notice per episode, the rest
 recorded as handled without an answer, other users untouched) and the cap on chats.
 
-The bucket tests refill slowly (one token every 20 virtual seconds): should the autojump
-clock jump while a burst is handled (it jumps at most to the 10 s heartbeat, see
-ordering_harness), no token can come back in the middle of it.
+The bucket counts the time a message was sent (its ``origin_server_ts``), not the time the
+bot handles it: the tests give each burst its own timestamps, and the mock clock's jumps
+change nothing.
 """
 
 from __future__ import annotations
 
+import email.utils
 import itertools
 from dataclasses import replace
 from typing import Any
@@ -18,7 +19,7 @@ from bot.chats import Chat, marker_content
 from bot.config import Settings
 from bot.handler import RATE_LIMITED
 from bot.store import Store
-from fake_homeserver import ALICE, FakeHomeserver, Sent, text_event
+from fake_homeserver import ALICE, BASE_TS, FakeHomeserver, Sent, text_event
 from ordering_harness import (
     Logs,
     chat,
@@ -46,8 +47,12 @@ async def _chats(settings: Settings, hs: FakeHomeserver, *chats: Chat) -> None:
         hs.add_room(one.room_id, marker=marker_content(one))
 
 
-def _burst(prefix: str, sender: str, count: int, body: str = SECRET) -> list[dict[str, Any]]:
-    return [text_event(f"${prefix}{n}", sender, f"{body} {n}") for n in range(count)]
+def _burst(
+    prefix: str, sender: str, count: int, body: str = SECRET, *, at_s: float = 0.0
+) -> list[dict[str, Any]]:
+    """``count`` messages sent within one millisecond, ``at_s`` after the first burst."""
+    ts = BASE_TS + int(at_s * 1000)
+    return [text_event(f"${prefix}{n}", sender, f"{body} {n}", ts=ts) for n in range(count)]
 
 
 async def _outcomes(store: Store, events: list[dict[str, Any]]) -> list[str | None]:
@@ -98,21 +103,21 @@ async def test_tokens_come_back_with_time_and_a_new_episode_gets_a_new_notice(
 ) -> None:
     settings = _limited(settings)
     await _chats(settings, hs, chat("c1", ROOM))
-    first, second, third = _burst("a", ALICE, 21), _burst("b", ALICE, 2), _burst("c", ALICE, 21)
+    first = _burst("a", ALICE, 21)
+    second = _burst("b", ALICE, 2, at_s=20.0)
+    third = _burst("c", ALICE, 21, at_s=20.0 + REFILL_S)
     async with running_bot(settings, hs) as bot:
         hs.queue_sync({ROOM: first})
         await until_handled(bot.store, *[event["event_id"] for event in first])
         assert len(_notices(hs, ROOM)) == 1
 
-        # One token back after 20 s: one answer; the same episode, so no second notice.
-        await trio.sleep(20.0)
+        # Sent 20 s later, one token back: one answer; the same episode, no second notice.
         hs.queue_sync({ROOM: second})
         await until_handled(bot.store, *[event["event_id"] for event in second])
         assert await _outcomes(bot.store, second) == ["replied", "ignored"]
         assert len(_notices(hs, ROOM)) == 1
 
-        # Full again: a whole burst answered, and the next episode is told again.
-        await trio.sleep(REFILL_S)
+        # Sent when it is full again: a whole burst answered, the next episode told again.
         hs.queue_sync({ROOM: third})
         await hs.wait_for(reply_to("$c20"), ended=True)
         await until_handled(bot.store, *[event["event_id"] for event in third])
@@ -174,6 +179,43 @@ async def test_admins_are_limited_too_unless_the_setting_exempts_them(
         hs.queue_sync({ROOM: later})
         await until_handled(bot.store, *[event["event_id"] for event in later])
         assert await _outcomes(bot.store, later) == ["replied"] * 25
+
+
+async def test_messages_written_slowly_while_the_bot_was_down_are_all_answered(
+    autojump_clock: trio.abc.Clock, hs: FakeHomeserver, settings: Settings
+) -> None:
+    settings = _limited(settings)
+    await _chats(settings, hs, chat("c1", ROOM))
+    # Thirty messages, one a minute, all waiting when the bot starts: a catch-up, not a
+    # burst, since the bucket counts when they were written.
+    backlog = [
+        text_event(f"$w{n}", ALICE, f"written {n}", ts=BASE_TS + n * 60_000) for n in range(30)
+    ]
+    hs.add_room(ROOM, marker=marker_content(chat("c1", ROOM)), timeline=backlog)
+    async with running_bot(settings, hs) as bot:
+        await until_handled(bot.store, *[event["event_id"] for event in backlog])
+        assert await _outcomes(bot.store, backlog) == ["replied"] * 30
+
+
+async def test_a_timestamp_from_the_future_refills_nothing(
+    autojump_clock: trio.abc.Clock, hs: FakeHomeserver, settings: Settings
+) -> None:
+    settings = _limited(settings)
+    await _chats(settings, hs, chat("c1", ROOM))
+    hs.date = email.utils.formatdate(BASE_TS / 1000, usegmt=True)  # the server's now
+    burst = _burst("m", ALICE, 21)
+    # A server over federation stamps these an hour ahead, as if the bucket had refilled.
+    forged = _burst("f", ALICE, 5, at_s=3600.0)
+    async with running_bot(settings, hs) as bot:
+        hs.queue_sync({ROOM: burst})
+        await until_handled(bot.store, *[event["event_id"] for event in burst])
+        hs.queue_sync({ROOM: forged})
+        await until_handled(bot.store, *[event["event_id"] for event in forged])
+        outcomes = await _outcomes(bot.store, forged)
+
+    # Counted as sent now: about two seconds of refill, not an hour's.
+    assert outcomes.count("replied") <= 1
+    assert set(outcomes[1:]) == {"ignored"}
 
 
 async def test_after_a_restart_the_buckets_start_full(

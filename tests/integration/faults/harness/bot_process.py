@@ -231,6 +231,8 @@ def bot_env(
         BOT_LOG_FORMAT="json",
         BOT_LOG_LEVEL=level,
         BOT_DRAIN_TIMEOUT_S=str(drain_s),
+        # The scenarios measure delivery, not fairness: no user runs out of messages.
+        BOT_USER_MESSAGES_BURST="100000",
     )
     if access_token is not None:
         env["MATRIX_ACCESS_TOKEN"] = access_token

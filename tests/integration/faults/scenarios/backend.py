@@ -84,6 +84,7 @@ async def run_backend_failures(
         allowed=AllowList(servers=frozenset({hs.server_name})),
         drain_timeout_s=1.0,
         backend_timeout_s=2.0,
+        user_messages_burst=100_000,  # delivery, not fairness, is measured here
     )
     outcomes: dict[str, str | None] = {}
     asked: dict[str, EventID] = {}
