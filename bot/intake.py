@@ -82,22 +82,29 @@ def sync_filters(bot_user_id: str) -> tuple[dict[str, Any], dict[str, Any]]:
     return initial, long_poll
 
 
+# Event types under this namespace are never sent: a filter leaving one out filters nothing.
+_START_NONCE_TYPE = "org.surfaces.start"
+
+
 async def full_state_sync(
     client: MatrixClient, bot_user_id: str, since: SyncToken | None = None
 ) -> SyncResponse:
-    """A full-state /sync with the start-up filter, never a replayed answer.
+    """A full-state /sync with the start-up filter (``timeout=0``), never a replayed answer.
 
-    With ``full_state`` the server answers at once whatever the timeout, but the
-    timeout is part of Synapse's key for replaying a recent identical /sync from
-    its cache (for about two minutes): a fresh value each time makes sure a quick
-    restart (or a second maintenance command) is not handed a stale answer.
+    Synapse answers a repeat of a recent /sync (same user, token, timeout, filter and
+    ``full_state``) from a cache of about two minutes, so a quick restart (or a second
+    maintenance command) could be handed the answer of the first, blind to what
+    changed since. The start-up filter carries a nonce of its own: it leaves out one
+    account-data type that nothing uses, so what comes back is exactly what the filter
+    asks for, and every start's request is one the server has not seen.
     """
     initial_filter, _ = sync_filters(bot_user_id)
+    nonce = f"{_START_NONCE_TYPE}.{secrets.token_hex(8)}"
     return await client.sync(
         since=since,
-        timeout_ms=secrets.randbelow(59_999) + 1,
+        timeout_ms=0,
         full_state=True,
-        filter=initial_filter,
+        filter={**initial_filter, "account_data": {"not_types": [nonce]}},
     )
 
 

@@ -7,16 +7,18 @@ named after what they are. The fake client answers /messages from a script keyed
 
 from __future__ import annotations
 
+import json
 from collections.abc import AsyncIterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, cast
 
+import httpx
 import msgspec
 import pytest
 
 from bot.chats import Chat
-from bot.intake import Intake, sync_filters
+from bot.intake import Intake, full_state_sync, sync_filters
 from bot.messages import is_actionable
 from bot.store import Store
 from matrix_api import MatrixClient, NetworkError
@@ -538,3 +540,28 @@ def test_the_sync_filters_keep_memberships_for_the_bots_own_join() -> None:
     # The bot's own join marks where a room's history ends (test_events_before_the_bots_join_...).
     for definition in sync_filters(BOT):
         assert "m.room.member" in definition["room"]["timeline"]["types"]
+
+
+async def test_the_start_up_sync_is_timeout_0_full_state_and_a_request_never_seen_before() -> None:
+    seen: list[httpx.URL] = []
+
+    def answer(request: httpx.Request) -> httpx.Response:
+        seen.append(request.url)
+        return httpx.Response(200, json={"next_batch": "s1"})
+
+    async with MatrixClient(
+        "https://hs.test", access_token="t", transport=httpx.MockTransport(answer)
+    ) as client:
+        await full_state_sync(client, "@bot:hs.test")
+        await full_state_sync(client, "@bot:hs.test", since=SyncToken("s0"))
+
+    first, second = (dict(url.params) for url in seen)
+    assert (first["timeout"], first["full_state"]) == ("0", "true")
+    assert (second["timeout"], second["since"]) == ("0", "s0")
+    filters = [json.loads(params["filter"]) for params in (first, second)]
+    assert filters[0] != filters[1]  # two starts, two requests Synapse cannot replay
+    initial, _ = sync_filters("@bot:hs.test")
+    for sent in filters:
+        (nonce,) = sent.pop("account_data")["not_types"]
+        assert nonce.startswith("org.surfaces.start.")
+        assert sent == initial  # otherwise exactly the start-up filter
