@@ -35,7 +35,7 @@ from .messages import (
     reply_txn_id,
 )
 from .quarantine import failure_reason, log_quarantined
-from .reconcile import reconcile_single_room
+from .reconcile import RepairReport, reconcile_single_room
 from .router import is_unregistered, resolve_chat_id
 from .store import InboxItem, Outcome, Store
 from .user_limits import UserLimiter, Verdict
@@ -55,6 +55,11 @@ BACKEND_TIMEOUT_NOTICE = "Sorry, the assistant took too long to answer. Please t
 RATE_LIMITED = "rate_limited"
 
 
+# A room whose chat cannot be repaired gets one notice per this many seconds.
+REPAIR_NOTICE_QUIET_S = 600.0
+# Rooms told recently are kept until this many, then the ones whose quiet period is
+# over are dropped.
+_REPAIR_TOLD_PRUNE_AT = 256
 # The estimate of the server's clock may be up to a second behind it (`ServerClock`).
 _CLOCK_SLACK_MS = 2_000
 
@@ -91,6 +96,7 @@ class MessageHandler:
         # One `!new` at a time per user, so that two rooms' `!new` at once cannot both
         # pass the chat cap; an entry lives only while a `!new` of its user runs.
         self._creating: dict[str, trio.Lock] = {}
+        self._repair_told: dict[str, float] = {}
         self._invites = InviteHandler(client, store, settings)
         self._bot = settings.user_id
 
@@ -198,18 +204,35 @@ class MessageHandler:
         chat_id = resolve_chat_id(self._store, item.room_id, sender)
         if is_unregistered(chat_id):
             report = await reconcile_single_room(self._client, self._store, item.room_id, sender)
-            if not report.ok or report.chat_id is None:
-                log.warning(
-                    "chat_repair_failed", sender=sender, chat_id=chat_id, repair=report.log_fields()
-                )
-                await self._reply(item, Reply(REPAIR_FAILED_NOTICE), "notified", purpose="repair")
+            # The router stays the one source of truth: ask it again, not the repair.
+            chat_id = resolve_chat_id(self._store, item.room_id, sender)
+            if is_unregistered(chat_id):
+                await self._repair_failed(item, sender, report)
                 return None
-            log.info("chat_repaired", sender=sender, chat_id=report.chat_id)
-            chat_id = report.chat_id
+            log.info("chat_repaired", sender=sender, chat_id=chat_id)
         chat = self._store.chat_by_id(chat_id)
         if chat is None:  # removed between the two lines above by a concurrent repair
             await self._store.finish(item, "ignored")
         return chat
+
+    async def _repair_failed(self, item: InboxItem, sender: str, report: RepairReport) -> None:
+        """Tell the user and the operator, once per room per quiet period (a user typing
+        ten lines gets one notice); every message is recorded either way."""
+        now = trio.current_time()
+        last = self._repair_told.get(item.room_id)
+        if last is not None and now - last < REPAIR_NOTICE_QUIET_S:
+            log.info("chat_repair_failed_again", sender=sender, reason=report.reason)
+            await self._store.finish(item, "ignored", reason="repair_failed")
+            return
+        if len(self._repair_told) >= _REPAIR_TOLD_PRUNE_AT:
+            self._repair_told = {
+                room: at
+                for room, at in self._repair_told.items()
+                if now - at < REPAIR_NOTICE_QUIET_S
+            }
+        self._repair_told[item.room_id] = now
+        log.warning("chat_repair_failed", sender=sender, repair=report.log_fields())
+        await self._reply(item, Reply(REPAIR_FAILED_NOTICE), "notified", purpose="repair")
 
     async def _answer(self, item: InboxItem, chat: Chat, message: IncomingMessage) -> bool:
         try:

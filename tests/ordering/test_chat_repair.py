@@ -7,7 +7,7 @@ import trio
 
 from bot.chats import CHAT_MARKER, marker_content
 from bot.config import Settings
-from bot.handler import REPAIR_FAILED_NOTICE
+from bot.handler import REPAIR_FAILED_NOTICE, REPAIR_NOTICE_QUIET_S
 from bot.runtime import Phase
 from fake_homeserver import ALICE, FakeHomeserver, text_event
 from ordering_harness import Logs, chat, only_log, running_bot, seed_store, until_handled
@@ -136,4 +136,42 @@ async def test_repair_does_not_take_a_chat_id_another_room_holds(
     }
     (notice,) = hs.sent_in(copy.room_id)
     assert (notice.msgtype, notice.body) == ("m.notice", REPAIR_FAILED_NOTICE)
+    assert hs.account_data_writes() == []
+
+
+async def test_an_unrepairable_room_gets_one_notice_per_quiet_period_and_every_message_recorded(
+    autojump_clock: trio.abc.Clock,
+    hs: FakeHomeserver,
+    logs: Logs,
+    settings: Settings,
+) -> None:
+    home = chat("c_home", HOME)
+    await seed_store(settings.store_path, chats=[home], token="s0")
+    hs.add_room(HOME, marker=marker_content(home))
+    hs.add_room(STRANGER)  # no marker anywhere
+    lines = [text_event(f"$l{n}", ALICE, f"line {n}") for n in range(10)]
+
+    async with running_bot(settings, hs) as bot:
+        hs.queue_sync({STRANGER: lines})
+        await until_handled(bot.store, *[event["event_id"] for event in lines])
+        outcomes = [await bot.store.handled_outcome(f"$l{n}") for n in range(10)]
+        # A command in such a room is no different: recorded, no crash, no second notice.
+        hs.queue_sync({STRANGER: [text_event("$rename", ALICE, "!rename Mine")]})
+        await until_handled(bot.store, "$rename")
+        renamed = await bot.store.handled_outcome("$rename")
+        await trio.sleep(REPAIR_NOTICE_QUIET_S)
+        hs.queue_sync({STRANGER: [text_event("$later", ALICE, "still nobody?")]})
+        await until_handled(bot.store, "$later")
+        later = await bot.store.handled_outcome("$later")
+        assert bot.runtime.phase.value is Phase.READY
+
+    assert outcomes == ["notified"] + ["ignored"] * 9
+    assert renamed == "ignored"
+    assert later == "notified"  # a new quiet period: told again
+    assert [notice.reply_to for notice in hs.sent_in(STRANGER)] == ["$l0", "$later"]
+    assert all(n.body == REPAIR_FAILED_NOTICE for n in hs.sent_in(STRANGER))
+    warnings = [e for e in logs if e["event"] == "chat_repair_failed"]
+    assert [w["event_id"] for w in warnings] == ["$l0", "$later"]
+    # Each message still tried its own repair: a marker put back is found at once.
+    assert len(hs.of("get_room_account_data")) == 12
     assert hs.account_data_writes() == []
