@@ -97,7 +97,7 @@ class BotProcess:
             "BOT_LOG_LEVEL": "info",
             # One user sends every message: the per-user limit would pace them.
             # (Ignored by versions without it.)
-            "BOT_USER_MESSAGES_BURST": "1000000",
+            "BOT_USER_MESSAGES_BURST": "100000",
         }
         self.log_path = store.with_suffix(".log")
         self.started = time.perf_counter()
