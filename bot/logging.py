@@ -42,7 +42,13 @@ def configure_logging(
     ]
     renderer: structlog.types.Processor
     if console:
-        renderer = structlog.dev.ConsoleRenderer()
+        renderer = structlog.dev.ConsoleRenderer(
+            # Colours only for a terminal: escape codes in a file or a pipe are noise.
+            colors=stream.isatty(),
+            # Not rich's or better-exceptions' tracebacks, which print each frame's
+            # local variables (a request's headers, the access token among them).
+            exception_formatter=structlog.dev.plain_traceback,
+        )
     else:
         # Frames without their local variables: a request's locals hold its headers,
         # the access token among them, and that must never reach a log line.

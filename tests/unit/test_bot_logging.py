@@ -183,6 +183,27 @@ def test_a_logged_traceback_carries_no_local_variables() -> None:
     assert "syt_secret_token" not in stream.getvalue()
 
 
+@pytest.mark.parametrize("stream_class", [io.StringIO, FakeTerminal])
+def test_the_console_colours_only_a_terminal_and_its_tracebacks_carry_no_locals(
+    stream_class: type[io.StringIO],
+) -> None:
+    def fails(access_token: str) -> None:
+        raise RuntimeError("refused")
+
+    token = "syt_" + "local" * 3  # built here: the traceback quotes source lines
+    with configured(log_format="console", stream=stream_class()) as stream:
+        structlog.get_logger("bot.test").warning("hello_people", room_id="!r:x")
+        try:
+            fails(token)
+        except RuntimeError:
+            structlog.get_logger("bot.test").exception("request_failed")
+
+    text = stream.getvalue()
+    assert ("\x1b[" in text) is stream.isatty()
+    assert "RuntimeError: refused" in text
+    assert token not in text
+
+
 def test_a_value_json_cannot_hold_is_logged_as_its_repr() -> None:
     class Opaque:
         def __repr__(self) -> str:
