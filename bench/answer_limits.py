@@ -29,8 +29,8 @@ import trio
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests" / "backends"))
 
+from bot.backend_settings.reading import MAX_BYTES_CEILING
 from bot.backends.model import ModelBackend, ModelError, ModelSettings
-from bot.backends.settings import MAX_BYTES_CEILING
 from bot.chats import Chat
 from bot.messages import IncomingMessage
 from matrix_api.models import EventID, RoomID

@@ -30,9 +30,9 @@ import trio
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests" / "backends"))
 
 from bot.backends.model import ModelBackend, ModelSettings
-from bot.backends.reply_sink import MatrixReplySink, open_reply_sink
 from bot.chats import Chat
 from bot.messages import IncomingMessage
+from bot.replies.reply_sink import MatrixReplySink, open_reply_sink
 from fake_openai import FakeOpenAI
 from matrix_api import MatrixClient
 from matrix_api.models import EventID, RoomID, UserID

@@ -47,9 +47,9 @@ from pathlib import Path
 from typing import Any, Literal
 from urllib.parse import urlsplit
 
-from .backends.model_settings import ModelSettings, model_settings_from_env
-from .backends.settings import SettingsError, shown_url
-from .backends.webhook_settings import WebhookSettings, webhook_settings_from_env
+from .backend_settings.model import ModelSettings, model_settings_from_env
+from .backend_settings.reading import SettingsError, shown_url
+from .backend_settings.webhook import WebhookSettings, webhook_settings_from_env
 
 __all__ = ["AllowList", "ConfigError", "Settings", "load_settings"]
 

@@ -21,7 +21,7 @@ import trio
 from matrix_api import MatrixAPIError, MatrixClient
 
 from . import __version__
-from .backends.settings import without_userinfo
+from .backend_settings.reading import without_userinfo
 from .config import Settings
 from .intake import full_state_sync
 from .reconcile import reconcile_matrix_state

@@ -18,7 +18,7 @@ from matrix_api import MatrixAPIError, MatrixClient
 from matrix_api.models import EventID, RoomID
 
 from .backends import Backend, BackendError
-from .backends.context import FAILED_KEY, Role, Turn, load_room_context, trim_context
+from .backends.context import Role, Turn, trim_context
 from .backends.streaming import ReplyOverrides, StreamingBackend
 from .chats import Chat
 from .commands import CommandContext, CommandError, Reply, parse_command, run_command
@@ -36,6 +36,7 @@ from .messages import (
 )
 from .quarantine import failure_reason, log_quarantined
 from .reconcile import RepairReport, reconcile_single_room
+from .replies.history import FAILED_KEY, load_room_context
 from .router import is_unregistered, resolve_chat_id
 from .store import InboxItem, Outcome, Store
 from .user_limits import UserLimiter, Verdict
@@ -308,7 +309,7 @@ class MessageHandler:
 
         # Here, not at the top: it brings markdown-it (1.3 MB and 30 ms of start-up),
         # which only a streaming backend needs.
-        from .backends.reply_sink import open_reply_sink
+        from .replies.reply_sink import open_reply_sink
 
         interval = self._settings.model.edit_interval_s if self._settings.model else 1.5
         async with open_reply_sink(

@@ -16,9 +16,9 @@ from dataclasses import dataclass
 from matrix_api.http import DEFAULT_LIMITS
 from matrix_api.retry import Backoff, RetryPolicy
 
+from .backend_settings.model import ModelSettings
+from .backend_settings.webhook import WebhookSettings
 from .backends.backoff import BACKEND_BACKOFF
-from .backends.model_settings import ModelSettings
-from .backends.webhook_settings import WebhookSettings
 from .config import Settings
 from .dispatch import JOB_BACKOFF
 

@@ -44,6 +44,7 @@ __all__ = [
     "ReadLimitError",
     "UnreadableEncoding",
     "cut_note",
+    "fence_after",
     "open_body",
     "read_prefix",
     "with_note",
@@ -61,14 +62,35 @@ def cut_note(why: str) -> str:
     return f"[answer cut: {why}]"
 
 
+# Markdown's fence rule (shared with `bot.replies.markdown.split_message`): a fence
+# opens or closes a code block: up to 3 spaces, then ``` or ~~~ (3 or more).
+_FENCE = re.compile(r"^ {0,3}(`{3,}|~{3,})(.*)$")
+
+
+def fence_after(text: str, open_fence: tuple[str, str] | None) -> tuple[str, str] | None:
+    """The code fence still open at the end of ``text`` (marker, info), given the one
+    open at its start."""
+    for line in text.split("\n"):
+        match = _FENCE.match(line)
+        if match is None:
+            continue
+        marker, rest = match.group(1), match.group(2)
+        if open_fence is None:
+            if marker[0] == "`" and "`" in rest:
+                continue  # not a fence: an info string may not contain backticks
+            open_fence = (marker, rest.strip())
+        elif (
+            marker[0] == open_fence[0][0] and len(marker) >= len(open_fence[0]) and not rest.strip()
+        ):
+            open_fence = None
+    return open_fence
+
+
 def with_note(text: str, note: str) -> str:
     """``text`` (cut short) followed by ``note`` in a paragraph of its own: a code block
     the cut left open is closed first, so the note is not shown as code."""
-    # markdown's own fence rule, so that the note lands where the renderer sees it.
-    from .markdown import _fence_after
-
     text = text.rstrip()
-    fence = _fence_after(text, None)
+    fence = fence_after(text, None)
     if fence is not None:
         text += f"\n{fence[0]}"
     return f"{text}\n\n{note}"

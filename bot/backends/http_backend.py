@@ -24,12 +24,12 @@ import httpx
 
 from matrix_api.h11_transport import H11Transport, ResponseLimits
 
+from ..backend_settings.model import ModelSettings
+from ..backend_settings.webhook import WebhookSettings
 from ..chats import Chat
 from ..messages import IncomingMessage
 from .context import Turn
-from .model_settings import ModelSettings
 from .streaming import NullSink, ReplyOverrides, ReplySink
-from .webhook_settings import WebhookSettings
 
 __all__ = ["MODEL_ANSWER_CEILING_S", "HTTPBackend", "model_limits", "webhook_limits"]
 

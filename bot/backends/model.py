@@ -51,6 +51,12 @@ import trio
 
 from matrix_api.h11_transport import ResponseTooLarge
 
+from ..backend_settings.model import (
+    DEFAULT_SYSTEM_PROMPT,
+    MODEL_ENV,
+    ModelSettings,
+    model_settings_from_env,
+)
 from ..chats import Chat
 from ..messages import IncomingMessage
 from .backoff import BACKEND_BACKOFF, Backoff, retry_after_from
@@ -68,7 +74,6 @@ from .bounded_read import (
 )
 from .context import Turn, trim_context
 from .http_backend import HTTPBackend, model_limits
-from .model_settings import DEFAULT_SYSTEM_PROMPT, MODEL_ENV, ModelSettings, model_settings_from_env
 from .streaming import ReplyOverrides, ReplySink
 
 __all__ = [

@@ -3,7 +3,7 @@
 `bot.backends.base.Backend` answers one message. A `StreamingBackend` also takes the
 chat's earlier turns and a `ReplySink` it tells about progress: ``typing(True)`` while
 it waits for the answer, ``partial(text_so_far)`` as the answer grows. The sink decides
-what that looks like in the room (see `bot.backends.reply_sink.MatrixReplySink`); a
+what that looks like in the room (see `bot.replies.reply_sink.MatrixReplySink`); a
 backend never talks to Matrix.
 """
 

@@ -41,6 +41,7 @@ import trio
 
 from matrix_api.h11_transport import ResponseTooLarge
 
+from ..backend_settings.webhook import WEBHOOK_ENV, WebhookSettings, webhook_settings_from_env
 from ..chats import Chat
 from ..messages import IncomingMessage
 from .backoff import BACKEND_BACKOFF, Backoff, retry_after_from
@@ -56,7 +57,6 @@ from .bounded_read import (
 from .context import Turn
 from .http_backend import HTTPBackend, webhook_limits
 from .streaming import ReplyOverrides, ReplySink
-from .webhook_settings import WEBHOOK_ENV, WebhookSettings, webhook_settings_from_env
 
 __all__ = [
     "SIGNATURE_HEADER",

@@ -10,19 +10,17 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from bot.backends.context import (
+from bot.backends.context import Turn, context_chars, trim_context
+from bot.chats import Chat
+from bot.config import AllowList, Settings
+from bot.replies.history import (
     FAILED_KEY,
     STREAMING_KEY,
-    Turn,
-    context_chars,
     find_reply,
     latest_contents,
     load_room_context,
-    trim_context,
     turns_from_history,
 )
-from bot.chats import Chat
-from bot.config import AllowList, Settings
 from matrix_api import MatrixClient, RetryPolicy
 from matrix_api.models import EventID, RoomEvent, RoomID, UserID
 

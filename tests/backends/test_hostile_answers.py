@@ -27,11 +27,11 @@ import trio
 from bot.backends.backoff import Backoff
 from bot.backends.bounded_read import PIECE_BYTES, LineSplitter, LineTooLong
 from bot.backends.http_backend import model_limits, webhook_limits
-from bot.backends.markdown import render_markdown
 from bot.backends.model import ModelBackend, ModelError, ModelSettings
 from bot.backends.webhook import WebhookBackend, WebhookError, WebhookSettings
 from bot.chats import Chat
 from bot.messages import IncomingMessage
+from bot.replies.markdown import render_markdown
 from matrix_api.h11_transport import H11Transport, ResponseLimits
 from matrix_api.models import EventID, RoomID
 from mini_http import HTTPRequest, Responder, serve_http

@@ -6,7 +6,7 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from bot.backends.markdown import (
+from bot.replies.markdown import (
     DEFAULT_PART_BYTES,
     formatted_or_none,
     render_markdown,

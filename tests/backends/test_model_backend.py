@@ -19,6 +19,7 @@ import httpx
 import pytest
 import trio
 
+from bot.backend_settings.reading import SettingsError
 from bot.backends.backoff import BACKEND_BACKOFF, Backoff
 from bot.backends.base import BackendError
 from bot.backends.context import Turn
@@ -29,7 +30,6 @@ from bot.backends.model import (
     SSEParser,
     model_settings_from_env,
 )
-from bot.backends.settings import SettingsError
 from bot.backends.streaming import ReplyOverrides, StreamingBackend
 from bot.chats import Chat
 from bot.messages import IncomingMessage

@@ -13,17 +13,17 @@ import pytest
 import trio
 import trio.testing
 
-from bot.backends.context import FAILED_KEY, STREAMING_KEY
-from bot.backends.markdown import split_message
 from bot.backends.model import ModelBackend, ModelError, ModelSettings
-from bot.backends.reply_sink import (
+from bot.chats import Chat
+from bot.messages import IncomingMessage, reply_txn_id
+from bot.replies.history import FAILED_KEY, STREAMING_KEY
+from bot.replies.markdown import split_message
+from bot.replies.reply_sink import (
     MAX_CONTENT_BYTES,
     MatrixReplySink,
     edit_content,
     open_reply_sink,
 )
-from bot.chats import Chat
-from bot.messages import IncomingMessage, reply_txn_id
 from fake_openai import API_KEY, FakeOpenAI, Script
 from matrix_api.models import EventID
 from matrix_fake import ROOM, SOURCE, FakeRoom

@@ -6,7 +6,7 @@ import pytest
 import trio
 import trio.testing
 
-from bot.backends.throttle import EditThrottler, open_edit_throttler
+from bot.replies.throttle import EditThrottler, open_edit_throttler
 
 
 class Edits:

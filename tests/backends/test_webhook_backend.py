@@ -16,9 +16,9 @@ import httpx
 import pytest
 import trio
 
+from bot.backend_settings.reading import SettingsError
 from bot.backends.backoff import Backoff
 from bot.backends.context import Turn
-from bot.backends.settings import SettingsError
 from bot.backends.streaming import StreamingBackend
 from bot.backends.webhook import (
     SIGNATURE_HEADER,

@@ -17,9 +17,9 @@ import pytest
 import trio
 
 from bot.backends import EchoBackend
-from bot.backends.context import FAILED_KEY
 from bot.chats import marker_content
 from bot.config import Settings
+from bot.replies.history import FAILED_KEY
 from bot.runtime import Phase
 from bot.store import Store
 from fake_homeserver import ALICE, BASE_TS, FakeHomeserver, text_event

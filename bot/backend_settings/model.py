@@ -1,7 +1,8 @@
 """The ``model`` backend's settings: the ``[model]`` table and the ``MODEL_*`` variables.
 
-Apart from `bot.backends.model` so that reading the configuration does not import
-the backend (and what it needs) when another backend is chosen.
+Apart from `bot.backends.model` (which re-exports them), below both it and `bot.config`:
+reading the configuration does not import the backend (and what it needs) when another
+backend is chosen.
 """
 
 from __future__ import annotations
@@ -11,7 +12,7 @@ from dataclasses import dataclass, field
 from typing import Any
 from urllib.parse import urlsplit
 
-from .settings import DEFAULT_MAX_ANSWER_CHARS, MAX_BYTES_CEILING, FieldReader, values_from_env
+from .reading import DEFAULT_MAX_ANSWER_CHARS, MAX_BYTES_CEILING, FieldReader, values_from_env
 
 __all__ = ["DEFAULT_SYSTEM_PROMPT", "MODEL_ENV", "ModelSettings", "model_settings_from_env"]
 
@@ -75,7 +76,7 @@ class ModelSettings:
     def from_mapping(cls, values: Mapping[str, Any]) -> ModelSettings:
         """Validate ``values`` (the ``[model]`` table, env values overlaid).
 
-        Raises `bot.backends.settings.SettingsError` listing every bad or unknown key,
+        Raises `bot.backend_settings.reading.SettingsError` listing every bad or unknown key,
         each named as ``model.<key> (<ENV_VAR>)``; the API key's value is never shown.
         """
         read = FieldReader("model", values, MODEL_ENV)

@@ -22,7 +22,7 @@ the same reply event back and edits it. Edits use fresh transaction ids (a re-ru
 differs; the newest edit is what clients show), and the final edit is the last one sent.
 A reply started before the crash is passed back as ``existing_event_id`` so that the
 re-run edits it even when the server has forgotten the transaction;
-`bot.backends.context.find_reply` finds it in the room when the store lost it.
+`bot.replies.history.find_reply` finds it in the room when the store lost it.
 A failure notice (`MatrixReplySink.fail`) is marked with `FAILED_KEY`, so a rebuilt
 context leaves it out.
 """
@@ -39,9 +39,9 @@ import structlog
 from matrix_api import MatrixAPIError, MatrixClient, new_txn_id
 from matrix_api.models import EventID, RoomID
 
+from ..backends.bounded_read import cut_note
 from ..messages import notice, reply_txn_id
-from .bounded_read import cut_note
-from .context import FAILED_KEY, STREAMING_KEY
+from .history import FAILED_KEY, STREAMING_KEY
 from .markdown import DEFAULT_PART_BYTES, formatted_or_none, split_message
 from .throttle import EditThrottler, open_edit_throttler
 
@@ -54,7 +54,7 @@ __all__ = [
     "open_reply_sink",
 ]
 
-log = structlog.get_logger("bot.backends.reply_sink")
+log = structlog.get_logger("bot.replies.reply_sink")
 
 MAX_CONTENT_BYTES = 60_000
 """Largest event content sent (the whole event, signatures included, must stay under

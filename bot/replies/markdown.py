@@ -15,7 +15,6 @@ the end of one part and reopened at the start of the next.
 
 from __future__ import annotations
 
-import re
 from collections.abc import Sequence
 from typing import Any
 
@@ -24,6 +23,8 @@ from markdown_it.common.utils import escapeHtml
 from markdown_it.renderer import RendererHTML
 from markdown_it.token import Token
 from markdown_it.utils import EnvType, OptionsDict
+
+from ..backends.bounded_read import fence_after
 
 __all__ = ["DEFAULT_PART_BYTES", "formatted_or_none", "render_markdown", "split_message"]
 
@@ -85,29 +86,6 @@ def formatted_or_none(text: str) -> str | None:
     return html
 
 
-# A fence opens or closes a code block: up to 3 spaces, then ``` or ~~~ (3 or more).
-_FENCE = re.compile(r"^ {0,3}(`{3,}|~{3,})(.*)$")
-
-
-def _fence_after(text: str, open_fence: tuple[str, str] | None) -> tuple[str, str] | None:
-    """The code fence still open at the end of ``text`` (marker, info), given the one
-    open at its start."""
-    for line in text.split("\n"):
-        match = _FENCE.match(line)
-        if match is None:
-            continue
-        marker, rest = match.group(1), match.group(2)
-        if open_fence is None:
-            if marker[0] == "`" and "`" in rest:
-                continue  # not a fence: an info string may not contain backticks
-            open_fence = (marker, rest.strip())
-        elif (
-            marker[0] == open_fence[0][0] and len(marker) >= len(open_fence[0]) and not rest.strip()
-        ):
-            open_fence = None
-    return open_fence
-
-
 def _utf8_len(text: str) -> int:
     return len(text.encode("utf-8"))
 
@@ -152,7 +130,7 @@ def split_message(text: str, limit: int = DEFAULT_PART_BYTES) -> list[str]:
         while True:
             end, start = _cut(rest, budget)
             piece = rest[:end]
-            still_open = _fence_after(piece, fence)
+            still_open = fence_after(piece, fence)
             closing = f"\n{still_open[0]}" if still_open is not None else ""
             part = prefix + piece.rstrip(" ") + closing
             overflow = _utf8_len(part) - limit

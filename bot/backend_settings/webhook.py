@@ -1,7 +1,8 @@
 """The ``webhook`` backend's settings: the ``[webhook]`` table and ``WEBHOOK_*``.
 
-Apart from `bot.backends.webhook` so that reading the configuration does not import
-the backend when another backend is chosen.
+Apart from `bot.backends.webhook` (which re-exports them), below both it and
+`bot.config`: reading the configuration does not import the backend when another
+backend is chosen.
 """
 
 from __future__ import annotations
@@ -10,7 +11,7 @@ from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
-from .settings import DEFAULT_MAX_ANSWER_CHARS, MAX_BYTES_CEILING, FieldReader, values_from_env
+from .reading import DEFAULT_MAX_ANSWER_CHARS, MAX_BYTES_CEILING, FieldReader, values_from_env
 
 __all__ = ["MIN_SECRET", "WEBHOOK_ENV", "WebhookSettings", "webhook_settings_from_env"]
 
