@@ -49,6 +49,7 @@ from urllib.parse import urlsplit
 
 from .backend_settings.model import ModelSettings, model_settings_from_env
 from .backend_settings.reading import SettingsError, shown_url
+from .backend_settings.timeouts import BACKEND_TIMEOUT_S, MODEL_ANSWER_CEILING_S
 from .backend_settings.webhook import WebhookSettings, webhook_settings_from_env
 
 __all__ = ["AllowList", "ConfigError", "Settings", "load_settings"]
@@ -109,7 +110,7 @@ class Settings:
     """Whether the admins are exempt from the two limits above."""
     drain_timeout_s: float = 10.0
     backend: str = "echo"
-    backend_timeout_s: float = 300.0
+    backend_timeout_s: float = BACKEND_TIMEOUT_S
     """The longest one reply may take, retries included; then the user is told."""
     max_reply_parts: int = 16
     """The most messages one answer may become; past that it is cut, with a note."""
@@ -354,7 +355,9 @@ def _validate(raw: dict[tuple[str, str], Any], problems: list[str]) -> Settings 
     max_chats = whole(("bot", "max_chats_per_user"), 50, 1, 100_000)
     exempt_admins = flag(("bot", "limits_exempt_admins"), False)
     drain = number(("bot", "drain_timeout_s"), 10.0, 0, 600)
-    backend_timeout = number(("bot", "backend_timeout_s"), 300.0, 1, 3600)
+    backend_timeout = number(
+        ("bot", "backend_timeout_s"), BACKEND_TIMEOUT_S, 1, MODEL_ANSWER_CEILING_S
+    )
     max_parts = number(("bot", "max_reply_parts"), 16, 1, 1000)
     if max_parts != int(max_parts):
         problems.append(f"{_name(('bot', 'max_reply_parts'))}: expected a whole number")

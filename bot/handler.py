@@ -17,6 +17,7 @@ import trio
 from matrix_api import MatrixAPIError, MatrixClient
 from matrix_api.models import EventID, RoomID
 
+from .backend_settings.model import ModelSettings
 from .backends import Backend, BackendError
 from .backends.context import Role, Turn, trim_context
 from .backends.streaming import ReplyOverrides, StreamingBackend
@@ -83,9 +84,7 @@ class MessageHandler:
         self._streaming = backend if isinstance(backend, StreamingBackend) else None
         # A timeout is a cancel scope per message, about 7% of an echoed message's
         # instructions; a backend that waits on nothing (see `Backend`) goes without.
-        self._backend_timeout_s = (
-            None if getattr(backend, "instant", False) else settings.backend_timeout_s
-        )
+        self._instant = bool(getattr(backend, "instant", False))
         # Shared by every room's lane, served in turn (trio's limiter is first come,
         # first served): rooms with work take turns at the backend, and nothing else
         # (commands, notices, Matrix sends) waits for it. An instant backend waits on
@@ -270,7 +269,7 @@ class MessageHandler:
             log.warning("backend_failed", backend=self._backend.name, error=str(exc))
             await self._reply(item, Reply(exc.user_message), "failed")
             return True
-        if text is None:
+        except trio.TooSlowError:
             log.warning("backend_timed_out", backend=self._backend.name)
             await self._reply(item, Reply(BACKEND_TIMEOUT_NOTICE), "failed")
             return True
@@ -278,16 +277,15 @@ class MessageHandler:
         log.info("message_handled", backend=self._backend.name)
         return True
 
-    async def _ask(self, chat: Chat, message: IncomingMessage) -> str | None:
-        """The backend's reply, or None when it took longer than allowed."""
-        if self._backend_timeout_s is None:
+    async def _ask(self, chat: Chat, message: IncomingMessage) -> str:
+        """The backend's reply; raises `trio.TooSlowError` past ``backend_timeout_s``."""
+        if self._instant:
             return await self._backend.reply(chat, message)
-        # The timeout is the backend's own time, not the wait for a slot.
+        # The timeout is the backend's own time, not the wait for a slot (the same
+        # style for every backend: `bot.backend_settings.timeouts`).
         async with self._answer_slots:
-            # A bare cancel scope: `fail_after` wraps one in a generator, per message.
-            with trio.move_on_after(self._backend_timeout_s):
+            with trio.fail_after(self._settings.backend_timeout_s):
                 return await self._backend.reply(chat, message)
-        return None
 
     async def _answer_in_conversation(
         self, item: InboxItem, chat: Chat, message: IncomingMessage, backend: StreamingBackend
@@ -311,7 +309,8 @@ class MessageHandler:
         # which only a streaming backend needs.
         from .replies.reply_sink import open_reply_sink
 
-        interval = self._settings.model.edit_interval_s if self._settings.model else 1.5
+        model = self._settings.model
+        interval = model.edit_interval_s if model else ModelSettings.edit_interval_s
         async with open_reply_sink(
             self._client,
             item.room_id,
@@ -328,10 +327,12 @@ class MessageHandler:
                             chat, message, context, sink, overrides=overrides
                         )
             except (BackendError, trio.TooSlowError) as exc:
-                user_message = (
-                    exc.user_message if isinstance(exc, BackendError) else BACKEND_TIMEOUT_NOTICE
-                )
-                log.warning("backend_failed", backend=backend.name, error=str(exc))
+                if isinstance(exc, BackendError):
+                    user_message = exc.user_message
+                    log.warning("backend_failed", backend=backend.name, error=str(exc))
+                else:
+                    user_message = BACKEND_TIMEOUT_NOTICE
+                    log.warning("backend_timed_out", backend=backend.name)
                 reply_id = await sink.fail(user_message, getattr(exc, "partial", ""))
                 await self._store.finish(item, "failed", reply_id)
                 return True
@@ -350,7 +351,8 @@ class MessageHandler:
         """The chat's earlier turns: from the store, or rebuilt from the room's
         history once when the store does not have them (a lost store loses no
         context)."""
-        budget = self._settings.model.context_budget_chars if self._settings.model else 24_000
+        model = self._settings.model
+        budget = model.context_budget_chars if model else ModelSettings.context_budget_chars
         stored = await self._store.conversation(chat.chat_id)
         if stored is None:
             try:

@@ -13,6 +13,7 @@ from typing import Any
 from urllib.parse import urlsplit
 
 from .reading import DEFAULT_MAX_ANSWER_CHARS, MAX_BYTES_CEILING, FieldReader, values_from_env
+from .timeouts import MODEL_ANSWER_CEILING_S, MODEL_REQUEST_TIMEOUT_S
 
 __all__ = ["DEFAULT_SYSTEM_PROMPT", "MODEL_ENV", "ModelSettings", "model_settings_from_env"]
 
@@ -49,7 +50,7 @@ class ModelSettings:
     system_prompt: str = DEFAULT_SYSTEM_PROMPT
     temperature: float | None = None
     max_tokens: int | None = None
-    request_timeout_s: float = 120.0
+    request_timeout_s: float = MODEL_REQUEST_TIMEOUT_S
     """The longest the server may stay silent: before its answer starts, and between
     two pieces of a streamed answer (a whole non-streamed answer must come within it)."""
     stream: bool = True
@@ -79,6 +80,7 @@ class ModelSettings:
         Raises `bot.backend_settings.reading.SettingsError` listing every bad or unknown key,
         each named as ``model.<key> (<ENV_VAR>)``; the API key's value is never shown.
         """
+        # Each default is the field's own (one place); `cls.<field>` reads it.
         read = FieldReader("model", values, MODEL_ENV)
         base_url = read.url("base_url", required=True)
         model = read.text("model", required=True)
@@ -91,18 +93,22 @@ class ModelSettings:
             system_prompt = DEFAULT_SYSTEM_PROMPT
         temperature = read.number("temperature", None, 0.0, 2.0)
         max_tokens = read.whole("max_tokens", None, 1, 1_000_000)
-        timeout = read.number("request_timeout_s", 120.0, 0.1, 3600.0)
-        stream = read.flag("stream", True)
-        interval = read.number("edit_interval_s", 1.5, 0.1, 60.0)
-        budget = read.whole("context_budget_chars", 24_000, 100, 10_000_000)
-        max_bytes = read.whole("max_response_bytes", 16 << 20, 1024, MAX_BYTES_CEILING)
-        max_line = read.whole("max_line_bytes", 1 << 20, 1024, MAX_BYTES_CEILING)
+        timeout = read.number(
+            "request_timeout_s", cls.request_timeout_s, 0.1, MODEL_ANSWER_CEILING_S
+        )
+        stream = read.flag("stream", cls.stream)
+        interval = read.number("edit_interval_s", cls.edit_interval_s, 0.1, 60.0)
+        budget = read.whole("context_budget_chars", cls.context_budget_chars, 100, 10_000_000)
+        max_bytes = read.whole(
+            "max_response_bytes", cls.max_response_bytes, 1024, MAX_BYTES_CEILING
+        )
+        max_line = read.whole("max_line_bytes", cls.max_line_bytes, 1024, MAX_BYTES_CEILING)
         if max_bytes is not None and max_line is not None and max_line > max_bytes:
             read.problems.append(
                 f"{read.name('max_line_bytes')}: must not be more than "
                 f"{read.name('max_response_bytes')} ({max_bytes})"
             )
-        max_chars = read.whole("max_answer_chars", DEFAULT_MAX_ANSWER_CHARS, 100, 10_000_000)
+        max_chars = read.whole("max_answer_chars", cls.max_answer_chars, 100, 10_000_000)
         read.raise_if_problems()
         assert base_url is not None
         assert model is not None

@@ -12,6 +12,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from .reading import DEFAULT_MAX_ANSWER_CHARS, MAX_BYTES_CEILING, FieldReader, values_from_env
+from .timeouts import WEBHOOK_TIMEOUT_S
 
 __all__ = ["MIN_SECRET", "WEBHOOK_ENV", "WebhookSettings", "webhook_settings_from_env"]
 
@@ -32,7 +33,7 @@ WEBHOOK_ENV: dict[str, str] = {
 class WebhookSettings:
     url: str
     secret: str = field(repr=False)
-    timeout_s: float = 30.0
+    timeout_s: float = WEBHOOK_TIMEOUT_S
     """The longest one attempt may take, from connecting to the whole answer."""
     context_turns: int = 20
     """How many recent turns go with each message."""
@@ -46,15 +47,18 @@ class WebhookSettings:
     def from_mapping(cls, values: Mapping[str, Any]) -> WebhookSettings:
         """Validate ``values`` (the ``[webhook]`` table, env values overlaid); raises
         `SettingsError` naming each bad key. The secret's value is never shown."""
+        # Each default is the field's own (one place); `cls.<field>` reads it.
         read = FieldReader("webhook", values, WEBHOOK_ENV)
         url = read.url("url", required=True)
         secret = read.text("secret", required=True, secret=True, strip=False)
         if secret is not None and len(secret) < MIN_SECRET:
             read.problems.append(f"{read.name('secret')}: at least {MIN_SECRET} characters")
-        timeout = read.number("timeout_s", 30.0, 0.1, 600.0)
-        turns = read.whole("context_turns", 20, 0, 1000)
-        max_bytes = read.whole("max_response_bytes", 4 << 20, 1024, MAX_BYTES_CEILING)
-        max_chars = read.whole("max_answer_chars", DEFAULT_MAX_ANSWER_CHARS, 100, 10_000_000)
+        timeout = read.number("timeout_s", cls.timeout_s, 0.1, 600.0)
+        turns = read.whole("context_turns", cls.context_turns, 0, 1000)
+        max_bytes = read.whole(
+            "max_response_bytes", cls.max_response_bytes, 1024, MAX_BYTES_CEILING
+        )
+        max_chars = read.whole("max_answer_chars", cls.max_answer_chars, 100, 10_000_000)
         read.raise_if_problems()
         assert url is not None
         assert secret is not None

@@ -25,6 +25,7 @@ import httpx
 from matrix_api.h11_transport import H11Transport, ResponseLimits
 
 from ..backend_settings.model import ModelSettings
+from ..backend_settings.timeouts import MODEL_ANSWER_CEILING_S
 from ..backend_settings.webhook import WebhookSettings
 from ..chats import Chat
 from ..messages import IncomingMessage
@@ -32,11 +33,6 @@ from .context import Turn
 from .streaming import NullSink, ReplyOverrides, ReplySink
 
 __all__ = ["MODEL_ANSWER_CEILING_S", "HTTPBackend", "model_limits", "webhook_limits"]
-
-MODEL_ANSWER_CEILING_S = 3600.0
-"""The longest one model answer may take, streamed or not: the most `bot.backend_timeout_s`
-may be set to (the handler's deadline, 300 s by default, normally comes first). Between
-two pieces of an answer the wait is `ModelSettings.request_timeout_s`."""
 
 
 def model_limits(settings: ModelSettings) -> ResponseLimits:
