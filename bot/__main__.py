@@ -158,6 +158,9 @@ def main(argv: Sequence[str] | None = None) -> int:
             return trio.run(lambda: reset_server(settings, apply=args.yes, say=_say))
         from .doctor import run_doctor
 
+        # The report is the output: the library's info and warning lines (a retried
+        # request, a gap filled while reading the server) would only interleave with it.
+        configure_logging("error", settings.log_format)
         return trio.run(run_doctor, settings, _say)
     except AuthError as exc:
         print(f"error: {exc}", file=sys.stderr)

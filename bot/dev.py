@@ -9,8 +9,11 @@ as usual) and then the homeserver.
 from __future__ import annotations
 
 import json
+import os
 import secrets
+import shlex
 import sys
+import time
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
@@ -20,7 +23,7 @@ from matrix_api.testing.synapse import SynapseServer
 
 from .config import AllowList, Settings
 
-__all__ = ["DevAccounts", "dev_settings", "run_dev"]
+__all__ = ["DevAccounts", "dev_settings", "maintenance_command", "run_dev"]
 
 DEFAULT_DATA_DIR = Path(".surfaces-dev")
 BOT_LOCALPART = "surfaces-bot"
@@ -43,8 +46,10 @@ def _accounts(hs: SynapseServer, data_dir: Path) -> DevAccounts:
     bot = hs.register_user(BOT_LOCALPART, secrets.token_urlsafe(12))
     user = hs.register_user(USER_LOCALPART, secrets.token_urlsafe(9))
     accounts = DevAccounts(bot.user_id, bot.password, user.user_id, user.password)
-    path.write_text(json.dumps(accounts.__dict__, indent=2))
-    path.chmod(0o600)
+    # Created 0600: never readable by others, not even between a write and a chmod.
+    descriptor = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+    with os.fdopen(descriptor, "w") as file:
+        file.write(json.dumps(accounts.__dict__, indent=2))
     return accounts
 
 
@@ -60,15 +65,34 @@ def dev_settings(hs: SynapseServer, accounts: DevAccounts, data_dir: Path) -> Se
     )
 
 
+def maintenance_command(settings: Settings, command: str) -> str:
+    """The shell line that runs ``python -m bot <command>`` against this dev setup."""
+    env = {
+        "MATRIX_HOMESERVER": settings.homeserver,
+        "MATRIX_USER_ID": settings.user_id,
+        "MATRIX_PASSWORD": settings.password or "",
+        "BOT_STORE_PATH": str(settings.store_path),
+    }
+    assignments = " ".join(f"{name}={shlex.quote(value)}" for name, value in env.items())
+    return f"{assignments} {shlex.quote(sys.executable)} -m bot {command}"
+
+
 def run_dev(data_dir: Path, serve: Callable[[Settings], int], out: TextIO = sys.stdout) -> int:
     """Start Synapse in ``data_dir``, make the accounts, print how to connect, and
     run ``serve(settings)`` (the CLI's service runner) until it returns its exit code.
     The homeserver is stopped whatever happens."""
     data_dir = data_dir.absolute()
     data_dir.mkdir(parents=True, exist_ok=True)
+    started = time.monotonic()
+    out.write(
+        "surfaces-bot dev: starting a local Synapse in "
+        f"{data_dir} (the first time, installing it takes a minute or two) ...\n"
+    )
+    out.flush()
     with SynapseServer(data_dir / "synapse") as hs:
         accounts = _accounts(hs, data_dir)
         settings = dev_settings(hs, accounts, data_dir)
+        out.write(f"surfaces-bot dev: Synapse is up after {time.monotonic() - started:.0f} s.\n")
         out.write(
             "\n".join(
                 [
@@ -82,6 +106,10 @@ def run_dev(data_dir: Path, serve: Callable[[Settings], int], out: TextIO = sys.
                     "Log in with any Matrix client (e.g. Element: 'Sign in', edit the "
                     "homeserver), create a room and invite the bot. Ctrl-C stops everything.",
                     f"Everything is kept in {data_dir}.",
+                    "",
+                    "To check on the bot or reset it, in another terminal while this runs:",
+                    f"  {maintenance_command(settings, 'doctor')}",
+                    f"  {maintenance_command(settings, 'reset --local')}  (after Ctrl-C)",
                     "",
                     "",
                 ]

@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import os
 import re
+import shlex
 import signal
 import subprocess
 import sys
@@ -158,6 +160,31 @@ def test_dev_starts_a_homeserver_and_the_bot_and_stops_both_on_ctrl_c(tmp_path: 
 
         assert trio.run(log_in_as_the_printed_user) == user.group(1)
         synapse_pid = int((data_dir / "synapse" / "synapse.pid").read_text())
+        # What a newcomer sees: what it is doing while it starts, logs without colour
+        # codes in a file, the accounts file private from its creation, and a doctor
+        # command that works as printed.
+        assert text.index("starting a local Synapse") < text.index("Synapse is up after")
+        assert "\x1b[" not in text
+        assert (data_dir / "accounts.json").stat().st_mode & 0o777 == 0o600
+        doctor_line = next(
+            line.strip() for line in text.splitlines() if line.strip().endswith(" -m bot doctor")
+        )
+        *assignments, python, dash_m, module, command = shlex.split(doctor_line)
+        assert (dash_m, module, command) == ("-m", "bot", "doctor")
+        env = {k: v for k, v in os.environ.items() if not k.startswith(("MATRIX_", "BOT_"))}
+        env.update(assignment.split("=", 1) for assignment in assignments)
+        doctor = subprocess.run(
+            [python, "-m", "bot", "doctor"],
+            env=env,
+            capture_output=True,
+            text=True,
+            timeout=120,
+            check=False,
+            stdin=subprocess.DEVNULL,
+        )
+        assert doctor.returncode == 0, doctor.stdout + doctor.stderr
+        assert doctor.stderr == ""
+        assert "chats" in doctor.stdout
 
         proc.send_signal(signal.SIGINT)
         assert proc.wait(timeout=60) == 0, log.read_text()

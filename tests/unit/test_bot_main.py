@@ -134,3 +134,30 @@ def test_an_unusable_store_exits_3_before_any_request(
     assert str(store) in err
     assert "syt_secret_token_value" not in err
     assert store.read_bytes() == before
+
+
+def test_doctor_prints_its_report_and_no_log_lines(
+    capsys: pytest.CaptureFixture[str],
+    monkeypatch: pytest.MonkeyPatch,
+    restore_logging: None,
+    tmp_path: Path,
+) -> None:
+    import bot.doctor
+
+    async def fake_doctor(settings: object, say: object) -> int:
+        structlog.get_logger("bot.test").warning("matrix_request_retry", attempt=1)
+        logging.getLogger("lib").warning("a library speaks")
+        say("store: 3 chats")  # type: ignore[operator]
+        return 0
+
+    monkeypatch.setattr(bot.doctor, "run_doctor", fake_doctor)
+    monkeypatch.setenv("MATRIX_HOMESERVER", "https://hs.invalid")
+    monkeypatch.setenv("MATRIX_USER_ID", "@bot:hs.invalid")
+    monkeypatch.setenv("MATRIX_ACCESS_TOKEN", "t")
+    monkeypatch.setenv("BOT_STORE_PATH", str(tmp_path / "s.sqlite3"))
+
+    assert main(["doctor"]) == 0
+
+    out, err = capsys.readouterr()
+    assert out == "store: 3 chats\n"
+    assert err == ""
