@@ -148,6 +148,8 @@ async def test_slow_reconciliation_holds_back_the_sync_loop_and_the_pending_inbo
         # Bounded, so that a runtime in the wrong order fails on the assertions below.
         with trio.move_on_after(300):
             await until_handled(bot.store, "$down")
+            # The sync loop starts beside the lanes: wait for its first request too.
+            await hs.wait_for(lambda call: call.endpoint == "long_poll")
         assert bot.store.chat_by_id("c_gone") is None
         assert bot.store.chat_by_id("c_home") == home
 
