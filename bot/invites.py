@@ -172,6 +172,7 @@ class InviteHandler:
             return
 
         chat = self._store.chat_for_room(room_id) or await self._marked_chat(room_id)
+        fresh = chat is None
         if chat is None:
             chat = Chat(
                 chat_id=new_chat_id(),
@@ -183,6 +184,10 @@ class InviteHandler:
             await write_marker(self._client, chat)
         await self._client.join_room(room_id)
         await self._store.apply_chats(put=[chat])
+        if fresh:
+            # A chat made just now has no history to rebuild from the room: its first
+            # message need not page through /messages (a store lost later rebuilds).
+            await self._store.replace_conversation(chat.chat_id, [])
         greeting = Reply(GREETING)
         if item.event.content.get("encrypted") is True:
             greeting = await offer_unencrypted_chat(

@@ -101,6 +101,8 @@ async def create_chat(
     chat = Chat(room.chat_id, room.room_id, owner, title, room.created_ts, space_id=space_id)
     await write_marker(client, chat)
     await store.apply_chats(put=[chat])
+    # A new room has no history to rebuild: its first message need not read the room.
+    await store.replace_conversation(chat.chat_id, [])
     await link_to_space(client, space_id, chat.room_id, server_name)
     log.info("chat_created", owner=owner, chat_id=chat.chat_id, room_id=chat.room_id)
     return chat

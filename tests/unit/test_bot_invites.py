@@ -348,3 +348,5 @@ async def test_a_clear_invite_from_an_allowed_user_is_still_accepted(store: Stor
     assert chat.owner == ALICE
     assert chat.title == f"Chat with {ALICE}"
     assert await store.pending() == []
+    # A chat made now has no history: its first message will not read the room for it.
+    assert await store.conversation(chat.chat_id) == []

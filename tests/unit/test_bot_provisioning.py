@@ -113,6 +113,9 @@ async def test_each_message_gets_its_own_room(store: Store) -> None:
 
     assert one.room_id != two.room_id
     assert len([name for name, _ in stub.calls if name == "create_room"]) == 2
+    # New rooms have no history: their first messages will not read the room for it.
+    assert await store.conversation(one.chat_id) == []
+    assert await store.conversation(two.chat_id) == []
 
 
 async def test_the_record_goes_with_the_finished_item(store: Store) -> None:
