@@ -23,6 +23,7 @@ async def run(ctx: CommandContext, args: str) -> Reply:
     refusal = await _over_the_cap(ctx)
     if refusal is not None:
         return refusal
+    had_space = ctx.store.space_for(ctx.sender) is not None
     chat = await create_chat(
         ctx.client,
         ctx.store,
@@ -32,10 +33,18 @@ async def run(ctx: CommandContext, args: str) -> Reply:
         request=ctx.event_id,
     )
     link = matrix_to(chat.room_id, ctx.settings.server_name)
-    return Reply(
-        f"Created the chat “{title}”: {link} (you are invited).",
-        f'Created the chat <a href="{escape(link)}">{escape(title)}</a> (you are invited).',
-    )
+    text = f"Created the chat “{title}”: {link} (you are invited)."
+    html = f'Created the chat <a href="{escape(link)}">{escape(title)}</a> (you are invited).'
+    if not had_space and chat.space_id is not None:
+        # The first chat made this way also made the user's Space: a second invite
+        # arrives, and the user should know what it is.
+        space = matrix_to(chat.space_id, ctx.settings.server_name)
+        text += f" It is in your new Space, where your chats are kept: {space} (invited too)."
+        html += (
+            f' It is in your new <a href="{escape(space)}">Space</a>, where your chats are'
+            " kept (invited too)."
+        )
+    return Reply(text, html)
 
 
 async def _over_the_cap(ctx: CommandContext) -> Reply | None:

@@ -9,6 +9,9 @@ from typing import cast
 import pytest
 
 from bot.chats import CHAT_MARKER, Chat, now_ms
+from bot.commands import CommandContext, run_command
+from bot.commands.parser import ParsedCommand
+from bot.config import Settings
 from bot.encryption import offer_unencrypted_chat
 from bot.provisioning import create_chat
 from bot.store import NewInboxItem, Provisioned, Store
@@ -180,3 +183,29 @@ async def test_a_new_chat_is_created_at_the_servers_time(
         assert chat.created_ts == server_clock
     [(_, content)] = markers(stub)
     assert content["created_ts"] == chat.created_ts
+
+
+async def test_new_names_the_space_invite_only_when_it_made_the_space(store: Store) -> None:
+    carol = f"@carol:{STUB_SERVER}"  # no Space yet (the store fixture gives Alice one)
+    assert store.space_for(carol) is None
+    here = Chat("c_here", RoomID(f"!here:{STUB_SERVER}"), carol, "Here", 1_000)
+    await store.apply_chats(put=[here])
+    stub = StubClient()
+    ctx = CommandContext(
+        client=client(stub),
+        store=store,
+        settings=Settings(homeserver=f"https://{STUB_SERVER}", user_id=BOT, access_token="t"),
+        backend_name="echo",
+        room_id=here.room_id,
+        sender=carol,
+        chat=here,
+    )
+
+    first = await run_command(ctx, ParsedCommand("new", "One"))
+    second = await run_command(ctx, ParsedCommand("new", "Two"))
+
+    space_id = store.space_for(carol)
+    assert space_id is not None
+    assert "Space" in first.body
+    assert f"matrix.to/#/{space_id}" in first.body
+    assert "Space" not in second.body
