@@ -384,9 +384,9 @@ class MessageHandler:
         reason: str | None = None,
         mention: str | None = None,
     ) -> EventID:
-        content = notice(reply.body, reply_to=item.event_id, formatted_body=reply.html)
-        if mention is not None:
-            content["m.mentions"] = {"user_ids": [mention]}
+        content = notice(
+            reply.body, reply_to=item.event_id, formatted_body=reply.html, mention=mention
+        )
         if outcome != "replied":
             # Not an answer: a conversation rebuilt from the room leaves the exchange out.
             content[FAILED_KEY] = True

@@ -114,14 +114,21 @@ def parse_incoming(event: RoomEvent, bot_user_id: str) -> IncomingMessage | None
 
 
 def notice(
-    body: str, *, reply_to: EventID | None = None, formatted_body: str | None = None
+    body: str,
+    *,
+    reply_to: EventID | None = None,
+    formatted_body: str | None = None,
+    mention: str | None = None,
 ) -> dict[str, Any]:
     """An ``m.notice`` content, as a rich reply when ``reply_to`` is given.
 
     ``formatted_body`` must already be safe HTML; without it the plain ``body`` is
-    all there is (no HTML is derived from user text here).
+    all there is (no HTML is derived from user text here). ``mention`` is a user id
+    the notice is meant to notify (``m.mentions``).
     """
     content: dict[str, Any] = {"msgtype": "m.notice", "body": body}
+    if mention is not None:
+        content["m.mentions"] = {"user_ids": [mention]}
     if formatted_body is not None:
         content["format"] = "org.matrix.custom.html"
         content["formatted_body"] = formatted_body
