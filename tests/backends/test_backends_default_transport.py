@@ -112,6 +112,23 @@ class Outcome:
         self.requests = 0
 
 
+async def _measured_reply(
+    backend: ModelBackend | WebhookBackend,
+    outcome: Outcome,
+    error_type: type[ModelError] | type[WebhookError],
+) -> None:
+    """The answer or the backend's error into ``outcome``, with the peak of Python
+    allocations while it was asked."""
+    tracemalloc.start()
+    try:
+        outcome.answer = await backend.reply(CHAT, MESSAGE)
+    except error_type as exc:
+        outcome.error = exc
+    finally:
+        outcome.peak = tracemalloc.get_traced_memory()[1]
+        tracemalloc.stop()
+
+
 async def ask_model(handler: Handler, **changes: Any) -> Outcome:
     values: dict[str, Any] = {
         "model": "m",
@@ -127,14 +144,7 @@ async def ask_model(handler: Handler, **changes: Any) -> Outcome:
         async with hostile(handler) as server:
             settings = ModelSettings.from_mapping({"base_url": f"{server.url}/v1", **values})
             async with ModelBackend(settings, backoff=FAST) as backend:
-                tracemalloc.start()
-                try:
-                    outcome.answer = await backend.reply(CHAT, MESSAGE)
-                except ModelError as exc:
-                    outcome.error = exc
-                finally:
-                    outcome.peak = tracemalloc.get_traced_memory()[1]
-                    tracemalloc.stop()
+                await _measured_reply(backend, outcome, ModelError)
             outcome.requests = server.requests
     return outcome
 
@@ -152,14 +162,7 @@ async def ask_webhook(handler: Handler, **changes: Any) -> Outcome:
         async with hostile(handler) as server:
             settings = WebhookSettings.from_mapping({"url": f"{server.url}/hook", **values})
             async with WebhookBackend(settings, backoff=FAST) as backend:
-                tracemalloc.start()
-                try:
-                    outcome.answer = await backend.reply(CHAT, MESSAGE)
-                except WebhookError as exc:
-                    outcome.error = exc
-                finally:
-                    outcome.peak = tracemalloc.get_traced_memory()[1]
-                    tracemalloc.stop()
+                await _measured_reply(backend, outcome, WebhookError)
             outcome.requests = server.requests
     return outcome
 
