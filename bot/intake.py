@@ -28,15 +28,23 @@ from typing import Any
 import structlog
 
 from matrix_api import MatrixAPIError, MatrixClient
-from matrix_api.models import EventID, JoinedRoom, RoomEvent, RoomID, SyncResponse, SyncToken
+from matrix_api.models import (
+    EventID,
+    JoinedRoom,
+    RoomEvent,
+    RoomID,
+    StrippedStateEvent,
+    SyncResponse,
+    SyncToken,
+)
 
-from .chats import Chat
+from .chats import MAX_TITLE, Chat
 from .invites import pick_invite, unreadable_invite_state
 from .messages import in_reply_to, is_actionable, malformed
 from .quarantine import failure_reason, log_quarantined_batch
 from .store import InboxItem, NewInboxItem, Quarantined, Store
 
-__all__ = ["Intake", "full_state_sync", "invite_item", "sync_filters"]
+__all__ = ["Intake", "full_state_sync", "invite_item", "invited_room_name", "sync_filters"]
 
 log = structlog.get_logger("bot.intake")
 
@@ -129,13 +137,17 @@ def invite_item(
     *,
     ambiguous: str | None = None,
     candidates: Sequence[str] = (),
+    name: str | None = None,
 ) -> NewInboxItem:
     """An inbox entry for a pending invite (stripped state has no event id).
 
     An ``ambiguous`` one (see `bot.invites.pick_invite`) is declined when handled; it
-    goes through the inbox like any invite, so the decline is durable.
+    goes through the inbox like any invite, so the decline is durable. ``name`` is
+    the room's name, if the invite state had one (the chat's title).
     """
     content: dict[str, Any] = {"membership": "invite", "encrypted": encrypted}
+    if name:
+        content["name"] = name
     if ambiguous is not None:
         content["ambiguous"] = ambiguous
         content["candidates"] = list(candidates)
@@ -149,6 +161,22 @@ def invite_item(
         room_id=room_id,
     )
     return NewInboxItem(event.event_id, room_id, "invite", event)
+
+
+def invited_room_name(invite_state: Sequence[StrippedStateEvent]) -> str | None:
+    """The room name in an invite's stripped state (the last ``m.room.name``), cut
+    to a bound: it comes from the inviting server and becomes at most a chat title
+    (`bot.chats.safe_title` makes it safe when the invite is accepted)."""
+    name = None
+    for stripped in invite_state:
+        if stripped.type == "m.room.name" and stripped.state_key == "":
+            value = stripped.content.get("name")
+            name = value[:_MAX_INVITED_NAME] if isinstance(value, str) else None
+    return name
+
+
+# Four times a title's length: room for characters `safe_title` drops.
+_MAX_INVITED_NAME = 4 * MAX_TITLE
 
 
 class Intake:
@@ -214,6 +242,7 @@ class Intake:
                     encrypted,
                     ambiguous=picked.ambiguous,
                     candidates=picked.candidates,
+                    name=invited_room_name(invited.invite_state),
                 )
             )
         log_quarantined_batch(quarantined)

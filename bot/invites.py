@@ -36,6 +36,7 @@ from .commands import Reply
 from .config import Settings
 from .encryption import offer_unencrypted_chat
 from .messages import notice, reply_txn_id
+from .provisioning import link_to_space
 from .store import InboxItem, Store
 
 __all__ = ["InviteHandler", "PickedInvite", "pick_invite", "unreadable_invite_state"]
@@ -174,15 +175,22 @@ class InviteHandler:
         chat = self._store.chat_for_room(room_id) or await self._marked_chat(room_id)
         fresh = chat is None
         if chat is None:
+            name = item.event.content.get("name")
             chat = Chat(
                 chat_id=new_chat_id(),
                 room_id=room_id,
                 owner=inviter,
-                title=safe_title(f"Chat with {inviter}"),
+                title=(isinstance(name, str) and safe_title(name))
+                or safe_title(f"Chat with {inviter}"),
                 created_ts=created_now_ms(self._client),
+                space_id=self._store.space_for(inviter),
             )
             await write_marker(self._client, chat)
         await self._client.join_room(room_id)
+        if chat.space_id is not None and self._store.is_space(chat.space_id):
+            # The room is the user's; the Space is the bot's: only the Space's side of
+            # the link (m.space.child) is the bot's to write. Idempotent on a retry.
+            await link_to_space(self._client, chat.space_id, room_id, self._settings.server_name)
         await self._store.apply_chats(put=[chat])
         if fresh:
             # A chat made just now has no history to rebuild from the room: its first

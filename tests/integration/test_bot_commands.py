@@ -199,6 +199,34 @@ async def test_new_creates_a_named_room_in_the_users_space(
         assert child == {"via": [server]}
 
 
+async def test_an_invited_room_keeps_its_name_and_joins_the_owners_space(
+    synapse: SynapseServer, make_user: MakeUser, alice: Person, tmp_path: Path
+) -> None:
+    bot_user = make_user("bot")
+    bot = bot_user.user_id
+    settings = bot_settings(synapse, bot_user, tmp_path / "store.sqlite3")
+    async with running_bot(settings) as runtime:
+        first = await start_chat(alice, bot, name="Holiday plans")
+        chat = runtime._store.chat_for_room(first)
+        assert chat is not None
+        assert chat.title == "Holiday plans"
+        assert chat.space_id is None  # Alice has no Space yet: the bot makes none for this
+
+        await ask(alice, first, bot, "!new Work")  # makes Alice's Space
+        space_id = runtime._store.space_for(alice.user.user_id)
+        assert space_id is not None
+        await alice.client.join_room(space_id)
+
+        second = await start_chat(alice, bot, name="Recipes")
+        chat = runtime._store.chat_for_room(second)
+        assert chat is not None
+        assert (chat.title, chat.space_id) == ("Recipes", space_id)
+        child = await alice.client.get_state_event(space_id, "m.space.child", second)
+        assert child == {"via": [synapse.server_name]}
+        hierarchy = await alice.client.space_hierarchy(space_id)
+        assert second in [room.room_id for room in hierarchy.rooms]
+
+
 async def test_rename_status_and_chats(
     synapse: SynapseServer, make_user: MakeUser, alice: Person, tmp_path: Path
 ) -> None:

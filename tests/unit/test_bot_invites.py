@@ -16,8 +16,9 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 from structlog.testing import capture_logs
 
+from bot.chats import MAX_TITLE
 from bot.config import AllowList, Settings
-from bot.intake import Intake, invite_item
+from bot.intake import Intake, invite_item, invited_room_name
 from bot.invites import (
     AMBIGUOUS_REASON,
     MAX_CANDIDATES,
@@ -296,6 +297,12 @@ class _Client:
     async def put_room_account_data(self, room_id: RoomID, event_type: str, content: Any) -> None:
         self.calls.append(("put_room_account_data", (room_id, content)))
 
+    async def put_state_event(
+        self, room_id: RoomID, event_type: str, content: Any, state_key: str = ""
+    ) -> str:
+        self.calls.append(("put_state_event", (room_id, event_type, content, state_key)))
+        return "$state"
+
     async def send_event(self, room_id: RoomID, event_type: str, content: Any, **kw: Any) -> str:
         self.calls.append(("send_event", (room_id, content)))
         return "$sent"
@@ -350,3 +357,78 @@ async def test_a_clear_invite_from_an_allowed_user_is_still_accepted(store: Stor
     assert await store.pending() == []
     # A chat made now has no history: its first message will not read the room for it.
     assert await store.conversation(chat.chat_id) == []
+
+
+# --- InviteHandler: the room's name and the owner's Space -----------------------------------
+
+
+def _named(name: Any, sender: str = ALICE) -> StrippedStateEvent:
+    return StrippedStateEvent("m.room.name", "", UserID(sender), {"name": name})
+
+
+def test_the_invited_rooms_name_is_its_last_name_entry_cut_to_a_bound() -> None:
+    assert invited_room_name([member(ALICE)]) is None
+    assert invited_room_name([_named("Old"), _named("Holiday plans"), member(ALICE)]) == (
+        "Holiday plans"
+    )
+    # Not a string, or a state key that is not "": no name.
+    assert invited_room_name([_named(["a list"])]) is None
+    assert invited_room_name([_named("Old"), _named(7)]) is None
+    other_key = StrippedStateEvent("m.room.name", "x", UserID(EVE), {"name": "Forged"})
+    assert invited_room_name([other_key]) is None
+    huge = invited_room_name([_named("x" * 100_000)])
+    assert huge is not None
+    assert len(huge) == 4 * MAX_TITLE
+
+
+async def test_an_invite_into_a_named_room_keeps_the_name_as_the_title(store: Store) -> None:
+    await _handle(store, {"inviter": ALICE, "bot_user_id": BOT, "name": "Holiday plans"})
+
+    chat = store.chat_for_room(ROOM)
+    assert chat is not None
+    assert chat.title == "Holiday plans"
+
+
+@pytest.mark.parametrize(
+    ("name", "title"),
+    [
+        ("Line one\nline two\u202e", "Line one line two"),  # made safe, not refused
+        ("\u200b\u202e", f"Chat with {ALICE}"),  # nothing left: the default
+        ("y" * 2000, "y" * MAX_TITLE),
+    ],
+)
+async def test_a_hostile_room_name_becomes_a_safe_title(
+    store: Store, name: str, title: str
+) -> None:
+    await _handle(store, {"inviter": ALICE, "bot_user_id": BOT, "name": name})
+
+    chat = store.chat_for_room(ROOM)
+    assert chat is not None
+    assert chat.title == title
+
+
+async def test_an_invited_room_joins_the_owners_space_when_there_is_one(store: Store) -> None:
+    space = RoomID("!space:example.org")
+    await store.apply_spaces(put={ALICE: space})
+
+    client = await _handle(store, {"inviter": ALICE, "bot_user_id": BOT})
+
+    chat = store.chat_for_room(ROOM)
+    assert chat is not None
+    assert chat.space_id == space
+    [marker] = [args for name, args in client.calls if name == "put_room_account_data"]
+    assert marker[1]["space_id"] == space
+    links = [args for name, args in client.calls if name == "put_state_event"]
+    assert links == [(space, "m.space.child", {"via": ["example.org"]}, ROOM)]
+    # The link is made after the join (the room is in the Space only once the bot is in it).
+    names = [name for name, _ in client.calls]
+    assert names.index("join_room") < names.index("put_state_event")
+
+
+async def test_without_a_space_an_invited_room_is_linked_to_none(store: Store) -> None:
+    client = await _handle(store, {"inviter": ALICE, "bot_user_id": BOT})
+
+    chat = store.chat_for_room(ROOM)
+    assert chat is not None
+    assert chat.space_id is None
+    assert [name for name, _ in client.calls if name == "put_state_event"] == []
