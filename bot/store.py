@@ -32,7 +32,7 @@ from __future__ import annotations
 
 import sqlite3
 import time
-from collections.abc import Callable, Iterable, Sequence
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Literal, NoReturn, TypeVar
@@ -49,6 +49,7 @@ from .store_lock import StoreLock, StoreLockHeld
 
 __all__ = [
     "SCHEMA_VERSION",
+    "CryptoRow",
     "InboxItem",
     "Outcome",
     "Provisioned",
@@ -64,6 +65,8 @@ T = TypeVar("T")
 # "quarantined": not handled, for a reason recorded with it (see `Quarantined`).
 Outcome = Literal["replied", "ignored", "failed", "notified", "quarantined"]
 InboxKind = Literal["message", "invite"]
+# One row of the crypto layer's state: (kind, key, value); a value of None deletes it.
+CryptoRow = tuple[str, str, str | None]
 
 log = structlog.get_logger("bot.store")
 
@@ -162,6 +165,18 @@ _MIGRATIONS: list[str] = [
     """
     ALTER TABLE events ADD COLUMN reason TEXT;
     """,
+    # 8: end-to-end encryption: the crypto layer's state (its own kinds and keys; the
+    # pickles in it are encrypted by the crypto layer), and the rooms that are
+    # encrypted, with their m.room.encryption content.
+    """
+    CREATE TABLE crypto (
+        kind  TEXT NOT NULL,
+        key   TEXT NOT NULL,
+        value TEXT NOT NULL,
+        PRIMARY KEY (kind, key)
+    ) WITHOUT ROWID;
+    CREATE TABLE encrypted_rooms (room_id TEXT PRIMARY KEY, content TEXT NOT NULL);
+    """,
 ]
 SCHEMA_VERSION = len(_MIGRATIONS)
 # The tables a store of each schema version must have, to tell ours from others'.
@@ -173,6 +188,9 @@ _TABLES_BY_VERSION = {
     5: frozenset({"meta", "chats", "inbox", "handled", "spaces", "turns", "contexts"}),
     6: frozenset({"meta", "chats", "events", "spaces", "turns", "contexts"}),
     7: frozenset({"meta", "chats", "events", "spaces", "turns", "contexts"}),
+    8: frozenset(
+        {"meta", "chats", "events", "spaces", "turns", "contexts", "crypto", "encrypted_rooms"}
+    ),
 }
 
 HANDLED_KEEP_MS = 30 * 24 * 3600 * 1000
@@ -276,6 +294,23 @@ def _record_quarantined(db: sqlite3.Connection, entry: Quarantined, now: int) ->
     )
 
 
+def _write_crypto(db: sqlite3.Connection, rows: Sequence[CryptoRow]) -> None:
+    for kind, key, value in rows:
+        if value is None:
+            db.execute("DELETE FROM crypto WHERE kind = ? AND key = ?", (kind, key))
+        else:
+            db.execute(
+                "INSERT OR REPLACE INTO crypto(kind, key, value) VALUES (?, ?, ?)",
+                (kind, key, value),
+            )
+
+
+def _write_encryption(db: sqlite3.Connection, rooms: Mapping[RoomID, str]) -> None:
+    db.executemany(
+        "INSERT OR REPLACE INTO encrypted_rooms(room_id, content) VALUES (?, ?)", rooms.items()
+    )
+
+
 def _now_ms() -> int:
     return int(time.time() * 1000)
 
@@ -294,6 +329,7 @@ class Store:
         self._chats_by_id: dict[str, Chat] = {}
         self._sync_token: SyncToken | None = None
         self._spaces: dict[str, RoomID] = {}
+        self._encrypted_rooms: dict[RoomID, str] = {}
         self._checkpointer: sqlite3.Connection | None = None
         self._lock: StoreLock | None = None
         self._watchers = trio.lowlevel.ParkingLot()
@@ -430,6 +466,8 @@ class Store:
             self._remember(chat)
         for owner, room_id in db.execute("SELECT owner, room_id FROM spaces"):
             self._spaces[owner] = RoomID(room_id)
+        for room_id, content in db.execute("SELECT room_id, content FROM encrypted_rooms"):
+            self._encrypted_rooms[RoomID(room_id)] = content
 
     def _select_chats(self) -> list[Chat]:
         rows = self._db.execute(
@@ -654,17 +692,27 @@ class Store:
         next_token: SyncToken,
         items: Sequence[NewInboxItem],
         quarantined: Sequence[Quarantined] = (),
+        *,
+        crypto: Sequence[CryptoRow] = (),
+        encryption: Mapping[RoomID, str] | None = None,
     ) -> list[InboxItem]:
         """Take a batch's events into the inbox and advance the sync token, atomically.
 
         Events already in the inbox or already handled are dropped (the server may
         deliver an event twice). ``quarantined`` events are recorded with their
         reason, as is an item that cannot be stored. Returns the items that are new.
+        ``crypto`` (the crypto layer's changes from the batch's to-device events) and
+        ``encryption`` (rooms whose encryption the batch turned on, with the content)
+        are written in the same transaction: the server re-delivers to-device events
+        until the token moves, so what they changed must be stored by then.
         """
+        encryption = encryption or {}
 
         def write(db: sqlite3.Connection) -> list[InboxItem]:
             fresh: list[InboxItem] = []
             received = _now_ms()
+            _write_crypto(db, crypto)
+            _write_encryption(db, encryption)
             for entry in quarantined:
                 _record_quarantined(db, entry, received)
             for item in items:
@@ -696,7 +744,33 @@ class Store:
 
         fresh = await self._run(self._transaction(write))
         self._sync_token = next_token
+        self._encrypted_rooms.update(encryption)
         return fresh
+
+    # --- end-to-end encryption --------------------------------------------------------
+
+    def room_encryption(self, room_id: str) -> str | None:
+        """The room's m.room.encryption content (JSON), or None: not encrypted."""
+        return self._encrypted_rooms.get(RoomID(room_id))
+
+    async def set_room_encryption(self, rooms: Mapping[RoomID, str]) -> None:
+        if not rooms:
+            return
+        await self._run(self._transaction(lambda db: _write_encryption(db, rooms)))
+        self._encrypted_rooms.update(rooms)
+
+    async def apply_crypto(self, rows: Sequence[CryptoRow]) -> None:
+        """Write the crypto layer's changes (one transaction)."""
+        if rows:
+            await self._run(self._transaction(lambda db: _write_crypto(db, rows)))
+
+    async def crypto_rows(self) -> list[tuple[str, str, str]]:
+        """The crypto layer's whole state, as it was written."""
+
+        def read() -> list[tuple[str, str, str]]:
+            return list(self._db.execute("SELECT kind, key, value FROM crypto"))
+
+        return await self._run(read)
 
     async def pending(self) -> list[InboxItem]:
         """Everything still in the inbox, oldest first.

@@ -738,3 +738,50 @@ async def test_a_commit_that_fails_leaves_no_transaction_open(store: Store) -> N
     assert not store._db.in_transaction
     await store.commit_sync_batch(SyncToken("s1"), [new_item("$e1")])
     assert store.sync_token == "s1"
+
+
+# --- end-to-end encryption state ---------------------------------------------------------
+
+
+async def test_crypto_rows_and_encryption_commit_with_the_sync_token(path: Path) -> None:
+    store = await Store.open(path, BOT)
+    try:
+        await store.commit_sync_batch(
+            SyncToken("s1"),
+            [],
+            crypto=[("account", "", "pickle-1"), ("olm", "peer/1", "session")],
+            encryption={ROOM: '{"algorithm":"m.megolm.v1.aes-sha2"}'},
+        )
+        await store.apply_crypto([("olm", "peer/1", None), ("account", "", "pickle-2")])
+        assert store.room_encryption(ROOM) == '{"algorithm":"m.megolm.v1.aes-sha2"}'
+        assert store.room_encryption(OTHER_ROOM) is None
+    finally:
+        await store.aclose()
+
+    reopened = await Store.open(path, BOT)
+    try:
+        assert await reopened.crypto_rows() == [("account", "", "pickle-2")]
+        assert reopened.room_encryption(ROOM) == '{"algorithm":"m.megolm.v1.aes-sha2"}'
+    finally:
+        await reopened.aclose()
+
+
+async def test_a_failing_batch_keeps_neither_its_crypto_changes_nor_its_token(
+    store: Store,
+) -> None:
+    # The server re-delivers the batch's to-device events: their changes must go or
+    # stay with the token, never without it.
+    await store.commit_sync_batch(SyncToken("s1"), [], crypto=[("account", "", "old")])
+    unbindable = replace(new_item("$x"), event_id=object())
+
+    with pytest.raises(sqlite3.ProgrammingError):
+        await store.commit_sync_batch(
+            SyncToken("s2"),
+            [unbindable],
+            crypto=[("account", "", "new"), ("inbound", "k", "v")],
+            encryption={OTHER_ROOM: "{}"},
+        )
+
+    assert store.sync_token == "s1"
+    assert await store.crypto_rows() == [("account", "", "old")]
+    assert store.room_encryption(OTHER_ROOM) is None
