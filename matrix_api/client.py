@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from .endpoints.account_data import AccountDataEndpoints
+from .endpoints.keys import KeysEndpoints
 from .endpoints.messaging import MessagingEndpoints
 from .endpoints.profile import ProfileEndpoints
 from .endpoints.rooms import RoomEndpoints
@@ -23,6 +24,7 @@ class MatrixClient(
     AccountDataEndpoints,
     SpaceEndpoints,
     ProfileEndpoints,
+    KeysEndpoints,
 ):
     """A Matrix client-server API client for one user on one homeserver.
 

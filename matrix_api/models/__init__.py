@@ -11,6 +11,7 @@ from .events import (
     decode_events,
 )
 from .identifiers import EventID, FilterID, RoomAlias, RoomID, SyncToken, UserID
+from .keys import DeviceLists, KeysClaimResponse, KeysQueryResponse
 from .responses import (
     CreateRoomResponse,
     EventIDResponse,
@@ -27,6 +28,7 @@ __all__ = [
     "MAX_EVENT_BYTES",
     "MAX_EVENT_DEPTH",
     "CreateRoomResponse",
+    "DeviceLists",
     "Event",
     "EventID",
     "EventIDResponse",
@@ -35,6 +37,8 @@ __all__ = [
     "HierarchyRoom",
     "InvitedRoom",
     "JoinedRoom",
+    "KeysClaimResponse",
+    "KeysQueryResponse",
     "LeftRoom",
     "LoginResponse",
     "MessagesResponse",

@@ -29,6 +29,7 @@ from .events import (
     decode_events,
 )
 from .identifiers import RoomID, SyncToken
+from .keys import DeviceLists, device_lists_from, key_counts_from, key_types_from
 from .mending import decode_mended
 
 __all__ = [
@@ -89,7 +90,15 @@ class SyncResponse(msgspec.Struct, frozen=True):
     account_data: list[Event] = msgspec.field(default_factory=list)
     presence: list[Event] = msgspec.field(default_factory=list)
     to_device: list[ToDeviceEvent] = msgspec.field(default_factory=list)
-    device_lists: dict[str, Any] = msgspec.field(default_factory=dict)
+    # The end-to-end encryption extensions; entries of the wrong type are dropped
+    # (and recorded in ``skipped``), the rest kept. See `matrix_api.models.keys`.
+    device_lists: DeviceLists = msgspec.field(default_factory=DeviceLists)
+    """Empty on an initial sync: the server only says what changed since ``since``."""
+    device_one_time_keys_count: dict[str, int] = msgspec.field(default_factory=dict)
+    """Unclaimed one-time keys of this device by algorithm; a missing one has 0."""
+    device_unused_fallback_key_types: list[str] | None = None
+    """None: the server does not do fallback keys (or sent no list). ``[]``: it
+    does, and this device has no unused one (upload a new one)."""
     skipped: list[SkippedEvent] = msgspec.field(default_factory=list)
     """What did not decode, with where and why; empty for a clean response."""
 
@@ -143,7 +152,11 @@ class _Sync(msgspec.Struct):
     account_data: _Events = msgspec.field(default_factory=_Events)
     presence: _Events = msgspec.field(default_factory=_Events)
     to_device: _Events = msgspec.field(default_factory=_Events)
-    device_lists: dict[str, Any] = msgspec.field(default_factory=dict)
+    # Any: checked entry by entry after decoding (`.keys`), so a wrong type costs
+    # only itself; None is "absent".
+    device_lists: Any = None
+    device_one_time_keys_count: Any = None
+    device_unused_fallback_key_types: Any = None
 
 
 _sync_decoder = msgspec.json.Decoder(_Sync)
@@ -190,6 +203,7 @@ _object = msgspec.json.Decoder(dict[str, Any])
 _string = msgspec.json.Decoder(str)
 _optional_string = msgspec.json.Decoder(str | None)
 _boolean = msgspec.json.Decoder(bool)
+_any: msgspec.json.Decoder[Any] = msgspec.json.Decoder()
 
 P = TypeVar("P")
 
@@ -286,7 +300,13 @@ def _piecewise_sync(body: bytes, skipped: list[SkippedEvent]) -> _Sync:
         account_data=_events_part(top, "account_data", "", skipped),
         presence=_events_part(top, "presence", "", skipped),
         to_device=_events_part(top, "to_device", "", skipped),
-        device_lists=_part(top, "device_lists", _object, {}, "", skipped),
+        device_lists=_part(top, "device_lists", _any, None, "", skipped),
+        device_one_time_keys_count=_part(
+            top, "device_one_time_keys_count", _any, None, "", skipped
+        ),
+        device_unused_fallback_key_types=_part(
+            top, "device_unused_fallback_key_types", _any, None, "", skipped
+        ),
     )
 
 
@@ -354,6 +374,12 @@ def decode_sync(body: bytes) -> SyncResponse:
         account_data=events(wire.account_data.events, Event, "account_data"),
         presence=events(wire.presence.events, Event, "presence"),
         to_device=events(wire.to_device.events, ToDeviceEvent, "to_device"),
-        device_lists=wire.device_lists,
+        device_lists=device_lists_from(wire.device_lists, "device_lists", skipped),
+        device_one_time_keys_count=key_counts_from(
+            wire.device_one_time_keys_count, "device_one_time_keys_count", skipped
+        ),
+        device_unused_fallback_key_types=key_types_from(
+            wire.device_unused_fallback_key_types, "device_unused_fallback_key_types", skipped
+        ),
         skipped=skipped,
     )
