@@ -112,8 +112,9 @@ ALGORITHM: Final = "m.megolm.v1.aes-sha2"
 
 DEFAULT_ROTATION_PERIOD_MS: Final = 604_800_000  # one week (spec default)
 DEFAULT_ROTATION_PERIOD_MSGS: Final = 100  # spec default
-# A room's settings can shorten rotation, never make a key live longer than the
-# defaults, nor make every message cost a key share to every device ms-wise.
+# A room's settings may shorten rotation but not make a key live longer than the
+# defaults; an hour is the floor so a hostile setting cannot make us re-share a key to
+# every device of the room every few milliseconds (messages: the spec's own floor is 1).
 MIN_ROTATION_PERIOD_MS: Final = 3_600_000  # one hour
 MAX_ROTATION_PERIOD_MS: Final = DEFAULT_ROTATION_PERIOD_MS
 MIN_ROTATION_PERIOD_MSGS: Final = 1
@@ -557,12 +558,14 @@ class GroupSessions:
         gains_trust = new.trusted and not old.trusted
         if not better and not gains_trust:
             return RoomKeyOutcome(False, "already known", new.room_id, session_id)
-        trusted_one = new if new.trusted else old
         merged = _Inbound(
             session=new.session if better else old.session,
             room_id=new.room_id,
             sender_curve25519=new.sender_curve25519,
-            sender_claimed_ed25519=trusted_one.sender_claimed_ed25519,
+            # A trusted claim is never overwritten by another sender's word.
+            sender_claimed_ed25519=(
+                new.sender_claimed_ed25519 if gains_trust else old.sender_claimed_ed25519
+            ),
             trusted=old.trusted or new.trusted,
         )
         self._put_inbound(merged)
@@ -576,6 +579,8 @@ class GroupSessions:
         """Decrypt an ``m.room.encrypted`` content of ``room_id``'s event ``event_id``.
         Raises ``MissingRoomKey`` (no session yet: retry when its key arrives) or
         ``DecryptionError`` (never decryptable); nothing else."""
+        if _short_str(room_id) is None or _short_str(event_id) is None:
+            raise DecryptionError("event without room_id or event_id")
         if not isinstance(content, Mapping):
             raise DecryptionError("encrypted content is not an object")
         if content.get("algorithm") != ALGORITHM:
@@ -591,16 +596,19 @@ class GroupSessions:
             raise DecryptionError("malformed sender_key")
         device_id_field = content.get("device_id")
         device_id = device_id_field if isinstance(device_id_field, str) else None
-        inbound = self._find(room_id, session_id, sender_key)
         try:
             message = vodozemac.MegolmMessage.from_base64(ciphertext)
         except ValueError:
             raise DecryptionError("malformed ciphertext") from None
+        # After parsing: garbage is refused at once, not retried as a missing key.
+        inbound = self._find(room_id, session_id, sender_key)
+        if message.message_index() < inbound.session.first_known_index:
+            # Sent before the key we hold starts; only a forwarded earlier key would help.
+            raise DecryptionError("message index before the known session start")
         try:
             decrypted = inbound.session.decrypt(message)
         except ValueError:
-            # Bad MAC/signature, or an index before the session's first known index.
-            raise DecryptionError("cannot decrypt with the session") from None
+            raise DecryptionError("bad signature or MAC") from None
         payload = _parse_payload(decrypted.plaintext)
         if payload.get("room_id") != room_id:
             raise DecryptionError("plaintext is for another room")
@@ -633,12 +641,19 @@ class GroupSessions:
                 raise MissingRoomKey(room_id, session_id)
             return found
         # sender_key is deprecated (optional since spec v1.3): look the session up by id.
-        senders = self._by_room_session.get((room_id, session_id), set())
-        if not senders:
+        candidates = [
+            self._inbound[(room_id, sender, session_id)]
+            for sender in self._by_room_session.get((room_id, session_id), ())
+        ]
+        if not candidates:
             raise MissingRoomKey(room_id, session_id)
-        if len(senders) > 1:
-            raise DecryptionError("session id claimed by several senders")
-        return self._inbound[(room_id, next(iter(senders)), session_id)]
+        if len(candidates) == 1:
+            return candidates[0]
+        # A forwarded key naming another sender must not make the real one unusable.
+        trusted = [c for c in candidates if c.trusted]
+        if len(trusted) == 1:
+            return trusted[0]
+        raise DecryptionError("session id claimed by several senders")
 
     def _check_replay(
         self, session_id: str, index: int, event_id: str, origin_server_ts: int
@@ -797,7 +812,8 @@ def _rotation_reason(
 ) -> str | None:
     if out.session.message_index >= settings.period_msgs:
         return "messages"
-    if now_ms - out.created_ms >= settings.period_ms:
+    # Either way: a clock set right after running ahead must not keep a key alive.
+    if abs(now_ms - out.created_ms) >= settings.period_ms:
         return "age"
     if out.shared_with - wanted:
         return "device removed"
