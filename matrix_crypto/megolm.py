@@ -47,8 +47,10 @@ event's ``sender`` (and refuse untrusted ones) before the event counts as theirs
 Refusals: unknown session -> ``MissingRoomKey`` (retry when the key arrives); anything
 else (malformed content, bad MAC, index before the session's start, plaintext that is not
 a JSON object with a string ``type``, an object ``content`` and ``room_id`` equal to the
-event's room, or a (session_id, message_index) already seen with another event id) ->
-``DecryptionError(reason)``. The same event id decrypting again is fine (a restart
+event's room, nesting deeper than ``MAX_PLAINTEXT_DEPTH`` (64, matrix_api's bound for
+plain events), or a (session_id, message_index) already seen with another event id) ->
+``DecryptionError(reason)``. Lone surrogates in the plaintext become U+FFFD, as in plain
+events. The same event id decrypting again is fine (a restart
 re-decrypts its inbox). The clear ``m.relates_to`` of the encrypted content, when there
 is one, replaces the payload's (the server aggregates relations by the clear one).
 
@@ -83,6 +85,7 @@ hostile sender can make us keep.
 from __future__ import annotations
 
 import json
+import re
 from collections.abc import Collection, Iterable, Mapping
 from dataclasses import dataclass, field
 from typing import Any, Final
@@ -95,6 +98,7 @@ __all__ = [
     "ALGORITHM",
     "DEFAULT_ROTATION_PERIOD_MS",
     "DEFAULT_ROTATION_PERIOD_MSGS",
+    "MAX_PLAINTEXT_DEPTH",
     "SEEN_LIMIT",
     "GroupSessions",
     "InboundRecord",
@@ -126,6 +130,14 @@ _PICKLE_KEY_BYTES: Final = 32
 # A room event is at most 64 KiB; a plaintext larger than that did not come from one.
 _MAX_CIPHERTEXT_CHARS: Final = 65_536
 _MAX_ID_CHARS: Final = 255
+# Plain room events nested deeper than this are refused by matrix_api's decoder
+# (MAX_EVENT_DEPTH); a decrypted one gets no more room, so the bot's one event path
+# never meets a deeper value.
+MAX_PLAINTEXT_DEPTH: Final = 64
+# A JSON escape of a UTF-16 surrogate; valid pairs decode to one character, so what
+# remains a surrogate after json.loads is a lone one (not encodable as UTF-8).
+_SURROGATE_ESCAPE: Final = re.compile(rb"\\u[dD][89a-fA-F]")
+_LONE_SURROGATE: Final = re.compile("[\ud800-\udfff]")
 
 
 # --------------------------------------------------------------------------- values
@@ -786,12 +798,17 @@ class GroupSessions:
             raise ValueError("no outbound group session for the room: prepare it first")
         if out.session.message_index >= MAX_ROTATION_PERIOD_MSGS:
             raise ValueError("outbound group session used up: prepare it again")
-        plaintext = json.dumps(
+        text = json.dumps(
             {"type": event_type, "content": content, "room_id": room_id},
             ensure_ascii=False,
             separators=(",", ":"),
             allow_nan=False,
-        ).encode("utf-8")
+        )
+        try:
+            plaintext = text.encode("utf-8")
+        except UnicodeEncodeError:
+            # A lone surrogate (from a model's answer, say) would fail every receiver.
+            plaintext = _LONE_SURROGATE.sub("\ufffd", text).encode("utf-8")
         message = out.session.encrypt(plaintext)
         self._dirty_outbound.add(room_id)
         encrypted: dict[str, Any] = {
@@ -836,4 +853,35 @@ def _parse_payload(plaintext: bytes) -> dict[str, Any]:
         raise DecryptionError("plaintext is not JSON") from None
     if not isinstance(payload, dict):
         raise DecryptionError("plaintext is not a JSON object")
+    # Cheap byte checks first: most payloads have neither, and skip the walk.
+    deep = plaintext.count(b"{") + plaintext.count(b"[") > MAX_PLAINTEXT_DEPTH
+    if deep or _SURROGATE_ESCAPE.search(plaintext):
+        _mend(payload)
     return payload
+
+
+def _mend(root: dict[str, Any]) -> None:
+    """Refuse nesting deeper than MAX_PLAINTEXT_DEPTH and replace lone surrogates by
+    U+FFFD in place (as matrix_api mends plain events), without recursion."""
+    stack: list[tuple[dict[str, Any] | list[Any], int]] = [(root, 1)]
+    while stack:
+        node, depth = stack.pop()
+        if depth > MAX_PLAINTEXT_DEPTH:
+            raise DecryptionError("plaintext nested too deep")
+        if isinstance(node, dict):
+            for key in list(node):
+                value = node[key]
+                if _LONE_SURROGATE.search(key):
+                    del node[key]
+                    key = _LONE_SURROGATE.sub("\ufffd", key)
+                    node[key] = value
+                if isinstance(value, str) and _LONE_SURROGATE.search(value):
+                    node[key] = _LONE_SURROGATE.sub("\ufffd", value)
+                elif isinstance(value, dict | list):
+                    stack.append((value, depth + 1))
+        else:
+            for index, value in enumerate(node):
+                if isinstance(value, str) and _LONE_SURROGATE.search(value):
+                    node[index] = _LONE_SURROGATE.sub("\ufffd", value)
+                elif isinstance(value, dict | list):
+                    stack.append((value, depth + 1))

@@ -778,3 +778,68 @@ def test_replay_records_are_bounded_oldest_first(monkeypatch: pytest.MonkeyPatch
     restored = GroupSessions.restore(PICKLE_KEY, seen=[*first.seen, *later.seen])
     assert [s.message_index for s in restored.records()[2]] == [2, 3, 4]
     assert [index for _, index in restored.take_changes().seen_deleted] == [0, 1]
+
+
+# ------------------------------------------------------------------ odd plaintexts
+
+
+def _nested(depth: int) -> dict[str, Any]:
+    """An event payload whose content nests ``depth`` containers in all (payload included)."""
+    inner: Any = "leaf"
+    for _ in range(depth - 2):
+        inner = [inner]
+    return {"type": "m.room.message", "content": {"deep": inner}, "room_id": ROOM}
+
+
+def test_a_plaintext_nested_as_deep_as_plain_events_may_decrypts() -> None:
+    alice = Sender()
+    sessions = receiver_with(alice)
+    payload = _nested(megolm.MAX_PLAINTEXT_DEPTH)
+
+    got = sessions.decrypt(ROOM, "$e1", 0, alice.encrypt_bytes(json.dumps(payload).encode()))
+
+    assert got.content == payload["content"]
+
+
+def test_a_plaintext_nested_deeper_than_plain_events_may_is_refused() -> None:
+    alice = Sender()
+    sessions = receiver_with(alice)
+    payload = _nested(megolm.MAX_PLAINTEXT_DEPTH + 1)
+
+    with pytest.raises(DecryptionError, match="too deep"):
+        sessions.decrypt(ROOM, "$e1", 0, alice.encrypt_bytes(json.dumps(payload).encode()))
+
+
+def test_lone_surrogates_in_a_plaintext_become_replacement_characters() -> None:
+    alice = Sender()
+    sessions = receiver_with(alice)
+    raw = (
+        b'{"type": "m.room.message", "room_id": "' + ROOM.encode() + b'", "content": '
+        b'{"body": "a\\ud800b \\ud83d\\ude00", "k\\udc00": ["\\udfff", {"x": "\\uDBFF"}]}}'
+    )
+
+    got = sessions.decrypt(ROOM, "$e1", 0, alice.encrypt_bytes(raw))
+
+    assert got.content == {"body": "a\ufffdb \U0001f600", "k\ufffd": ["\ufffd", {"x": "\ufffd"}]}
+    json.dumps(got.content, ensure_ascii=False).encode("utf-8")  # encodable now
+
+
+def test_a_lone_surrogate_in_the_bots_own_content_is_sent_as_a_replacement_character() -> None:
+    bot = GroupSessions(PICKLE_KEY)
+    plan = prepare(bot, DEVICES)
+    peer = vodozemac.InboundGroupSession(vodozemac.SessionKey(plan.room_key["session_key"]))
+
+    encrypted = bot.encrypt(ROOM, "m.room.message", {"body": "half \ud83d"}, "D", BOT_CURVE)
+
+    message = vodozemac.MegolmMessage.from_base64(encrypted["ciphertext"])
+    assert json.loads(peer.decrypt(message).plaintext)["content"] == {"body": "half \ufffd"}
+
+
+def test_a_ciphertext_with_a_lone_surrogate_is_malformed_not_a_crash() -> None:
+    alice = Sender()
+    sessions = receiver_with(alice)
+    encrypted = alice.encrypt()
+    encrypted["ciphertext"] = "\ud800" + encrypted["ciphertext"]
+
+    with pytest.raises(DecryptionError, match="malformed ciphertext"):
+        sessions.decrypt(ROOM, "$e1", 0, encrypted)
