@@ -20,6 +20,7 @@ from matrix_mock import BOT, NO_RETRY, ScriptedServer, matrix_error, ok, raw
 V3 = "/_matrix/client/v3"
 ALICE = UserID("@alice:example.org")
 BOB = UserID("@bob:example.org")
+CAROL = UserID("@carol:example.org")
 
 # A device key object as a real client uploads it, with what a verifier needs kept
 # byte for byte: unicode in the display name, an unknown field, the signatures.
@@ -324,7 +325,7 @@ async def test_claim_drops_wrong_typed_devices_and_keeps_key_maps_raw() -> None:
     assert answer.one_time_keys == {
         ALICE: {
             "GOOD": {"signed_curve25519:AAAAGj": fallback},
-            "ODD": body["one_time_keys"][ALICE]["ODD"],
+            "ODD": {"curve25519:AAAA": "bare-key", "x": 5},
         }
     }
     assert answer.failures == {"remote.example": {"errcode": "M_UNKNOWN"}}
@@ -481,7 +482,7 @@ SYNC: dict[str, Any] = {
             {"type": "m.room.encrypted", "content": {}},  # no sender: dropped alone
         ]
     },
-    "device_lists": {"changed": [ALICE, BOB], "left": ["@carol:example.org"]},
+    "device_lists": {"changed": [ALICE, BOB], "left": [CAROL]},
     "device_one_time_keys_count": {"signed_curve25519": 49},
     "device_unused_fallback_key_types": ["signed_curve25519"],
 }
@@ -495,7 +496,7 @@ def test_sync_exposes_the_e2ee_fields() -> None:
     sync = decode(SYNC)
 
     assert [event.sender for event in sync.to_device] == [ALICE]
-    assert sync.device_lists == DeviceLists(changed=[ALICE, BOB], left=["@carol:example.org"])
+    assert sync.device_lists == DeviceLists(changed=[ALICE, BOB], left=[CAROL])
     assert sync.device_one_time_keys_count == {"signed_curve25519": 49}
     assert sync.device_unused_fallback_key_types == ["signed_curve25519"]
     assert where(sync.skipped) == ["to_device[1]"]
@@ -596,7 +597,7 @@ def test_the_e2ee_fields_survive_an_envelope_read_piece_by_piece() -> None:
     sync = decode(body)
 
     assert sync.rooms.join == {}
-    assert sync.device_lists == DeviceLists(changed=[ALICE, BOB], left=["@carol:example.org"])
+    assert sync.device_lists == DeviceLists(changed=[ALICE, BOB], left=[CAROL])
     assert sync.device_one_time_keys_count == {"signed_curve25519": 49}
     assert sync.device_unused_fallback_key_types == ["signed_curve25519"]
     assert where(sync.skipped) == ["rooms", "to_device[1]", "device_lists.changed[2]"]
