@@ -1,0 +1,473 @@
+// One simulated human Matrix client: matrix-js-sdk with its Rust crypto (the code Element runs),
+// driven over JSON lines. Nobody in this project wrote its crypto: that is the point.
+//
+// Protocol (stdin -> stdout, one JSON object per line):
+//   request  {"id": <any>, "cmd": "<name>", "args": {...}}
+//   response {"id": <same>, "ok": true, "result": ...}
+//        or  {"id": <same>, "ok": false, "error": {"type": "...", "message": "..."}}
+// Every request gets exactly one response, errors included; requests run concurrently. Every
+// command is bounded by a deadline (args.timeout_ms, else DEFAULT_TIMEOUT_MS), so nothing hangs.
+// Logs (the SDK's and ours) go to stderr only: stdout carries the protocol and nothing else.
+// End of stdin or the "stop" command stops the client and exits.
+
+import { readFileSync } from "node:fs";
+import { createInterface } from "node:readline";
+
+// Keep the real stdout for the protocol, then send every console method to stderr: the SDK and
+// the Rust crypto log through console, and one stray line on stdout would break the protocol.
+// The Rust crypto logs at debug level whatever we ask; its debug lines (and their source
+// locations) only when E2EE_CLIENT_LOG=debug, so a failing test's stderr tail stays readable.
+const LOG_LEVEL = process.env.E2EE_CLIENT_LOG || "info";
+const writeProtocol = process.stdout.write.bind(process.stdout);
+for (const method of ["log", "info", "debug", "trace", "warn", "error"]) {
+    const quiet = LOG_LEVEL !== "debug" && LOG_LEVEL !== "trace" && (method === "debug" || method === "trace");
+    console[method] = (...parts) => {
+        if (quiet) return;
+        const text = parts.map(String).join(" ").replace(/\n\s+at \/home\/runner\/\.cargo\/[^\n]*/g, "");
+        process.stderr.write(`${new Date().toISOString()} [${method}] ${text}\n`);
+    };
+}
+
+// Imported only now, after console is redirected (static imports would run first).
+const sdk = await import("matrix-js-sdk");
+const { logger } = await import("matrix-js-sdk/lib/logger.js");
+logger.setLevel(LOG_LEVEL);
+
+const DEFAULT_TIMEOUT_MS = 30_000;
+const MAX_LINE_CHARS = 1_000_000;
+
+class CommandError extends Error {
+    constructor(type, message) {
+        super(message);
+        this.type = type;
+    }
+}
+
+let client = null; // the MatrixClient, once logged in
+let stopping = false;
+
+// "Something may have changed, look again": waiters re-check their condition on every
+// timeline, decryption, state or sync event (and on a short poll, for state held by the Rust
+// crypto that emits nothing, such as a room's encryption settings).
+let changeWaiters = [];
+function notifyChange() {
+    const waiters = changeWaiters;
+    changeWaiters = [];
+    for (const wake of waiters) wake();
+}
+function nextChange(ms) {
+    return new Promise((resolve) => {
+        const timer = setTimeout(resolve, ms);
+        changeWaiters.push(() => {
+            clearTimeout(timer);
+            resolve();
+        });
+    });
+}
+
+/** Re-evaluate `check` until it returns a value other than undefined, or the deadline passes. */
+async function waitFor(deadline, what, check) {
+    for (;;) {
+        const value = await check();
+        if (value !== undefined) return value;
+        const left = deadline - Date.now();
+        if (left <= 0) throw new CommandError("timeout", `timed out waiting for ${what}`);
+        await nextChange(Math.min(left, 250));
+    }
+}
+
+// Every message-like event the client has seen, per room, in arrival order.
+const seen = new Map(); // room_id -> MatrixEvent[]
+function remember(event) {
+    const type = event.getWireType();
+    if (type !== "m.room.message" && type !== "m.room.encrypted") return;
+    const roomId = event.getRoomId();
+    if (!seen.has(roomId)) seen.set(roomId, []);
+    const events = seen.get(roomId);
+    if (!events.includes(event)) events.push(event);
+    notifyChange();
+}
+
+function requireClient() {
+    if (client === null) throw new CommandError("not_logged_in", "login first");
+    return client;
+}
+
+function requireString(args, name) {
+    const value = args[name];
+    if (typeof value !== "string" || value === "") {
+        throw new CommandError("bad_request", `${name} must be a non-empty string`);
+    }
+    return value;
+}
+
+function optionalString(args, name) {
+    const value = args[name];
+    if (value === undefined || value === null) return null;
+    if (typeof value !== "string") throw new CommandError("bad_request", `${name} must be a string`);
+    return value;
+}
+
+// EventShieldReason in crypto-api/index.d.ts (not exported by the package's entry point).
+const SHIELD_REASONS = [
+    "unknown",
+    "unverified_identity",
+    "unsigned_device",
+    "unknown_device",
+    "authenticity_not_guaranteed",
+    "mismatched_sender_key",
+    "sent_in_clear",
+    "verification_violation",
+];
+
+async function describe(event) {
+    const content = event.getContent();
+    const wire = event.getWireContent();
+    let shield = null;
+    if (event.isEncrypted() && !event.isDecryptionFailure()) {
+        const info = await client.getCrypto().getEncryptionInfoForEvent(event);
+        if (info !== null) {
+            shield = {
+                colour: ["none", "grey", "red"][info.shieldColour] ?? String(info.shieldColour),
+                reason: info.shieldReason === null ? null : (SHIELD_REASONS[info.shieldReason] ?? String(info.shieldReason)),
+            };
+        }
+    }
+    return {
+        event_id: event.getId(),
+        sender: event.getSender(),
+        type: event.getType(),
+        body: typeof content.body === "string" ? content.body : null,
+        msgtype: typeof content.msgtype === "string" ? content.msgtype : null,
+        content,
+        encrypted: event.isEncrypted(),
+        decryption_failure: event.isDecryptionFailure(),
+        decryption_failure_reason: event.decryptionFailureReason ?? null,
+        // As clients read it, and as it travelled (for encrypted events the spec keeps the
+        // relation outside the ciphertext).
+        relates_to: event.getRelation() ?? null,
+        wire_relates_to: wire["m.relates_to"] ?? null,
+        sender_device_id: wire.device_id ?? null,
+        shield,
+        origin_server_ts: event.getTs(),
+    };
+}
+
+/** The room's settled events: sent (no local echo in flight), decryption attempted, deduplicated. */
+function settled(roomId) {
+    const out = [];
+    const ids = new Set();
+    for (const event of seen.get(roomId) ?? []) {
+        const id = event.getId();
+        if (event.status !== null || id === undefined || id.startsWith("~")) continue;
+        if (event.isBeingDecrypted() || event.shouldAttemptDecryption()) continue;
+        if (ids.has(id)) continue;
+        ids.add(id);
+        out.push(event);
+    }
+    return out;
+}
+
+async function roomEncrypted(roomId) {
+    return await requireClient().getCrypto().isEncryptionEnabledInRoom(roomId);
+}
+
+/** Wait until this client knows the room as joined and, if the server says it is encrypted,
+ *  until the Rust crypto has the room's encryption settings (else the SDK sends in clear). */
+async function waitUntilReadyToSend(roomId, deadline) {
+    const c = requireClient();
+    await waitFor(deadline, `room ${roomId} to be joined in this client`, () =>
+        c.getRoom(roomId)?.getMyMembership() === "join" ? true : undefined,
+    );
+    let serverSaysEncrypted;
+    try {
+        await c.getStateEvent(roomId, "m.room.encryption", "");
+        serverSaysEncrypted = true;
+    } catch (error) {
+        if (error?.errcode !== "M_NOT_FOUND") throw error;
+        serverSaysEncrypted = false;
+    }
+    if (serverSaysEncrypted) {
+        await waitFor(deadline, `the room's encryption to be enabled in the client`, async () =>
+            (await roomEncrypted(roomId)) ? true : undefined,
+        );
+    }
+    return serverSaysEncrypted;
+}
+
+async function markDirect(userId, roomId) {
+    const c = requireClient();
+    const current = c.getAccountData("m.direct")?.getContent() ?? {};
+    const rooms = Array.isArray(current[userId]) ? current[userId] : [];
+    if (rooms.includes(roomId)) return;
+    await c.setAccountData("m.direct", { ...current, [userId]: [...rooms, roomId] });
+}
+
+const ENCRYPTION_STATE = {
+    type: "m.room.encryption",
+    state_key: "",
+    content: { algorithm: "m.megolm.v1.aes-sha2" },
+};
+
+const commands = {
+    async login(args, deadline) {
+        if (client !== null) throw new CommandError("bad_request", "already logged in");
+        const baseUrl = requireString(args, "homeserver");
+        const user = requireString(args, "user");
+        const password = requireString(args, "password");
+        const deviceId = optionalString(args, "device_id");
+        const anonymous = sdk.createClient({ baseUrl });
+        const login = await anonymous.loginRequest({
+            type: "m.login.password",
+            identifier: { type: "m.id.user", user },
+            password,
+            ...(deviceId === null ? {} : { device_id: deviceId }),
+            initial_device_display_name: optionalString(args, "display_name") ?? "e2ee test client",
+        });
+        const c = sdk.createClient({
+            baseUrl,
+            userId: login.user_id,
+            deviceId: login.device_id,
+            accessToken: login.access_token,
+        });
+        // No IndexedDB in Node: the crypto store lives in memory, for this process only.
+        await c.initRustCrypto({ useIndexedDB: false });
+        c.on(sdk.RoomEvent.Timeline, (event) => remember(event));
+        c.on(sdk.MatrixEventEvent.Decrypted, () => notifyChange());
+        c.on(sdk.RoomStateEvent.Events, () => notifyChange());
+        c.on(sdk.ClientEvent.Sync, () => notifyChange());
+        c.on(sdk.ClientEvent.Room, () => notifyChange());
+        client = c;
+        await c.startClient({ initialSyncLimit: 20 });
+        await waitFor(deadline, "the first sync", () =>
+            c.isInitialSyncComplete() ? true : undefined,
+        );
+        const keys = await c.getCrypto().getOwnDeviceKeys();
+        return {
+            user_id: login.user_id,
+            device_id: login.device_id,
+            ed25519: keys.ed25519,
+            curve25519: keys.curve25519,
+        };
+    },
+
+    async create_encrypted_dm(args, deadline) {
+        // As Element makes a direct chat with someone whose devices publish keys.
+        const c = requireClient();
+        const invitee = requireString(args, "invitee");
+        const { room_id } = await c.createRoom({
+            preset: "trusted_private_chat",
+            is_direct: true,
+            invite: [invitee],
+            visibility: "private",
+            initial_state: [ENCRYPTION_STATE],
+        });
+        await markDirect(invitee, room_id);
+        return { room_id };
+    },
+
+    async create_room(args) {
+        const c = requireClient();
+        const encrypted = args.encrypted === true;
+        const invite = Array.isArray(args.invite) ? args.invite : [];
+        const { room_id } = await c.createRoom({
+            preset: "private_chat",
+            visibility: "private",
+            name: optionalString(args, "name") ?? undefined,
+            invite,
+            initial_state: encrypted ? [ENCRYPTION_STATE] : [],
+        });
+        return { room_id };
+    },
+
+    async invite(args) {
+        await requireClient().invite(requireString(args, "room_id"), requireString(args, "user_id"));
+        return {};
+    },
+
+    async join(args, deadline) {
+        // Joins an invite (or a room by id); a direct-chat invite is recorded in m.direct,
+        // as Element does when the invitee accepts.
+        const c = requireClient();
+        const roomId = requireString(args, "room_id");
+        await waitFor(deadline, `an invite to ${roomId}`, () =>
+            c.getRoom(roomId) !== null || args.wait_for_invite === false ? true : undefined,
+        );
+        const room = c.getRoom(roomId);
+        const invite = room?.getMember(c.getUserId())?.events.member;
+        const directWith = invite?.getContent().is_direct === true ? invite.getSender() : null;
+        await c.joinRoom(roomId);
+        if (directWith) await markDirect(directWith, roomId);
+        await waitFor(deadline, `the join of ${roomId} to sync`, () =>
+            c.getRoom(roomId)?.getMyMembership() === "join" ? true : undefined,
+        );
+        return { room_id: roomId, direct_with: directWith };
+    },
+
+    async leave(args) {
+        await requireClient().leave(requireString(args, "room_id"));
+        return {};
+    },
+
+    async send_text(args, deadline) {
+        const c = requireClient();
+        const roomId = requireString(args, "room_id");
+        const body = requireString(args, "body");
+        const encrypted = await waitUntilReadyToSend(roomId, deadline);
+        const msgtype = optionalString(args, "msgtype") ?? "m.text";
+        const { event_id } = await c.sendEvent(roomId, "m.room.message", { msgtype, body });
+        return { event_id, encrypted };
+    },
+
+    async wait_for_message(args, deadline) {
+        // The first settled message in the room (already seen or still to come) from `sender`
+        // (any sender when absent) whose body contains `body_contains` (any message, including
+        // undecryptable ones, when absent) and that is not in `exclude_event_ids`.
+        requireClient();
+        const roomId = requireString(args, "room_id");
+        const sender = optionalString(args, "sender");
+        const contains = optionalString(args, "body_contains");
+        const exclude = new Set(Array.isArray(args.exclude_event_ids) ? args.exclude_event_ids : []);
+        const what = `a message in ${roomId}${sender ? ` from ${sender}` : ""}${
+            contains === null ? "" : ` containing ${JSON.stringify(contains)}`
+        }`;
+        const event = await waitFor(deadline, what, () =>
+            settled(roomId).find((event) => {
+                if (exclude.has(event.getId())) return false;
+                if (sender !== null && event.getSender() !== sender) return false;
+                if (contains === null) return true;
+                const body = event.getContent().body;
+                return !event.isDecryptionFailure() && typeof body === "string" && body.includes(contains);
+            }),
+        );
+        return await describe(event);
+    },
+
+    async messages(args) {
+        requireClient();
+        const roomId = requireString(args, "room_id");
+        const out = [];
+        for (const event of settled(roomId)) out.push(await describe(event));
+        return out;
+    },
+
+    async room_encrypted(args) {
+        return await roomEncrypted(requireString(args, "room_id"));
+    },
+
+    async devices(args) {
+        // The devices of a user as this client's crypto knows them (fetched when not tracked).
+        const c = requireClient();
+        const userId = requireString(args, "user_id");
+        const map = await c.getCrypto().getUserDeviceInfo([userId], true);
+        const devices = [];
+        for (const device of (map.get(userId) ?? new Map()).values()) {
+            devices.push({
+                device_id: device.deviceId,
+                ed25519: device.getFingerprint() ?? null,
+                curve25519: device.getIdentityKey() ?? null,
+                display_name: device.displayName ?? null,
+                verified: device.verified === 1, // DeviceVerification.Verified
+                algorithms: device.algorithms,
+            });
+        }
+        devices.sort((a, b) => a.device_id.localeCompare(b.device_id));
+        return devices;
+    },
+
+    async whoami() {
+        const c = requireClient();
+        return { user_id: c.getUserId(), device_id: c.getDeviceId() };
+    },
+
+    async stop() {
+        stopping = true;
+        return {};
+    },
+};
+
+function respond(message) {
+    writeProtocol(JSON.stringify(message) + "\n");
+}
+
+async function handle(line) {
+    let request;
+    try {
+        request = JSON.parse(line);
+    } catch {
+        respond({ id: null, ok: false, error: { type: "bad_request", message: "not JSON" } });
+        return;
+    }
+    const id = request?.id ?? null;
+    const fail = (type, message) => respond({ id, ok: false, error: { type, message } });
+    if (typeof request !== "object" || request === null || Array.isArray(request)) {
+        return fail("bad_request", "a request is a JSON object");
+    }
+    const command = Object.hasOwn(commands, request.cmd) ? commands[request.cmd] : null;
+    if (command === null) return fail("unknown_command", `unknown command ${String(request.cmd)}`);
+    const args = request.args ?? {};
+    if (typeof args !== "object" || Array.isArray(args)) return fail("bad_request", "args is an object");
+    const timeoutMs = Number.isInteger(args.timeout_ms) && args.timeout_ms > 0
+        ? args.timeout_ms
+        : DEFAULT_TIMEOUT_MS;
+    const deadline = Date.now() + timeoutMs;
+    let timer;
+    const expired = new Promise((_, reject) => {
+        timer = setTimeout(
+            () => reject(new CommandError("timeout", `${request.cmd} did not finish in ${timeoutMs} ms`)),
+            // After the command's own deadline, so its waits report what they waited for.
+            timeoutMs + 1000,
+        );
+    });
+    try {
+        const result = await Promise.race([command(args, deadline), expired]);
+        respond({ id, ok: true, result: result ?? null });
+    } catch (error) {
+        const type = error instanceof CommandError
+            ? error.type
+            : error?.errcode ?? error?.name ?? "error";
+        // Matrix errors carry the server's errcode; messages never hold secrets here
+        // (no access token is ever put in one by the SDK).
+        fail(String(type), String(error?.message ?? error));
+    } finally {
+        clearTimeout(timer);
+    }
+    if (stopping) shutdown(0);
+}
+
+function shutdown(code) {
+    try {
+        client?.stopClient();
+    } finally {
+        // Let the last response leave before exiting.
+        process.stdout.write("", () => process.exit(code));
+    }
+}
+
+// The first line says the SDK has loaded, with the versions under test.
+const version = (name) =>
+    JSON.parse(readFileSync(new URL(`./node_modules/${name}/package.json`, import.meta.url))).version;
+respond({
+    id: null,
+    ok: true,
+    result: {
+        ready: true,
+        node: process.version,
+        "matrix-js-sdk": version("matrix-js-sdk"),
+        "@matrix-org/matrix-sdk-crypto-wasm": version("@matrix-org/matrix-sdk-crypto-wasm"),
+    },
+});
+
+const lines = createInterface({ input: process.stdin, crlfDelay: Infinity });
+lines.on("line", (line) => {
+    if (line.trim() === "") return;
+    if (line.length > MAX_LINE_CHARS) {
+        respond({ id: null, ok: false, error: { type: "bad_request", message: "line too long" } });
+        return;
+    }
+    handle(line);
+});
+lines.on("close", () => shutdown(0));
+process.on("unhandledRejection", (reason) => {
+    process.stderr.write(`[unhandledRejection] ${reason?.stack ?? reason}\n`);
+});
