@@ -7,30 +7,46 @@ Sans-IO: plain dicts in and out, no clock (the caller passes ``now_ms``), no log
 Public API (the contract with ``machine.py`` / ``state.py``)::
 
     ALGORITHM = "m.megolm.v1.aes-sha2"
-    SEEN_LIMIT: int                     # replay records kept (oldest dropped first)
+    SEEN_LIMIT = 20_000                 # replay records kept (oldest dropped first)
+    SESSIONS_PER_SENDER_LIMIT = 2_000   # inbound sessions kept per sender curve key
+    MAX_PLAINTEXT_DEPTH = 64            # nesting a decrypted payload may have
 
+    RotationSettings(period_ms=604_800_000, period_msgs=100)      # frozen
     RotationSettings.from_encryption_content(content) -> RotationSettings
         # rotation_period_ms / rotation_period_msgs of an m.room.encryption content,
         # clamped to [1 hour, 1 week] and [1, 10_000]; hostile values -> the defaults
 
     class GroupSessions(pickle_key: bytes)           # 32 bytes, else ValueError
-        .restore(pickle_key, inbound=, outbound=, seen=) -> GroupSessions   # classmethod
-        # inbound
+        GroupSessions.restore(pickle_key, *, inbound=(), outbound=(), seen=())
+            -> GroupSessions                          # raises errors.CryptoError
+        # inbound (never raise)
         .add_room_key(content, *, sender_curve25519, sender_ed25519) -> RoomKeyOutcome
         .add_forwarded_room_key(content, *, forwarder_curve25519) -> RoomKeyOutcome
         .has_session(room_id, session_id, sender_curve25519=None) -> bool
+        # raises only errors.MissingRoomKey and errors.DecryptionError
         .decrypt(room_id, event_id, origin_server_ts, content) -> MegolmDecrypted
-            # raises only errors.MissingRoomKey and errors.DecryptionError
         # outbound
         .prepare_outbound(room_id, *, now_ms, settings, devices, own_curve25519,
                           own_ed25519) -> OutboundPlan
         .mark_shared(room_id, session_id, devices) -> None
         .outbound(room_id) -> OutboundInfo | None
         .discard_outbound(room_id) -> bool
-        .encrypt(room_id, event_type, content, own_device_id, own_curve25519) -> dict
+        .encrypt(room_id, event_type, content, own_device_id, own_curve25519)
+            -> dict  (the m.room.encrypted content; ValueError if not prepared)
         # persistence
         .take_changes() -> MegolmChanges
         .records() -> tuple[list[InboundRecord], list[OutboundRecord], list[SeenRecord]]
+
+    Values (frozen dataclasses): RoomKeyOutcome(stored, reason, room_id, session_id);
+    MegolmDecrypted(event_type, content, room_id, event_id, session_id, message_index,
+    sender_curve25519, sender_claimed_ed25519, trusted, device_id); OutboundPlan(room_id,
+    session_id, created, rotated, to_share, room_key); OutboundInfo(room_id, session_id,
+    created_ms, message_count, shared_with); records InboundRecord(room_id,
+    sender_curve25519, session_id, sender_claimed_ed25519, trusted, first_known_index,
+    pickle), OutboundRecord(room_id, session_id, created_ms, message_count, shared_with,
+    pickle), SeenRecord(session_id, message_index, event_id, origin_server_ts);
+    MegolmChanges(inbound, inbound_deleted, outbound, outbound_deleted, seen,
+    seen_deleted), falsy when empty.
 
 Receiving. Inbound sessions are keyed by (room_id, sender_curve25519, session_id); each
 remembers the sender's claimed ed25519 key and whether it came from a direct
@@ -39,31 +55,41 @@ curve key) or a forwarded key (``trusted`` False: sender and claimed ed25519 key
 forwarder's word only, never enough to say who wrote a message). Two sessions with one
 id are compared only when they are the same ratchet (one exported at the other's first
 index matches it); then the lower first known index is kept, and the result is trusted
-if either was. A key that is *not* the same ratchet as a known one is refused.
+if either was (a trusted claimed ed25519 key is never replaced by a forwarder's). A key
+that is *not* the same ratchet as a known one is refused. At most
+``SESSIONS_PER_SENDER_LIMIT`` sessions are kept per sender curve key, the least recently
+added or used dropped first (one Olm channel can carry any number of room keys; a bot
+only needs the recent ones: a user's device in 300 rooms rotating weekly needs about 300).
 
 ``decrypt`` returns a :class:`MegolmDecrypted` carrying the sender curve key, the claimed
 ed25519 key and ``trusted``: the machine must check them against the device cache of the
-event's ``sender`` (and refuse untrusted ones) before the event counts as theirs.
+event's ``sender`` (and refuse untrusted ones) before the event counts as theirs. The
+deprecated clear ``sender_key`` is optional: without it the session is found by (room,
+session id), preferring the one trusted session when a forwarded key claims another sender.
 Refusals: unknown session -> ``MissingRoomKey`` (retry when the key arrives); anything
-else (malformed content, bad MAC, index before the session's start, plaintext that is not
-a JSON object with a string ``type``, an object ``content`` and ``room_id`` equal to the
-event's room, nesting deeper than ``MAX_PLAINTEXT_DEPTH`` (64, matrix_api's bound for
-plain events), or a (session_id, message_index) already seen with another event id) ->
-``DecryptionError(reason)``. Lone surrogates in the plaintext become U+FFFD, as in plain
-events. The same event id decrypting again is fine (a restart
-re-decrypts its inbox). The clear ``m.relates_to`` of the encrypted content, when there
-is one, replaces the payload's (the server aggregates relations by the clear one).
+else (malformed content or ciphertext, bad signature/MAC, index before the session's
+first known index, plaintext that is not a JSON object with a string ``type``, an object
+``content`` and ``room_id`` equal to the event's room, nesting deeper than
+``MAX_PLAINTEXT_DEPTH`` (matrix_api's bound for plain events), or a (session_id,
+message_index) already seen with another event id) -> ``DecryptionError(reason)``.
+Lone surrogates in the plaintext become U+FFFD, as in plain events. The same event id
+decrypting again is fine (a restart re-decrypts its inbox). The clear ``m.relates_to``
+of the encrypted content, when there is one, replaces the payload's (the server
+aggregates relations by the clear one).
 
 Sending. One outbound ``GroupSession`` per room. Before each send the machine calls
 ``prepare_outbound`` with the devices that must be able to read the room now; it rotates
 the session when it has sent ``rotation_period_msgs`` messages, is ``rotation_period_ms``
-old, or was shared with a device that is no longer among ``devices`` (member left, device
-removed); and it says which devices still need the key (``OutboundPlan.to_share``, with
-the ``m.room_key`` content to send them through Olm). After the to-device messages are
-sent, ``mark_shared``. Creating an outbound session also adds the matching inbound
-session, so the bot decrypts its own messages as clients do. ``encrypt`` raises
-``ValueError`` when no outbound session is prepared or it is used up (a caller bug, not
-input from outside).
+old (either way: a clock set back far also rotates), or was shared with a device that is
+no longer among ``devices`` (member left, device removed); and it says which devices
+still need the key (``OutboundPlan.to_share``, with ``room_key``, the ``m.room_key``
+content to send them through Olm: it holds the session key, never log it). After the
+to-device messages are sent, ``mark_shared``. Creating an outbound session also adds the
+matching inbound session, so the bot decrypts its own messages as clients do.
+``encrypt`` copies ``m.relates_to`` to the clear content (and leaves it in the payload),
+adds the deprecated ``sender_key``/``device_id`` that older clients still read, and raises
+``ValueError`` when no outbound session is prepared or it has reached the 10,000-message
+ceiling (a caller bug, not input from outside).
 
 Persistence. Every session is a frozen record of str/int/bool fields plus a vodozemac
 pickle (encrypted by vodozemac with the 32-byte pickle key). ``take_changes`` returns
@@ -72,7 +98,8 @@ encryptions between two calls persist once. For restart safety the caller must p
 the outbound session's changes *before* sending what ``encrypt`` produced: a message
 index reused after a crash is refused by every receiver as a replay. ``restore`` raises
 ``errors.CryptoError`` when a record cannot be unpickled (wrong pickle key or a corrupt
-store: the caller must stop, not continue with an empty state).
+store: the caller must stop, not continue with an empty state); records over a bound are
+dropped and reported as deletes by the next ``take_changes``.
 
 Replay records: (session_id, message_index) -> event_id of the first event seen with it,
 at most ``SEEN_LIMIT`` (20,000), oldest first out. The bot's durable inbox already handles
@@ -100,6 +127,7 @@ __all__ = [
     "DEFAULT_ROTATION_PERIOD_MSGS",
     "MAX_PLAINTEXT_DEPTH",
     "SEEN_LIMIT",
+    "SESSIONS_PER_SENDER_LIMIT",
     "GroupSessions",
     "InboundRecord",
     "MegolmChanges",
@@ -125,6 +153,7 @@ MIN_ROTATION_PERIOD_MSGS: Final = 1
 MAX_ROTATION_PERIOD_MSGS: Final = 10_000
 
 SEEN_LIMIT: Final = 20_000
+SESSIONS_PER_SENDER_LIMIT: Final = 2_000
 
 _PICKLE_KEY_BYTES: Final = 32
 # A room event is at most 64 KiB; a plaintext larger than that did not come from one.
@@ -273,6 +302,8 @@ class MegolmChanges:
     """What to persist since the last ``take_changes``: puts replace by key."""
 
     inbound: tuple[InboundRecord, ...] = ()
+    # (room_id, sender_curve25519, session_id) of sessions dropped over the bound
+    inbound_deleted: tuple[tuple[str, str, str], ...] = ()
     outbound: tuple[OutboundRecord, ...] = ()
     outbound_deleted: tuple[str, ...] = ()  # room ids
     seen: tuple[SeenRecord, ...] = ()
@@ -280,7 +311,12 @@ class MegolmChanges:
 
     def __bool__(self) -> bool:
         return bool(
-            self.inbound or self.outbound or self.outbound_deleted or self.seen or self.seen_deleted
+            self.inbound
+            or self.inbound_deleted
+            or self.outbound
+            or self.outbound_deleted
+            or self.seen
+            or self.seen_deleted
         )
 
 
@@ -335,7 +371,10 @@ class GroupSessions:
         self._by_room_session: dict[tuple[str, str], set[str]] = {}
         self._outbound: dict[str, _Outbound] = {}
         self._seen: dict[tuple[str, int], SeenRecord] = {}  # insertion order = age
+        # Per sender key, its sessions least recently added/used first (the bound's order).
+        self._by_sender: dict[str, dict[_InboundKey, None]] = {}
         self._dirty_inbound: set[_InboundKey] = set()
+        self._deleted_inbound: set[_InboundKey] = set()
         self._dirty_outbound: set[str] = set()
         self._deleted_outbound: set[str] = set()
         self._dirty_seen: set[tuple[str, int]] = set()
@@ -412,12 +451,14 @@ class GroupSessions:
         )
         changes = MegolmChanges(
             inbound=inbound,
+            inbound_deleted=tuple(sorted(self._deleted_inbound - set(self._inbound))),
             outbound=outbound,
             outbound_deleted=tuple(sorted(self._deleted_outbound - set(self._outbound))),
             seen=tuple(self._seen[k] for k in sorted(self._dirty_seen) if k in self._seen),
             seen_deleted=tuple(sorted(self._deleted_seen - set(self._seen))),
         )
         self._dirty_inbound.clear()
+        self._deleted_inbound.clear()
         self._dirty_outbound.clear()
         self._deleted_outbound.clear()
         self._dirty_seen.clear()
@@ -459,8 +500,32 @@ class GroupSessions:
         key = (inbound.room_id, inbound.sender_curve25519, inbound.session.session_id)
         self._inbound[key] = inbound
         self._by_room_session.setdefault((key[0], key[2]), set()).add(key[1])
+        self._touch(key)
         if dirty:
             self._dirty_inbound.add(key)
+            self._deleted_inbound.discard(key)
+        by_sender = self._by_sender[key[1]]
+        while len(by_sender) > SESSIONS_PER_SENDER_LIMIT:
+            self._drop_inbound(next(iter(by_sender)))
+
+    def _touch(self, key: _InboundKey) -> None:
+        """Mark a session most recently used (last to be dropped over the bound)."""
+        by_sender = self._by_sender.setdefault(key[1], {})
+        by_sender.pop(key, None)
+        by_sender[key] = None
+
+    def _drop_inbound(self, key: _InboundKey) -> None:
+        del self._inbound[key]
+        senders = self._by_room_session[(key[0], key[2])]
+        senders.discard(key[1])
+        if not senders:
+            del self._by_room_session[(key[0], key[2])]
+        by_sender = self._by_sender[key[1]]
+        del by_sender[key]
+        if not by_sender:
+            del self._by_sender[key[1]]
+        self._dirty_inbound.discard(key)
+        self._deleted_inbound.add(key)
 
     def has_session(
         self, room_id: str, session_id: str, sender_curve25519: str | None = None
@@ -630,6 +695,7 @@ class GroupSessions:
             raise DecryptionError("plaintext without type or content")
         index = decrypted.message_index
         self._check_replay(session_id, index, event_id, origin_server_ts)
+        self._touch((inbound.room_id, inbound.sender_curve25519, session_id))
         relates_to = content.get("m.relates_to")
         if isinstance(relates_to, Mapping):
             inner["m.relates_to"] = dict(relates_to)

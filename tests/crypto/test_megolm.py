@@ -696,6 +696,8 @@ def test_changes_accumulate_into_the_same_state_as_records() -> None:
         changes = bot.take_changes()
         for i in changes.inbound:
             store_inbound[(i.room_id, i.sender_curve25519, i.session_id)] = i
+        for inbound_key in changes.inbound_deleted:
+            del store_inbound[inbound_key]
         for o in changes.outbound:
             store_outbound[o.room_id] = o
         for room in changes.outbound_deleted:
@@ -843,3 +845,55 @@ def test_a_ciphertext_with_a_lone_surrogate_is_malformed_not_a_crash() -> None:
 
     with pytest.raises(DecryptionError, match="malformed ciphertext"):
         sessions.decrypt(ROOM, "$e1", 0, encrypted)
+
+
+def test_sessions_per_sender_are_bounded_least_recently_used_first(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    monkeypatch.setattr(megolm, "SESSIONS_PER_SENDER_LIMIT", 2)
+    first, second, third = Sender(), Sender(), Sender()
+    carol = Sender("CarolCurve")
+    sessions = receiver_with(first)
+    carol_outcome = sessions.add_room_key(
+        carol.room_key(), sender_curve25519="CarolCurve", sender_ed25519="CarolEd"
+    )
+    assert carol_outcome.stored
+    keys = {"sender_curve25519": ALICE_CURVE, "sender_ed25519": ALICE_ED}
+    assert sessions.add_room_key(second.room_key(), **keys).stored
+    sessions.take_changes()
+    sessions.decrypt(ROOM, "$e1", 0, first.encrypt())  # first is now the most recently used
+
+    assert sessions.add_room_key(third.room_key(), **keys).stored
+
+    assert sessions.has_session(ROOM, first.session_id)
+    assert not sessions.has_session(ROOM, second.session_id)
+    assert sessions.has_session(ROOM, third.session_id)
+    assert sessions.has_session(ROOM, carol.session_id)  # another sender's are not touched
+    with pytest.raises(MissingRoomKey):
+        sessions.decrypt(ROOM, "$e2", 0, second.encrypt())
+    changes = sessions.take_changes()
+    assert changes.inbound_deleted == ((ROOM, ALICE_CURVE, second.session_id),)
+    assert [r.session_id for r in changes.inbound] == [third.session_id]
+    # A key dropped then offered again is stored again, and no longer reported deleted.
+    assert sessions.add_room_key(second.room_key(), **keys).stored
+    again = sessions.take_changes()
+    assert again.inbound_deleted == ((ROOM, ALICE_CURVE, first.session_id),)
+    assert [r.session_id for r in again.inbound] == [second.session_id]
+
+
+def test_restoring_more_sessions_than_the_bound_drops_the_oldest_from_the_store(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    senders = [Sender() for _ in range(3)]
+    sessions = GroupSessions(PICKLE_KEY)
+    for sender in senders:
+        sessions.add_room_key(
+            sender.room_key(), sender_curve25519=ALICE_CURVE, sender_ed25519=ALICE_ED
+        )
+    inbound, _, _ = sessions.records()
+    monkeypatch.setattr(megolm, "SESSIONS_PER_SENDER_LIMIT", 2)
+
+    restored = GroupSessions.restore(PICKLE_KEY, inbound=inbound)
+
+    assert restored.take_changes().inbound_deleted == ((ROOM, ALICE_CURVE, senders[0].session_id),)
+    assert [restored.has_session(ROOM, s.session_id) for s in senders] == [False, True, True]
