@@ -223,7 +223,7 @@ class MegolmDecrypted:
     encrypted content, or None."""
 
     event_type: str
-    content: dict[str, Any]
+    content: dict[str, Any] = field(repr=False)  # plaintext: kept out of logs
     room_id: str
     event_id: str
     session_id: str
@@ -258,7 +258,7 @@ class OutboundPlan:
     created: bool
     rotated: str | None
     to_share: tuple[tuple[str, str], ...]
-    room_key: dict[str, str]
+    room_key: dict[str, str] = field(repr=False)  # holds the session key
 
 
 @dataclass(frozen=True, slots=True)
@@ -271,7 +271,7 @@ class InboundRecord:
     sender_claimed_ed25519: str
     trusted: bool
     first_known_index: int
-    pickle: str
+    pickle: str = field(repr=False)
 
 
 @dataclass(frozen=True, slots=True)
@@ -284,7 +284,7 @@ class OutboundRecord:
     created_ms: int
     message_count: int
     shared_with: tuple[tuple[str, str], ...]
-    pickle: str
+    pickle: str = field(repr=False)
 
 
 @dataclass(frozen=True, slots=True)

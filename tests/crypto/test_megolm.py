@@ -897,3 +897,22 @@ def test_restoring_more_sessions_than_the_bound_drops_the_oldest_from_the_store(
 
     assert restored.take_changes().inbound_deleted == ((ROOM, ALICE_CURVE, senders[0].session_id),)
     assert [restored.has_session(ROOM, s.session_id) for s in senders] == [False, True, True]
+
+
+def test_no_value_shows_plaintext_keys_or_pickles_in_its_repr() -> None:
+    alice = Sender()
+    bot = receiver_with(alice)
+    plan = prepare(bot, DEVICES)
+    decrypted = bot.decrypt(ROOM, "$e1", 0, alice.encrypt())
+    inbound, outbound, seen = bot.records()
+    secrets = [
+        SECRET,
+        plan.room_key["session_key"],
+        alice.room_key()["session_key"],
+        *(r.pickle for r in (*inbound, *outbound)),
+    ]
+
+    shown = repr([plan, decrypted, inbound, outbound, seen, bot.take_changes()])
+
+    assert plan.session_id in shown  # ids are fine to show
+    assert [s for s in secrets if s in shown] == []
