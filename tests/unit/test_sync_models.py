@@ -11,6 +11,7 @@ import pytest
 
 from matrix_api.errors import BadResponse
 from matrix_api.models import (
+    DeviceLists,
     Event,
     EventID,
     JoinedRoom,
@@ -247,7 +248,7 @@ def test_top_level_sections_decode() -> None:
     assert sync.to_device == [
         ToDeviceEvent(type="m.new_device", sender=ALICE, content={"device_id": "XYZABCDE"})
     ]
-    assert sync.device_lists == {"changed": [ALICE], "left": []}
+    assert sync.device_lists == DeviceLists(changed=[UserID(ALICE)], left=[])
 
 
 def test_a_minimal_sync_has_empty_sections() -> None:
