@@ -83,7 +83,8 @@ the session when it has sent ``rotation_period_msgs`` messages, is ``rotation_pe
 old (either way: a clock set back far also rotates), or was shared with a device that is
 no longer among ``devices`` (member left, device removed); and it says which devices
 still need the key (``OutboundPlan.to_share``, with ``room_key``, the ``m.room_key``
-content to send them through Olm: it holds the session key, never log it). After the
+content to send them through Olm, at the session's current index; empty when nobody
+needs it; it holds the session key, never log it). After the
 to-device messages are sent, ``mark_shared``. Creating an outbound session also adds the
 matching inbound session, so the bot decrypts its own messages as clients do.
 ``encrypt`` copies ``m.relates_to`` to the clear content (and leaves it in the payload),
@@ -251,7 +252,8 @@ class OutboundPlan:
     was replaced (``"messages"``, ``"age"``, ``"device removed"``) or None; ``created``
     is True when the session is new (first one of the room, or a rotation).
     ``to_share`` lists the (user_id, device_id) that still need ``room_key`` (the
-    ``m.room_key`` content, which holds the session key: never log it)."""
+    ``m.room_key`` content, which holds the session key: never log it; an empty dict
+    when ``to_share`` is empty)."""
 
     room_id: str
     session_id: str
@@ -451,11 +453,16 @@ class GroupSessions:
         )
         changes = MegolmChanges(
             inbound=inbound,
-            inbound_deleted=tuple(sorted(self._deleted_inbound - set(self._inbound))),
+            # Dropped then added again: a put, not a delete (no set of everything built).
+            inbound_deleted=tuple(
+                k for k in sorted(self._deleted_inbound) if k not in self._inbound
+            ),
             outbound=outbound,
-            outbound_deleted=tuple(sorted(self._deleted_outbound - set(self._outbound))),
+            outbound_deleted=tuple(
+                r for r in sorted(self._deleted_outbound) if r not in self._outbound
+            ),
             seen=tuple(self._seen[k] for k in sorted(self._dirty_seen) if k in self._seen),
-            seen_deleted=tuple(sorted(self._deleted_seen - set(self._seen))),
+            seen_deleted=tuple(k for k in sorted(self._deleted_seen) if k not in self._seen),
         )
         self._dirty_inbound.clear()
         self._deleted_inbound.clear()
@@ -817,13 +824,15 @@ class GroupSessions:
                     trusted=True,
                 )
             )
+        to_share = tuple(sorted(wanted - out.shared_with))
         return OutboundPlan(
             room_id=room_id,
             session_id=out.session.session_id,
             created=created,
             rotated=rotated,
-            to_share=tuple(sorted(wanted - out.shared_with)),
-            room_key=self._room_key(out),
+            to_share=to_share,
+            # Exporting the key signs it: only when someone needs it.
+            room_key=self._room_key(out) if to_share else {},
         )
 
     def _room_key(self, out: _Outbound) -> dict[str, str]:

@@ -540,6 +540,8 @@ def test_sharing_is_recorded_and_only_new_devices_are_asked_for() -> None:
 
     assert (again.created, again.rotated, again.session_id) == (False, None, plan.session_id)
     assert again.to_share == (DEVICES[2],)
+    assert again.room_key["session_id"] == plan.session_id
+    assert prepare(bot, DEVICES[:2]).room_key == {}  # nobody needs it: not exported
     info = bot.outbound(ROOM)
     assert info is not None
     assert info.shared_with == frozenset(DEVICES[:2])
