@@ -60,6 +60,32 @@ async def test_encrypted_direct_chat_both_ways(synapse: SynapseServer, make_user
             assert [m.body for m in await bob.messages(room_id)] == ["hello", "hi alice"]
 
 
+async def test_a_late_joiner_sees_earlier_messages_as_undecryptable(
+    synapse: SynapseServer, make_user: MakeUser
+) -> None:
+    # Room keys go to the members of the moment: carol, invited after "before you", has no key
+    # for it. The harness must report that as a failure (the late-key tests depend on it).
+    alice_user, carol_user = make_user("alice"), make_user("carol")
+    with trio.fail_after(120):
+        async with open_js_client("alice") as alice, open_js_client("carol") as carol:
+            await logged_in(alice, synapse, alice_user)
+            await logged_in(carol, synapse, carol_user)
+            room_id = await alice.create_room(encrypted=True, name="late")
+            before = await alice.send_text(room_id, "before you")
+            await alice.invite(room_id, carol_user.user_id)
+            await carol.join(room_id)
+            after = await alice.send_text(room_id, "after you")
+
+            old = await carol.wait_for_message(room_id, sender=alice_user.user_id)
+            assert old.event_id == before
+            assert old.encrypted
+            assert old.decryption_failure
+            assert old.body != "before you"
+            # A substring wait never matches an undecryptable message.
+            new = await carol.wait_for_message(room_id, body_contains="you")
+            assert (new.event_id, new.decryption_failure) == (after, False)
+
+
 async def test_a_plain_room_stays_plain(synapse: SynapseServer, make_user: MakeUser) -> None:
     alice_user, bob_user = make_user("alice"), make_user("bob")
     with trio.fail_after(120):
@@ -104,6 +130,17 @@ async def test_failures_come_back_fast_and_clear(
                 await alice.send_text(room_id, "")
             with pytest.raises(JsClientTimeout, match="to be joined in this client"):
                 await alice.send_text("!nosuchroom:localhost", "hello", timeout=1.0)
+
+            # Requests run concurrently: a pending wait does not hold up other commands.
+            async with trio.open_nursery() as nursery:
+
+                async def wait_long() -> None:
+                    await alice.wait_for_message(room_id, body_contains="nope", timeout=60.0)
+
+                nursery.start_soon(wait_long)
+                assert await alice.room_encrypted(room_id)
+                nursery.cancel_scope.cancel()  # its late answer is dropped (nobody waits)
+            assert await alice.room_encrypted(room_id)
 
             # A garbled line gets an uncorrelated error; the client keeps answering.
             assert alice._process.stdin is not None
