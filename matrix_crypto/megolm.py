@@ -64,8 +64,10 @@ only needs the recent ones: a user's device in 300 rooms rotating weekly needs a
 ``decrypt`` returns a :class:`MegolmDecrypted` carrying the sender curve key, the claimed
 ed25519 key and ``trusted``: the machine must check them against the device cache of the
 event's ``sender`` (and refuse untrusted ones) before the event counts as theirs. The
-deprecated clear ``sender_key`` is optional: without it the session is found by (room,
-session id), preferring the one trusted session when a forwarded key claims another sender.
+deprecated clear ``sender_key`` is used when it names a known session; missing or unknown,
+the session is found by (room, session id) (MSC3700: receivers ignore it), preferring the
+one trusted session when a forwarded key claims another sender. The result always names
+the key the session was stored under, never the clear one.
 Refusals: unknown session -> ``MissingRoomKey`` (retry when the key arrives); anything
 else (malformed content or ciphertext, bad signature/MAC, index before the session's
 first known index, plaintext that is not a JSON object with a string ``type``, an object
@@ -395,7 +397,8 @@ class GroupSessions:
     ) -> GroupSessions:
         """Rebuild from persisted records (nothing is marked changed). Raises
         ``CryptoError`` when a pickle does not open with this key or does not match its
-        record; ``seen`` is taken in the given order, oldest first, up to SEEN_LIMIT."""
+        record. ``seen`` is ordered by origin_server_ts (the store need not keep an
+        order); over SEEN_LIMIT the oldest are dropped and reported as deletes."""
         self = cls(pickle_key)
         for rec in inbound:
             try:
@@ -413,7 +416,7 @@ class GroupSessions:
                     room_id=rec.room_id,
                     sender_curve25519=rec.sender_curve25519,
                     sender_claimed_ed25519=rec.sender_claimed_ed25519,
-                    trusted=rec.trusted,
+                    trusted=bool(rec.trusted),  # a store may hand back 0/1
                 ),
                 dirty=False,
             )
@@ -433,7 +436,8 @@ class GroupSessions:
                 created_ms=out.created_ms,
                 shared_with={(u, d) for u, d in out.shared_with},
             )
-        for s in seen:
+        # Oldest event first whatever order the store returns them in (sort is stable).
+        for s in sorted(seen, key=lambda s: s.origin_server_ts):
             self._seen.pop((s.session_id, s.message_index), None)
             self._seen[(s.session_id, s.message_index)] = s
         while len(self._seen) > SEEN_LIMIT:
@@ -722,10 +726,11 @@ class GroupSessions:
     def _find(self, room_id: str, session_id: str, sender_key: object) -> _Inbound:
         if isinstance(sender_key, str):
             found = self._inbound.get((room_id, sender_key, session_id))
-            if found is None:
-                raise MissingRoomKey(room_id, session_id)
-            return found
-        # sender_key is deprecated (optional since spec v1.3): look the session up by id.
+            if found is not None:
+                return found
+        # sender_key is deprecated (optional since spec v1.3, to be ignored by receivers:
+        # MSC3700), so a missing or unknown one falls back to the session id. Safe: the
+        # result names the sender key the session was stored under, never the clear one.
         candidates = [
             self._inbound[(room_id, sender, session_id)]
             for sender in self._by_room_session.get((room_id, session_id), ())

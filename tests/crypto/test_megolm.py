@@ -457,6 +457,16 @@ def test_a_forwarded_key_naming_another_sender_does_not_hijack_the_session() -> 
     assert (mallory.sender_curve25519, mallory.trusted) == ("MalloryCurve", False)
 
 
+def test_an_unknown_clear_sender_key_falls_back_to_the_session_and_reports_its_key() -> None:
+    alice = Sender()
+    sessions = receiver_with(alice)
+    encrypted = alice.encrypt(sender_key="SomeoneElsesCurve")
+
+    got = sessions.decrypt(ROOM, "$e1", 0, encrypted)
+
+    assert (got.sender_curve25519, got.trusted) == (ALICE_CURVE, True)
+
+
 @pytest.mark.parametrize(
     "mutate",
     [
@@ -778,8 +788,9 @@ def test_replay_records_are_bounded_oldest_first(monkeypatch: pytest.MonkeyPatch
     assert [s.message_index for s in later.seen] == [3, 4]
     assert [index for _, index in later.seen_deleted] == [0, 1]
     assert [s.message_index for s in bot.records()[2]] == [2, 3, 4]
-    # Restoring more than the bound keeps the newest and deletes the rest from the store.
-    restored = GroupSessions.restore(PICKLE_KEY, seen=[*first.seen, *later.seen])
+    # Restoring more than the bound keeps the newest (by origin_server_ts, whatever the
+    # store's order) and deletes the rest from the store.
+    restored = GroupSessions.restore(PICKLE_KEY, seen=[*later.seen, *first.seen][::-1])
     assert [s.message_index for s in restored.records()[2]] == [2, 3, 4]
     assert [index for _, index in restored.take_changes().seen_deleted] == [0, 1]
 
