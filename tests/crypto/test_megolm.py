@@ -9,6 +9,8 @@ from typing import Any
 
 import pytest
 import vodozemac
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 from matrix_crypto import megolm
 from matrix_crypto.errors import CryptoError, DecryptionError, MissingRoomKey
@@ -922,10 +924,73 @@ def test_no_value_shows_plaintext_keys_or_pickles_in_its_repr() -> None:
         SECRET,
         plan.room_key["session_key"],
         alice.room_key()["session_key"],
-        *(r.pickle for r in (*inbound, *outbound)),
+        *(r.pickle for r in inbound),
+        *(r.pickle for r in outbound),
     ]
 
     shown = repr([plan, decrypted, inbound, outbound, seen, bot.take_changes()])
 
     assert plan.session_id in shown  # ids are fine to show
     assert [s for s in secrets if s in shown] == []
+
+
+# ----------------------------------------------------------------- any input at all
+
+_json = st.recursive(
+    st.none() | st.booleans() | st.integers() | st.text(max_size=20),
+    lambda children: (
+        st.lists(children, max_size=4) | st.dictionaries(st.text(max_size=10), children, max_size=4)
+    ),
+    max_leaves=12,
+)
+_FIELDS = ["algorithm", "ciphertext", "session_id", "sender_key", "device_id", "m.relates_to"]
+
+
+@settings(max_examples=150, deadline=None)
+@given(
+    overrides=st.dictionaries(st.sampled_from(_FIELDS), _json, max_size=4),
+    flip=st.one_of(st.none(), st.tuples(st.integers(min_value=0), st.integers(1, 255))),
+)
+def test_decrypt_raises_only_the_two_documented_errors(
+    overrides: dict[str, Any], flip: tuple[int, int] | None
+) -> None:
+    alice = Sender()
+    sessions = receiver_with(alice)
+    encrypted = alice.encrypt()
+    if flip is not None:
+        raw = bytearray(base64.b64decode(encrypted["ciphertext"] + "=="))
+        raw[flip[0] % len(raw)] ^= flip[1]
+        encrypted["ciphertext"] = base64.b64encode(bytes(raw)).decode().rstrip("=")
+    encrypted.update(overrides)
+
+    try:
+        shown, decrypted = sessions.decrypt(ROOM, "$e1", 0, encrypted).content["body"], True
+    except (MissingRoomKey, DecryptionError) as exc:
+        shown, decrypted = str(exc), False
+
+    # What decrypts is the one plaintext; a refusal never quotes it.
+    assert (shown == SECRET) == decrypted
+
+
+@settings(max_examples=150, deadline=None)
+@given(
+    overrides=st.dictionaries(
+        st.sampled_from(["algorithm", "room_id", "session_id", "session_key", "sender_key"]),
+        _json,
+        max_size=3,
+    )
+)
+def test_room_keys_never_raise(overrides: dict[str, Any]) -> None:
+    alice = Sender()
+    sessions = GroupSessions(PICKLE_KEY)
+    direct = {**alice.room_key(), **overrides}
+    fwd = {**forwarded(alice), **overrides}
+
+    outcomes = [
+        sessions.add_room_key(direct, sender_curve25519=ALICE_CURVE, sender_ed25519=ALICE_ED),
+        sessions.add_forwarded_room_key(fwd, forwarder_curve25519="Fwd"),
+    ]
+
+    for outcome in outcomes:
+        assert alice.room_key()["session_key"] not in outcome.reason
+    assert sessions.has_session(ROOM, alice.session_id) == any(o.stored for o in outcomes)
