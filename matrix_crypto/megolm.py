@@ -11,7 +11,7 @@ Public API (the contract with ``machine.py`` / ``state.py``)::
     SESSIONS_PER_SENDER_LIMIT = 2_000   # inbound sessions kept per sender curve key
     MAX_PLAINTEXT_DEPTH = 64            # nesting a decrypted payload may have
 
-    RotationSettings(period_ms=604_800_000, period_msgs=100)      # frozen
+    RotationSettings(period_ms=604_800_000, period_msgs=100)  # frozen; ValueError out of bounds
     RotationSettings.from_encryption_content(content) -> RotationSettings
         # rotation_period_ms / rotation_period_msgs of an m.room.encryption content,
         # clamped to [1 hour, 1 week] and [1, 10_000]; hostile values -> the defaults
@@ -181,6 +181,14 @@ class RotationSettings:
 
     period_ms: int = DEFAULT_ROTATION_PERIOD_MS
     period_msgs: int = DEFAULT_ROTATION_PERIOD_MSGS
+
+    def __post_init__(self) -> None:
+        # Built by hand (not from room state): out of bounds is a caller bug; zero
+        # messages would rotate on every prepare.
+        if not MIN_ROTATION_PERIOD_MS <= self.period_ms <= MAX_ROTATION_PERIOD_MS:
+            raise ValueError("period_ms out of bounds")
+        if not MIN_ROTATION_PERIOD_MSGS <= self.period_msgs <= MAX_ROTATION_PERIOD_MSGS:
+            raise ValueError("period_msgs out of bounds")
 
     @classmethod
     def from_encryption_content(cls, content: object) -> RotationSettings:

@@ -652,6 +652,16 @@ def test_rotation_settings_are_clamped_and_hostile_values_ignored(
     assert (settings.period_ms, settings.period_msgs) == expected
 
 
+@pytest.mark.parametrize(
+    "kwargs", [{"period_msgs": 0}, {"period_msgs": 10_001}, {"period_ms": 0}, {"period_ms": -1}]
+)
+def test_rotation_settings_built_by_hand_out_of_bounds_are_a_caller_error(
+    kwargs: dict[str, int],
+) -> None:
+    with pytest.raises(ValueError, match="out of bounds"):
+        RotationSettings(**kwargs)
+
+
 def test_encrypting_without_a_prepared_session_is_a_caller_error() -> None:
     with pytest.raises(ValueError, match="prepare"):
         GroupSessions(PICKLE_KEY).encrypt(ROOM, "m.room.message", {}, "D", BOT_CURVE)
