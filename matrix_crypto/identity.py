@@ -154,9 +154,13 @@ class Identity:
             for key_id, key in account.fallback_key.items()
         }
 
-    def has_unpublished_keys(self) -> bool:
+    def unpublished_key_ids(self) -> frozenset[str]:
+        """Ids of the one-time and fallback keys generated but not marked published."""
         account = cast("_FallbackAccount", self.account)
-        return bool(self.account.one_time_keys) or bool(account.fallback_key)
+        return frozenset(
+            [f"otk:{key_id}" for key_id in self.account.one_time_keys]
+            + [f"fallback:{key_id}" for key_id in account.fallback_key]
+        )
 
     def mark_published(self) -> None:
         """The server has the keys last handed out: they are no longer sent."""

@@ -1,0 +1,697 @@
+"""OlmMachine end to end: two machines exchange keys through a server played by the
+test, share a room key, encrypt and decrypt; restarts from persisted changes; and what
+hostile servers and devices can send."""
+
+from __future__ import annotations
+
+import copy
+import json
+from collections import defaultdict
+from typing import Any
+
+import pytest
+import vodozemac
+
+from matrix_crypto.canonical import b64encode
+from matrix_crypto.errors import CryptoError, DecryptionError, MissingRoomKey, UnverifiedSender
+from matrix_crypto.identity import Identity
+from matrix_crypto.machine import (
+    KeysClaimRequest,
+    KeysQueryRequest,
+    KeysUploadRequest,
+    OlmMachine,
+    OutgoingRequest,
+    ToDeviceRequest,
+)
+from matrix_crypto.state import CryptoState
+
+ALICE = "@alice:example.org"
+BOT = "@bot:example.org"
+CAROL = "@carol:example.org"
+ROOM = "!room:example.org"
+KEY = bytes(range(32))
+
+
+class Store:
+    """The bot's crypto table: rows (kind, key) -> value, written from take_changes."""
+
+    def __init__(self) -> None:
+        self.rows: dict[tuple[str, str], str] = {}
+
+    def save(self, machine: OlmMachine) -> None:
+        for kind, key, value in machine.take_changes().rows():
+            if value is None:
+                self.rows.pop((kind, key), None)
+            else:
+                self.rows[(kind, key)] = json.loads(json.dumps(value))  # a real store's copy
+
+    def state(self) -> CryptoState:
+        return CryptoState.from_rows((k, key, v) for (k, key), v in self.rows.items())
+
+
+class Server:
+    """Just enough of a homeserver's E2EE endpoints, with JSON round trips in between."""
+
+    def __init__(self) -> None:
+        self.device_keys: dict[str, dict[str, Any]] = defaultdict(dict)
+        self.otks: dict[tuple[str, str], dict[str, Any]] = defaultdict(dict)
+        self.fallback: dict[tuple[str, str], tuple[str, Any, bool]] = {}  # id, key, used
+        self.inbox: dict[tuple[str, str], list[dict[str, Any]]] = defaultdict(list)
+        self.stores: dict[tuple[str, str], Store] = defaultdict(Store)
+        self.seen_txn: set[tuple[str, str]] = set()
+        self.sent: list[OutgoingRequest] = []
+
+    def handle(self, machine: OlmMachine, request: OutgoingRequest) -> dict[str, Any]:
+        me = (machine.user_id, machine.device_id)
+        body = json.loads(json.dumps(request.body))
+        self.sent.append(request)
+        if isinstance(request, KeysUploadRequest):
+            if "device_keys" in body:
+                existing = self.device_keys[me[0]].get(me[1])
+                assert existing in (None, body["device_keys"]), "device keys uploaded twice"
+                self.device_keys[me[0]][me[1]] = body["device_keys"]
+            for key_id, value in body.get("one_time_keys", {}).items():
+                existing = self.otks[me].get(key_id)
+                assert existing in (None, value), "one time key already exists"
+                self.otks[me][key_id] = value
+            for key_id, value in body.get("fallback_keys", {}).items():
+                self.fallback[me] = (key_id, value, False)
+            return {"one_time_key_counts": {"signed_curve25519": len(self.otks[me])}}
+        if isinstance(request, KeysQueryRequest):
+            return {
+                "device_keys": {
+                    user: dict(self.device_keys.get(user, {})) for user in body["device_keys"]
+                },
+                "failures": {},
+            }
+        if isinstance(request, KeysClaimRequest):
+            answer: dict[str, dict[str, Any]] = {}
+            for user, devices in body["one_time_keys"].items():
+                for device in devices:
+                    pool = self.otks[(user, device)]
+                    if pool:
+                        key_id = sorted(pool)[0]
+                        answer.setdefault(user, {})[device] = {key_id: pool.pop(key_id)}
+                    elif (user, device) in self.fallback:
+                        key_id, value, _ = self.fallback[(user, device)]
+                        self.fallback[(user, device)] = (key_id, value, True)
+                        answer.setdefault(user, {})[device] = {key_id: value}
+            return {"one_time_keys": answer, "failures": {}}
+        assert isinstance(request, ToDeviceRequest)
+        if (machine.user_id, request.txn_id) in self.seen_txn:
+            return {}
+        self.seen_txn.add((machine.user_id, request.txn_id))
+        for user, devices in body["messages"].items():
+            for device, content in devices.items():
+                event = {"type": request.event_type, "sender": machine.user_id, "content": content}
+                self.inbox[(user, device)].append(event)
+        return {}
+
+    def run(self, machine: OlmMachine, requests: list[OutgoingRequest]) -> list[str]:
+        """Send like the bot: persist first, then send, mark, persist."""
+        warnings: list[str] = []
+        for request in requests:
+            self.stores[(machine.user_id, machine.device_id)].save(machine)
+            warnings += machine.mark_request_sent(request.request_id, self.handle(machine, request))
+            self.stores[(machine.user_id, machine.device_id)].save(machine)
+        return warnings
+
+    def sync(self, machine: OlmMachine, *, keep: bool = False, **extra: Any) -> list[Any]:
+        me = (machine.user_id, machine.device_id)
+        events = json.loads(json.dumps(self.inbox[me]))
+        if not keep:
+            self.inbox[me] = []
+        fallback = self.fallback.get(me)
+        results = machine.receive_sync(
+            to_device=events,
+            changed=extra.get("changed", []),
+            left=extra.get("left", []),
+            one_time_key_counts={"signed_curve25519": len(self.otks[me])},
+            unused_fallback_key_types=["signed_curve25519"] if fallback and not fallback[2] else [],
+        )
+        if not keep:
+            self.stores[me].save(machine)  # with the sync token
+        return results
+
+    def settle(self, *machines: OlmMachine) -> None:
+        for machine in machines:
+            self.run(machine, machine.outgoing_requests())
+
+    def share(self, machine: OlmMachine, users: list[str], **kwargs: Any) -> int:
+        rounds = 0
+        while requests := machine.share_room_key(ROOM, users, {}, **kwargs):
+            rounds += 1
+            assert rounds < 5, "share_room_key does not converge"
+            self.run(machine, requests)
+        return rounds
+
+
+def _message(sender: str, event_id: str, content: dict[str, Any]) -> dict[str, Any]:
+    return {
+        "type": "m.room.encrypted",
+        "sender": sender,
+        "event_id": event_id,
+        "origin_server_ts": 1_700_000_000_000,
+        "room_id": ROOM,
+        "content": json.loads(json.dumps(content)),
+    }
+
+
+@pytest.fixture
+def server() -> Server:
+    return Server()
+
+
+@pytest.fixture
+def pair(server: Server) -> tuple[OlmMachine, OlmMachine]:
+    bot = OlmMachine.create(BOT, "BOTDEV", KEY)
+    alice = OlmMachine.create(ALICE, "ALICEDEV", KEY)
+    server.settle(bot, alice)
+    return bot, alice
+
+
+def _send(
+    server: Server, sender: OlmMachine, receiver: OlmMachine, text: str, event_id: str
+) -> dict[str, Any]:
+    server.share(sender, [sender.user_id, receiver.user_id])
+    server.sync(receiver)
+    content = sender.encrypt_room_event(ROOM, "m.room.message", {"msgtype": "m.text", "body": text})
+    server.stores[(sender.user_id, sender.device_id)].save(sender)  # before it leaves
+    return _message(sender.user_id, event_id, content)
+
+
+def test_two_machines_round_trip_and_restart(
+    server: Server, pair: tuple[OlmMachine, OlmMachine]
+) -> None:
+    bot, alice = pair
+    kinds = [type(r) for r in server.sent]
+    assert kinds == [KeysUploadRequest, KeysUploadRequest]
+    upload = server.sent[0].body
+    assert set(upload) == {"device_keys", "one_time_keys", "fallback_keys"}
+    assert len(upload["one_time_keys"]) == 25
+
+    assert server.share(alice, [ALICE, BOT]) == 3  # query, claim, share
+    assert [type(r) for r in server.sent[2:]] == [
+        KeysQueryRequest,
+        KeysClaimRequest,
+        ToDeviceRequest,
+    ]
+    results = server.sync(bot)
+    assert len(results) == 1
+    assert results[0].refused is None
+    assert results[0].decrypted_type == "m.room_key"
+    assert results[0].sender_device == "ALICEDEV"
+    assert results[0].room_key is not None
+    room, session = results[0].room_key
+    assert room == ROOM
+
+    content = alice.encrypt_room_event(
+        ROOM,
+        "m.room.message",
+        {
+            "msgtype": "m.text",
+            "body": "hi",
+            "m.relates_to": {"rel_type": "m.thread", "event_id": "$root"},
+        },
+    )
+    assert content["algorithm"] == "m.megolm.v1.aes-sha2"
+    assert content["session_id"] == session
+    assert content["m.relates_to"] == {"rel_type": "m.thread", "event_id": "$root"}
+    assert "hi" not in json.dumps(content)
+    server.stores[(ALICE, "ALICEDEV")].save(alice)
+    event = _message(ALICE, "$1", content)
+    # The bot tracks alice only once asked: then the device is known from the query.
+    bot.update_tracked_users([ALICE])
+    server.settle(bot)
+    plain = bot.decrypt_room_event(ROOM, event)
+    assert (plain.type, plain.sender, plain.device_id) == ("m.room.message", ALICE, "ALICEDEV")
+    assert plain.content["body"] == "hi"
+    assert plain.content["m.relates_to"]["rel_type"] == "m.thread"
+    assert "hi" not in repr(plain)
+
+    # Restarted from what was persisted, the bot still decrypts it (and the next one).
+    server.stores[(BOT, "BOTDEV")].save(bot)
+    restored = OlmMachine.restore(BOT, "BOTDEV", server.stores[(BOT, "BOTDEV")].state(), KEY)
+    assert restored.ed25519 == bot.ed25519
+    assert restored.decrypt_room_event(ROOM, event).content["body"] == "hi"
+    second = _send(server, alice, restored, "again", "$2")
+    assert restored.decrypt_room_event(ROOM, second).content["body"] == "again"
+
+    # The bot answers: alice's device gets the bot's room key and decrypts the reply.
+    alice.update_tracked_users([BOT])
+    server.settle(alice)
+    reply = _send(server, restored, alice, "pong", "$3")
+    got = alice.decrypt_room_event(ROOM, reply)
+    assert (got.sender, got.device_id, got.content["body"]) == (BOT, "BOTDEV", "pong")
+    # And the bot reads its own message (its outbound session is also inbound).
+    assert restored.decrypt_room_event(ROOM, reply).device_id == "BOTDEV"
+
+    # Alice restarted too: her outbound session continues (no index reused).
+    alice2 = OlmMachine.restore(ALICE, "ALICEDEV", server.stores[(ALICE, "ALICEDEV")].state(), KEY)
+    third = _send(server, alice2, restored, "third", "$4")
+    assert restored.decrypt_room_event(ROOM, third).content["body"] == "third"
+    assert restored.decrypt_room_event(ROOM, third).message_index == 2
+
+
+def test_device_keys_are_uploaded_once_per_device_id(
+    server: Server, pair: tuple[OlmMachine, OlmMachine]
+) -> None:
+    bot, _ = pair
+    assert bot.keys_uploaded
+    assert bot.outgoing_requests() == []
+    restored = OlmMachine.restore(BOT, "BOTDEV", server.stores[(BOT, "BOTDEV")].state(), KEY)
+    assert restored.keys_uploaded
+    assert restored.outgoing_requests() == []
+    # The server used up 20 one-time keys: only one-time keys are topped up.
+    restored.receive_sync(
+        to_device=[],
+        one_time_key_counts={"signed_curve25519": 5},
+        unused_fallback_key_types=["signed_curve25519"],
+    )
+    (upload,) = restored.outgoing_requests()
+    assert isinstance(upload, KeysUploadRequest)
+    assert upload.device_keys is None
+    assert len(upload.one_time_keys) == 20
+    assert upload.fallback_keys == {}
+    # Same request until answered; syncs meanwhile do not add keys.
+    restored.receive_sync(to_device=[], one_time_key_counts={"signed_curve25519": 0})
+    assert restored.outgoing_requests() == [upload]
+
+
+def test_upload_lost_before_its_answer_is_repeated_identically(server: Server) -> None:
+    bot = OlmMachine.create(BOT, "BOTDEV", KEY)
+    store = Store()
+    (upload,) = bot.outgoing_requests()
+    store.save(bot)  # persisted before sending; the answer is lost in a crash
+    server.handle(bot, upload)
+    again = OlmMachine.restore(BOT, "BOTDEV", store.state(), KEY)
+    (repeat,) = again.outgoing_requests()
+    assert repeat.body == upload.body  # accepted by the server: same ids, same keys
+    again.mark_request_sent(repeat.request_id, server.handle(again, repeat))
+    assert again.outgoing_requests() == []
+
+
+def test_fallback_key_rotated_when_used(
+    server: Server, pair: tuple[OlmMachine, OlmMachine]
+) -> None:
+    bot, _ = pair
+    bot.receive_sync(
+        to_device=[], one_time_key_counts={"signed_curve25519": 25}, unused_fallback_key_types=[]
+    )
+    (upload,) = bot.outgoing_requests()
+    assert isinstance(upload, KeysUploadRequest)
+    assert len(upload.fallback_keys) == 1
+    assert upload.one_time_keys == {}
+
+
+def test_redelivered_to_device_after_a_lost_commit(
+    server: Server, pair: tuple[OlmMachine, OlmMachine]
+) -> None:
+    bot, alice = pair
+    server.share(alice, [ALICE, BOT])
+    first = server.sync(bot, keep=True)  # the batch's commit did not happen
+    again = server.sync(bot, keep=True)  # the same events again, same process
+    assert first[0].room_key is not None
+    assert again[0].refused is None
+    assert again[0].ignored == "already known"
+    # A process restarted from the state before the batch decrypts them afresh.
+    before = OlmMachine.restore(BOT, "BOTDEV", server.stores[(BOT, "BOTDEV")].state(), KEY)
+    assert server.sync(before)[0].room_key == first[0].room_key
+
+
+def test_replayed_pre_key_message_after_its_commit_is_refused(
+    server: Server, pair: tuple[OlmMachine, OlmMachine]
+) -> None:
+    bot, alice = pair
+    server.share(alice, [ALICE, BOT])
+    replay = copy.deepcopy(server.inbox[(BOT, "BOTDEV")])
+    server.sync(bot)
+    later = OlmMachine.restore(BOT, "BOTDEV", server.stores[(BOT, "BOTDEV")].state(), KEY)
+    (result,) = later.receive_sync(to_device=replay)
+    assert result.refused is not None
+    assert result.room_key is None
+
+
+def test_hostile_sync_input_never_raises(pair: tuple[OlmMachine, OlmMachine]) -> None:
+    bot, _ = pair
+    garbage: list[Any] = [
+        None,
+        5,
+        "x",
+        [],
+        {},
+        {"type": "m.room.encrypted"},
+        {"type": "m.room.encrypted", "sender": ALICE, "content": None},
+        {
+            "type": "m.room.encrypted",
+            "sender": ALICE,
+            "content": {
+                "algorithm": "m.olm.v1.curve25519-aes-sha2",
+                "sender_key": "x" * 100_000,
+                "ciphertext": {},
+            },
+        },
+        {
+            "type": "m.room.encrypted",
+            "sender": ALICE,
+            "content": {
+                "algorithm": "m.olm.v1.curve25519-aes-sha2",
+                "sender_key": Identity.create(ALICE, "X").curve25519,
+                "ciphertext": {
+                    bot.curve25519: {"type": 0, "body": b64encode(b"\x03" + bytes(200))}
+                },
+            },
+        },
+        {
+            "type": "m.room.encrypted",
+            "sender": ALICE,
+            "content": {
+                "algorithm": "m.olm.v1.curve25519-aes-sha2",
+                "sender_key": Identity.create(ALICE, "X").curve25519,
+                "ciphertext": {bot.curve25519: {"type": 1, "body": "A" * 70_000}},
+            },
+        },
+        {"type": "m.room.encrypted", "sender": 7, "content": {}},
+        {"type": "m.room_key", "sender": ALICE, "content": {"session_key": "x"}},  # in the clear
+        {
+            "type": "m.room.encrypted",
+            "sender": ALICE,
+            "content": {"algorithm": "m.megolm.v1.aes-sha2"},
+        },
+    ]
+    results = bot.receive_sync(
+        to_device=garbage,
+        changed=[None, 5, ALICE, ["x"]],
+        left=[{}, "@nobody:x"],
+        one_time_key_counts={"signed_curve25519": "many", 5: 5},  # type: ignore[dict-item]
+        unused_fallback_key_types=[None, 3],
+    )
+    assert len(results) == len(garbage)
+    for event, result in zip(garbage, results, strict=True):
+        if isinstance(event, dict) and event.get("type") == "m.room_key":
+            assert result.ignored == "unencrypted to-device event"
+            assert result.room_key is None
+        else:
+            assert result.refused, event
+    assert not bot.take_changes().megolm  # no room key got in
+
+
+def test_hostile_answers_to_requests_never_raise(server: Server) -> None:
+    bot = OlmMachine.create(BOT, "BOTDEV", KEY)
+    now = [1000.0]
+    bot._clock = lambda: now[0]  # the machine's monotonic clock, for the retry delay
+    server.settle(bot)
+    bot.update_tracked_users([ALICE])
+    for answer in (None, [], {"device_keys": "x"}, {"device_keys": {ALICE: None}}):
+        (query,) = bot.outgoing_requests()
+        assert isinstance(query, KeysQueryRequest)
+        assert bot.mark_request_sent(query.request_id, answer) == []
+        assert ALICE in bot.outdated_users()
+        # Unanswered: asked again only after the retry delay, not at every sync.
+        assert bot.outgoing_requests() == []
+        now[0] += 301
+    (query,) = bot.outgoing_requests()
+    warnings = bot.mark_request_sent(
+        query.request_id, {"device_keys": {ALICE: {"D": {"junk": 1}, "E": None}}}
+    )
+    assert sorted(warnings) == [
+        f"device D of {ALICE} refused: user_id or device_id differs from where the keys are listed",
+        f"device E of {ALICE} refused: device keys are not an object",
+    ]
+    assert ALICE not in bot.outdated_users()  # answered: no device passes
+    assert bot.devices(ALICE) == []
+    assert bot.mark_request_sent("no-such-request", {"x": 1}) == []
+    # A claim answered with garbage: the device is skipped, and sharing still ends.
+    alice = OlmMachine.create(ALICE, "ALICEDEV", KEY)
+    server.settle(alice)
+    bot.receive_sync(to_device=[], changed=[ALICE])
+    (query,) = bot.outgoing_requests()
+    bot.mark_request_sent(query.request_id, server.handle(bot, query))
+    (claim,) = bot.share_room_key(ROOM, [ALICE])
+    assert isinstance(claim, KeysClaimRequest)
+    bot.mark_request_sent(claim.request_id, {"one_time_keys": {ALICE: {"ALICEDEV": "junk"}}})
+    assert bot.share_room_key(ROOM, [ALICE], {}) == []  # nobody to share with (retried later)
+
+
+def test_claimed_key_not_signed_by_the_device_is_refused(
+    server: Server, pair: tuple[OlmMachine, OlmMachine]
+) -> None:
+    bot, _alice = pair
+    bot.update_tracked_users([ALICE, BOT])
+    server.settle(bot)
+    (claim,) = bot.share_room_key(ROOM, [ALICE, BOT])
+    assert isinstance(claim, KeysClaimRequest)
+    mallory = Identity.create(ALICE, "ALICEDEV")  # same ids, other keys: the server's forgery
+    forged = mallory.one_time_keys_for({})
+    key_id = sorted(forged)[0]
+    warnings = bot.mark_request_sent(
+        claim.request_id, {"one_time_keys": {ALICE: {"ALICEDEV": {key_id: forged[key_id]}}}}
+    )
+    assert warnings == [
+        f"one-time key of device ALICEDEV of {ALICE}: the one-time key is not signed by the device"
+    ]
+    assert bot.share_room_key(ROOM, [ALICE, BOT]) == []
+
+
+def test_device_whose_keys_change_is_refused(
+    server: Server, pair: tuple[OlmMachine, OlmMachine]
+) -> None:
+    bot, alice = pair
+    bot.update_tracked_users([ALICE])
+    server.settle(bot)
+    impostor = Identity.create(ALICE, "ALICEDEV")
+    server.device_keys[ALICE]["ALICEDEV"] = impostor.device_keys()
+    bot.receive_sync(to_device=[], changed=[ALICE])
+    (query,) = bot.outgoing_requests()
+    warnings = bot.mark_request_sent(query.request_id, server.handle(bot, query))
+    assert warnings == [f"device ALICEDEV of {ALICE} refused: ed25519 key changed"]
+    assert [d.ed25519 for d in bot.devices(ALICE)] == [alice.ed25519]
+
+
+def test_room_event_from_a_forged_sender_is_refused(
+    server: Server, pair: tuple[OlmMachine, OlmMachine]
+) -> None:
+    bot, alice = pair
+    carol = OlmMachine.create(CAROL, "CAROLDEV", KEY)
+    server.settle(carol)
+    bot.update_tracked_users([ALICE, CAROL])
+    server.settle(bot)
+    event = _send(server, alice, bot, "I am carol", "$1")
+    forged = {**event, "sender": CAROL}
+    with pytest.raises(UnverifiedSender):
+        bot.decrypt_room_event(ROOM, forged)
+    # The deprecated clear device_id must match too.
+    forged = copy.deepcopy(event)
+    forged["content"]["device_id"] = "OTHERDEV"
+    with pytest.raises(UnverifiedSender):
+        bot.decrypt_room_event(ROOM, forged)
+    assert bot.decrypt_room_event(ROOM, event).sender == ALICE
+
+
+def test_room_key_from_a_device_not_known_yet(
+    server: Server, pair: tuple[OlmMachine, OlmMachine]
+) -> None:
+    """The key is kept; the message is refused until the device is known, and the
+    sender's device list is queried next."""
+    bot, alice = pair
+    event = _send(server, alice, bot, "hello", "$1")
+    with pytest.raises(UnverifiedSender):
+        bot.decrypt_room_event(ROOM, event)
+    assert ALICE in bot.outdated_users()
+    server.settle(bot)
+    assert bot.decrypt_room_event(ROOM, event).content["body"] == "hello"
+
+
+def test_room_key_whose_claims_contradict_the_known_device(
+    server: Server, pair: tuple[OlmMachine, OlmMachine]
+) -> None:
+    """An Olm message proves its curve key; the ed25519 key and device id it claims
+    inside must be those of the known device with that curve key."""
+    bot, _ = pair
+    mallory = Identity.create(ALICE, "PEERDEV")  # a real device of alice's account
+    server.device_keys[ALICE]["PEERDEV"] = mallory.device_keys()
+    bot.update_tracked_users([ALICE])
+    server.settle(bot)
+    pool = server.otks[(BOT, "BOTDEV")]
+    otk = pool.pop(sorted(pool)[0])
+    session = mallory.account.create_outbound_session(
+        vodozemac.Curve25519PublicKey.from_base64(bot.curve25519),
+        vodozemac.Curve25519PublicKey.from_base64(otk["key"]),
+    )
+    group = vodozemac.GroupSession()
+    room_key = {
+        "algorithm": "m.megolm.v1.aes-sha2",
+        "room_id": ROOM,
+        "session_id": group.session_id,
+        "session_key": group.session_key.to_base64(),
+    }
+    other_ed25519 = Identity.create(ALICE, "X").ed25519
+    cases = [
+        (other_ed25519, "PEERDEV", "claimed ed25519 key differs"),
+        (mallory.ed25519, "ALICEDEV", "claimed device id differs"),
+        (mallory.ed25519, "PEERDEV", None),  # the honest one is stored
+    ]
+    for ed25519, device_id, refused in cases:
+        payload = {
+            "sender": ALICE,
+            "sender_device": device_id,
+            "keys": {"ed25519": ed25519},
+            "recipient": BOT,
+            "recipient_keys": {"ed25519": bot.ed25519},
+            "type": "m.room_key",
+            "content": room_key,
+        }
+        message_type, raw = session.encrypt(json.dumps(payload).encode()).to_parts()
+        event = {
+            "type": "m.room.encrypted",
+            "sender": ALICE,
+            "content": {
+                "algorithm": "m.olm.v1.curve25519-aes-sha2",
+                "sender_key": mallory.curve25519,
+                "ciphertext": {bot.curve25519: {"type": message_type, "body": b64encode(raw)}},
+            },
+        }
+        (result,) = bot.receive_sync(to_device=[event])
+        if refused is None:
+            assert result.refused is None
+            assert result.room_key == (ROOM, group.session_id)
+        else:
+            assert result.refused is not None
+            assert refused in result.refused
+            assert result.room_key is None
+
+
+def test_missing_room_key_then_arrives(server: Server, pair: tuple[OlmMachine, OlmMachine]) -> None:
+    bot, alice = pair
+    bot.update_tracked_users([ALICE])
+    server.settle(bot)
+    server.share(alice, [ALICE, BOT])
+    content = alice.encrypt_room_event(ROOM, "m.room.message", {"body": "late"})
+    event = _message(ALICE, "$late", content)
+    with pytest.raises(MissingRoomKey):
+        bot.decrypt_room_event(ROOM, event)
+    (result,) = server.sync(bot)
+    assert result.room_key == (ROOM, content["session_id"])
+    assert bot.decrypt_room_event(ROOM, event).content["body"] == "late"
+
+
+@pytest.mark.parametrize(
+    "event",
+    [
+        None,
+        {},
+        {"sender": ALICE},
+        {"sender": ALICE, "event_id": "$x", "content": None},
+        {
+            "sender": ALICE,
+            "event_id": "$x",
+            "content": {"algorithm": "m.megolm.v1.aes-sha2", "session_id": "s", "ciphertext": "!!"},
+        },
+        {"sender": ALICE, "event_id": "$x", "type": "m.room.message", "content": {}},
+    ],
+    ids=["none", "empty", "no-id", "no-content", "bad-ciphertext", "not-encrypted"],
+)
+def test_malformed_room_events(pair: tuple[OlmMachine, OlmMachine], event: Any) -> None:
+    bot, _ = pair
+    with pytest.raises(DecryptionError):
+        bot.decrypt_room_event(ROOM, event)
+
+
+def test_replayed_megolm_index_under_another_event_id(
+    server: Server, pair: tuple[OlmMachine, OlmMachine]
+) -> None:
+    bot, alice = pair
+    bot.update_tracked_users([ALICE])
+    server.settle(bot)
+    event = _send(server, alice, bot, "once", "$1")
+    bot.decrypt_room_event(ROOM, event)
+    bot.decrypt_room_event(ROOM, event)  # the same event again: fine
+    with pytest.raises(DecryptionError):
+        bot.decrypt_room_event(ROOM, {**event, "event_id": "$2"})
+
+
+def test_member_leaving_rotates_the_session(
+    server: Server, pair: tuple[OlmMachine, OlmMachine]
+) -> None:
+    bot, alice = pair
+    carol = OlmMachine.create(CAROL, "CAROLDEV", KEY)
+    server.settle(carol)
+    server.share(bot, [BOT, ALICE, CAROL])
+    first = bot.encrypt_room_event(ROOM, "m.room.message", {"body": "1"})
+    assert [r.room_key for r in server.sync(alice)] == [(ROOM, first["session_id"])]
+    assert [r.room_key for r in server.sync(carol)] == [(ROOM, first["session_id"])]
+    bot.receive_sync(to_device=[], left=[CAROL])
+    server.share(bot, [BOT, ALICE])
+    second = bot.encrypt_room_event(ROOM, "m.room.message", {"body": "2"})
+    assert second["session_id"] != first["session_id"]
+    (result,) = server.sync(alice)
+    assert result.room_key == (ROOM, second["session_id"])
+    assert server.sync(carol) == []  # carol never gets the new key
+
+
+def test_device_without_one_time_keys_is_skipped_and_sharing_ends(server: Server) -> None:
+    bot = OlmMachine.create(BOT, "BOTDEV", KEY)
+    server.settle(bot)
+    lonely = Identity.create(ALICE, "NOKEYS")
+    server.device_keys[ALICE]["NOKEYS"] = lonely.device_keys()  # keys, but no one-time key
+    assert server.share(bot, [BOT, ALICE]) == 2  # query, claim (empty answer), nothing to share
+    bot.encrypt_room_event(ROOM, "m.room.message", {"body": "x"})
+    # Not claimed again at once: no request per message for a device that has no keys.
+    assert bot.share_room_key(ROOM, [BOT, ALICE]) == []
+
+
+def test_unanswered_to_device_share_is_offered_again_with_the_same_id(
+    server: Server, pair: tuple[OlmMachine, OlmMachine]
+) -> None:
+    bot, _ = pair
+    bot.update_tracked_users([ALICE, BOT])
+    server.settle(bot)
+    requests = bot.share_room_key(ROOM, [BOT, ALICE])
+    (claim,) = requests
+    assert isinstance(claim, KeysClaimRequest)
+    server.run(bot, requests)
+    (share,) = bot.share_room_key(ROOM, [BOT, ALICE])
+    assert isinstance(share, ToDeviceRequest)
+    # The send failed: the same request (same transaction id) comes back.
+    assert bot.share_room_key(ROOM, [BOT, ALICE]) == [share]
+    assert share in bot.outgoing_requests()
+    server.run(bot, [share])
+    assert bot.share_room_key(ROOM, [BOT, ALICE]) == []
+    assert share not in bot.outgoing_requests()
+
+
+def test_restore_refuses_the_wrong_key_device_or_rows(
+    server: Server, pair: tuple[OlmMachine, OlmMachine]
+) -> None:
+    bot, _ = pair
+    server.share(bot, [BOT, ALICE])
+    server.stores[(BOT, "BOTDEV")].save(bot)
+    state = server.stores[(BOT, "BOTDEV")].state()
+    assert CryptoState.from_rows(state.rows()) == state
+    with pytest.raises(CryptoError):
+        OlmMachine.restore(BOT, "BOTDEV", state, bytes(32))
+    with pytest.raises(CryptoError):
+        OlmMachine.restore(BOT, "OTHERDEV", state, KEY)
+    with pytest.raises(CryptoError):
+        OlmMachine.restore(BOT, "BOTDEV", CryptoState(), KEY)
+    rows = state.rows()
+    for bad in ("not json", "[]", json.dumps({"user_id": 5})):
+        with pytest.raises(CryptoError):
+            CryptoState.from_rows([*rows[1:], ("account", "account", bad)])
+    # Rows of a kind this version does not know are left alone.
+    assert CryptoState.from_rows([*rows, ("future", "k", "v")]) == state
+
+
+def test_take_changes_is_empty_when_nothing_changed(
+    server: Server, pair: tuple[OlmMachine, OlmMachine]
+) -> None:
+    bot, _ = pair
+    bot.take_changes()
+    assert bot.take_changes().empty
+    bot.receive_sync(
+        to_device=[],
+        one_time_key_counts={"signed_curve25519": 25},
+        unused_fallback_key_types=["signed_curve25519"],
+    )
+    assert bot.outgoing_requests() == []
+    assert bot.take_changes().empty
