@@ -210,14 +210,14 @@ def test_two_machines_round_trip_and_restart(
         "m.room.message",
         {
             "msgtype": "m.text",
-            "body": "hi",
+            "body": "a private hello",
             "m.relates_to": {"rel_type": "m.thread", "event_id": "$root"},
         },
     )
     assert content["algorithm"] == "m.megolm.v1.aes-sha2"
     assert content["session_id"] == session
     assert content["m.relates_to"] == {"rel_type": "m.thread", "event_id": "$root"}
-    assert "hi" not in json.dumps(content)
+    assert "private hello" not in json.dumps(content)
     server.stores[(ALICE, "ALICEDEV")].save(alice)
     event = _message(ALICE, "$1", content)
     # The bot tracks alice only once asked: then the device is known from the query.
@@ -225,15 +225,15 @@ def test_two_machines_round_trip_and_restart(
     server.settle(bot)
     plain = bot.decrypt_room_event(ROOM, event)
     assert (plain.type, plain.sender, plain.device_id) == ("m.room.message", ALICE, "ALICEDEV")
-    assert plain.content["body"] == "hi"
+    assert plain.content["body"] == "a private hello"
     assert plain.content["m.relates_to"]["rel_type"] == "m.thread"
-    assert "hi" not in repr(plain)
+    assert "private hello" not in repr(plain)
 
     # Restarted from what was persisted, the bot still decrypts it (and the next one).
     server.stores[(BOT, "BOTDEV")].save(bot)
     restored = OlmMachine.restore(BOT, "BOTDEV", server.stores[(BOT, "BOTDEV")].state(), KEY)
     assert restored.ed25519 == bot.ed25519
-    assert restored.decrypt_room_event(ROOM, event).content["body"] == "hi"
+    assert restored.decrypt_room_event(ROOM, event).content["body"] == "a private hello"
     second = _send(server, alice, restored, "again", "$2")
     assert restored.decrypt_room_event(ROOM, second).content["body"] == "again"
 
