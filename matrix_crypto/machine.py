@@ -62,8 +62,8 @@ __all__ = [
 ]
 
 # Users per /keys/query and devices per /keys/claim or /sendToDevice request.
-MAX_USERS_PER_QUERY = 100
-MAX_DEVICES_PER_CLAIM = 100
+MAX_USERS_PER_QUERY = 1000
+MAX_DEVICES_PER_CLAIM = 1000
 MAX_MESSAGES_PER_TO_DEVICE = 100
 # A user whose server did not answer a query, or a device without a one-time key, is
 # asked again after this long (not at every sync or every send).
@@ -215,6 +215,16 @@ class _Share:
 
 def _new_request_id() -> str:
     return secrets.token_hex(12)
+
+
+def _counts(value: object) -> dict[str, int]:
+    if not isinstance(value, Mapping):
+        return {}
+    return {
+        k: v
+        for k, v in value.items()
+        if isinstance(k, str) and isinstance(v, int) and not isinstance(v, bool) and v >= 0
+    }
 
 
 def _str_list(value: object) -> list[str]:
@@ -373,12 +383,12 @@ class OlmMachine:
         self._tracker.mark_changed(u for u in changed if isinstance(u, str))
         self._tracker.forget(u for u in left if isinstance(u, str))
         if self._upload is None:
-            if isinstance(one_time_key_counts, Mapping):
-                self._otk_counts = {
-                    k: v
-                    for k, v in one_time_key_counts.items()
-                    if isinstance(k, str) and isinstance(v, int) and not isinstance(v, bool)
-                }
+            # Only a count the server states is used (as matrix-rust-sdk does): believing
+            # a full pool empty would upload keys at every sync, and vodozemac forgets
+            # the oldest private keys beyond its maximum.
+            counts = _counts(one_time_key_counts)
+            if SIGNED_CURVE25519 in counts:
+                self._otk_counts = counts
             if unused_fallback_key_types is not None:
                 self._unused_fallback = _str_list(unused_fallback_key_types)
         return [self._to_device(event) for event in to_device]
@@ -535,15 +545,10 @@ class OlmMachine:
         self._identity.mark_published()
         self._account_dirty = True
         self._keys_uploaded = True
-        counts = response.get("one_time_key_counts") if isinstance(response, Mapping) else None
-        if isinstance(counts, Mapping):
-            self._otk_counts = {
-                k: v
-                for k, v in counts.items()
-                if isinstance(k, str) and isinstance(v, int) and not isinstance(v, bool)
-            }
-        else:
-            self._otk_counts = None  # wait for the next sync's counts
+        answered = response.get("one_time_key_counts") if isinstance(response, Mapping) else None
+        counts = _counts(answered)
+        # Without a count in the answer, wait for the next sync's.
+        self._otk_counts = counts if SIGNED_CURVE25519 in counts else None
         # What the server says about fallback keys before this upload is stale now.
         self._unused_fallback = None
         return []

@@ -695,3 +695,20 @@ def test_take_changes_is_empty_when_nothing_changed(
     )
     assert bot.outgoing_requests() == []
     assert bot.take_changes().empty
+
+
+def test_one_time_keys_topped_up_only_from_a_stated_count(
+    pair: tuple[OlmMachine, OlmMachine],
+) -> None:
+    bot, _ = pair
+    # No count for signed_curve25519 (or a nonsense one): nothing is assumed.
+    for counts in ({}, {"signed_curve25519": -1}, {"signed_curve25519": True}, {"other": 0}):
+        bot.receive_sync(to_device=[], one_time_key_counts=counts)
+        assert bot.outgoing_requests() == []
+    bot.receive_sync(to_device=[], one_time_key_counts={"signed_curve25519": 0})
+    (upload,) = bot.outgoing_requests()
+    assert isinstance(upload, KeysUploadRequest)
+    assert len(upload.one_time_keys) == 25
+    # An answer without counts: wait for the next sync rather than guess.
+    bot.mark_request_sent(upload.request_id, {})
+    assert bot.outgoing_requests() == []
