@@ -1,10 +1,10 @@
 """Olm: one-to-one sessions and to-device encryption (``m.olm.v1.curve25519-aes-sha2``).
 
 Sessions are keyed by the peer device's curve25519 key, at most `MAX_SESSIONS_PER_PEER`
-per peer (the least recently used goes). Decrypting tries the existing sessions first and
-creates an inbound session (consuming a one-time key) only for a pre-key message none of
-them matches. Every refusal is a `DecryptionError` with a short reason that quotes no key
-or plaintext; the machine turns it into a per-event result.
+per peer and `MAX_PEERS` peers (the least recently used go). Decrypting tries the existing
+sessions first and creates an inbound session (consuming a one-time key) only for a
+pre-key message none of them matches. Every refusal is a `DecryptionError` with a short
+reason that quotes no key or plaintext; the machine turns it into a per-event result.
 
 Re-delivery: the server sends a to-device event again until the sync token moves. A
 message key is used up by its first decryption (the ratchet moves on), so the same
@@ -30,6 +30,7 @@ from matrix_crypto.identity import OLM_ALGORITHM, SIGNED_CURVE25519, Identity
 
 __all__ = [
     "MAX_CIPHERTEXT_CHARS",
+    "MAX_PEERS",
     "MAX_SESSIONS_PER_PEER",
     "OlmDecrypted",
     "OlmSessions",
@@ -40,6 +41,9 @@ __all__ = [
 ]
 
 MAX_SESSIONS_PER_PEER = 10
+# Peers with sessions. Anyone can start sessions through the reusable fallback key, one
+# per curve key they make up: beyond this, the least recently used peer is forgotten.
+MAX_PEERS = 20_000
 # A room key share is ~1 KiB of base64; this leaves room for anything legitimate.
 MAX_CIPHERTEXT_CHARS = 64 * 1024
 # Re-delivered messages answered from memory (one sync batch's worth and more).
@@ -155,6 +159,15 @@ class OlmSessions:
             self._changed.discard(key)
             self._removed.add(key)
         del entries[MAX_SESSIONS_PER_PEER:]
+        if len(self._by_peer) > MAX_PEERS:
+            self._forget_least_recent_peer()
+
+    def _forget_least_recent_peer(self) -> None:
+        oldest = min(self._by_peer, key=lambda peer: self._by_peer[peer][0].last_used)
+        for entry in self._by_peer.pop(oldest):
+            key = (oldest, entry.session.session_id)
+            self._changed.discard(key)
+            self._removed.add(key)
 
     def remember(self, digest: bytes, result: OlmDecrypted) -> None:
         self._results[digest] = result

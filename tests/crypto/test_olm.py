@@ -490,3 +490,30 @@ def test_sessions_per_peer_are_bounded_least_recently_used_first(bot: Identity) 
     sessions.clear_dirty()
     assert sessions.changed() == set()
     assert sessions.removed() == set()
+
+
+def test_peers_are_bounded_least_recently_used_first(
+    bot: Identity, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Sessions through the reusable fallback key cost an attacker nothing but a new
+    curve key each: the number of peers kept is bounded too."""
+    import matrix_crypto.olm as olm_module
+
+    monkeypatch.setattr(olm_module, "MAX_PEERS", 3)
+    fallback = next(iter(bot.fallback_keys_for([]).values()))
+    assert isinstance(fallback, dict)
+    bot.mark_published()
+    sessions = OlmSessions()
+    peers = [Peer(f"@p{n}:example.org", f"P{n}") for n in range(5)]
+    for peer in peers:
+        peer.session = peer.account.create_outbound_session(
+            vodozemac.Curve25519PublicKey.from_base64(bot.curve25519),
+            vodozemac.Curve25519PublicKey.from_base64(str(fallback["key"])),
+        )
+        decrypt_to_device(bot, sessions, peer.event(bot))
+        if peer is peers[2]:
+            # peers[0] used again: peers[1], then peers[2], are the least recently used.
+            decrypt_to_device(bot, sessions, peers[0].event(bot, content={"again": 1}))
+    kept = {p.user_id for p in peers if sessions.has_session(p.curve25519)}
+    assert kept == {"@p0:example.org", "@p3:example.org", "@p4:example.org"}
+    assert {peer for peer, _ in sessions.removed()} == {peers[1].curve25519, peers[2].curve25519}
