@@ -37,9 +37,12 @@ class Store:
 
     def __init__(self) -> None:
         self.rows: dict[tuple[str, str], str] = {}
+        self.applied = CryptoState()  # the same changes through CryptoState.apply
 
     def save(self, machine: OlmMachine) -> None:
-        for kind, key, value in machine.take_changes().rows():
+        changes = machine.take_changes()
+        self.applied = self.applied.apply(changes)
+        for kind, key, value in changes.rows():
             if value is None:
                 self.rows.pop((kind, key), None)
             else:
@@ -245,6 +248,11 @@ def test_two_machines_round_trip_and_restart(
     assert (got.sender, got.device_id, got.content["body"]) == (BOT, "BOTDEV", "pong")
     # And the bot reads its own message (its outbound session is also inbound).
     assert restored.decrypt_room_event(ROOM, reply).device_id == "BOTDEV"
+
+    # CryptoState.apply (for callers that keep the state as a value) agrees with rows.
+    for store in server.stores.values():
+        assert store.applied == store.state()
+        assert CryptoState.from_rows(store.applied.rows()) == store.applied
 
     # Alice restarted too: her outbound session continues (no index reused).
     alice2 = OlmMachine.restore(ALICE, "ALICEDEV", server.stores[(ALICE, "ALICEDEV")].state(), KEY)
