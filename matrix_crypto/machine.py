@@ -467,14 +467,16 @@ class OlmMachine:
         until `mark_request_sent`; persist `take_changes` before sending them."""
         requests: list[OutgoingRequest] = []
         upload = self._upload_request()
-        if upload is not None:
-            requests.append(upload)
         query = self._query_request(force=False)
         if query is not None:
             requests.append(query)
         if self._claim is not None:
             requests.append(self._claim)
         requests.extend(self._live_shares())
+        if upload is not None:
+            # A new device's keys go first; later top-ups last, so that an upload the
+            # server keeps refusing does not hold back the queries behind it.
+            requests.insert(0 if upload.device_keys is not None else len(requests), upload)
         return requests
 
     def _upload_request(self) -> KeysUploadRequest | None:

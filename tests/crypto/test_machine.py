@@ -720,3 +720,13 @@ def test_one_time_keys_topped_up_only_from_a_stated_count(
     # An answer without counts: wait for the next sync rather than guess.
     bot.mark_request_sent(upload.request_id, {})
     assert bot.outgoing_requests() == []
+
+
+def test_a_top_up_upload_goes_after_the_query(pair: tuple[OlmMachine, OlmMachine]) -> None:
+    bot, _ = pair
+    bot.update_tracked_users([ALICE])
+    bot.receive_sync(to_device=[], one_time_key_counts={"signed_curve25519": 0})
+    assert [type(r) for r in bot.outgoing_requests()] == [KeysQueryRequest, KeysUploadRequest]
+    fresh = OlmMachine.create(BOT, "NEWDEV", KEY)
+    fresh.update_tracked_users([ALICE])
+    assert [type(r) for r in fresh.outgoing_requests()] == [KeysUploadRequest, KeysQueryRequest]
