@@ -6,7 +6,12 @@ from __future__ import annotations
 
 import copy
 import json
+import select
+import shutil
+import subprocess
 from collections import defaultdict
+from collections.abc import Iterator
+from pathlib import Path
 from typing import Any
 
 import pytest
@@ -65,29 +70,41 @@ class Server:
         self.sent: list[OutgoingRequest] = []
 
     def handle(self, machine: OlmMachine, request: OutgoingRequest) -> dict[str, Any]:
-        me = (machine.user_id, machine.device_id)
-        body = json.loads(json.dumps(request.body))
         self.sent.append(request)
-        if isinstance(request, KeysUploadRequest):
-            if "device_keys" in body:
+        event_type = request.event_type if isinstance(request, ToDeviceRequest) else ""
+        return self.serve(
+            (machine.user_id, machine.device_id),
+            request.kind,
+            request.body,
+            event_type,
+            request.request_id,
+        )
+
+    def serve(
+        self, me: tuple[str, str], kind: str, body: Any, event_type: str = "", txn_id: str = ""
+    ) -> dict[str, Any]:
+        """One request of ``kind`` (an OutgoingRequest.kind) from device ``me``."""
+        body = json.loads(json.dumps(body))
+        if kind == "keys_upload":
+            if body.get("device_keys"):
                 existing = self.device_keys[me[0]].get(me[1])
                 assert existing in (None, body["device_keys"]), "device keys uploaded twice"
                 self.device_keys[me[0]][me[1]] = body["device_keys"]
-            for key_id, value in body.get("one_time_keys", {}).items():
+            for key_id, value in (body.get("one_time_keys") or {}).items():
                 existing = self.otks[me].get(key_id)
                 assert existing in (None, value), "one time key already exists"
                 self.otks[me][key_id] = value
-            for key_id, value in body.get("fallback_keys", {}).items():
+            for key_id, value in (body.get("fallback_keys") or {}).items():
                 self.fallback[me] = (key_id, value, False)
             return {"one_time_key_counts": {"signed_curve25519": len(self.otks[me])}}
-        if isinstance(request, KeysQueryRequest):
+        if kind == "keys_query":
             return {
                 "device_keys": {
                     user: dict(self.device_keys.get(user, {})) for user in body["device_keys"]
                 },
                 "failures": {},
             }
-        if isinstance(request, KeysClaimRequest):
+        if kind == "keys_claim":
             answer: dict[str, dict[str, Any]] = {}
             for user, devices in body["one_time_keys"].items():
                 for device in devices:
@@ -100,13 +117,13 @@ class Server:
                         self.fallback[(user, device)] = (key_id, value, True)
                         answer.setdefault(user, {})[device] = {key_id: value}
             return {"one_time_keys": answer, "failures": {}}
-        assert isinstance(request, ToDeviceRequest)
-        if (machine.user_id, request.txn_id) in self.seen_txn:
+        assert kind == "to_device", kind
+        if (me[0], txn_id) in self.seen_txn:
             return {}
-        self.seen_txn.add((machine.user_id, request.txn_id))
+        self.seen_txn.add((me[0], txn_id))
         for user, devices in body["messages"].items():
             for device, content in devices.items():
-                event = {"type": request.event_type, "sender": machine.user_id, "content": content}
+                event = {"type": event_type, "sender": me[0], "content": content}
                 self.inbox[(user, device)].append(event)
         return {}
 
@@ -730,3 +747,125 @@ def test_a_top_up_upload_goes_after_the_query(pair: tuple[OlmMachine, OlmMachine
     fresh = OlmMachine.create(BOT, "NEWDEV", KEY)
     fresh.update_tracked_users([ALICE])
     assert [type(r) for r in fresh.outgoing_requests()] == [KeysUploadRequest, KeysQueryRequest]
+
+
+# -- against matrix-rust-sdk ---------------------------------------------------------
+
+_PEER = Path(__file__).with_name("rust_crypto_peer.mjs")
+_WASM = _PEER.parent.parent / "e2ee_client/node_modules/@matrix-org/matrix-sdk-crypto-wasm"
+_JS_KINDS = {0: "keys_upload", 1: "keys_query", 2: "keys_claim", 3: "to_device"}
+
+
+class RustPeer:
+    """matrix-rust-sdk's OlmMachine in Node, one JSON line per call, each answer
+    awaited at most 30 s (a broken peer fails the test, never hangs it)."""
+
+    def __init__(self, server: Server, user_id: str, device_id: str) -> None:
+        self.server = server
+        self.me = (user_id, device_id)
+        self.process = subprocess.Popen(
+            ["node", str(_PEER)],
+            stdin=subprocess.PIPE,
+            stdout=subprocess.PIPE,
+            text=True,
+            cwd=_PEER.parent,
+        )
+        self.call("init", user=user_id, device=device_id)
+
+    def call(self, op: str, **args: Any) -> Any:
+        assert self.process.stdin is not None
+        assert self.process.stdout is not None
+        self.process.stdin.write(json.dumps({"op": op, **args}) + "\n")
+        self.process.stdin.flush()
+        ready, _, _ = select.select([self.process.stdout], [], [], 30)
+        assert ready, f"the rust peer did not answer {op}"
+        answer = json.loads(self.process.stdout.readline())
+        assert answer["ok"], answer.get("error")
+        return answer["result"]
+
+    def run(self, requests: list[dict[str, Any]] | None) -> None:
+        for request in requests or []:
+            kind = _JS_KINDS[request["type"]]
+            response = self.server.serve(
+                self.me, kind, request["body"], request.get("event_type") or "", request["id"]
+            )
+            self.call("mark", id=request["id"], type=request["type"], response=response)
+
+    def sync(self) -> Any:
+        events, self.server.inbox[self.me] = self.server.inbox[self.me], []
+        counts = {"signed_curve25519": len(self.server.otks[self.me])}
+        return self.call("sync", to_device=events, counts=counts, fallback=["signed_curve25519"])
+
+    def close(self) -> None:
+        for stream in (self.process.stdin, self.process.stdout):
+            if stream is not None:
+                stream.close()
+        self.process.kill()
+        self.process.wait(timeout=10)
+
+
+@pytest.fixture
+def rust(server: Server) -> Iterator[RustPeer]:
+    if shutil.which("node") is None or not _WASM.is_dir():
+        pytest.skip("node or tests/e2ee_client's packages (npm ci) are not installed")
+    peer = RustPeer(server, ALICE, "ALICEDEV")
+    try:
+        yield peer
+    finally:
+        peer.close()
+
+
+def test_interop_with_matrix_rust_sdk(server: Server, rust: RustPeer) -> None:
+    """Olm and Megolm both ways with the implementation Element uses, across a restart
+    of our side and a rotation on theirs."""
+    bot = OlmMachine.create(BOT, "BOTDEV", KEY)
+    server.settle(bot)
+    rust.run(rust.call("outgoing"))
+
+    # Theirs -> ours: they claim our one-time key, Olm pre-key message, Megolm event.
+    rust.call("track", users=[ALICE, BOT])
+    rust.run(rust.call("outgoing"))
+    rust.run([rust.call("missing", users=[ALICE, BOT])])
+    rust.run(rust.call("share", room=ROOM, users=[ALICE, BOT]))
+    content = rust.call("encrypt", room=ROOM, type="m.room.message", content={"body": "from rust"})
+    (result,) = server.sync(bot)
+    assert (result.decrypted_type, result.refused) == ("m.room_key", None)
+    bot.update_tracked_users([ALICE])
+    server.settle(bot)
+    event = _message(ALICE, "$r1", content)
+    plain = bot.decrypt_room_event(ROOM, event)
+    assert (plain.content, plain.sender, plain.device_id) == (
+        {"body": "from rust"},
+        ALICE,
+        "ALICEDEV",
+    )
+
+    # Ours -> theirs: our room key over the Olm session they opened; relations in clear.
+    server.share(bot, [BOT, ALICE])
+    relation = {"rel_type": "m.thread", "event_id": "$r1"}
+    ours = bot.encrypt_room_event(
+        ROOM, "m.room.message", {"body": "from us", "m.relates_to": relation}
+    )
+    server.stores[(BOT, "BOTDEV")].save(bot)
+    (shared,) = rust.sync()
+    assert shared["type"] == "m.room_key"
+    got = rust.call("decrypt", room=ROOM, event=_message(BOT, "$p1", ours))
+    assert got["event"]["content"] == {"body": "from us", "m.relates_to": relation}
+    assert (got["sender"], got["device"]) == (BOT, "BOTDEV")
+
+    # Our side restarts from what it persisted; they rotate (a normal Olm message now).
+    restored = OlmMachine.restore(BOT, "BOTDEV", server.stores[(BOT, "BOTDEV")].state(), KEY)
+    rust.call("invalidate", room=ROOM)
+    rust.run(rust.call("share", room=ROOM, users=[ALICE, BOT]))
+    assert [
+        e["content"]["ciphertext"][bot.curve25519]["type"] for e in server.inbox[(BOT, "BOTDEV")]
+    ] == [1]
+    (result,) = server.sync(restored)
+    assert result.room_key is not None
+    rotated = rust.call("encrypt", room=ROOM, type="m.room.message", content={"body": "rotated"})
+    assert restored.decrypt_room_event(ROOM, _message(ALICE, "$r2", rotated)).content == {
+        "body": "rotated"
+    }
+    again = restored.encrypt_room_event(ROOM, "m.room.message", {"body": "after restart"})
+    got = rust.call("decrypt", room=ROOM, event=_message(BOT, "$p2", again))
+    assert got["event"]["content"] == {"body": "after restart"}
