@@ -71,10 +71,15 @@ RETRY_AFTER_S = 300.0
 # Unanswered to-device shares remembered (the oldest are dropped: the next
 # share_room_key encrypts the key again for devices that still lack it).
 MAX_PENDING_SHARES = 1000
+# A device whose Olm messages we cannot decrypt gets a new session from us (and an
+# m.dummy through it, so it switches), at most this often; at most this many waiting.
+UNWEDGE_AFTER_S = 3600.0
+MAX_WEDGED = 1000
 QUERY_TIMEOUT_MS = 10_000
 
 ENCRYPTED = "m.room.encrypted"
 ROOM_KEY = "m.room_key"
+DUMMY = "m.dummy"
 FORWARDED_ROOM_KEY = "m.forwarded_room_key"
 
 
@@ -265,6 +270,11 @@ class OlmMachine:
         self._query: KeysQueryRequest | None = None
         self._query_epochs: dict[str, int] = {}
         self._claim: KeysClaimRequest | None = None
+        self._claim_unwedges: set[tuple[str, str]] = set()
+        # Peer curve key -> (user, when): Olm messages from it we could not decrypt.
+        self._wedged: dict[str, tuple[str, float]] = {}
+        self._unwedged_at: dict[str, float] = {}
+        self._dummies: dict[str, ToDeviceRequest] = {}
         self._shares: dict[str, _Share] = {}
         self._query_failed: dict[str, float] = {}
         self._claim_failed: dict[tuple[str, str], float] = {}
@@ -410,6 +420,8 @@ class OlmMachine:
         try:
             decrypted = olm.decrypt_to_device(self._identity, self._sessions, dict(event))
         except DecryptionError as exc:
+            if isinstance(exc, olm.WedgedSession):
+                self._note_wedged(sender, exc.sender_key)
             return ToDeviceResult(sender, event_type, refused=exc.reason)
         if decrypted.new_session:
             self._account_dirty = True  # a one-time key was used
@@ -453,6 +465,38 @@ class OlmMachine:
             return "claimed device id differs from the sender's known device"
         return None
 
+    def _note_wedged(self, sender: str, curve25519: str) -> None:
+        """Remember to start a new Olm session with the device behind ``curve25519``
+        (once its device is known to belong to ``sender``), unless done recently."""
+        now = self._clock()
+        if now - self._unwedged_at.get(curve25519, -UNWEDGE_AFTER_S) < UNWEDGE_AFTER_S:
+            return
+        if curve25519 not in self._wedged and len(self._wedged) >= MAX_WEDGED:
+            return
+        self._wedged[curve25519] = (sender, now)
+        if self._tracker.by_curve25519(sender, curve25519) is None:
+            self._tracker.track([sender])
+            self._tracker.mark_changed([sender])
+
+    def _unwedge_claim(self) -> KeysClaimRequest | None:
+        now = self._clock()
+        wanted: dict[str, dict[str, str]] = {}
+        unwedges: set[tuple[str, str]] = set()
+        for curve25519, (user_id, since) in list(self._wedged.items()):
+            device = self._tracker.by_curve25519(user_id, curve25519)
+            if device is None:
+                if now - since >= UNWEDGE_AFTER_S:
+                    del self._wedged[curve25519]  # never turned out to be a device of theirs
+                continue
+            if len(unwedges) < MAX_DEVICES_PER_CLAIM:
+                wanted.setdefault(user_id, {})[device.device_id] = SIGNED_CURVE25519
+                unwedges.add((user_id, device.device_id))
+        if not unwedges:
+            return None
+        self._claim = KeysClaimRequest(_new_request_id(), wanted)
+        self._claim_unwedges = unwedges
+        return self._claim
+
     def update_tracked_users(self, users: Iterable[str]) -> None:
         """Follow the devices of ``users`` (members of encrypted rooms, senders of
         encrypted events); users new to the machine are queried next."""
@@ -470,9 +514,12 @@ class OlmMachine:
         query = self._query_request(force=False)
         if query is not None:
             requests.append(query)
+        if self._claim is None:
+            self._unwedge_claim()
         if self._claim is not None:
             requests.append(self._claim)
         requests.extend(self._live_shares())
+        requests.extend(self._dummies.values())
         if upload is not None:
             # A new device's keys go first; later top-ups last, so that an upload the
             # server keeps refusing does not hold back the queries behind it.
@@ -540,6 +587,7 @@ class OlmMachine:
         share = self._shares.pop(request_id, None)
         if share is not None:
             self._groups.mark_shared(share.room_id, share.session_id, share.devices)
+        self._dummies.pop(request_id, None)
         return []
 
     def _upload_sent(self, response: object) -> list[str]:
@@ -573,6 +621,7 @@ class OlmMachine:
 
     def _claim_sent(self, claim: KeysClaimRequest, response: object) -> list[str]:
         self._claim = None
+        unwedges, self._claim_unwedges = self._claim_unwedges, set()
         answered = response.get("one_time_keys") if isinstance(response, Mapping) else None
         if not isinstance(answered, Mapping):
             answered = {}
@@ -585,6 +634,9 @@ class OlmMachine:
                 claimed = per_user.get(device_id) if isinstance(per_user, Mapping) else None
                 if device is None:
                     continue
+                if (user_id, device_id) in unwedges:
+                    self._wedged.pop(device.curve25519, None)
+                    self._unwedged_at[device.curve25519] = now
                 if claimed is None:
                     self._claim_failed[(user_id, device_id)] = now  # no key left on server
                     continue
@@ -600,9 +652,29 @@ class OlmMachine:
                 if refused is not None:
                     self._claim_failed[(user_id, device_id)] = now
                     warnings.append(f"one-time key of device {device_id} of {user_id}: {refused}")
-                else:
-                    self._claim_failed.pop((user_id, device_id), None)
+                    continue
+                self._claim_failed.pop((user_id, device_id), None)
+                if (user_id, device_id) in unwedges:
+                    self._send_dummy(device)
         return warnings
+
+    def _send_dummy(self, device: Device) -> None:
+        """An m.dummy through the newest session: the device sees our new session and
+        uses it from then on instead of the one we cannot decrypt."""
+        content = olm.encrypt_for_device(
+            self._identity,
+            self._sessions,
+            user_id=device.user_id,
+            curve25519=device.curve25519,
+            ed25519=device.ed25519,
+            event_type=DUMMY,
+            content={},
+        )
+        if content is not None:
+            request = ToDeviceRequest(
+                _new_request_id(), ENCRYPTED, {device.user_id: {device.device_id: content}}
+            )
+            self._dummies[request.request_id] = request
 
     # -- sending -----------------------------------------------------------------------
 

@@ -34,6 +34,7 @@ __all__ = [
     "MAX_SESSIONS_PER_PEER",
     "OlmDecrypted",
     "OlmSessions",
+    "WedgedSession",
     "create_outbound_session",
     "decrypt_to_device",
     "encrypt_for_device",
@@ -51,6 +52,16 @@ REMEMBERED_RESULTS = 256
 
 PRE_KEY = 0
 NORMAL = 1
+
+
+class WedgedSession(DecryptionError):
+    """A well-formed Olm message from ``sender_key`` that no session of ours decrypts
+    (its sender uses a session we do not have, or a one-time key we no longer hold):
+    the machine may start a new session with that device so it stops using the old one."""
+
+    def __init__(self, reason: str, sender_key: str) -> None:
+        super().__init__(reason)
+        self.sender_key = sender_key
 
 
 @dataclass(frozen=True, slots=True)
@@ -273,7 +284,9 @@ def _decrypt(
         try:
             session, plaintext = identity.account.create_inbound_session(peer, pre_key)
         except ValueError:
-            raise DecryptionError("cannot create an Olm session from this message") from None
+            raise WedgedSession(
+                "cannot create an Olm session from this message", sender_key
+            ) from None
         sessions.touch(sender_key, session)
         return plaintext, session, True
     for session in existing:
@@ -283,7 +296,7 @@ def _decrypt(
             continue  # another session of this peer, or garbage: try the next
         sessions.touch(sender_key, session)
         return plaintext, session, False
-    raise DecryptionError("no Olm session with this sender decrypts the message")
+    raise WedgedSession("no Olm session with this sender decrypts the message", sender_key)
 
 
 def _check_payload(

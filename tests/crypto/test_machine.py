@@ -5,6 +5,7 @@ hostile servers and devices can send."""
 from __future__ import annotations
 
 import copy
+import dataclasses
 import json
 import select
 import shutil
@@ -869,3 +870,82 @@ def test_interop_with_matrix_rust_sdk(server: Server, rust: RustPeer) -> None:
     again = restored.encrypt_room_event(ROOM, "m.room.message", {"body": "after restart"})
     got = rust.call("decrypt", room=ROOM, event=_message(BOT, "$p2", again))
     assert got["event"]["content"] == {"body": "after restart"}
+
+
+def test_wedged_olm_session_is_replaced(
+    server: Server, pair: tuple[OlmMachine, OlmMachine]
+) -> None:
+    """The bot cannot decrypt a device's Olm messages (here: it lost the session): it
+    claims a new one-time key of that device, sends an m.dummy through a new session,
+    and the device's next messages use that session."""
+    bot, alice = pair
+    now = [5000.0]
+    server.share(alice, [ALICE, BOT])
+    server.sync(bot)
+    server.share(bot, [BOT, ALICE])  # bot answers through alice's session
+    server.sync(alice)
+    server.stores[(BOT, "BOTDEV")].save(bot)
+    state = dataclasses.replace(server.stores[(BOT, "BOTDEV")].state(), olm_sessions=())
+    lost = OlmMachine.restore(BOT, "BOTDEV", state, KEY)
+    lost._clock = lambda: now[0]
+
+    alice._groups.discard_outbound(ROOM)  # a new room key, over alice's old session
+    server.share(alice, [ALICE, BOT])
+    (result,) = server.sync(lost)
+    assert result.refused == "no Olm session with this sender decrypts the message"
+    claim, upload = lost.outgoing_requests()  # and its own top-up (alice used a key)
+    assert isinstance(upload, KeysUploadRequest)
+    server.run(lost, [upload])
+    assert isinstance(claim, KeysClaimRequest)
+    assert claim.one_time_keys == {ALICE: {"ALICEDEV": "signed_curve25519"}}
+    server.run(lost, [claim])
+    (dummy,) = lost.outgoing_requests()
+    assert isinstance(dummy, ToDeviceRequest)
+    server.run(lost, [dummy])
+    assert lost.outgoing_requests() == []
+    (got,) = server.sync(alice)
+    assert (got.decrypted_type, got.refused) == ("m.dummy", None)
+
+    alice._groups.discard_outbound(ROOM)
+    server.share(alice, [ALICE, BOT])
+    (result,) = server.sync(lost)
+    assert result.room_key is not None  # through the new session
+
+    # Another undecryptable message within the hour: no new claim (one-time keys are
+    # the device's to lose, and anyone can send a garbage message in its name).
+    alice._groups.discard_outbound(ROOM)
+    server.share(alice, [ALICE, BOT])
+    event = server.inbox[(BOT, "BOTDEV")][0]
+    body = event["content"]["ciphertext"][bot.curve25519]["body"]
+    event["content"]["ciphertext"][bot.curve25519]["body"] = body[:-8] + "AAAAAAAA"
+    (result,) = server.sync(lost)
+    assert result.refused == "no Olm session with this sender decrypts the message"
+    assert lost.outgoing_requests() == []
+    now[0] += 3601
+    lost.receive_sync(to_device=[event])
+    assert [type(r) for r in lost.outgoing_requests()] == [KeysClaimRequest]
+
+
+def test_undecryptable_olm_from_an_unknown_device_queries_first(
+    server: Server, pair: tuple[OlmMachine, OlmMachine]
+) -> None:
+    bot, alice = pair
+    server.share(alice, [ALICE, BOT])
+    server.sync(bot)
+    server.share(bot, [BOT, ALICE])
+    server.sync(alice)
+    server.stores[(BOT, "BOTDEV")].save(bot)
+    state = dataclasses.replace(
+        server.stores[(BOT, "BOTDEV")].state(), olm_sessions=(), devices=(), tracked_users=()
+    )
+    lost = OlmMachine.restore(BOT, "BOTDEV", state, KEY)
+    alice._groups.discard_outbound(ROOM)
+    server.share(alice, [ALICE, BOT])
+    server.sync(lost)
+    assert ALICE in lost.outdated_users()
+    query, upload = lost.outgoing_requests()  # and its own one-time key top-up
+    assert isinstance(upload, KeysUploadRequest)
+    assert isinstance(query, KeysQueryRequest)
+    server.run(lost, [query, upload])
+    (claim,) = lost.outgoing_requests()
+    assert isinstance(claim, KeysClaimRequest)
