@@ -23,6 +23,8 @@ file. Every problem is reported at once, each naming the setting it is about:
     backend = "echo"                           # BOT_BACKEND: echo | model | webhook
     backend_timeout_s = 300                    # BOT_BACKEND_TIMEOUT_S
     max_reply_parts = 16                       # BOT_MAX_REPLY_PARTS
+    e2ee = true                                # BOT_E2EE: answer in encrypted rooms
+                                               # pickle_key: BOT_PICKLE_KEY, from the environment
 
     [model]                                    # backend = "model": MODEL_BASE_URL, ...
     base_url = "http://127.0.0.1:8080/v1"      # any OpenAI-compatible server
@@ -38,6 +40,8 @@ file. Every problem is reported at once, each naming the setting it is about:
 
 from __future__ import annotations
 
+import base64
+import binascii
 import os
 import re
 import tomllib
@@ -114,6 +118,11 @@ class Settings:
     """The longest one reply may take, retries included; then the user is told."""
     max_reply_parts: int = 16
     """The most messages one answer may become; past that it is cut, with a note."""
+    e2ee: bool = True
+    """Whether the bot reads and answers in end-to-end encrypted rooms."""
+    pickle_key: bytes | None = field(default=None, repr=False)
+    """The 32-byte key the crypto state is encrypted with in the store; None: a key
+    file beside the store (`bot.e2ee.pickle_key`)."""
     model: ModelSettings | None = None
     webhook: WebhookSettings | None = None
     log_level: str = "info"
@@ -144,6 +153,8 @@ _ENV = {
     ("bot", "backend"): "BOT_BACKEND",
     ("bot", "backend_timeout_s"): "BOT_BACKEND_TIMEOUT_S",
     ("bot", "max_reply_parts"): "BOT_MAX_REPLY_PARTS",
+    ("bot", "e2ee"): "BOT_E2EE",
+    ("bot", "pickle_key"): "BOT_PICKLE_KEY",
     ("logging", "level"): "BOT_LOG_LEVEL",
     ("logging", "format"): "BOT_LOG_FORMAT",
 }
@@ -238,6 +249,23 @@ def _read_toml(
 
 def _name(key: tuple[str, str]) -> str:
     return f"{key[0]}.{key[1]} ({_ENV[key]})"
+
+
+def _pickle_key(value: str | None, problems: list[str]) -> bytes | None:
+    if value is None:
+        return None
+    try:
+        key = base64.b64decode(value + "=" * (-len(value) % 4), validate=True)
+    except binascii.Error:
+        key = b""
+    if len(key) != 32:
+        # The value is a secret: not shown.
+        problems.append(
+            f"{_name(('bot', 'pickle_key'))}: expected 32 random bytes in base64 "
+            "(e.g. the output of: openssl rand -base64 32)"
+        )
+        return None
+    return key
 
 
 def _validate(raw: dict[tuple[str, str], Any], problems: list[str]) -> Settings | None:
@@ -361,6 +389,8 @@ def _validate(raw: dict[tuple[str, str], Any], problems: list[str]) -> Settings 
     max_parts = number(("bot", "max_reply_parts"), 16, 1, 1000)
     if max_parts != int(max_parts):
         problems.append(f"{_name(('bot', 'max_reply_parts'))}: expected a whole number")
+    e2ee = flag(("bot", "e2ee"), True)
+    pickle_key = _pickle_key(text(("bot", "pickle_key")), problems)
     backend = text(("bot", "backend")) or "echo"
     if backend not in BACKENDS:
         problems.append(f"{_name(('bot', 'backend'))}: one of {', '.join(BACKENDS)}")
@@ -392,6 +422,8 @@ def _validate(raw: dict[tuple[str, str], Any], problems: list[str]) -> Settings 
         backend=backend,
         backend_timeout_s=backend_timeout,
         max_reply_parts=int(max_parts),
+        e2ee=e2ee,
+        pickle_key=pickle_key,
         log_level=level,
         log_format=log_format,  # type: ignore[arg-type]  # checked against _LOG_FORMATS
     )

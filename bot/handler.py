@@ -9,13 +9,15 @@ from __future__ import annotations
 
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
+from dataclasses import replace
 from typing import cast
 
 import structlog
 import trio
 
 from matrix_api import MatrixAPIError, MatrixClient
-from matrix_api.models import EventID, RoomID
+from matrix_api.models import EventID, RoomEvent, RoomID
+from matrix_crypto.errors import DecryptionError, MissingRoomKey
 
 from .backend_settings.model import ModelSettings
 from .backends import Backend, BackendError
@@ -25,6 +27,8 @@ from .chats import Chat
 from .commands import CommandContext, CommandError, Reply, parse_command, run_command
 from .config import Settings
 from .dispatch import LeftUnfinishedTooOften
+from .e2ee.crypto import BotCrypto
+from .e2ee.decrypting import decrypted_event
 from .encryption import offer_unencrypted_chat
 from .invites import InviteHandler
 from .logging import log_context
@@ -50,6 +54,13 @@ REPAIR_FAILED_NOTICE = (
     "I could not restore this chat's local state automatically, so I cannot answer "
     "here yet. Please ask the bot's operator to restart it (or to reset its local "
     "store); if this room was never a chat, invite me to a new room instead."
+)
+UNDECRYPTABLE_NO_KEY_NOTICE = (
+    "I could not decrypt your message: its key never reached me. Please send it again."
+)
+UNDECRYPTABLE_NOTICE = (
+    "I could not decrypt your message (it did not come from a device I can verify, or "
+    "it was damaged). Please send it again."
 )
 FAILED_NOTICE = "Sorry, I could not handle that message. Please try again later."
 BACKEND_TIMEOUT_NOTICE = "Sorry, the assistant took too long to answer. Please try again."
@@ -99,6 +110,13 @@ class MessageHandler:
         self._repair_told: dict[str, float] = {}
         self._invites = InviteHandler(client, store, settings)
         self._bot = settings.user_id
+        self.crypto: BotCrypto | None = None
+        """Set by `attach_crypto`; None: encrypted rooms get the way out."""
+
+    def attach_crypto(self, crypto: BotCrypto) -> None:
+        """End-to-end encryption is up: encrypted rooms are chats like any other."""
+        self.crypto = crypto
+        self._invites.reads_encrypted = True
 
     async def handle(self, item: InboxItem) -> bool:
         """Handle ``item``; True when a reply answers it (see `bot.dispatch.JobHandler`)."""
@@ -111,6 +129,8 @@ class MessageHandler:
     async def _handle_message(self, item: InboxItem) -> bool:
         event = item.event
         encrypted = is_encryption_event(event, self._bot)
+        if encrypted and self.crypto is not None and event.type != "m.room.encrypted":
+            return await self._ignore(item)  # encryption turned on: the bot reads it
         message = None if encrypted else parse_incoming(event, self._bot)
         if message is None and not encrypted:
             return await self._ignore(item)
@@ -135,7 +155,15 @@ class MessageHandler:
             verdict = self._take(item, sender)
             if verdict.limited:
                 return await self._rate_limited(item, sender, verdict)
-            if encrypted:
+            if encrypted and self.crypto is not None:
+                plain = await self._decrypted(item, self.crypto)
+                if plain is None:
+                    return True  # the user was told
+                message = parse_incoming(plain, self._bot)
+                if message is None:
+                    return await self._ignore(item)
+                item = replace(item, event=plain)
+            elif encrypted:
                 reply = await offer_unencrypted_chat(
                     self._client,
                     self._store,
@@ -148,6 +176,19 @@ class MessageHandler:
                 return True
             assert message is not None
             return await self._answer(item, chat, message)
+
+    async def _decrypted(self, item: InboxItem, crypto: BotCrypto) -> RoomEvent | None:
+        """``item``'s event decrypted; None when it cannot be, after telling the user
+        (the reason is logged and recorded; never the content)."""
+        try:
+            return await decrypted_event(crypto, self._client, item)
+        except MissingRoomKey:
+            reason, text = "room key missing", UNDECRYPTABLE_NO_KEY_NOTICE
+        except DecryptionError as exc:
+            reason, text = f"undecryptable: {exc.reason}", UNDECRYPTABLE_NOTICE
+        log.warning("event_undecryptable", sender=item.event.sender, reason=reason)
+        await self._reply(item, Reply(text), "notified", purpose="undecryptable", reason=reason)
+        return None
 
     async def _ignore(self, item: InboxItem) -> bool:
         await self._store.finish(item, "ignored")

@@ -20,6 +20,7 @@ crash after it finds the events in the inbox.
 
 from __future__ import annotations
 
+import json
 import secrets
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -39,6 +40,7 @@ from matrix_api.models import (
 )
 
 from .chats import MAX_TITLE, Chat
+from .e2ee.crypto import BotCrypto
 from .invites import pick_invite, unreadable_invite_state
 from .messages import in_reply_to, is_actionable, malformed
 from .quarantine import failure_reason, log_quarantined_batch
@@ -65,15 +67,16 @@ def sync_filters(bot_user_id: str) -> tuple[dict[str, Any], dict[str, Any]]:
     it got; the long-poll leaves out the bot's own events and all ephemeral ones,
     so its own replies and receipts do not wake it up.
 
-    Neither asks for the rooms' state: the bot reads chats from its room account
-    data (the markers) and messages from timelines, never a room's state, and with
+    Neither asks for the rooms' state but ``m.room.encryption`` (which rooms to
+    encrypt for; one small event per encrypted room): the bot reads chats from its
+    room account data (the markers) and messages from timelines, and with
     ``full_state`` the state of every room was most of the start-up sync (half its
     bytes with 300 small rooms, and the peak of the bot's memory).
     """
     initial = {
         "room": {
             "timeline": {"limit": 50, "types": _TIMELINE_TYPES},
-            "state": {"types": []},
+            "state": {"types": ["m.room.encryption"]},
             "ephemeral": {"types": ["m.receipt"]},
         },
         "presence": {"types": []},
@@ -81,7 +84,7 @@ def sync_filters(bot_user_id: str) -> tuple[dict[str, Any], dict[str, Any]]:
     long_poll = {
         "room": {
             "timeline": {"limit": 50, "types": _TIMELINE_TYPES, "not_senders": [bot_user_id]},
-            "state": {"types": []},
+            "state": {"types": ["m.room.encryption"]},
             "ephemeral": {"types": []},
         },
         "presence": {"types": []},
@@ -179,6 +182,21 @@ def invited_room_name(invite_state: Sequence[StrippedStateEvent]) -> str | None:
 _MAX_INVITED_NAME = 4 * MAX_TITLE
 
 
+def encryption_changes(response: SyncResponse) -> dict[RoomID, str]:
+    """Joined rooms whose ``m.room.encryption`` the batch shows (in its state or its
+    timeline), with the content as JSON: the rotation settings are read from it."""
+    found: dict[RoomID, str] = {}
+    for room_id, room in response.rooms.join.items():
+        for event in [*room.state, *room.timeline.events]:
+            if (
+                event.type == "m.room.encryption"
+                and event.state_key == ""
+                and isinstance(event.content.get("algorithm"), str)
+            ):
+                found[room_id] = json.dumps(event.content, separators=(",", ":"))
+    return found
+
+
 class Intake:
     """Turns sync responses into committed inbox items for one bot user."""
 
@@ -186,6 +204,8 @@ class Intake:
         self._client = client
         self._store = store
         self._bot = bot_user_id
+        self.crypto: BotCrypto | None = None
+        """Set once the bot's end-to-end encryption is up (never, with it off)."""
 
     async def commit(
         self, response: SyncResponse, since: SyncToken | None, *, salvage: bool = False
@@ -246,7 +266,7 @@ class Intake:
                 )
             )
         log_quarantined_batch(quarantined)
-        return await self._store.commit_sync_batch(response.next_batch, items, quarantined)
+        return await self._commit(response, items, quarantined)
 
     async def quarantine_batch(self, response: SyncResponse, reason: str) -> None:
         """Give up ``response``: record its timeline events as quarantined for
@@ -256,7 +276,24 @@ class Intake:
         for room_id, room in response.rooms.join.items():
             quarantined.extend(self._quarantine_timeline(room_id, room, reason))
         log_quarantined_batch(quarantined)
-        await self._store.commit_sync_batch(response.next_batch, [], quarantined)
+        await self._commit(response, [], quarantined)
+
+    async def _commit(
+        self, response: SyncResponse, items: list[NewInboxItem], quarantined: list[Quarantined]
+    ) -> list[InboxItem]:
+        # The crypto layer takes the batch's to-device events right before the commit
+        # that stores what they changed, with no await in between (`bot.e2ee.crypto`).
+        crypto = self.crypto.take_sync(response) if self.crypto is not None else None
+        fresh = await self._store.commit_sync_batch(
+            response.next_batch,
+            items,
+            quarantined,
+            crypto=crypto.rows if crypto is not None else (),
+            encryption=encryption_changes(response),
+        )
+        if self.crypto is not None and crypto is not None:
+            self.crypto.batch_committed(crypto)
+        return fresh
 
     @staticmethod
     def _quarantine(room_id: RoomID, event: RoomEvent, reason: str) -> Quarantined:

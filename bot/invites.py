@@ -14,6 +14,7 @@ join, reconciliation restores the chat from the marker.
 
 from __future__ import annotations
 
+import json
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 
@@ -148,6 +149,8 @@ class InviteHandler:
         self._client = client
         self._store = store
         self._settings = settings
+        self.reads_encrypted = False
+        """Whether the bot reads encrypted rooms (then they are greeted like any other)."""
 
     async def handle(self, item: InboxItem) -> None:
         """Accept or decline the invite in ``item``; takes it out of the inbox."""
@@ -197,7 +200,9 @@ class InviteHandler:
             # message need not page through /messages (a store lost later rebuilds).
             await self._store.replace_conversation(chat.chat_id, [])
         greeting = Reply(GREETING)
-        if item.event.content.get("encrypted") is True:
+        if self.reads_encrypted:
+            await self._learn_encryption(room_id)
+        elif item.event.content.get("encrypted") is True:
             greeting = await offer_unencrypted_chat(
                 self._client, self._store, room_id, inviter, self._settings.server_name
             )
@@ -209,6 +214,19 @@ class InviteHandler:
         )
         await self._store.discard(item)
         log.info("invite_accepted", room_id=room_id, inviter=inviter, chat_id=chat.chat_id)
+
+    async def _learn_encryption(self, room_id: RoomID) -> None:
+        """Whether the room just joined is encrypted, from its state (the invite's
+        stripped state is the inviting server's word, and the sync that will show the
+        state may come after the greeting): so the greeting is never sent in the clear."""
+        try:
+            content = await self._client.get_state_event(room_id, "m.room.encryption")
+        except NotFound:
+            return
+        if isinstance(content.get("algorithm"), str):
+            await self._store.set_room_encryption(
+                {room_id: json.dumps(content, separators=(",", ":"))}
+            )
 
     async def _marked_chat(self, room_id: RoomID) -> Chat | None:
         """The chat an earlier, interrupted acceptance already recorded, if any."""

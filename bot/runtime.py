@@ -18,6 +18,7 @@ import ctypes
 import enum
 import gc
 import random
+import secrets
 from dataclasses import replace
 from pathlib import Path
 
@@ -29,16 +30,20 @@ from trio_util import AsyncValue, move_on_when
 from matrix_api import MatrixAPIError, MatrixClient, NetworkError, UnknownToken
 from matrix_api.models import FilterID, SyncResponse, SyncToken
 from matrix_api.retry import Backoff
+from matrix_crypto.errors import CryptoError
 
 from . import __version__
 from .backends import Backend, open_backend
 from .config import Settings
 from .dispatch import Dispatcher
+from .e2ee.crypto import BotCrypto, DeviceConflict
+from .e2ee.pickle_key import PickleKeyError, load_pickle_key
+from .e2ee.sending import EncryptingClient
 from .handler import MessageHandler
 from .intake import Intake, full_state_sync, sync_filters
 from .quarantine import failure_reason
 from .reconcile import ReconcileReport, reconcile_matrix_state
-from .session import AuthError, authenticate, log_in
+from .session import DEFAULT_DEVICE_ID, AuthError, authenticate, log_in
 from .store import Store, StoreUnavailable
 
 __all__ = ["SYNC_BACKOFF", "BotRuntime", "FatalError", "Phase", "run_bot"]
@@ -104,6 +109,7 @@ class BotRuntime:
         self._dispatcher = Dispatcher(self._handler)
         self._stop = stop if stop is not None else trio.Event()
         self._sync_backoff_policy = replace(SYNC_BACKOFF, rng=rng or random.Random())
+        self._crypto: BotCrypto | None = None
 
     def request_stop(self) -> None:
         """Begin a graceful stop; safe to call at any time, more than once."""
@@ -132,6 +138,9 @@ class BotRuntime:
             nursery.start_soon(self._sync_loop, sync_scope)
             checkpoint_scope = trio.CancelScope()
             nursery.start_soon(self._checkpoint_store, checkpoint_scope)
+            crypto_scope = trio.CancelScope()
+            if self._crypto is not None:
+                nursery.start_soon(self._crypto_requests, self._crypto, crypto_scope)
             self.phase.value = Phase.READY
             log.info(
                 "bot_ready",
@@ -148,6 +157,7 @@ class BotRuntime:
             log.info("bot_draining", deadline_s=self.settings.drain_timeout_s)
             sync_scope.cancel()
             checkpoint_scope.cancel()
+            crypto_scope.cancel()
             self._dispatcher.stop()
             nursery.cancel_scope.deadline = trio.current_time() + self.settings.drain_timeout_s
         self.phase.value = Phase.STOPPED
@@ -159,6 +169,10 @@ class BotRuntime:
         await self.ready.wait()
         await self._dispatcher.run(task_status=task_status)
 
+    async def _crypto_requests(self, crypto: BotCrypto, scope: trio.CancelScope) -> None:
+        with scope:
+            await crypto.run()
+
     async def _checkpoint_store(self, scope: trio.CancelScope) -> None:
         with scope:
             await self._store.checkpoint_every(STORE_CHECKPOINT_INTERVAL_S)
@@ -168,7 +182,7 @@ class BotRuntime:
     async def _bootstrap(
         self, *, task_status: trio.TaskStatus[ReconcileReport] = trio.TASK_STATUS_IGNORED
     ) -> None:
-        await self._authenticate()
+        await self._start_crypto(await self._authenticate())
         since = self._store.sync_token
         initial = await self._initial_sync(since)
         if initial is None:
@@ -216,7 +230,7 @@ class BotRuntime:
                     await self._sync_backoff(failures)
         return None
 
-    async def _authenticate(self) -> None:
+    async def _authenticate(self) -> str | None:
         stored = await self._store.get_meta("device_id")
         try:
             device_id = await authenticate(self._client, self.settings, stored)
@@ -224,6 +238,60 @@ class BotRuntime:
             raise FatalError(str(exc)) from exc
         if device_id is not None and device_id != stored:
             await self._store.set_meta("device_id", device_id)
+        return device_id
+
+    async def _start_crypto(self, device_id: str | None) -> None:
+        """Restore or make the device's crypto and publish its keys; with it, encrypted
+        rooms are chats like any other. Without it (turned off, or no device that can
+        have keys) they get the way out (`bot.encryption`)."""
+        client = self._client
+        if not self.settings.e2ee or not isinstance(client, EncryptingClient):
+            return
+        if device_id is None:
+            log.error("e2ee_unavailable", reason="the homeserver named no device for the bot")
+            return
+        try:
+            pickle_key = load_pickle_key(self.settings.pickle_key, Path(self.settings.store_path))
+            try:
+                crypto = await BotCrypto.open(
+                    client, self._store, device_id=device_id, pickle_key=pickle_key
+                )
+            except DeviceConflict as exc:
+                device_id = await self._new_device(exc)
+                if device_id is None:
+                    return
+                crypto = await BotCrypto.open(
+                    client, self._store, device_id=device_id, pickle_key=pickle_key
+                )
+            await crypto.send_outgoing()  # the device's keys, before anyone needs them
+        except (PickleKeyError, CryptoError) as exc:
+            raise FatalError(f"end-to-end encryption state unusable: {exc}") from exc
+        except MatrixAPIError as exc:
+            raise FatalError(f"publishing the device's encryption keys failed: {exc}") from exc
+        client.attach(crypto, self._store)
+        self._intake.crypto = crypto
+        self._handler.attach_crypto(crypto)
+        self._crypto = crypto
+
+    async def _new_device(self, conflict: DeviceConflict) -> str | None:
+        """A fresh device for a store that lost the old one's keys (their private
+        halves are gone: the old device can never be used for encryption again)."""
+        if self.settings.password is None:
+            log.error(
+                "e2ee_unavailable",
+                reason=str(conflict),
+                fix="configure MATRIX_PASSWORD so the bot can log in as a new device, "
+                "or give it an access token of a new device",
+            )
+            return None
+        device_id = f"{DEFAULT_DEVICE_ID}_{secrets.token_hex(4).upper()}"
+        try:
+            await log_in(self._client, self.settings, device_id)
+        except AuthError as exc:
+            raise FatalError(str(exc)) from exc
+        await self._store.set_meta("device_id", device_id)
+        log.warning("e2ee_new_device", reason=str(conflict), device_id=device_id)
+        return device_id
 
     # --- the sync loop --------------------------------------------------------------
 
@@ -325,7 +393,7 @@ async def run_bot(
     Reports the runtime as started once it takes messages (``runtime.request_stop()``
     stops it too). ``transport`` is an httpx transport for tests.
     """
-    client = MatrixClient(
+    client = EncryptingClient(
         settings.homeserver,
         access_token=settings.access_token,
         user_id=settings.user_id,

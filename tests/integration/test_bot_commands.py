@@ -2,7 +2,8 @@
 
 ``!new``, ``!rename``, ``!status``, ``!chats``, ``!archive``/``!unarchive`` and
 ``!help``; who may change a chat; how bad input is refused; what survives losing
-the local store; and what the bot says in encrypted rooms.
+the local store; and what the bot says in encrypted rooms with end-to-end encryption
+turned off (``BOT_E2EE=off``; with it on, see test_e2ee_bot.py).
 """
 
 from __future__ import annotations
@@ -505,7 +506,7 @@ async def test_invited_into_an_encrypted_room_the_bot_offers_an_unencrypted_chat
     bot = bot_user.user_id
     me = alice.user.user_id
     server = synapse.server_name
-    settings = bot_settings(synapse, bot_user, tmp_path / "store.sqlite3")
+    settings = bot_settings(synapse, bot_user, tmp_path / "store.sqlite3", e2ee=False)
     async with running_bot(settings) as runtime, bot_client(synapse, bot_user) as as_bot:
         secret = await alice.client.create_room(
             name="secret",
@@ -553,7 +554,7 @@ async def test_encrypted_message_in_a_plain_chat_gets_the_notice_not_an_echo(
     bot = bot_user.user_id
     me = alice.user.user_id
     server = synapse.server_name
-    settings = bot_settings(synapse, bot_user, tmp_path / "store.sqlite3")
+    settings = bot_settings(synapse, bot_user, tmp_path / "store.sqlite3", e2ee=False)
     async with running_bot(settings) as runtime, bot_client(synapse, bot_user) as as_bot:
         chat_room = await start_chat(alice, bot)
         first, reply = await send_and_wait(
@@ -594,7 +595,7 @@ async def test_the_way_out_is_reused_after_losing_the_store(
 ) -> None:
     bot_user = make_user("bot")
     bot = bot_user.user_id
-    settings = bot_settings(synapse, bot_user, tmp_path / "store.sqlite3")
+    settings = bot_settings(synapse, bot_user, tmp_path / "store.sqlite3", e2ee=False)
     async with running_bot(settings):
         chat_room = await start_chat(alice, bot)
         _, reply = await send_and_wait(

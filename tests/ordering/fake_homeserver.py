@@ -171,6 +171,9 @@ class FakeHomeserver:
         """A ``Date`` header for every answer (the server's clock), if set."""
         self.observers: list[Callable[[Call], None]] = []
         self.long_poll_s = long_poll_s
+        self.device_keys: dict[str, Any] = {}
+        """The bot's device keys, once it uploaded them."""
+        self.one_time_keys = 0
         self._logs = logs if logs is not None else []
         self._batches: deque[dict[str, Any]] = deque()
         self._batch_queued = RepeatedEvent()
@@ -336,6 +339,12 @@ class FakeHomeserver:
             case ["rooms", room_id, "leave"] if method == "POST":
                 call.endpoint, call.room_id = "leave", room_id
                 return lambda: self._leave(room_id)
+            case ["keys", "upload"] if method == "POST":
+                call.endpoint = "keys_upload"
+                return lambda: self._keys_upload(call.body)
+            case ["keys", "query"] if method == "POST":
+                call.endpoint = "keys_query"
+                return self._keys_query
             case ["createRoom"] if method == "POST":
                 # Recognised so that tests can see it; the bot never needs it.
                 call.endpoint = "create_room"
@@ -347,6 +356,18 @@ class FakeHomeserver:
 
     async def _empty(self) -> Answer:
         return 200, {}
+
+    async def _keys_upload(self, body: Any) -> Answer:
+        """The bot's device keys are kept (a query shows them); one-time keys counted."""
+        if isinstance(body, dict):
+            if isinstance(body.get("device_keys"), dict):
+                self.device_keys = body["device_keys"]
+            self.one_time_keys += len(body.get("one_time_keys") or {})
+        return 200, {"one_time_key_counts": {"signed_curve25519": self.one_time_keys}}
+
+    async def _keys_query(self) -> Answer:
+        devices = {BOT: {DEVICE: self.device_keys}} if self.device_keys else {}
+        return 200, {"device_keys": devices, "failures": {}}
 
     async def _whoami(self) -> Answer:
         return 200, {"user_id": BOT, "device_id": DEVICE, "is_guest": False}

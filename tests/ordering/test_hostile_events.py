@@ -203,10 +203,12 @@ async def test_a_batch_that_keeps_failing_is_given_up_and_the_bot_goes_on(
     await a_known_chat(hs, settings)
     commit = Store.commit_sync_batch
 
-    async def fails_on_poison(self: Store, token: Any, items: Any, quarantined: Any = ()) -> Any:
+    async def fails_on_poison(
+        self: Store, token: Any, items: Any, quarantined: Any = (), **crypto: Any
+    ) -> Any:
         if any(item.event_id == "$poison" for item in items):
             raise RuntimeError("a bug that this batch sets off")
-        return await commit(self, token, items, quarantined)
+        return await commit(self, token, items, quarantined, **crypto)
 
     monkeypatch.setattr(Store, "commit_sync_batch", fails_on_poison)
     rewriting_syncs(hs, lambda body, nth: body)  # the failed batch is fetched again

@@ -55,9 +55,11 @@ async def test_initial_sync_then_one_reconciliation_then_ready_then_sync_loop_an
     assert [note.room_id for note in runtime.reconcile_report.known] == [HOME]
     ready, _ = only_log(logs, "bot_ready")
     assert reconciled < ready
-    # Before reconciliation completed: authentication and the initial sync, nothing else.
+    # Before reconciliation completed: authentication, the device's encryption keys
+    # (made on this first start: is the device new to the server? then published),
+    # and the initial sync; nothing else.
     before = [call.endpoint for call in hs.calls if not call.after_log(reconciled)]
-    assert before == ["whoami", "initial_sync"]
+    assert before == ["whoami", "keys_query", "keys_upload", "initial_sync"]
     # The sync loop and the lanes only exist after the bot said it was ready.
     long_polls, sends = hs.of("long_poll"), hs.of("send")
     assert long_polls

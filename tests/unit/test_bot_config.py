@@ -726,3 +726,26 @@ def test_per_user_limits_in_the_file_are_checked_too(
 
     assert len(problems) == 1, problems
     assert problems[0].startswith(f"{setting}: ")
+
+
+def test_e2ee_is_on_by_default_and_can_be_turned_off() -> None:
+    assert load_settings(None, env()).e2ee is True
+    assert load_settings(None, env(BOT_E2EE="off")).e2ee is False
+    assert any("BOT_E2EE" in p for p in problems_of(None, env(BOT_E2EE="maybe")))
+
+
+def test_a_pickle_key_is_32_bytes_of_base64_and_never_shown() -> None:
+    import base64
+
+    key = bytes(range(32))
+    settings = load_settings(None, env(BOT_PICKLE_KEY=base64.b64encode(key).decode()))
+    assert settings.pickle_key == key
+    assert str(key) not in repr(settings)
+    # Unpadded base64 is accepted too.
+    unpadded = base64.b64encode(key).decode().rstrip("=")
+    assert load_settings(None, env(BOT_PICKLE_KEY=unpadded)).pickle_key == key
+
+    for bad in ["short", base64.b64encode(b"x" * 31).decode(), "not base64 at all!!" * 3]:
+        problems = problems_of(None, env(BOT_PICKLE_KEY=bad))
+        assert any("BOT_PICKLE_KEY" in p and "32 random bytes" in p for p in problems)
+        assert not any(bad in p for p in problems)

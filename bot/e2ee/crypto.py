@@ -1,0 +1,263 @@
+"""The bot's end of `matrix_crypto.machine.OlmMachine`: its I/O and its persistence.
+
+The machine is sans-IO and synchronous; this class sends the requests it asks for
+(keys upload, query and claim, to-device messages) and keeps its state in the store.
+
+Persistence follows one rule: the machine's changes are collected and written in
+the same trio step, with no await in between (`Store` writes on the trio thread),
+and rows stay queued until a write succeeds. So a later write can never put back an
+older value over a newer one (an outbound session's message index going backwards
+would be a replay to every receiver), and a failed write loses nothing. Three
+moments write:
+
+* a sync batch: its to-device events' changes go in the batch's own transaction,
+  with the sync token (the server re-delivers them until the token moves);
+* before a request whose answer depends on state the machine just made (one-time
+  keys before their upload, so a crash re-uploads the same keys, never new ones
+  under the same ids);
+* before an encrypted event is sent (the outbound session's index has moved).
+
+Network work on the machine (uploads, queries, claims, key shares) is serialised by
+one lock: two rooms sharing a key at once would otherwise claim two one-time keys
+for one device. Encrypting itself takes no lock and no I/O.
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Iterable, Sequence
+from dataclasses import dataclass
+from typing import Any
+
+import structlog
+import trio
+from trio_util import RepeatedEvent
+
+from matrix_api import MatrixAPIError, MatrixClient
+from matrix_api.models import RoomID, SyncResponse, UserID
+from matrix_crypto.errors import CryptoError
+from matrix_crypto.machine import (
+    KeysClaimRequest,
+    KeysQueryRequest,
+    KeysUploadRequest,
+    OlmMachine,
+    OutgoingRequest,
+    ToDeviceRequest,
+)
+from matrix_crypto.state import CryptoState
+
+from ..store import CryptoRow, Store
+
+__all__ = ["BotCrypto", "DeviceConflict", "SyncCrypto"]
+
+log = structlog.get_logger("bot.e2ee")
+
+_OWN = "own"  # the crypto table's kind for what this module keeps of its own
+
+
+class DeviceConflict(Exception):
+    """The server holds keys for this device that the store does not: the store was
+    lost (or is another one). Keys are never uploaded twice for one device id."""
+
+
+@dataclass(frozen=True, slots=True)
+class SyncCrypto:
+    """What a sync batch changed, for `Store.commit_sync_batch`."""
+
+    rows: list[CryptoRow]
+
+
+class BotCrypto:
+    """One device's crypto, for the runtime's lifetime; make it with `open`."""
+
+    def __init__(self, client: MatrixClient, store: Store, machine: OlmMachine) -> None:
+        self._client = client
+        self._store = store
+        self._machine = machine
+        self._unwritten: list[CryptoRow] = []
+        self._network = trio.Lock()
+        self._wake = RepeatedEvent()
+        # Joined members of encrypted rooms the bot sent to, until a membership event
+        # in the room's timeline says they changed (one request per room, not per send).
+        self._members: dict[RoomID, list[str]] = {}
+        self.room_keys_arrived = RepeatedEvent()
+        """Set each time a batch brought room keys: decryptions waiting may retry."""
+
+    @classmethod
+    async def open(
+        cls, client: MatrixClient, store: Store, *, device_id: str, pickle_key: bytes
+    ) -> BotCrypto:
+        """Restore the device's crypto from the store, or make a new identity for it.
+
+        Raises `DeviceConflict` when the store has no identity for ``device_id`` but
+        the server already has keys for it, and `CryptoError` when the stored state
+        cannot be read with ``pickle_key``.
+        """
+        user_id = client.user_id
+        assert user_id is not None, "authenticate first"
+        rows = await store.crypto_rows()
+        stored_device = next((v for k, key, v in rows if (k, key) == (_OWN, "device_id")), None)
+        machine_rows = [row for row in rows if row[0] != _OWN]
+        if stored_device == device_id and machine_rows:
+            machine = OlmMachine.restore(
+                user_id, device_id, CryptoState.from_rows(machine_rows), pickle_key
+            )
+            log.info("e2ee_restored", device_id=device_id, ed25519=machine.ed25519)
+            return cls(client, store, machine)
+        if stored_device is not None and stored_device != device_id:
+            # A new device for the same store (re-login): the old identity is no use.
+            log.warning("e2ee_device_changed", old_device_id=stored_device, device_id=device_id)
+        answer = await client.query_keys({user_id: [device_id]})
+        if answer.device_keys.get(UserID(user_id), {}).get(device_id):
+            raise DeviceConflict(
+                f"the homeserver already has encryption keys for device {device_id}, and "
+                "this store has none for it (a lost or replaced store)"
+            )
+        machine = OlmMachine.create(user_id, device_id, pickle_key)
+        bot = cls(client, store, machine)
+        stale = [(kind, key, None) for kind, key, _ in machine_rows]
+        bot._unwritten.extend(stale)
+        bot._unwritten.append((_OWN, "device_id", device_id))
+        await bot._write()
+        log.info("e2ee_created", device_id=device_id, ed25519=machine.ed25519)
+        return bot
+
+    @property
+    def machine(self) -> OlmMachine:
+        return self._machine
+
+    # --- persistence -------------------------------------------------------------------
+
+    def _collect(self) -> list[CryptoRow]:
+        """Everything not yet known written, the machine's newest changes last."""
+        changes = self._machine.take_changes()
+        if not changes.empty:
+            self._unwritten.extend(changes.rows())
+        return list(self._unwritten)
+
+    def _written(self, rows: Sequence[CryptoRow]) -> None:
+        del self._unwritten[: len(rows)]
+
+    async def _write(self) -> None:
+        rows = self._collect()
+        await self._store.apply_crypto(rows)
+        self._written(rows)
+
+    # --- sync --------------------------------------------------------------------------
+
+    def take_sync(self, response: SyncResponse) -> SyncCrypto:
+        """Feed a sync batch to the machine; what to commit with it.
+
+        Synchronous on purpose: call it right before `Store.commit_sync_batch`, with
+        no await in between, and call `batch_committed` once the commit succeeded.
+        """
+        results = self._machine.receive_sync(
+            to_device=[_to_device_dict(event) for event in response.to_device],
+            changed=list(response.device_lists.changed),
+            left=list(response.device_lists.left),
+            one_time_key_counts=response.device_one_time_keys_count,
+            unused_fallback_key_types=response.device_unused_fallback_key_types,
+        )
+        keys_arrived = False
+        for result in results:
+            if result.refused is not None:
+                log.warning(
+                    "to_device_refused", sender=result.sender, type=result.type,
+                    reason=result.refused,
+                )  # fmt: skip
+            elif result.room_key is not None:
+                keys_arrived = True
+        self._keys_arrived_in_batch = keys_arrived
+        for room_id, room in response.rooms.join.items():
+            if any(e.type == "m.room.member" for e in [*room.state, *room.timeline.events]):
+                self._members.pop(room_id, None)
+        for room_id in response.rooms.leave:
+            self._members.pop(room_id, None)
+        return SyncCrypto(self._collect())
+
+    def batch_committed(self, crypto: SyncCrypto) -> None:
+        self._written(crypto.rows)
+        if self._keys_arrived_in_batch:
+            self.room_keys_arrived.set()
+        self._wake.set()
+
+    # --- requests ----------------------------------------------------------------------
+
+    async def run(self) -> None:
+        """Send what the machine asks for (key uploads, device queries) whenever a
+        sync batch may have changed it; runs until cancelled."""
+        while True:
+            try:
+                await self.send_outgoing()
+            except (MatrixAPIError, CryptoError) as exc:
+                log.warning("e2ee_requests_failed", error=str(exc))
+                # The next batch wakes it again; the machine still has them.
+            await self._wake.wait()
+
+    async def send_outgoing(self) -> None:
+        async with self._network:
+            await self._send_all(self._machine.outgoing_requests())
+
+    async def _send_all(self, requests: Iterable[OutgoingRequest]) -> None:
+        for request in requests:
+            # What the request carries (new one-time keys) is stored before it leaves.
+            await self._write()
+            response = await self._send(request)
+            for warning in self._machine.mark_request_sent(request.request_id, response):
+                log.warning("e2ee_answer_refused", kind=request.kind, detail=warning)
+            await self._write()
+
+    async def _send(self, request: OutgoingRequest) -> dict[str, Any]:
+        client = self._client
+        if isinstance(request, KeysUploadRequest):
+            counts = await client.upload_keys(
+                device_keys=request.device_keys,
+                one_time_keys=request.one_time_keys,
+                fallback_keys=request.fallback_keys,
+            )
+            return {"one_time_key_counts": counts}
+        if isinstance(request, KeysQueryRequest):
+            answer = await client.query_keys(request.users)
+            return {"device_keys": answer.device_keys, "failures": answer.failures}
+        if isinstance(request, KeysClaimRequest):
+            claimed = await client.claim_keys(request.one_time_keys)
+            return {"one_time_keys": claimed.one_time_keys, "failures": claimed.failures}
+        if isinstance(request, ToDeviceRequest):
+            await client.send_to_device(request.event_type, request.messages, request.txn_id)
+            return {}
+        raise TypeError(f"unknown request {type(request).__name__}")
+
+    # --- rooms -------------------------------------------------------------------------
+
+    async def ensure_devices(self, users: Sequence[str]) -> None:
+        """Know the current devices of ``users`` (a sender, before their message is
+        checked against them): tracked from now on, queried when unknown or outdated."""
+        self._machine.update_tracked_users(users)
+        await self.send_outgoing()
+
+    async def encrypt(
+        self, room_id: RoomID, event_type: str, content: dict[str, Any]
+    ) -> dict[str, Any]:
+        """``content`` as the ``m.room.encrypted`` content for ``room_id``: the room key
+        shared first with every device of every joined member that lacks it."""
+        settings = json.loads(self._store.room_encryption(room_id) or "{}")
+        async with self._network:
+            users = self._members.get(room_id)
+            if users is None:
+                users = sorted(await self._client.joined_members(room_id))
+                self._members[room_id] = users
+            self._machine.update_tracked_users(users)
+            await self._send_all(self._machine.outgoing_requests())
+            for _ in range(3):  # claim, then share: at most two rounds of requests
+                requests = self._machine.share_room_key(room_id, users, settings)
+                if not requests:
+                    break
+                await self._send_all(requests)
+            encrypted = self._machine.encrypt_room_event(room_id, event_type, content)
+            # The outbound session's index has moved: stored before the event leaves.
+            await self._write()
+        return encrypted
+
+
+def _to_device_dict(event: Any) -> dict[str, Any]:
+    return {"type": event.type, "sender": event.sender, "content": event.content}

@@ -1,0 +1,70 @@
+"""Encrypted inbox items, decrypted when their lane takes them up.
+
+The inbox keeps the ciphertext (the store holds no plaintext the bot did not need
+to keep); each attempt decrypts again, which the replay protection allows for the
+same event id. A message whose room key has not arrived waits in its lane, without
+polling, until a sync batch brings room keys, for at most `KEY_WAIT_MS` after it was
+sent (on the server's clock, so a restart does not start the wait over).
+"""
+
+from __future__ import annotations
+
+import time
+
+import msgspec
+import trio
+
+from matrix_api import MatrixClient
+from matrix_api.models import RoomEvent
+from matrix_crypto.errors import MissingRoomKey, UnverifiedSender
+
+from ..store import InboxItem
+from .crypto import BotCrypto
+
+__all__ = ["KEY_WAIT_MS", "decrypted_event"]
+
+# How long a message may wait for its room key (the sender's device sends it just
+# before the message; a key later than this is not coming).
+KEY_WAIT_MS = 10 * 60 * 1000
+
+
+async def decrypted_event(crypto: BotCrypto, client: MatrixClient, item: InboxItem) -> RoomEvent:
+    """The decrypted form of ``item``'s ``m.room.encrypted`` event: same id, sender
+    and time, the plaintext's type and content.
+
+    Raises `MissingRoomKey` when the key did not arrive in time, and
+    `matrix_crypto.errors.DecryptionError` when the event can never be decrypted.
+    """
+    event = item.event
+    await crypto.ensure_devices([event.sender])
+    raw = msgspec.to_builtins(event)
+    raw["room_id"] = item.room_id
+    checked_devices = False
+    while True:
+        try:
+            plain = crypto.machine.decrypt_room_event(item.room_id, raw)
+        except UnverifiedSender:
+            if checked_devices:
+                raise
+            # Perhaps a device the bot has not heard of yet: asked about once more.
+            checked_devices = True
+            await crypto.ensure_devices([event.sender])
+            continue
+        except MissingRoomKey:
+            now_ms = client.server_time_ms() or int(time.time() * 1000)
+            # A timestamp from the future (forged, or a skewed clock) waits no longer.
+            left_ms = min(event.origin_server_ts + KEY_WAIT_MS - now_ms, KEY_WAIT_MS)
+            if left_ms <= 0:
+                raise
+            with trio.move_on_after(left_ms / 1000):
+                await crypto.room_keys_arrived.wait()
+            continue
+        return RoomEvent(
+            type=plain.type,
+            event_id=event.event_id,
+            sender=event.sender,
+            origin_server_ts=event.origin_server_ts,
+            content=plain.content,
+            unsigned=event.unsigned,
+            room_id=item.room_id,
+        )
