@@ -818,7 +818,7 @@ def rust(server: Server) -> Iterator[RustPeer]:
 
 def test_interop_with_matrix_rust_sdk(server: Server, rust: RustPeer) -> None:
     """Olm and Megolm both ways with the implementation Element uses, across a restart
-    of our side and a rotation on theirs."""
+    of our side, a rotation on theirs, and a lost Olm session on ours."""
     bot = OlmMachine.create(BOT, "BOTDEV", KEY)
     server.settle(bot)
     rust.run(rust.call("outgoing"))
@@ -870,6 +870,22 @@ def test_interop_with_matrix_rust_sdk(server: Server, rust: RustPeer) -> None:
     again = restored.encrypt_room_event(ROOM, "m.room.message", {"body": "after restart"})
     got = rust.call("decrypt", room=ROOM, event=_message(BOT, "$p2", again))
     assert got["event"]["content"] == {"body": "after restart"}
+    # Our Olm session with them lost: their next room key is undecryptable, we start a
+    # new session (m.dummy), and they switch to it.
+    server.stores[(BOT, "BOTDEV")].save(restored)
+    state = dataclasses.replace(server.stores[(BOT, "BOTDEV")].state(), olm_sessions=())
+    lost = OlmMachine.restore(BOT, "BOTDEV", state, KEY)
+    rust.call("invalidate", room=ROOM)
+    rust.run(rust.call("share", room=ROOM, users=[ALICE, BOT]))
+    (result,) = server.sync(lost)
+    assert result.refused is not None
+    for _ in range(2):  # the claim, then the m.dummy
+        server.run(lost, lost.outgoing_requests())
+    assert [e["type"] for e in rust.sync()] == ["m.dummy"]
+    rust.call("invalidate", room=ROOM)
+    rust.run(rust.call("share", room=ROOM, users=[ALICE, BOT]))
+    (result,) = server.sync(lost)
+    assert result.room_key is not None
 
 
 def test_wedged_olm_session_is_replaced(
