@@ -389,7 +389,14 @@ class OlmMachine:
         unused_fallback_key_types: Sequence[object] | None = None,
     ) -> list[ToDeviceResult]:
         """Take a sync batch's crypto parts; one result per to-device event, in order.
-        Never raises for what the server or other devices sent."""
+        Never raises for what the server or other devices sent.
+
+        A room key is stored with the curve key its Olm session proves and the ed25519
+        key its payload claims; both are checked against the sender's device when a
+        room event is decrypted. A sender whose device is not known yet is queried (it
+        becomes outdated). An Olm message from a known device of the sender that none of
+        our sessions decrypts makes `outgoing_requests` start a new session with that
+        device (at most once an hour per device)."""
         self._tracker.mark_changed(u for u in changed if isinstance(u, str))
         self._tracker.forget(u for u in left if isinstance(u, str))
         if self._upload is None:
@@ -506,12 +513,14 @@ class OlmMachine:
 
     def outgoing_requests(self) -> list[OutgoingRequest]:
         """What to send now: a keys upload (device keys once, one-time keys topped up, a
-        fallback key), a keys query for outdated users, and any claim or room key share
-        from `share_room_key` not answered yet. The same requests (same ids) are returned
-        until `mark_request_sent`; persist `take_changes` before sending them."""
+        fallback key), a keys query for outdated users, a keys claim and m.dummy messages
+        replacing Olm sessions we cannot decrypt (see `receive_sync`), and any claim or
+        room key share from `share_room_key` not answered yet. The same requests (same
+        ids) are returned until `mark_request_sent`; persist `take_changes` before
+        sending them."""
         requests: list[OutgoingRequest] = []
         upload = self._upload_request()
-        query = self._query_request(force=False)
+        query = self._query_request()
         if query is not None:
             requests.append(query)
         if self._claim is None:
@@ -549,14 +558,14 @@ class OlmMachine:
         )
         return self._upload
 
-    def _query_request(self, *, force: bool) -> KeysQueryRequest | None:
+    def _query_request(self) -> KeysQueryRequest | None:
         if self._query is not None:
             return self._query
         now = self._clock()
         users = sorted(
             u
             for u in self._tracker.outdated
-            if force or now - self._query_failed.get(u, -RETRY_AFTER_S) >= RETRY_AFTER_S
+            if now - self._query_failed.get(u, -RETRY_AFTER_S) >= RETRY_AFTER_S
         )[:MAX_USERS_PER_QUERY]
         if not users:
             return None
@@ -702,7 +711,7 @@ class OlmMachine:
             and now - self._query_failed.get(u, -RETRY_AFTER_S) >= RETRY_AFTER_S
             for u in members
         ):
-            query = self._query_request(force=False)
+            query = self._query_request()
             if query is not None:
                 return [query]
         devices = [
