@@ -257,6 +257,7 @@ class CryptoChanges:
         rows.extend((TRACKED_USER, u, None) for u in self.tracked_users_deleted)
         megolm = self.megolm
         rows.extend(_put(r) for r in megolm.inbound)
+        rows.extend((INBOUND_GROUP, _key(*k), None) for k in megolm.inbound_deleted)
         rows.extend(_put(r) for r in megolm.outbound)
         rows.extend((OUTBOUND_GROUP, room, None) for room in megolm.outbound_deleted)
         rows.extend(_put(r) for r in megolm.seen)

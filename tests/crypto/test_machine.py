@@ -29,7 +29,7 @@ from matrix_crypto.machine import (
     OutgoingRequest,
     ToDeviceRequest,
 )
-from matrix_crypto.state import CryptoState
+from matrix_crypto.state import CryptoChanges, CryptoState
 
 ALICE = "@alice:example.org"
 BOT = "@bot:example.org"
@@ -965,3 +965,34 @@ def test_undecryptable_olm_from_an_unknown_device_queries_first(
     server.run(lost, [query, upload])
     (claim,) = lost.outgoing_requests()
     assert isinstance(claim, KeysClaimRequest)
+
+
+def test_inbound_sessions_megolm_drops_are_deleted_rows(monkeypatch: pytest.MonkeyPatch) -> None:
+    """megolm.py bounds the inbound sessions per sender key; what it drops leaves the
+    store too (requested by megolm)."""
+    from matrix_crypto import megolm
+
+    monkeypatch.setattr(megolm, "SESSIONS_PER_SENDER_LIMIT", 1)
+    groups = megolm.GroupSessions(KEY)
+    sender = Identity.create(ALICE, "A")
+    ids = []
+    for _ in range(2):
+        outbound = vodozemac.GroupSession()
+        ids.append(outbound.session_id)
+        content = {
+            "algorithm": "m.megolm.v1.aes-sha2",
+            "room_id": ROOM,
+            "session_id": outbound.session_id,
+            "session_key": outbound.session_key.to_base64(),
+        }
+        outcome = groups.add_room_key(
+            content, sender_curve25519=sender.curve25519, sender_ed25519=sender.ed25519
+        )
+        assert outcome.stored
+    changes = CryptoChanges(megolm=groups.take_changes())
+    deletes = [(k, key) for k, key, v in changes.rows() if v is None]
+    assert deletes == [
+        ("inbound_group", json.dumps([ROOM, sender.curve25519, ids[0]], separators=(",", ":")))
+    ]
+    state = CryptoState().apply(changes)
+    assert [r.session_id for r in state.inbound_group_sessions] == [ids[1]]
