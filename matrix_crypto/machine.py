@@ -233,7 +233,7 @@ def _counts(value: object) -> dict[str, int]:
 
 
 def _str_list(value: object) -> list[str]:
-    if not isinstance(value, list | tuple):
+    if not isinstance(value, list | tuple | set | frozenset):
         return []
     return [v for v in value if isinstance(v, str)]
 
@@ -397,8 +397,8 @@ class OlmMachine:
         becomes outdated). An Olm message from a known device of the sender that none of
         our sessions decrypts makes `outgoing_requests` start a new session with that
         device (at most once an hour per device)."""
-        self._tracker.mark_changed(u for u in changed if isinstance(u, str))
-        self._tracker.forget(u for u in left if isinstance(u, str))
+        self._tracker.mark_changed(_str_list(changed))
+        self._tracker.forget(_str_list(left))
         if self._upload is None:
             # Only a count the server states is used (as matrix-rust-sdk does): believing
             # a full pool empty would upload keys at every sync, and vodozemac forgets
@@ -408,6 +408,8 @@ class OlmMachine:
                 self._otk_counts = counts
             if unused_fallback_key_types is not None:
                 self._unused_fallback = _str_list(unused_fallback_key_types)
+        if not isinstance(to_device, list | tuple):
+            return []
         return [self._to_device(event) for event in to_device]
 
     def _to_device(self, event: object) -> ToDeviceResult:

@@ -420,6 +420,9 @@ def test_hostile_sync_input_never_raises(pair: tuple[OlmMachine, OlmMachine]) ->
         else:
             assert result.refused, event
     assert not bot.take_changes().megolm  # no room key got in
+    # Whole sections of the wrong type.
+    assert bot.receive_sync(to_device=None, changed=None, left=5) == []  # type: ignore[arg-type]
+    assert bot.receive_sync(to_device={"a": 1}, changed="@x:y", left={}) == []  # type: ignore[arg-type]
 
 
 def test_hostile_answers_to_requests_never_raise(server: Server) -> None:
