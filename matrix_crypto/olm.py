@@ -20,7 +20,7 @@ import hashlib
 import json
 from collections import OrderedDict
 from collections.abc import Iterator, Mapping
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import vodozemac
 
@@ -78,7 +78,7 @@ class OlmDecrypted:
     sender_ed25519: str
     sender_device: str | None
     type: str
-    content: dict[str, object]
+    content: dict[str, object] = field(repr=False)  # may hold a room key
     session_id: str
     new_session: bool  # created from this pre-key message (a one-time key was used)
 

@@ -50,7 +50,7 @@ class AccountRecord:
 
     user_id: str
     device_id: str
-    pickle: str
+    pickle: str = field(repr=False)  # never in a log line
     keys_uploaded: bool
 
 
@@ -62,7 +62,7 @@ class OlmSessionRecord:
     peer_curve25519: str
     session_id: str
     last_used: int
-    pickle: str
+    pickle: str = field(repr=False)  # never in a log line
 
 
 @dataclass(frozen=True, slots=True)

@@ -999,3 +999,17 @@ def test_inbound_sessions_megolm_drops_are_deleted_rows(monkeypatch: pytest.Monk
     ]
     state = CryptoState().apply(changes)
     assert [r.session_id for r in state.inbound_group_sessions] == [ids[1]]
+
+
+def test_no_pickle_or_key_in_a_repr(server: Server, pair: tuple[OlmMachine, OlmMachine]) -> None:
+    bot, alice = pair
+    server.share(alice, [ALICE, BOT])
+    results = server.sync(bot, keep=True)
+    changes = bot.take_changes()
+    shown = repr(changes) + repr(results)
+    assert "session_key" not in shown
+    records = [changes.account, *changes.olm_sessions, *changes.megolm.inbound]
+    assert len(records) >= 3
+    for record in records:
+        assert record is not None
+        assert record.pickle not in shown
