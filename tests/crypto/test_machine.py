@@ -17,6 +17,8 @@ from typing import Any
 
 import pytest
 import vodozemac
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
 
 from matrix_crypto.canonical import b64encode
 from matrix_crypto.errors import CryptoError, DecryptionError, MissingRoomKey, UnverifiedSender
@@ -1013,3 +1015,57 @@ def test_no_pickle_or_key_in_a_repr(server: Server, pair: tuple[OlmMachine, OlmM
     for record in records:
         assert record is not None
         assert record.pickle not in shown
+
+
+_json = st.recursive(
+    st.none() | st.booleans() | st.integers() | st.floats() | st.text(max_size=20),
+    lambda inner: (
+        st.lists(inner, max_size=3) | st.dictionaries(st.text(max_size=10), inner, max_size=3)
+    ),
+    max_leaves=12,
+)
+
+
+@settings(
+    max_examples=150, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture]
+)
+@given(junk=_json, ciphertext=_json, message_type=_json, body=_json)
+def test_receive_sync_never_raises_property(
+    pair: tuple[OlmMachine, OlmMachine], junk: Any, ciphertext: Any, message_type: Any, body: Any
+) -> None:
+    """Random JSON anywhere in a to-device event, around real keys: refused, never raised."""
+    bot, alice = pair
+    events = [
+        junk,
+        {"type": "m.room.encrypted", "sender": ALICE, "content": junk},
+        {
+            "type": "m.room.encrypted",
+            "sender": ALICE,
+            "content": {
+                "algorithm": "m.olm.v1.curve25519-aes-sha2",
+                "sender_key": alice.curve25519,
+                "ciphertext": ciphertext,
+            },
+        },
+        {
+            "type": "m.room.encrypted",
+            "sender": ALICE,
+            "content": {
+                "algorithm": "m.olm.v1.curve25519-aes-sha2",
+                "sender_key": alice.curve25519,
+                "ciphertext": {bot.curve25519: {"type": message_type, "body": body}},
+            },
+        },
+    ]
+    results = bot.receive_sync(
+        to_device=events,
+        changed=junk,
+        left=junk,
+        one_time_key_counts=junk,
+        unused_fallback_key_types=junk,
+    )
+    assert len(results) == len(events)
+    assert all(r.room_key is None for r in results)
+    with pytest.raises(DecryptionError):
+        bot.decrypt_room_event(ROOM, {"sender": ALICE, "event_id": "$j", "content": junk})
+    assert isinstance(bot.mark_request_sent("unknown", junk), list)
