@@ -237,9 +237,9 @@ def decrypt_to_device(identity: Identity, sessions: OlmSessions, event: object) 
         raise DecryptionError("no ciphertext for this device")
     message_type = mine.get("type")
     body = mine.get("body")
-    if isinstance(message_type, bool) or message_type not in (PRE_KEY, NORMAL):
+    # Exactly the ints 0 and 1: 0.0 and True compare equal to them.
+    if type(message_type) is not int or message_type not in (PRE_KEY, NORMAL):
         raise DecryptionError("unknown Olm message type")
-    assert isinstance(message_type, int)
     if not isinstance(body, str) or not body:
         raise DecryptionError("ciphertext body is missing or not a string")
     if len(body) > MAX_CIPHERTEXT_CHARS:

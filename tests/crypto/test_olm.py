@@ -285,6 +285,8 @@ def _mutate(event: dict, bot: Identity, **changes: Any) -> dict:
         {"type": 2},
         {"type": "0"},
         {"type": True},
+        {"type": 0.0},
+        {"type": 1.0},
         {"type": None},
         {"body": None},
         {"body": ""},
