@@ -11,16 +11,30 @@
 It answers what the bot asks of a homeserver: whoami, the initial full-state /sync (it sends
 ``full_state=true``), the long-poll /sync (``timeout=30000``: held for `long_poll_s` virtual
 seconds, or until a batch is queued, then an empty batch with a new ``next_batch``), joined_rooms,
-room account data (the chat marker: GET and PUT), sends, receipts, /messages, join, leave and
-filter uploads. Every request is recorded in order as a `Call`: when it arrived (trio's clock),
-method, path, query, and how many log entries had been captured by then, so a test can put
-requests and log events in one order. Anything else is answered ``404 M_UNRECOGNIZED`` and listed
-in `unexpected`; ``POST /createRoom`` and room state PUTs are recognised (and refused) so that
-tests can assert the bot never provisions anything when it should only read.
+room account data (the chat marker: GET and PUT), sends, receipts, /messages, join, leave,
+joined_members and filter uploads. Every request is recorded in order as a `Call`: when it arrived
+(trio's clock), method, path, query, and how many log entries had been captured by then, so a test
+can put requests and log events in one order. Anything else is answered ``404 M_UNRECOGNIZED``
+and listed in `unexpected`; ``POST /createRoom`` and room state PUTs are recognised (and refused)
+so that tests can assert the bot never provisions anything when it should only read.
+
+End-to-end encryption, as a homeserver relays it: ``keys/upload`` keeps the device keys, one-time
+keys and fallback key of the bot (and of the peer devices a test publishes with `upload_keys`),
+``keys/query`` answers each asked user's devices, ``keys/claim`` hands out each one-time key once
+(then the fallback key), ``sendToDevice`` records what the bot sends (`to_device_sent`) and keeps
+it for the receiving device (`take_to_device`). A room made with ``encryption=`` shows its
+``m.room.encryption`` state. To-device events for the bot ride in queued batches
+(``queue_sync(..., to_device=...)``) and, as on a real server, are delivered again by every sync
+until one comes with a ``since`` at or past the batch that carried them. Each sync states the
+bot's unclaimed one-time keys (``device_one_time_keys_count``) once it has uploaded any. With
+`clock_base_ms` set, every answer's ``Date`` is ``clock_base_ms`` plus trio's clock (the
+server's clock moves with virtual time); with `repeat_answers`, a long-poll from a ``since``
+answered before gets the same answer again (a batch the bot failed to commit comes back).
 """
 
 from __future__ import annotations
 
+import email.utils
 import itertools
 import json
 from collections import deque
@@ -38,6 +52,7 @@ from bot.chats import CHAT_MARKER
 __all__ = [
     "ALICE",
     "BASE_TS",
+    "BOB",
     "BOT",
     "DEVICE",
     "HOMESERVER",
@@ -45,6 +60,7 @@ __all__ = [
     "FakeHomeserver",
     "FakeRoom",
     "Sent",
+    "ToDeviceSent",
     "notice_event",
     "text_event",
 ]
@@ -53,11 +69,13 @@ HOMESERVER = "http://hs.test"
 BOT = "@bot:hs.test"
 DEVICE = "BOTDEVICE"
 ALICE = "@alice:hs.test"
+BOB = "@bob:hs.test"
 # origin_server_ts of scripted events: after the chats in the tests were created.
 BASE_TS = 1_700_000_000_000
 LONG_POLL_TIMEOUT_MS = "30000"
 _V3 = ["", "_matrix", "client", "v3"]
 _SPACE_STATE = frozenset({"m.space.child", "m.space.parent"})
+SIGNED_CURVE25519 = "signed_curve25519"
 
 Answer = tuple[int, dict[str, Any]]
 """An HTTP status and its JSON body."""
@@ -140,6 +158,26 @@ class Sent:
         return self.content.get("body")
 
 
+@dataclass(frozen=True)
+class ToDeviceSent:
+    """One device's message of a ``sendToDevice`` request."""
+
+    sender: str
+    event_type: str
+    txn_id: str
+    user_id: str
+    device_id: str
+    content: dict[str, Any]
+    at: float
+
+
+@dataclass
+class _Batch:
+    timelines: dict[str, list[dict[str, Any]]]
+    to_device: list[dict[str, Any]]
+    changed: list[str]
+
+
 @dataclass
 class FakeRoom:
     room_id: str
@@ -151,6 +189,10 @@ class FakeRoom:
     timeline: list[dict[str, Any]] = field(default_factory=list)
     """What the initial sync's timeline carries."""
     invited_by: str | None = None
+    members: list[str] = field(default_factory=lambda: [ALICE])
+    """Joined members besides the bot (what joined_members answers)."""
+    encryption: dict[str, Any] | None = None
+    """The room's ``m.room.encryption`` content, shown in its state; None: not encrypted."""
 
 
 class FakeHomeserver:
@@ -174,8 +216,27 @@ class FakeHomeserver:
         self.device_keys: dict[str, Any] = {}
         """The bot's device keys, once it uploaded them."""
         self.one_time_keys = 0
+        """How many one-time keys the bot uploaded, in all."""
+        self.peer_device_keys: dict[str, dict[str, dict[str, Any]]] = {}
+        """Other users' device keys: user id -> device id -> signed keys."""
+        self.otk_pool: dict[tuple[str, str], dict[str, Any]] = {}
+        """Unclaimed one-time keys by (user id, device id): key id -> key."""
+        self.fallback_keys: dict[tuple[str, str], tuple[str, Any]] = {}
+        self.fallback_used: set[tuple[str, str]] = set()
+        self.claimed: list[tuple[str, str, str]] = []
+        """(user id, device id, key id) of every key handed out, in order."""
+        self.to_device_sent: list[ToDeviceSent] = []
+        """What the bot sent to devices (one entry per device), in order."""
+        self.clock_base_ms: int | None = None
+        self.repeat_answers = False
+        self._to_device_inbox: dict[tuple[str, str], list[dict[str, Any]]] = {}
+        self._to_device_txns: set[tuple[str, str]] = set()
+        # The bot's to-device events not acknowledged yet: [token number that carried
+        # it (None: not delivered yet), event].
+        self._bot_to_device: list[list[Any]] = []
+        self._answers: dict[str, dict[str, Any]] = {}
         self._logs = logs if logs is not None else []
-        self._batches: deque[dict[str, Any]] = deque()
+        self._batches: deque[_Batch] = deque()
         self._batch_queued = RepeatedEvent()
         self._changed = RepeatedEvent()
         self._tokens = itertools.count(1)
@@ -196,14 +257,17 @@ class FakeHomeserver:
         marker_in_sync: bool = True,
         timeline: Sequence[dict[str, Any]] = (),
         joined: bool = True,
+        encryption: dict[str, Any] | None = None,
     ) -> FakeRoom:
-        """A room; ``marker`` is the chat marker the bot keeps in its room account data."""
+        """A room; ``marker`` is the chat marker the bot keeps in its room account data;
+        ``encryption`` the content of its ``m.room.encryption`` state (None: not encrypted)."""
         room = FakeRoom(
             room_id,
             joined=joined,
             account_data={CHAT_MARKER: marker} if marker is not None else {},
             account_data_in_sync=marker_in_sync,
             timeline=list(timeline),
+            encryption=encryption,
         )
         self.rooms[room_id] = room
         return room
@@ -214,10 +278,106 @@ class FakeHomeserver:
         room.invited_by = inviter
         return room
 
-    def queue_sync(self, timelines: Mapping[str, Sequence[dict[str, Any]]]) -> None:
-        """The next long-poll answers at once with these events (room id -> timeline)."""
-        self._batches.append({room_id: list(events) for room_id, events in timelines.items()})
+    def queue_sync(
+        self,
+        timelines: Mapping[str, Sequence[dict[str, Any]]],
+        *,
+        to_device: Sequence[dict[str, Any]] = (),
+        changed: Sequence[str] = (),
+    ) -> None:
+        """The next long-poll answers at once with these events (room id -> timeline),
+        ``to_device`` events for the bot's device and ``device_lists.changed``."""
+        self._batches.append(
+            _Batch(
+                {room_id: list(events) for room_id, events in timelines.items()},
+                list(to_device),
+                list(changed),
+            )
+        )
         self._batch_queued.set()
+
+    def now_ms(self) -> int:
+        """The server's clock (`clock_base_ms` plus trio's clock; set `clock_base_ms` first)."""
+        assert self.clock_base_ms is not None, "the server's clock is not set"
+        return self.clock_base_ms + int(trio.current_time() * 1000)
+
+    # --- end-to-end encryption: what devices publish, claim and send -------------------------
+
+    def upload_keys(self, user_id: str, device_id: str, body: Mapping[str, Any]) -> int:
+        """``keys/upload`` from ``user_id``'s ``device_id``: the unclaimed one-time key count."""
+        device = (user_id, device_id)
+        if isinstance(body.get("device_keys"), dict):
+            if user_id == BOT:
+                self.device_keys = body["device_keys"]
+            else:
+                self.peer_device_keys.setdefault(user_id, {})[device_id] = body["device_keys"]
+        one_time_keys = body.get("one_time_keys") or {}
+        pool = self.otk_pool.setdefault(device, {})
+        for key_id, key in one_time_keys.items():
+            assert pool.get(key_id, key) == key, f"one-time key {key_id} uploaded twice"
+            pool[key_id] = key
+        for key_id, key in (body.get("fallback_keys") or {}).items():
+            self.fallback_keys[device] = (key_id, key)
+            self.fallback_used.discard(device)
+        return len(pool)
+
+    def query_keys(self, users: Mapping[str, Sequence[str]]) -> dict[str, Any]:
+        """``keys/query``: the asked users' devices (all of them for an empty list)."""
+        answer: dict[str, dict[str, Any]] = {}
+        for user_id, device_ids in users.items():
+            if user_id == BOT:
+                known = {DEVICE: self.device_keys} if self.device_keys else {}
+            else:
+                known = dict(self.peer_device_keys.get(user_id, {}))
+            answer[user_id] = {d: k for d, k in known.items() if not device_ids or d in device_ids}
+        return {"device_keys": answer, "failures": {}}
+
+    def claim_keys(self, wanted: Mapping[str, Mapping[str, str]]) -> dict[str, Any]:
+        """``keys/claim``: each one-time key once, then the device's fallback key."""
+        answer: dict[str, dict[str, Any]] = {}
+        for user_id, devices in wanted.items():
+            for device_id in devices:
+                device = (user_id, device_id)
+                pool = self.otk_pool.get(device, {})
+                if pool:
+                    key_id = sorted(pool)[0]
+                    key = pool.pop(key_id)
+                elif device in self.fallback_keys:
+                    key_id, key = self.fallback_keys[device]
+                    self.fallback_used.add(device)
+                else:
+                    continue
+                self.claimed.append((user_id, device_id, key_id))
+                answer.setdefault(user_id, {})[device_id] = {key_id: key}
+        return {"one_time_keys": answer, "failures": {}}
+
+    def send_to_device(
+        self,
+        sender: str,
+        event_type: str,
+        txn_id: str,
+        messages: Mapping[str, Mapping[str, dict[str, Any]]],
+    ) -> None:
+        """``sendToDevice``: kept for each receiving device (once per transaction id)."""
+        if (sender, txn_id) in self._to_device_txns:
+            return
+        self._to_device_txns.add((sender, txn_id))
+        for user_id, devices in messages.items():
+            for device_id, content in devices.items():
+                if sender == BOT:
+                    self.to_device_sent.append(
+                        ToDeviceSent(
+                            sender, event_type, txn_id, user_id, device_id, content,
+                            trio.current_time(),
+                        )
+                    )  # fmt: skip
+                event = {"type": event_type, "sender": sender, "content": content}
+                self._to_device_inbox.setdefault((user_id, device_id), []).append(event)
+
+    def take_to_device(self, user_id: str, device_id: str) -> list[dict[str, Any]]:
+        """The to-device events sent to a device since the last call (the bot's own
+        reach it only through `queue_sync`)."""
+        return self._to_device_inbox.pop((user_id, device_id), [])
 
     # --- what happened ----------------------------------------------------------------------
 
@@ -283,7 +443,10 @@ class FakeHomeserver:
         call.ended = trio.current_time()
         call.status = status
         self._changed.set()
-        headers = {"Date": self.date} if self.date is not None else None
+        date = self.date
+        if self.clock_base_ms is not None:
+            date = email.utils.formatdate(self.now_ms() / 1000, usegmt=True)
+        headers = {"Date": date} if date is not None else None
         return httpx.Response(status, json=body, headers=headers)
 
     def _route(self, call: Call, segments: list[str]) -> Callable[[], Awaitable[Answer]]:
@@ -297,12 +460,14 @@ class FakeHomeserver:
                 call.endpoint = "whoami"
                 return self._whoami
             case ["sync"] if method == "GET":
+                since = call.query.get("since")
                 if call.query.get("full_state") == "true":
                     call.endpoint = "initial_sync"
+                    self._acknowledge(since)
                     return self._initial_sync
                 if call.query.get("timeout") == LONG_POLL_TIMEOUT_MS:
                     call.endpoint = "long_poll"
-                    return self._long_poll
+                    return lambda: self._long_poll(since)
             case ["joined_rooms"] if method == "GET":
                 call.endpoint = "joined_rooms"
                 return self._joined_rooms
@@ -344,7 +509,16 @@ class FakeHomeserver:
                 return lambda: self._keys_upload(call.body)
             case ["keys", "query"] if method == "POST":
                 call.endpoint = "keys_query"
-                return self._keys_query
+                return lambda: self._keys_query(call.body)
+            case ["keys", "claim"] if method == "POST":
+                call.endpoint = "keys_claim"
+                return lambda: self._keys_claim(call.body)
+            case ["sendToDevice", event_type, txn_id] if method == "PUT":
+                call.endpoint, call.event_type = "send_to_device", event_type
+                return lambda: self._send_to_device(event_type, txn_id, call.body)
+            case ["rooms", room_id, "joined_members"] if method == "GET":
+                call.endpoint, call.room_id = "joined_members", room_id
+                return lambda: self._joined_members(room_id)
             case ["createRoom"] if method == "POST":
                 # Recognised so that tests can see it; the bot never needs it.
                 call.endpoint = "create_room"
@@ -358,16 +532,33 @@ class FakeHomeserver:
         return 200, {}
 
     async def _keys_upload(self, body: Any) -> Answer:
-        """The bot's device keys are kept (a query shows them); one-time keys counted."""
+        """The bot's device keys are kept (a query shows them); one-time keys too."""
+        count = 0
         if isinstance(body, dict):
-            if isinstance(body.get("device_keys"), dict):
-                self.device_keys = body["device_keys"]
             self.one_time_keys += len(body.get("one_time_keys") or {})
-        return 200, {"one_time_key_counts": {"signed_curve25519": self.one_time_keys}}
+            count = self.upload_keys(BOT, DEVICE, body)
+        return 200, {"one_time_key_counts": {SIGNED_CURVE25519: count}}
 
-    async def _keys_query(self) -> Answer:
-        devices = {BOT: {DEVICE: self.device_keys}} if self.device_keys else {}
-        return 200, {"device_keys": devices, "failures": {}}
+    async def _keys_query(self, body: Any) -> Answer:
+        users = body.get("device_keys") if isinstance(body, dict) else None
+        return 200, self.query_keys(users if isinstance(users, dict) else {BOT: []})
+
+    async def _keys_claim(self, body: Any) -> Answer:
+        wanted = body.get("one_time_keys") if isinstance(body, dict) else None
+        return 200, self.claim_keys(wanted if isinstance(wanted, dict) else {})
+
+    async def _send_to_device(self, event_type: str, txn_id: str, body: Any) -> Answer:
+        messages = body.get("messages") if isinstance(body, dict) else None
+        if not isinstance(messages, dict):
+            return 400, {"errcode": "M_BAD_JSON", "error": "messages missing"}
+        self.send_to_device(BOT, event_type, txn_id, messages)
+        return 200, {}
+
+    async def _joined_members(self, room_id: str) -> Answer:
+        room = self.rooms.get(room_id)
+        if room is None or not room.joined:
+            return 403, {"errcode": "M_FORBIDDEN", "error": "not in the room"}
+        return 200, {"joined": {u: {"display_name": None} for u in [BOT, *room.members]}}
 
     async def _whoami(self) -> Answer:
         return 200, {"user_id": BOT, "device_id": DEVICE, "is_guest": False}
@@ -400,17 +591,37 @@ class FakeHomeserver:
         }
         return 200, self._sync_body(join, invite)
 
-    async def _long_poll(self) -> Answer:
-        with trio.move_on_after(self.long_poll_s):
-            while not self._batches:
-                await self._batch_queued.wait()
+    async def _long_poll(self, since: str | None) -> Answer:
+        if self.repeat_answers and since is not None and since in self._answers:
+            return 200, self._answers[since]
+        self._acknowledge(since)
+        # To-device events given before and not acknowledged come back at once.
+        if not self._bot_to_device:
+            with trio.move_on_after(self.long_poll_s):
+                while not self._batches:
+                    await self._batch_queued.wait()
         join: dict[str, Any] = {}
+        changed: list[str] = []
         if self._batches:
+            batch = self._batches.popleft()
             join = {
-                room_id: self._joined_room(events)
-                for room_id, events in self._batches.popleft().items()
+                room_id: self._joined_room(events) for room_id, events in batch.timelines.items()
             }
-        return 200, self._sync_body(join, {})
+            self._bot_to_device.extend([None, event] for event in batch.to_device)
+            changed = batch.changed
+        body = self._sync_body(join, {}, changed=changed)
+        if self.repeat_answers and since is not None:
+            self._answers[since] = body
+        return 200, body
+
+    def _acknowledge(self, since: str | None) -> None:
+        """A sync from ``since`` acknowledges the to-device events delivered up to it."""
+        if since is None or not since.startswith("s") or not since[1:].isdigit():
+            return
+        position = int(since[1:])
+        self._bot_to_device = [
+            entry for entry in self._bot_to_device if entry[0] is None or entry[0] > position
+        ]
 
     async def _upload_filter(self) -> Answer:
         return 200, {"filter_id": f"filter{next(self._filter_ids)}"}
@@ -463,15 +674,23 @@ class FakeHomeserver:
 
     # --- response shapes (sync.yaml) ----------------------------------------------------------
 
-    def _sync_body(self, join: dict[str, Any], invite: dict[str, Any]) -> dict[str, Any]:
+    def _sync_body(
+        self, join: dict[str, Any], invite: dict[str, Any], *, changed: Sequence[str] = ()
+    ) -> dict[str, Any]:
+        token = next(self._tokens)
+        for entry in self._bot_to_device:
+            entry[0] = token  # delivered (again) with this batch
+        counts: dict[str, int] = {}
+        if self.device_keys:
+            counts[SIGNED_CURVE25519] = len(self.otk_pool.get((BOT, DEVICE), {}))
         return {
-            "next_batch": f"s{next(self._tokens)}",
+            "next_batch": f"s{token}",
             "rooms": {"join": join, "invite": invite, "leave": {}, "knock": {}},
             "account_data": {"events": []},
             "presence": {"events": []},
-            "to_device": {"events": []},
-            "device_lists": {"changed": [], "left": []},
-            "device_one_time_keys_count": {},
+            "to_device": {"events": [event for _, event in self._bot_to_device]},
+            "device_lists": {"changed": list(changed), "left": []},
+            "device_one_time_keys_count": counts,
         }
 
     @staticmethod
@@ -514,4 +733,17 @@ class FakeHomeserver:
                 "origin_server_ts": BASE_TS - 86_400_000,
                 "content": {"membership": "join"},
             },
-        ]
+        ] + (
+            [
+                {
+                    "type": "m.room.encryption",
+                    "state_key": "",
+                    "event_id": f"$encryption-{room.room_id}",
+                    "sender": ALICE,
+                    "origin_server_ts": BASE_TS - 86_400_000,
+                    "content": room.encryption,
+                }
+            ]
+            if room.encryption is not None
+            else []
+        )
