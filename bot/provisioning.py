@@ -14,6 +14,10 @@ itself is under way: the server may then have made a room the bot never heard of
 
 from __future__ import annotations
 
+import json
+from collections.abc import Mapping
+from typing import Any
+
 import msgspec
 import structlog
 
@@ -73,25 +77,28 @@ async def create_chat(
     server_name: str,
     *,
     request: EventID | None = None,
+    encryption: Mapping[str, Any] | None = None,
 ) -> Chat:
     """A new chat room for ``owner``: named, in their Space, owner invited, marked.
 
     ``request`` is the inbox event being handled: a second call for it (a re-run
     after a crash) finishes the rooms the first one made instead of making others.
+    ``encryption``: the room is created end-to-end encrypted, with this
+    ``m.room.encryption`` content.
     """
     space_id = await ensure_space(client, store, owner, request=request)
     made = await store.provisioned(request) if request is not None else Provisioned()
     room = made.room
     if room is None:
+        initial_state = [
+            StateEventSpec(
+                "m.space.parent", {"via": [server_name], "canonical": True}, state_key=space_id
+            )
+        ]
+        if encryption is not None:
+            initial_state.append(StateEventSpec("m.room.encryption", dict(encryption)))
         room_id = await client.create_room(
-            name=title,
-            preset="private_chat",
-            invite=[owner],
-            initial_state=[
-                StateEventSpec(
-                    "m.space.parent", {"via": [server_name], "canonical": True}, state_key=space_id
-                )
-            ],
+            name=title, preset="private_chat", invite=[owner], initial_state=initial_state
         )
         room = ProvisionedRoom(room_id, new_chat_id(), created_now_ms(client))
         if request is not None:
@@ -99,6 +106,11 @@ async def create_chat(
     else:
         log.info("chat_creation_resumed", owner=owner, room_id=room.room_id)
     chat = Chat(room.chat_id, room.room_id, owner, title, room.created_ts, space_id=space_id)
+    if encryption is not None:
+        # Known before the first send into it (the sync that shows it may come later).
+        await store.set_room_encryption(
+            {room.room_id: json.dumps(encryption, separators=(",", ":"))}
+        )
     await write_marker(client, chat)
     await store.apply_chats(put=[chat])
     # A new room has no history to rebuild: its first message need not read the room.

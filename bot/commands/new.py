@@ -10,6 +10,10 @@ cannot both pass the cap.
 
 from __future__ import annotations
 
+import json
+from typing import Any
+
+from ..e2ee.sending import EncryptingClient
 from ..messages import escape
 from ..provisioning import create_chat, matrix_to
 from .base import Command, CommandContext, Reply
@@ -31,6 +35,7 @@ async def run(ctx: CommandContext, args: str) -> Reply:
         title,
         ctx.settings.server_name,
         request=ctx.event_id,
+        encryption=_encryption_asked(ctx),
     )
     link = matrix_to(chat.room_id, ctx.settings.server_name)
     text = f"Created the chat “{title}”: {link} (you are invited)."
@@ -45,6 +50,17 @@ async def run(ctx: CommandContext, args: str) -> Reply:
             " kept (invited too)."
         )
     return Reply(text, html)
+
+
+def _encryption_asked(ctx: CommandContext) -> dict[str, Any] | None:
+    """A chat asked for from an encrypted room is encrypted too (with the same
+    settings), when the bot reads encrypted rooms; otherwise it is not."""
+    content = ctx.store.room_encryption(ctx.room_id)
+    reads_encrypted = isinstance(ctx.client, EncryptingClient) and ctx.client.encrypts
+    if content is None or not reads_encrypted:
+        return None
+    settings = json.loads(content)
+    return settings if isinstance(settings, dict) else None
 
 
 async def _over_the_cap(ctx: CommandContext) -> Reply | None:

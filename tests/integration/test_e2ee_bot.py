@@ -10,7 +10,9 @@ from __future__ import annotations
 from pathlib import Path
 
 import trio
+from structlog.testing import capture_logs
 
+from bot.e2ee.crypto import BotCrypto
 from bot.invites import GREETING
 from bot_harness import bot_settings, running_bot
 from js_client import JsClient, Message, open_js_client
@@ -106,3 +108,118 @@ async def test_answers_survive_a_restart_exactly_once(
                 if m.sender == bot and m.body == "while you were away"
             ]
             assert len(answers) == 1
+
+
+async def test_a_second_device_of_the_user_reads_the_next_answers(
+    synapse: SynapseServer, make_user: MakeUser, tmp_path: Path
+) -> None:
+    bot_user, alice_user = make_user("bot"), make_user("alice")
+    bot = bot_user.user_id
+    settings = bot_settings(synapse, bot_user, tmp_path / "store.sqlite3")
+    with trio.fail_after(SCENARIO_S):
+        async with running_bot(settings), open_js_client("alice") as alice:
+            await _logged_in(alice, synapse, alice_user)
+            room_id = await _greeted_dm(alice, bot)
+            await _ask(alice, room_id, bot, "from my laptop")
+            async with open_js_client("alice-phone") as phone:
+                await _logged_in(phone, synapse, alice_user)  # a new device, keys uploaded
+                answer = await _ask(alice, room_id, bot, "now on my phone too")
+                on_phone = await phone.wait_for_message(
+                    room_id, sender=bot, body_contains="now on my phone too", timeout=60
+                )
+                _assert_readable(on_phone)
+                assert on_phone.event_id == answer.event_id
+
+
+async def test_a_member_leaving_gets_no_key_to_what_follows(
+    synapse: SynapseServer, make_user: MakeUser, tmp_path: Path
+) -> None:
+    bot_user, alice_user, bob_user = make_user("bot"), make_user("alice"), make_user("bob")
+    bot = bot_user.user_id
+    settings = bot_settings(synapse, bot_user, tmp_path / "store.sqlite3")
+    with trio.fail_after(SCENARIO_S):
+        async with (
+            running_bot(settings) as runtime,
+            open_js_client("alice") as alice,
+            open_js_client("bob") as bob,
+        ):
+            await _logged_in(alice, synapse, alice_user)
+            await _logged_in(bob, synapse, bob_user)
+            room_id = await alice.create_room(
+                encrypted=True, name="team", invite=[bob_user.user_id]
+            )
+            await bob.join(room_id)
+            await alice.invite(room_id, bot)
+            greeting = await alice.wait_for_message(room_id, sender=bot, timeout=60)
+            _assert_readable(greeting)
+            before = await _ask(alice, room_id, bot, "all three of us")
+            seen_by_bob = await bob.wait_for_message(
+                room_id, sender=bot, body_contains="all three of us", timeout=60
+            )
+            _assert_readable(seen_by_bob)
+            crypto = runtime._crypto
+            assert crypto is not None
+            session_before = _outbound_session(crypto, room_id)
+
+            await bob.leave(room_id)
+            after = await _ask(alice, room_id, bot, "just us now")
+            assert after.event_id != before.event_id
+            # A new room key, which Bob's device was never given.
+            assert _outbound_session(crypto, room_id) != session_before
+
+
+def _outbound_session(crypto: BotCrypto, room_id: str) -> str:
+    info = crypto.machine._groups.outbound(room_id)
+    assert info is not None
+    return info.session_id
+
+
+async def test_new_from_an_encrypted_chat_makes_an_encrypted_chat(
+    synapse: SynapseServer, make_user: MakeUser, tmp_path: Path
+) -> None:
+    bot_user, alice_user = make_user("bot"), make_user("alice")
+    bot = bot_user.user_id
+    settings = bot_settings(synapse, bot_user, tmp_path / "store.sqlite3")
+    with trio.fail_after(SCENARIO_S):
+        async with running_bot(settings), open_js_client("alice") as alice:
+            await _logged_in(alice, synapse, alice_user)
+            room_id = await _greeted_dm(alice, bot)
+            made = await _ask(alice, room_id, bot, "!new Secrets")
+            assert made.body is not None
+            new_room = made.body.split("https://matrix.to/#/")[1].split("?")[0]
+            await alice.join(new_room)
+            assert await alice.room_encrypted(new_room)
+            answer = await _ask(alice, new_room, bot, "in the new one")
+            assert answer.body == "in the new one"
+
+
+async def test_a_lost_store_comes_back_as_a_new_device_and_keeps_answering(
+    synapse: SynapseServer, make_user: MakeUser, tmp_path: Path
+) -> None:
+    bot_user, alice_user = make_user("bot"), make_user("alice")
+    bot = bot_user.user_id
+    store = tmp_path / "store.sqlite3"
+    settings = bot_settings(synapse, bot_user, store, password=bot_user.password)
+    with trio.fail_after(SCENARIO_S):
+        async with open_js_client("alice") as alice:
+            await _logged_in(alice, synapse, alice_user)
+            async with running_bot(settings):
+                room_id = await _greeted_dm(alice, bot)
+                await _ask(alice, room_id, bot, "before the loss")
+            for lost in tmp_path.iterdir():
+                lost.unlink()
+            with capture_logs() as logs:
+                async with running_bot(settings) as runtime:
+                    answer = await _ask(alice, room_id, bot, "after the loss")
+                    assert answer.body == "after the loss"
+                    crypto = runtime._crypto
+                    assert crypto is not None
+                    new_device = crypto.machine.device_id
+            assert new_device != bot_user.device_id
+            [warning] = [e for e in logs if e["event"] == "e2ee_new_device"]
+            assert warning["device_id"] == new_device
+            # Both devices are on the server, each with its own keys: the old one's
+            # were never replaced.
+            devices = {d.device_id: d for d in await alice.devices(bot)}
+            assert {bot_user.device_id, new_device} <= set(devices)
+            assert devices[bot_user.device_id].ed25519 != devices[new_device].ed25519
