@@ -52,7 +52,8 @@ __all__ = ["BotCrypto", "DeviceConflict", "SyncCrypto"]
 
 log = structlog.get_logger("bot.e2ee")
 
-_OWN = "own"  # the crypto table's kind for what this module keeps of its own
+_OWN = "own"
+_SHARE_ROUNDS = 10  # the crypto table's kind for what this module keeps of its own
 
 
 class DeviceConflict(Exception):
@@ -232,7 +233,11 @@ class BotCrypto:
     async def ensure_devices(self, users: Sequence[str]) -> None:
         """Know the current devices of ``users`` (a sender, before their message is
         checked against them): tracked from now on, queried when unknown or outdated."""
-        self._machine.update_tracked_users(users)
+        machine = self._machine
+        tracked, outdated = machine.tracked_users(), machine.outdated_users()
+        if all(user in tracked and user not in outdated for user in users):
+            return  # known and current: no lock, no request
+        machine.update_tracked_users(users)
         await self.send_outgoing()
 
     async def encrypt(
@@ -248,11 +253,14 @@ class BotCrypto:
                 self._members[room_id] = users
             self._machine.update_tracked_users(users)
             await self._send_all(self._machine.outgoing_requests())
-            for _ in range(3):  # claim, then share: at most two rounds of requests
+            # Query, claim, share: a few rounds, each answered before the next is asked.
+            for _ in range(_SHARE_ROUNDS):
                 requests = self._machine.share_room_key(room_id, users, settings)
                 if not requests:
                     break
                 await self._send_all(requests)
+            else:
+                raise CryptoError(f"the room key of {room_id} could not be shared")
             encrypted = self._machine.encrypt_room_event(room_id, event_type, content)
             # The outbound session's index has moved: stored before the event leaves.
             await self._write()

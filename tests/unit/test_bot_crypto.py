@@ -1,0 +1,119 @@
+"""bot.e2ee.crypto: the device identity in the store, and the rule that nothing is sent
+before the state it depends on is written (a failed write loses nothing)."""
+
+from __future__ import annotations
+
+from collections.abc import AsyncIterator, Mapping
+from pathlib import Path
+from typing import Any, cast
+
+import pytest
+
+from bot.e2ee.crypto import BotCrypto, DeviceConflict
+from bot.store import Store, StoreUnavailable
+from matrix_api import MatrixClient
+from matrix_api.models import KeysQueryResponse, UserID
+from matrix_crypto.errors import CryptoError
+
+BOT = "@bot:example.org"
+DEVICE = "BOTDEVICE"
+KEY = bytes(range(32))
+
+
+class _Server:
+    """The keys endpoints, as far as the bot's identity needs them."""
+
+    def __init__(self) -> None:
+        self.user_id = BOT
+        self.device_keys: dict[str, Any] = {}
+        self.one_time_keys: dict[str, Any] = {}
+        self.uploads: list[dict[str, Any]] = []
+
+    async def query_keys(self, users: Mapping[str, Any], **_: Any) -> KeysQueryResponse:
+        devices = {DEVICE: self.device_keys} if self.device_keys else {}
+        return KeysQueryResponse(device_keys={UserID(BOT): devices})
+
+    async def upload_keys(self, **parts: Any) -> dict[str, int]:
+        self.uploads.append(parts)
+        if parts.get("device_keys") is not None:
+            self.device_keys = parts["device_keys"]
+        self.one_time_keys.update(parts.get("one_time_keys") or {})
+        return {"signed_curve25519": len(self.one_time_keys)}
+
+
+@pytest.fixture
+async def store(tmp_path: Path) -> AsyncIterator[Store]:
+    opened = await Store.open(tmp_path / "bot.sqlite3", BOT)
+    yield opened
+    await opened.aclose()
+
+
+async def _open(server: _Server, store: Store, key: bytes = KEY) -> BotCrypto:
+    return await BotCrypto.open(
+        cast("MatrixClient", server), store, device_id=DEVICE, pickle_key=key
+    )
+
+
+async def test_a_new_device_is_stored_before_its_keys_go_up_and_restored_after(
+    store: Store, tmp_path: Path
+) -> None:
+    server = _Server()
+    crypto = await _open(server, store)
+    assert await store.crypto_rows()  # the identity, before anything was uploaded
+    assert server.uploads == []
+
+    await crypto.send_outgoing()
+    [upload] = server.uploads
+    assert upload["device_keys"]["device_id"] == DEVICE
+    assert upload["one_time_keys"]
+
+    again = await _open(server, store)
+    assert again.machine.ed25519 == crypto.machine.ed25519
+    await again.send_outgoing()
+    assert len(server.uploads) == 1  # never a second upload for the same device
+
+
+async def test_a_device_the_server_has_keys_for_but_the_store_does_not_is_a_conflict(
+    store: Store,
+) -> None:
+    server = _Server()
+    server.device_keys = {"device_id": DEVICE, "keys": {}}
+    with pytest.raises(DeviceConflict, match=DEVICE):
+        await _open(server, store)
+    assert server.uploads == []
+
+
+async def test_a_wrong_pickle_key_is_refused_not_replaced(store: Store) -> None:
+    server = _Server()
+    await (await _open(server, store)).send_outgoing()
+
+    with pytest.raises(CryptoError):
+        await _open(server, store, key=b"x" * 32)
+    assert len(server.uploads) == 1
+
+
+async def test_rows_a_failed_write_did_not_store_go_with_the_next_write(
+    store: Store, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    server = _Server()
+    crypto = await _open(server, store)
+    real = Store.apply_crypto
+
+    async def unavailable(self: Store, rows: Any) -> None:
+        raise StoreUnavailable("disk full")
+
+    monkeypatch.setattr(Store, "apply_crypto", unavailable)
+    with pytest.raises(StoreUnavailable):
+        await crypto.send_outgoing()
+    # Nothing left the bot whose state was not stored.
+    assert server.uploads == []
+
+    monkeypatch.setattr(Store, "apply_crypto", real)
+    await crypto.send_outgoing()
+    [upload] = server.uploads
+    restored = await _open(server, store)
+    # The one-time keys that went up are the stored ones: marked published after a
+    # restart, so a restored machine uploads nothing again.
+    await restored.send_outgoing()
+    assert len(server.uploads) == 1
+    assert upload["one_time_keys"]
