@@ -12,9 +12,11 @@ from pathlib import Path
 import trio
 from structlog.testing import capture_logs
 
+from bot.backends.model import ModelSettings
 from bot.e2ee.crypto import BotCrypto
 from bot.invites import GREETING
 from bot_harness import bot_settings, running_bot
+from fake_openai import API_KEY, FakeOpenAI
 from js_client import JsClient, Message, open_js_client
 from matrix_api.testing.synapse import RegisteredUser, SynapseServer
 from matrix_helpers import MakeUser
@@ -223,3 +225,46 @@ async def test_a_lost_store_comes_back_as_a_new_device_and_keeps_answering(
             devices = {d.device_id: d for d in await alice.devices(bot)}
             assert {bot_user.device_id, new_device} <= set(devices)
             assert devices[bot_user.device_id].ed25519 != devices[new_device].ed25519
+
+
+async def test_a_streamed_answer_grows_by_encrypted_edits(
+    synapse: SynapseServer, make_user: MakeUser, tmp_path: Path
+) -> None:
+    bot_user, alice_user = make_user("bot"), make_user("alice")
+    bot = bot_user.user_id
+    server = FakeOpenAI(api_key=API_KEY, models=frozenset({"test-model"}))
+    server.token_delay = 0.03
+    question = "tell me a long story about encrypted mountains and their weather"
+    with trio.fail_after(SCENARIO_S):
+        async with trio.open_nursery() as nursery:
+            await nursery.start(server.serve)
+            model = ModelSettings(
+                base_url=server.base_url,
+                model="test-model",
+                api_key=API_KEY,
+                stream=True,
+                edit_interval_s=0.3,
+            )
+            settings = bot_settings(
+                synapse, bot_user, tmp_path / "store.sqlite3", backend="model", model=model
+            )
+            async with running_bot(settings), open_js_client("alice") as alice:
+                await _logged_in(alice, synapse, alice_user)
+                room_id = await _greeted_dm(alice, bot)
+                reply = await _ask(alice, room_id, bot, question)
+                final = await alice.wait_for_message(
+                    room_id, sender=bot, body_contains=f"Echo: {question}", timeout=60
+                )
+                edits = [
+                    m
+                    for m in await alice.messages(room_id)
+                    if (m.wire_relates_to or {}).get("rel_type") == "m.replace"
+                    and (m.wire_relates_to or {}).get("event_id") == reply.event_id
+                ]
+                assert edits, "the answer should grow by edits"
+                for edit in edits:
+                    assert edit.encrypted
+                    assert not edit.decryption_failure, edit.decryption_failure_reason
+                assert edits[-1].content["m.new_content"]["body"] == f"Echo: {question}"
+                assert final.sender == bot
+            nursery.cancel_scope.cancel()
