@@ -127,6 +127,8 @@ class Call:
     ended: float | None = None
     """trio's clock when the answer left; None while pending (or if the client gave up)."""
     status: int | None = None
+    answer: Any = None
+    """The JSON body of the answer, once it left."""
 
     def after_log(self, index: int) -> bool:
         """Whether this request arrived after log entry number ``index`` was written."""
@@ -441,7 +443,7 @@ class FakeHomeserver:
         if delay:
             await trio.sleep(delay)
         call.ended = trio.current_time()
-        call.status = status
+        call.status, call.answer = status, body
         self._changed.set()
         date = self.date
         if self.clock_base_ms is not None:
