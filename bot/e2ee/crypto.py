@@ -25,6 +25,7 @@ for one device. Encrypting itself takes no lock and no I/O.
 from __future__ import annotations
 
 import json
+import time
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 from typing import Any
@@ -53,7 +54,8 @@ __all__ = ["BotCrypto", "DeviceConflict", "SyncCrypto"]
 log = structlog.get_logger("bot.e2ee")
 
 _OWN = "own"
-_SHARE_ROUNDS = 10  # the crypto table's kind for what this module keeps of its own
+_SHARE_ROUNDS = 10
+_CLOCK_SLACK_MS = 1_000  # the crypto table's kind for what this module keeps of its own
 
 
 class DeviceConflict(Exception):
@@ -71,7 +73,9 @@ class SyncCrypto:
 class BotCrypto:
     """One device's crypto, for the runtime's lifetime; make it with `open`."""
 
-    def __init__(self, client: MatrixClient, store: Store, machine: OlmMachine) -> None:
+    def __init__(
+        self, client: MatrixClient, store: Store, machine: OlmMachine, *, published_ms: int = 0
+    ) -> None:
         self._client = client
         self._store = store
         self._machine = machine
@@ -81,6 +85,9 @@ class BotCrypto:
         # Joined members of encrypted rooms the bot sent to, until a membership event
         # in the room's timeline says they changed (one request per room, not per send).
         self._members: dict[RoomID, list[str]] = {}
+        self.published_ms = published_ms
+        """When this device's keys went up, on the server's clock (0: not yet). No client
+        could send a room key to it for a message older than that."""
         self.room_keys_arrived = RepeatedEvent()
         """Set each time a batch brought room keys: decryptions waiting may retry."""
 
@@ -97,14 +104,21 @@ class BotCrypto:
         user_id = client.user_id
         assert user_id is not None, "authenticate first"
         rows = await store.crypto_rows()
-        stored_device = next((v for k, key, v in rows if (k, key) == (_OWN, "device_id")), None)
+        own = {key: value for kind, key, value in rows if kind == _OWN}
+        stored_device = own.get("device_id")
         machine_rows = [row for row in rows if row[0] != _OWN]
         if stored_device == device_id and machine_rows:
             machine = OlmMachine.restore(
                 user_id, device_id, CryptoState.from_rows(machine_rows), pickle_key
             )
             log.info("e2ee_restored", device_id=device_id, ed25519=machine.ed25519)
-            return cls(client, store, machine)
+            published = own.get("published_ms", "0")
+            return cls(
+                client,
+                store,
+                machine,
+                published_ms=int(published) if published.isdigit() else 0,
+            )
         if stored_device is not None and stored_device != device_id:
             # A new device for the same store (re-login): the old identity is no use.
             log.warning("e2ee_device_changed", old_device_id=stored_device, device_id=device_id)
@@ -135,6 +149,13 @@ class BotCrypto:
         if not changes.empty:
             self._unwritten.extend(changes.rows())
         return list(self._unwritten)
+
+    def _published(self) -> None:
+        # The server's clock as the bot knows it (its Date headers: whole seconds, so
+        # up to a second behind), plus that second: never before the upload.
+        now_ms = self._client.server_time_ms() or int(time.time() * 1000)
+        self.published_ms = now_ms + _CLOCK_SLACK_MS
+        self._unwritten.append((_OWN, "published_ms", str(self.published_ms)))
 
     def _written(self, rows: Sequence[CryptoRow]) -> None:
         del self._unwritten[: len(rows)]
@@ -204,6 +225,8 @@ class BotCrypto:
             # What the request carries (new one-time keys) is stored before it leaves.
             await self._write()
             response = await self._send(request)
+            if isinstance(request, KeysUploadRequest) and request.device_keys is not None:
+                self._published()
             for warning in self._machine.mark_request_sent(request.request_id, response):
                 log.warning("e2ee_answer_refused", kind=request.kind, detail=warning)
             await self._write()

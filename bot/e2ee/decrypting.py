@@ -4,7 +4,8 @@ The inbox keeps the ciphertext (the store holds no plaintext the bot did not nee
 to keep); each attempt decrypts again, which the replay protection allows for the
 same event id. A message whose room key has not arrived waits in its lane, without
 polling, until a sync batch brings room keys, for at most `KEY_WAIT_MS` after it was
-sent (on the server's clock, so a restart does not start the wait over).
+sent (on the server's clock, so a restart does not start the wait over); a message
+sent before the bot's device had keys (after a lost store) does not wait at all.
 """
 
 from __future__ import annotations
@@ -51,6 +52,8 @@ async def decrypted_event(crypto: BotCrypto, client: MatrixClient, item: InboxIt
             await crypto.ensure_devices([event.sender])
             continue
         except MissingRoomKey:
+            if event.origin_server_ts < crypto.published_ms:
+                raise  # sent before this device had keys: its key was never sent to it
             now_ms = client.server_time_ms() or int(time.time() * 1000)
             # A timestamp from the future (forged, or a skewed clock) waits no longer.
             left_ms = min(event.origin_server_ts + KEY_WAIT_MS - now_ms, KEY_WAIT_MS)

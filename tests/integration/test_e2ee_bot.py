@@ -14,6 +14,7 @@ from structlog.testing import capture_logs
 
 from bot.backends.model import ModelSettings
 from bot.e2ee.crypto import BotCrypto
+from bot.handler import UNDECRYPTABLE_NO_KEY_NOTICE
 from bot.invites import GREETING
 from bot_harness import bot_settings, running_bot
 from fake_openai import API_KEY, FakeOpenAI
@@ -210,8 +211,16 @@ async def test_a_lost_store_comes_back_as_a_new_device_and_keeps_answering(
                 await _ask(alice, room_id, bot, "before the loss")
             for lost in tmp_path.iterdir():
                 lost.unlink()
+            # Written before the new device exists: encrypted for the old one only.
+            in_the_gap = await alice.send_text(room_id, "in the gap")
             with capture_logs() as logs:
                 async with running_bot(settings) as runtime:
+                    told = await alice.wait_for_message(
+                        room_id, sender=bot, body_contains="could not decrypt", timeout=60
+                    )
+                    _assert_readable(told)
+                    assert told.body == UNDECRYPTABLE_NO_KEY_NOTICE
+                    assert (told.wire_relates_to or {})["m.in_reply_to"]["event_id"] == in_the_gap
                     answer = await _ask(alice, room_id, bot, "after the loss")
                     assert answer.body == "after the loss"
                     crypto = runtime._crypto
