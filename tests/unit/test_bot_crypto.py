@@ -28,6 +28,10 @@ class _Server:
         self.device_keys: dict[str, Any] = {}
         self.one_time_keys: dict[str, Any] = {}
         self.uploads: list[dict[str, Any]] = []
+        self.clock_ms: int | None = 1_800_000_000_000
+
+    def server_time_ms(self) -> int | None:
+        return self.clock_ms
 
     async def query_keys(self, users: Mapping[str, Any], **_: Any) -> KeysQueryResponse:
         devices = {DEVICE: self.device_keys} if self.device_keys else {}
@@ -67,8 +71,12 @@ async def test_a_new_device_is_stored_before_its_keys_go_up_and_restored_after(
     assert upload["device_keys"]["device_id"] == DEVICE
     assert upload["one_time_keys"]
 
+    # When the keys went up is kept (a second of slack for the server clock's estimate).
+    assert crypto.published_ms == 1_800_000_001_000
+    server.clock_ms = 1_900_000_000_000
     again = await _open(server, store)
     assert again.machine.ed25519 == crypto.machine.ed25519
+    assert again.published_ms == 1_800_000_001_000
     await again.send_outgoing()
     assert len(server.uploads) == 1  # never a second upload for the same device
 
