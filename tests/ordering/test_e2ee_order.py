@@ -48,6 +48,7 @@ ENCRYPTION = {"algorithm": MEGOLM}
 SECRET = "plaintext-nobody-may-log"
 # How long a message waits for its room key (issue 19: "up to a bound, e.g. 10 minutes").
 KEY_WAIT_S = 600.0
+SETTLE_S = 10.0
 
 
 async def chats(hs: FakeHomeserver, settings: Settings, *, plain: tuple[str, ...] = ()) -> None:
@@ -95,10 +96,9 @@ async def running_bot(settings: Settings, hs: FakeHomeserver) -> AsyncIterator[R
     ):
         await nursery.start(runtime.run)
         assert runtime._crypto is not None, "end-to-end encryption is not up"
-        # The server's clock as the bot reads it runs on with real time too (a few ms
-        # while virtual time stands still): a message sent in the very instant the bot's
-        # device was made would look older than the device.
-        await trio.sleep(1)
+        # The users' messages come some time after the bot's device published its keys
+        # (a message from before that is never waited for: no key was sent for it).
+        await trio.sleep(SETTLE_S)
         bot = RunningBot(runtime, store)
         yield bot
         await bot.stop()
@@ -481,7 +481,7 @@ async def test_a_room_key_batch_the_bot_died_before_committing_is_taken_after_th
                 died.set()
 
         await tasks.start(run_until_killed)
-        await trio.sleep(1)  # see `running_bot`
+        await trio.sleep(SETTLE_S)  # see `running_bot`
         key = alice.room_key_for_bot(ROOM)
         message = alice.message(ROOM, "$m", "once", ts=hs.now_ms())
         hs.queue_sync({ROOM: [message]}, to_device=key)
