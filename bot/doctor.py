@@ -19,10 +19,14 @@ from urllib.parse import urlsplit
 import trio
 
 from matrix_api import MatrixAPIError, MatrixClient
+from matrix_api.models import UserID
+from matrix_crypto.errors import CryptoError
 
 from . import __version__
 from .backend_settings.reading import without_userinfo
 from .config import Settings
+from .e2ee.crypto import stored_crypto
+from .e2ee.pickle_key import PickleKeyError, existing_pickle_key
 from .intake import full_state_sync
 from .reconcile import reconcile_matrix_state
 from .reset import store_files
@@ -100,6 +104,7 @@ async def run_doctor(settings: Settings, say: Callable[[str], None]) -> int:
                     bad(f"credentials: {exc}")
                     return problems
                 ok(f"credentials: valid for {settings.user_id} (device {device})")
+                await _check_encryption(client, store, settings, device, ok, bad)
                 try:
                     sync = await full_state_sync(client, settings.user_id)
                     report = await reconcile_matrix_state(client, store, sync)
@@ -125,6 +130,56 @@ async def run_doctor(settings: Settings, say: Callable[[str], None]) -> int:
             finally:
                 await store.aclose()
     return 1 if problems else 0
+
+
+async def _check_encryption(
+    client: MatrixClient,
+    store: Store,
+    settings: Settings,
+    device: str | None,
+    ok: Callable[[str], None],
+    bad: Callable[[str], None],
+) -> None:
+    """One line on end-to-end encryption: the device the next start will use, and
+    whether its keys are in the store and on the server."""
+    if not settings.e2ee:
+        ok("encryption: off (BOT_E2EE): encrypted rooms are offered an unencrypted chat")
+        return
+    rooms = await store.counts()
+    try:
+        key = existing_pickle_key(settings.pickle_key, Path(settings.store_path))
+        stored_device, machine = (None, None)
+        if key is not None:
+            stored_device, machine = await stored_crypto(store, settings.user_id, key)
+    except (PickleKeyError, CryptoError) as exc:
+        bad(f"encryption: the stored crypto state does not open: {exc}")
+        return
+    if machine is not None and stored_device == device:
+        published = "published" if machine.keys_uploaded else "not published yet"
+        ok(
+            f"encryption: device {device}, keys {published} (ed25519 {machine.ed25519}), "
+            f"{rooms['encrypted_rooms']} encrypted rooms known"
+        )
+        return
+    try:
+        answer = await client.query_keys({settings.user_id: [device]} if device else {})
+    except MatrixAPIError as exc:
+        bad(f"encryption: could not ask the server about the device's keys: {exc}")
+        return
+    has_keys = bool(answer.device_keys.get(UserID(settings.user_id), {}).get(device or ""))
+    if not has_keys:
+        ok(f"encryption: no keys yet for device {device}: the next start makes and publishes them")
+    elif settings.password is not None:
+        ok(
+            f"encryption: the server has keys for device {device} that this store does not "
+            "hold: the next start logs in as a new device"
+        )
+    else:
+        bad(
+            f"encryption: the server has keys for device {device} that this store does not "
+            "hold, and no MATRIX_PASSWORD to log in as a new device: encrypted rooms will "
+            "get the unencrypted fallback"
+        )
 
 
 def snapshot_store(store_path: Path, copy: Path) -> None:

@@ -972,14 +972,21 @@ class Store:
         return await self._run(read)
 
     async def counts(self) -> dict[str, int]:
-        """How many chats, Spaces, pending and handled events the store holds (for
-        diagnostics and tests)."""
+        """How many chats, Spaces, encrypted rooms, pending and handled events the
+        store holds (for diagnostics and tests)."""
 
         def read() -> dict[str, int]:
-            ((chats, spaces, inbox, handled),) = self._db.execute(
+            ((chats, spaces, encrypted, inbox, handled),) = self._db.execute(
                 "SELECT (SELECT count(*) FROM chats), (SELECT count(*) FROM spaces),"
+                " (SELECT count(*) FROM encrypted_rooms),"
                 " count(*) - count(outcome), count(outcome) FROM events"
             ).fetchall()
-            return {"chats": chats, "inbox": inbox, "handled": handled, "spaces": spaces}
+            return {
+                "chats": chats,
+                "inbox": inbox,
+                "handled": handled,
+                "spaces": spaces,
+                "encrypted_rooms": encrypted,
+            }
 
         return await self._run(read)

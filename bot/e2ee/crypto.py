@@ -49,7 +49,7 @@ from matrix_crypto.state import CryptoState
 
 from ..store import CryptoRow, Store
 
-__all__ = ["BotCrypto", "DeviceConflict", "SyncCrypto"]
+__all__ = ["BotCrypto", "DeviceConflict", "SyncCrypto", "stored_crypto"]
 
 log = structlog.get_logger("bot.e2ee")
 
@@ -292,3 +292,18 @@ class BotCrypto:
 
 def _to_device_dict(event: Any) -> dict[str, Any]:
     return {"type": event.type, "sender": event.sender, "content": event.content}
+
+
+async def stored_crypto(
+    store: Store, user_id: str, pickle_key: bytes
+) -> tuple[str | None, OlmMachine | None]:
+    """The device id the store keeps crypto state for, and that state opened with
+    ``pickle_key`` (None: none kept). Raises `CryptoError` when it does not open."""
+    rows = await store.crypto_rows()
+    own = {key: value for kind, key, value in rows if kind == _OWN}
+    device_id = own.get("device_id")
+    machine_rows = [row for row in rows if row[0] != _OWN]
+    if device_id is None or not machine_rows:
+        return device_id, None
+    state = CryptoState.from_rows(machine_rows)
+    return device_id, OlmMachine.restore(user_id, device_id, state, pickle_key)

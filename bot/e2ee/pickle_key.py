@@ -13,7 +13,7 @@ import os
 import secrets
 from pathlib import Path
 
-__all__ = ["PickleKeyError", "key_file_for", "load_pickle_key"]
+__all__ = ["PickleKeyError", "existing_pickle_key", "key_file_for", "load_pickle_key"]
 
 KEY_BYTES = 32
 
@@ -53,6 +53,15 @@ def load_pickle_key(configured: bytes | None, store_path: Path) -> bytes:
     finally:
         temporary.unlink(missing_ok=True)
     return key
+
+
+def existing_pickle_key(configured: bytes | None, store_path: Path) -> bytes | None:
+    """The configured key, else the key file's; None when there is none yet (never
+    creates one: for the maintenance commands)."""
+    if configured is not None:
+        return configured
+    path = key_file_for(store_path)
+    return _read(path) if path.exists() else None
 
 
 def _read(path: Path) -> bytes:

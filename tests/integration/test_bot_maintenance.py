@@ -108,6 +108,8 @@ async def test_doctor_reports_healthy_and_broken_setups(
     assert healthy.returncode == 0, healthy.stdout + healthy.stderr
     assert "FAIL" not in healthy.stdout
     assert "known 1" in healthy.stdout  # the one chat, as the store has it
+    # The device the bot made its keys for, as the store and the server have it.
+    assert re.search(r"ok\s+encryption: device \S+, keys published", healthy.stdout)
     assert store.read_bytes() == before, "doctor must not change the store"
 
     bad_token = await trio.to_thread.run_sync(

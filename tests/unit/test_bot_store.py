@@ -85,7 +85,13 @@ async def test_a_new_store_is_created_and_migrated(path: Path) -> None:
     store = await Store.open(path, BOT)
     assert store.sync_token is None
     assert store.chats() == []
-    assert await store.counts() == {"chats": 0, "inbox": 0, "handled": 0, "spaces": 0}
+    assert await store.counts() == {
+        "chats": 0,
+        "inbox": 0,
+        "handled": 0,
+        "spaces": 0,
+        "encrypted_rooms": 0,
+    }
     assert await store.get_meta("user_id") == BOT
     await store.aclose()
 
@@ -315,7 +321,13 @@ async def test_finish_takes_the_item_out_and_records_the_outcome(store: Store) -
     assert await store.handled_outcome("$a") == "replied"
     assert await store.handled_outcome("$b") == "ignored"
     assert await store.handled_outcome("$never") is None
-    assert await store.counts() == {"chats": 0, "inbox": 0, "handled": 2, "spaces": 0}
+    assert await store.counts() == {
+        "chats": 0,
+        "inbox": 0,
+        "handled": 2,
+        "spaces": 0,
+        "encrypted_rooms": 0,
+    }
 
 
 async def test_finish_records_the_reply_event_id(path: Path) -> None:
@@ -376,7 +388,13 @@ async def test_reopening_keeps_token_chats_inbox_and_handled(path: Path) -> None
         assert reopened.chat_for_room(OTHER_ROOM) == chat("c2", OTHER_ROOM, "second")
         assert await reopened.pending() == [waiting]
         assert await reopened.handled_outcome("$done") == "replied"
-        assert await reopened.counts() == {"chats": 2, "inbox": 1, "handled": 1, "spaces": 0}
+        assert await reopened.counts() == {
+            "chats": 2,
+            "inbox": 1,
+            "handled": 1,
+            "spaces": 0,
+            "encrypted_rooms": 0,
+        }
     finally:
         await reopened.aclose()
 
