@@ -108,6 +108,13 @@ def replies(hs: FakeHomeserver, room_id: str, event_id: str) -> list[Sent]:
     return [sent for sent in hs.sent_in(room_id) if sent.reply_to == event_id]
 
 
+def only_reply(hs: FakeHomeserver, room_id: str, event_id: str) -> Sent:
+    """The one reply to ``event_id``; fails naming how many there were."""
+    found = replies(hs, room_id, event_id)
+    assert len(found) == 1, f"{len(found)} replies to {event_id}, not one"
+    return found[0]
+
+
 def count_decryptions(bot: RunningBot) -> list[str]:
     """Every `decrypt_room_event` call of the bot's machine, by event id, from now on."""
     crypto = bot.runtime._crypto
@@ -167,7 +174,7 @@ async def test_a_message_whose_key_comes_late_is_answered_when_it_arrives_and_no
         with trio.move_on_after(60):
             await until_handled(bot.store, "$late")
 
-    (reply,) = replies(hs, ROOM, "$late")
+    reply = only_reply(hs, ROOM, "$late")
     assert reply.at >= key_at, f"answered at {reply.at}, before the key came at {key_at}"
     assert reply.at - key_at < 5, f"answered {reply.at - key_at:.0f} s after its key came"
     plain = alice.read(reply)
@@ -214,13 +221,13 @@ async def test_a_key_that_never_comes_gets_one_notice_after_ten_minutes_then_the
         hs.queue_sync({}, to_device=withheld)
         await trio.sleep(60)
 
-    (notice,) = replies(hs, ROOM, "$lost")
+    notice = only_reply(hs, ROOM, "$lost")
     waited = notice.at - sent_at
     assert waited >= KEY_WAIT_S - 1, f"gave up on the key after {waited:.0f} s"
     assert waited < KEY_WAIT_S + 2 * hs.long_poll_s + 5, f"told the user only after {waited:.0f} s"
     assert alice.read(notice).content["body"] == UNDECRYPTABLE_NO_KEY_NOTICE
     assert reason == "room key missing"
-    (answer,) = replies(hs, ROOM, "$later")
+    answer = only_reply(hs, ROOM, "$later")
     assert answer.at >= notice.at, "the later message overtook the one waiting for its key"
     assert alice.read(answer).content["body"] == "sent again"
     lines = [e for e in logs if e["event"] == "event_undecryptable"]
@@ -249,7 +256,7 @@ async def test_a_restart_does_not_start_the_wait_for_a_key_over(
             await until_handled(bot.store, "$lost")
         reason = await recorded_reason(bot.store, "$lost")
 
-    (notice,) = replies(hs, ROOM, "$lost")
+    notice = only_reply(hs, ROOM, "$lost")
     waited = notice.at - sent_at
     assert KEY_WAIT_S - 1 <= waited < KEY_WAIT_S + 2 * hs.long_poll_s + 10, (
         f"told the user {waited:.0f} s after the message was sent"
@@ -288,8 +295,8 @@ async def test_a_message_waiting_for_its_key_holds_up_no_other_room(
         with trio.move_on_after(30):
             await until_handled(bot.store, "$waits")
 
-    (plain,) = replies(hs, PLAIN, "$plain")
-    (other,) = replies(hs, OTHER, "$other")
+    plain = only_reply(hs, PLAIN, "$plain")
+    other = only_reply(hs, OTHER, "$other")
     for name, reply in (("unencrypted", plain), ("encrypted", other)):
         assert reply.at - queued_at < 5, (
             f"the {name} room's message was answered {reply.at - queued_at:.0f} s late"
@@ -297,7 +304,7 @@ async def test_a_message_waiting_for_its_key_holds_up_no_other_room(
     assert plain.event_type == "m.room.message"
     assert plain.body == "in the clear"
     assert alice.read(other).content["body"] == "with its key"
-    (waited,) = replies(hs, ROOM, "$waits")
+    waited = only_reply(hs, ROOM, "$waits")
     assert hs.sent.index(waited) > hs.sent.index(other), "answered before its key came"
     assert alice.read(waited).content["body"] == "for its key"
 
@@ -389,7 +396,7 @@ async def test_a_hostile_encrypted_event_gets_its_notice_and_never_an_echo(
     assert outcome == "notified", f"the hostile event's outcome: {outcome}"
     assert recorded is not None
     assert reason in recorded, recorded
-    (told,) = replies(hs, ROOM, "$hostile")
+    told = only_reply(hs, ROOM, "$hostile")
     assert alice.read(told).content["body"] == notice
     bodies = [alice.read(sent).content.get("body") for sent in hs.sent_in(ROOM)]
     assert bodies == ["hello", notice, "still there?"]
@@ -440,7 +447,7 @@ async def test_a_room_key_batch_whose_commit_failed_is_taken_when_delivered_agai
 
     assert failed, "the commit never failed: the test tested nothing"
     assert log_events(logs).count("sync_batch_failed") == 1
-    (reply,) = replies(hs, ROOM, "$m")
+    reply = only_reply(hs, ROOM, "$m")
     assert alice.read(reply).content["body"] == "once"
     assert [e["reason"] for e in logs if e["event"] == "to_device_refused"] == []
 
@@ -499,7 +506,7 @@ async def test_a_room_key_batch_the_bot_died_before_committing_is_taken_after_th
     (initial,) = [c for c in hs.calls[restarted_at:] if c.endpoint == "initial_sync"]
     assert initial.answer["to_device"]["events"] == key, "the server did not deliver it again"
 
-    (reply,) = replies(hs, ROOM, "$m")
+    reply = only_reply(hs, ROOM, "$m")
     assert alice.read(reply).content["body"] == "once"
     assert [e["reason"] for e in logs if e["event"] == "to_device_refused"] == []
 
