@@ -1,6 +1,7 @@
-"""Encrypted rooms in time (issue 19): late and missing room keys, rooms that must not wait
-for each other, hostile encrypted events, a to-device batch delivered again after a crash,
-and a restart in the middle of a Megolm session.
+"""Encrypted rooms in time (issue 19): late and missing room keys (also across a restart),
+rooms that must not wait for each other, hostile encrypted events, a to-device batch
+delivered again after a failed commit and after a kill, and a restart in the middle of a
+Megolm session.
 
 The user's device is a `Peer` (matrix_crypto's OlmMachine) that claims one of the bot's
 one-time keys from the fake homeserver, shares its room key over Olm and encrypts; it also
