@@ -15,22 +15,25 @@ same requests counted by endpoint from Synapse's access log (the bot does not lo
 them). With 10 rooms and with ``--rooms``, each on an empty store (a new device,
 as a first start: keys uploaded), then a restart on the ``--rooms`` store.
 
-Echo: per bot, one warm-up message per room (room keys shared, members and
-devices learnt: not counted), then ``--messages`` messages across ``--echo-rooms``
-rooms at once, one sender per room (`burst.ReplyClock`, same bodies for both).
-The bot's CPU (/proc) while they are answered, reply latency p50/p95 (send
-request to the sync that brought the reply), and its requests per message by
-endpoint (Synapse's log). The person is Python: the bot's own crypto
-(`bot.e2ee.crypto.BotCrypto` on a store of its own) encrypts its messages before
-the send is timed; in the encrypted rooms only ``m.room.encrypted`` replies count,
-so a reply in the clear would never arrive. ``--profile`` runs both bots under
-cProfile and prints their busiest functions (CPU figures are then inflated).
+Echo: per bot and round (``--rounds``, plain then encrypted), a restart on its
+store, one warm-up message per room (its requests are printed per room: the
+restarted bot's first answer in each room; in round 1 also the first room keys
+either way), then ``--messages`` messages across ``--echo-rooms`` rooms at once,
+one sender per room (`burst.ReplyClock`, the same bodies for both kinds). The
+bot's CPU (/proc) while they are answered, reply latency p50/p95 (send request to
+the sync that brought the reply) and its requests per message by endpoint. The
+person is Python: the bot's own crypto (`bot.e2ee.crypto.BotCrypto`, on a store
+of its own) encrypts the whole burst before it starts, so its encryption does not
+pace the sends; in the encrypted rooms only ``m.room.encrypted`` replies count, so
+a reply in the clear would never arrive. ``--profile LINES`` runs the echo bots
+under cProfile and prints their busiest functions (CPU figures are then inflated).
 
 Figures only: nothing here asserts a speed. Bot, Synapse and this process share
 the machine's cores: compare the two kinds within one run.
 
-    .nox/tests/bin/python bench/e2ee.py                              # quick, ~3 min
-    .nox/tests/bin/python bench/e2ee.py --messages 500 --rooms 300   # full, ~10 min
+    .nox/tests/bin/python bench/e2ee.py                              # quick, ~2 min
+    .nox/tests/bin/python bench/e2ee.py --messages 500 --rooms 300   # full, ~7 min
+    .nox/tests/bin/python bench/e2ee.py --rooms 12 --messages 500 --profile 30
 """
 
 from __future__ import annotations
@@ -83,7 +86,7 @@ def peak_rss_mb(pid: int) -> float:
 _ACCESS = re.compile(
     r' - \{(?P<who>[^}]*)\} Processed request: .*"(?P<method>[A-Z]+) (?P<path>\S+) '
 )
-_WORD = re.compile(r"[a-z_]+|v\d+|r0")
+_WORD = re.compile(r"[a-z][a-zA-Z_]*|v\d+|r0")  # not ids: hex, "!room:hs", "m.room.x"
 
 
 def endpoint(method: str, path: str) -> str:
@@ -295,6 +298,8 @@ class Echo:
     cpu_s: float = math.nan
     latencies: list[float] = field(default_factory=list)
     endpoints: Counter[str] = field(default_factory=Counter)
+    warm_up: Counter[str] = field(default_factory=Counter)  # the first message per room
+    load: float = math.nan  # the machine's 1-minute load average when it ended
     error: str | None = None
 
     @property
@@ -323,12 +328,15 @@ async def measure_echo(
     try:
         await trio.to_thread.run_sync(process.wait_for, "bot_ready")
         alive = _alive(process)
+        mark = log.mark()
         if await run_burst(client, clock(len(rooms)), rooms, alive):
             raise RuntimeError("the warm-up messages were not all answered")
+        echo.warm_up = log.count(bot.user_id, mark)
         measured = clock(messages)
         mark, before = log.mark(), cpu_seconds(process.proc.pid)
         timed_out = await run_burst(client, measured, rooms, alive)
         echo.cpu_s = cpu_seconds(process.proc.pid) - before
+        echo.load = os.getloadavg()[0]
         echo.endpoints = log.count(bot.user_id, mark)
         echo.latencies = measured.latencies()
         echo.answered = len(measured.sent.keys() & measured.answered.keys())
@@ -397,7 +405,7 @@ def print_echoes(echoes: list[Echo], messages: int, rooms: int) -> None:
             f"{echo.kind:<12}{number // 2 + 1:>6}{f'{echo.answered}/{messages}':>10}"
             f"{echo.cpu_per_1k:>10.2f}{_percentile(echo.latencies, 0.5):>8.2f}"
             f"{_percentile(echo.latencies, 0.95):>8.2f}{_percentile(echo.latencies, 1.0):>8.2f}"
-            f"{sum(echo.endpoints.values()) / per:>9.2f}{os.getloadavg()[0]:>6.1f}"
+            f"{sum(echo.endpoints.values()) / per:>9.2f}{echo.load:>6.1f}"
         )
         if echo.error:
             print(f"{'':<18}{echo.error}")
@@ -412,11 +420,17 @@ def print_echoes(echoes: list[Echo], messages: int, rooms: int) -> None:
             f"({cpu['encrypted']:.2f} vs {cpu['plain']:.2f} s per 1,000), "
             f"p50 {p50['encrypted'] / p50['plain']:.2f}x"
         )
-    last = {echo.kind: echo for echo in echoes}
+    short = {"plain": "plain", "encrypted": "enc"}
+    labels = {f"{short[echo.kind]} r{n // 2 + 1}": echo for n, echo in enumerate(echoes)}
     print_endpoints(
-        "echo requests per message by endpoint (last round; Synapse's access log)",
-        {kind: echo.endpoints for kind, echo in last.items()},
-        {kind: echo.answered or messages for kind, echo in last.items()},
+        "echo requests per message by endpoint (Synapse's access log)",
+        {label: echo.endpoints for label, echo in labels.items()},
+        {label: echo.answered or messages for label, echo in labels.items()},
+    )
+    print_endpoints(
+        "warm-up requests per room (a restarted bot's first message in each room)",
+        {label: echo.warm_up for label, echo in labels.items()},
+        {label: rooms for label in labels},
     )
 
 
@@ -424,9 +438,10 @@ def print_profile(path: Path, kind: str, lines: int) -> None:
     if not path.exists():
         print(f"\n{kind}: no profile written")
         return
-    print(f"\nprofile of the {kind} bot (whole process, by own time)")
+    print(f"\nprofile of the {kind} bot (whole process): by own time, then crypto by cumulative")
     stats = pstats.Stats(str(path))
     stats.sort_stats("tottime").print_stats(lines)
+    stats.sort_stats("cumulative").print_stats(r"bot/e2ee|matrix_crypto|bot/store", lines)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -517,7 +532,7 @@ def main() -> None:
     parser.add_argument("--rooms", type=int, default=60, help="rooms per bot (start-up)")
     parser.add_argument("--messages", type=int, default=200, help="echoed messages per bot")
     parser.add_argument("--echo-rooms", type=int, default=10)
-    parser.add_argument("--rounds", type=int, default=1)
+    parser.add_argument("--rounds", type=int, default=2)
     parser.add_argument(
         "--profile",
         type=int,
