@@ -31,10 +31,12 @@ from __future__ import annotations
 
 from collections.abc import AsyncIterator, Awaitable, Callable
 from contextlib import asynccontextmanager
-from typing import Any
+from typing import Any, NoReturn
 
 import msgspec
 import structlog
+import trio
+from trio_util import RepeatedEvent
 
 from matrix_api import MatrixAPIError, MatrixClient, new_txn_id
 from matrix_api.models import EventID, RoomID
@@ -56,6 +58,9 @@ __all__ = [
 
 log = structlog.get_logger("bot.replies.reply_sink")
 
+# A backend that answers within this long shows no typing notice at all: two typing
+# requests per message cost more than the notice is worth for a quick answer.
+TYPING_DELAY_S = 1.0
 MAX_CONTENT_BYTES = 60_000
 """Largest event content sent (the whole event, signatures included, must stay under
 65,536 bytes); past it the HTML is dropped, the plain body is always kept."""
@@ -153,6 +158,11 @@ class MatrixReplySink:
         self._max_parts = max_parts
         self._typing_timeout_ms = typing_timeout_ms
         self._typing = False
+        """Whether the backend is waiting (what `typing` was told last)."""
+        self._typing_shown = False
+        """Whether the room was told the bot is typing (and not told otherwise since)."""
+        self._typing_wanted = RepeatedEvent()
+        self._typing_requests = trio.Lock()
         self._throttler: EditThrottler | None = None
         self._failed = False
 
@@ -168,13 +178,34 @@ class MatrixReplySink:
         await self._throttler.update(text)
 
     async def typing(self, on: bool) -> None:
+        """The room sees the bot typing only once the backend has waited
+        `TYPING_DELAY_S`: an answer quicker than that costs no typing requests."""
         if on == self._typing:
             return
         self._typing = on
-        try:
-            await self.client.set_typing(self.room_id, on, timeout_ms=self._typing_timeout_ms)
-        except MatrixAPIError as exc:
-            log.warning("typing_failed", on=on, error=str(exc))
+        if on:
+            self._typing_wanted.set()
+        elif self._typing_shown:
+            await self._set_typing(False)
+
+    async def _typist(self) -> NoReturn:
+        """Shows the typing notice when the backend is still waiting after the delay."""
+        while True:
+            if not self._typing or self._typing_shown:
+                await self._typing_wanted.wait()
+                continue
+            await trio.sleep(TYPING_DELAY_S)
+            if self._typing and not self._typing_shown:
+                await self._set_typing(True)
+
+    async def _set_typing(self, on: bool) -> None:
+        # One request at a time, so that "off" never overtakes the "on" before it.
+        async with self._typing_requests:
+            self._typing_shown = on
+            try:
+                await self.client.set_typing(self.room_id, on, timeout_ms=self._typing_timeout_ms)
+            except MatrixAPIError as exc:
+                log.warning("typing_failed", on=on, error=str(exc))
 
     # -- the end of the reply -----------------------------------------------------------
 
@@ -302,6 +333,13 @@ async def open_reply_sink(
         typing_timeout_ms=typing_timeout_ms,
         max_parts=max_parts,
     )
-    async with open_edit_throttler(sink._send, edit_interval_s) as throttler:
+    async with (
+        open_edit_throttler(sink._send, edit_interval_s) as throttler,
+        trio.open_nursery() as nursery,
+    ):
         sink._throttler = throttler
-        yield sink
+        nursery.start_soon(sink._typist)
+        try:
+            yield sink
+        finally:
+            nursery.cancel_scope.cancel()

@@ -20,6 +20,7 @@ from bot.replies.history import FAILED_KEY, STREAMING_KEY
 from bot.replies.markdown import split_message
 from bot.replies.reply_sink import (
     MAX_CONTENT_BYTES,
+    TYPING_DELAY_S,
     MatrixReplySink,
     edit_content,
     open_reply_sink,
@@ -43,8 +44,8 @@ async def test_a_streamed_reply_grows_by_edits_and_ends_whole(
         open_reply_sink(client, ROOM, SOURCE, edit_interval_s=1.0, on_started=on_started) as sink,
     ):
         await sink.typing(True)
-        await sink.typing(True)  # already on: not sent again
-        await sink.typing(False)
+        await sink.typing(True)  # already on: nothing more
+        await sink.typing(False)  # answered at once: the room never sees typing
         text = ""
         for word in ["The", "answer", "is", "**forty-two**,", "as", "everyone", "knows."]:
             text += ("" if not text else " ") + word
@@ -52,7 +53,7 @@ async def test_a_streamed_reply_grows_by_edits_and_ends_whole(
             await trio.sleep(0.4)
         ids = await sink.finish(text)
 
-    assert room.typing == [True, False]
+    assert room.typing == []
     first, *edits = room.sent
     assert first.txn_id == reply_txn_id(SOURCE)  # the handler's own reply id
     assert first.content["m.relates_to"] == {"m.in_reply_to": {"event_id": SOURCE}}
@@ -253,6 +254,33 @@ def test_an_edit_stays_within_the_event_size() -> None:
     assert content["m.new_content"]["body"] == f"```\n{body}\n```"
 
 
+async def test_typing_shows_only_when_the_backend_waits_longer_than_the_delay(
+    autojump_clock: trio.testing.MockClock,
+) -> None:
+    room = FakeRoom()
+    async with (
+        room.client() as client,
+        open_reply_sink(client, ROOM, SOURCE, edit_interval_s=1.0) as sink,
+    ):
+        await sink.typing(True)
+        await trio.sleep(TYPING_DELAY_S - 0.1)
+        assert room.typing == []
+        await trio.sleep(0.2)
+        assert room.typing == [True]
+        await trio.sleep(5)
+        assert room.typing == [True]  # once
+        await sink.typing(False)
+        assert room.typing == [True, False]
+        # Waiting again later shows it again, after the delay again.
+        await sink.typing(True)
+        await trio.sleep(TYPING_DELAY_S / 2)
+        await sink.typing(False)
+        await trio.sleep(5)
+        ids = await sink.finish("done")
+    assert room.typing == [True, False]
+    assert room.final_text(ids[0]) == "done"
+
+
 async def test_model_to_room_end_to_end(openai: FakeOpenAI) -> None:
     """The model backend streams into the room; the final event holds the whole answer."""
     openai.then(Script(answer="Streaming *works*: " + "token " * 40, token_delay=0.005))
@@ -270,7 +298,7 @@ async def test_model_to_room_end_to_end(openai: FakeOpenAI) -> None:
         answer = await backend.reply_streaming(chat, message, [], sink)
         ids = await sink.finish(answer)
     assert room.final_text(ids[0]) == answer
-    assert room.typing == [True, False]
+    assert room.typing == []  # the first token came well within TYPING_DELAY_S
     assert len(room.sent) >= 3  # the reply, some edits, the final edit
     assert sink.partial_edits + 1 == len(room.sent)  # the first partial is the reply
 
