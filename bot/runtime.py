@@ -63,6 +63,8 @@ SYNC_BACKOFF = Backoff(max_attempts=None, base_delay=2.0, max_delay=60.0)
 # given up: its events are quarantined and the sync token moves past it.
 _SALVAGE_BATCH_AFTER = 3
 _GIVE_UP_BATCH_AFTER = 5
+# Connections to the homeserver beyond one per answer slot (see `run_bot`).
+_SPARE_CONNECTIONS = 4
 
 
 class Phase(enum.Enum):
@@ -400,6 +402,9 @@ async def run_bot(
         device_id=settings.device_id,
         transport=transport,
         user_agent=f"surfaces-bot/{__version__}",
+        # Every answer slot may be sending at once, beside the long-poll, the crypto
+        # requests and commands: none of them waits for a connection.
+        max_connections=settings.max_concurrent_answers + _SPARE_CONNECTIONS,
     )
     async with client, open_backend(settings) as configured:
         # A bot still draining on this store lets go of it within its drain deadline.

@@ -197,6 +197,7 @@ class HTTPCore:
         timeout: httpx.Timeout = DEFAULT_TIMEOUT,
         limits: ResponseLimits = DEFAULT_LIMITS,
         user_agent: str = "surfaces-bot matrix_api",
+        max_connections: int = 16,
     ) -> None:
         self.homeserver = homeserver.rstrip("/")
         self.user_id = UserID(user_id) if user_id is not None else None
@@ -228,7 +229,11 @@ class HTTPCore:
         # compress and we would inflate for nothing, on every message sent.
         self._get_headers = [*self._fixed_headers, (b"Accept-Encoding", b"gzip, deflate")]
         self._http = _Client(
-            transport=transport if transport is not None else H11Transport(limits=limits),
+            transport=(
+                transport
+                if transport is not None
+                else H11Transport(limits=limits, max_connections=max_connections)
+            ),
             timeout=timeout,
             follow_redirects=False,
             # Proxies from the environment would be served by httpx's own transport,
