@@ -4,7 +4,10 @@ The js client always sends a room key before the message it is for, so the perso
 here is Python (e2ee_person.py: matrix_crypto's OlmMachine on a MatrixClient, its own
 device). It holds the to-device message carrying its room key back, sends the
 message, and sends the key some seconds later: the bot waits for the key, without
-answering or churning requests, and answers once it comes, exactly once.
+answering or churning requests, and answers once it comes, exactly once. Meanwhile
+another user offers a key for that session (unencrypted, and as Olm garbage), which
+the bot does not take, and another room's key wakes the waiting message without the
+bot giving up on it.
 """
 
 from __future__ import annotations
@@ -14,14 +17,16 @@ from collections import Counter
 from pathlib import Path
 
 import trio
+import vodozemac
+from structlog.testing import capture_logs
 
 from bot.invites import GREETING
 from bot_harness import bot_settings, running_bot
 from e2ee_person import EncryptedPerson, open_encrypted_person
-from matrix_api import StateEventSpec
+from matrix_api import StateEventSpec, new_txn_id
 from matrix_api.models import EventID, RoomEvent, RoomID
-from matrix_api.testing.synapse import SynapseServer
-from matrix_helpers import MakeUser, text
+from matrix_api.testing.synapse import RegisteredUser, SynapseServer
+from matrix_helpers import MakeUser, client_for, text
 
 SCENARIO_S = 180
 MEGOLM = {"algorithm": "m.megolm.v1.aes-sha2"}
@@ -88,14 +93,45 @@ async def _greeted_room(alice: EncryptedPerson, bot: str) -> RoomID:
     return room
 
 
+async def _forge_keys(
+    synapse: SynapseServer,
+    mallory: RegisteredUser,
+    bot: RegisteredUser,
+    alice: EncryptedPerson,
+    room: RoomID,
+    waiting: RoomEvent,
+) -> None:
+    """To the bot's device from Mallory: an unencrypted m.room_key claiming the
+    session of the ``waiting`` message (with another key), and an Olm message that
+    is garbage, claiming Alice's curve key."""
+    [device] = alice.machine.devices(bot.user_id)
+    assert device.device_id == bot.device_id
+    content = waiting.content
+    room_key = {
+        "algorithm": MEGOLM["algorithm"],
+        "room_id": room,
+        "session_id": content["session_id"],
+        "session_key": vodozemac.GroupSession().session_key.to_base64(),
+    }
+    garbage = {
+        "algorithm": "m.olm.v1.curve25519-aes-sha2",
+        "sender_key": alice.machine.curve25519,
+        "ciphertext": {device.curve25519: {"type": 0, "body": "AwogAAAA" * 8}},
+    }
+    async with client_for(synapse, mallory) as client:
+        for event_type, forged in (("m.room_key", room_key), ("m.room.encrypted", garbage)):
+            messages = {bot.user_id: {bot.device_id: forged}}
+            await client.send_to_device(event_type, messages, new_txn_id())
+
+
 async def test_a_message_whose_room_key_comes_late_is_answered_when_it_comes(
     synapse: SynapseServer, make_user: MakeUser, tmp_path: Path
 ) -> None:
-    bot_user, alice_user = make_user("bot"), make_user("alice")
+    bot_user, alice_user, mallory_user = make_user("bot"), make_user("alice"), make_user("mal")
     bot, me = bot_user.user_id, alice_user.user_id
     settings = bot_settings(synapse, bot_user, tmp_path / "store.sqlite3")
     start = synapse.log_path.stat().st_size
-    with trio.fail_after(SCENARIO_S):
+    with trio.fail_after(SCENARIO_S), capture_logs() as logs:
         async with running_bot(settings), open_encrypted_person(synapse, alice_user) as alice:
             room = await _greeted_room(alice, bot)
             other = await _greeted_room(alice, bot)
@@ -117,9 +153,19 @@ async def test_a_message_whose_room_key_comes_late_is_answered_when_it_comes(
             assert sum(n for k, n in waiting.items() if k != "GET sync") <= 1, waiting
             assert waiting["GET sync"] <= 2, waiting
 
+            # Someone else offers a key for that very session: in the clear (no Olm
+            # session proves who sent it), and as Olm garbage. Neither is taken.
+            await alice.wait_until(
+                lambda: any(e.event_id == late for e in alice.timeline.get(room, [])),
+                what="the late message in the timeline",
+            )
+            [sent] = [e for e in alice.timeline[room] if e.event_id == late]
+            await _forge_keys(synapse, mallory_user, bot_user, alice, room, sent)
             # Another room's key wakes the waiting message, which must go on waiting
             # (not be given up as undecryptable); that room is not held up by it.
             await _ask(alice, other, bot, "meanwhile, elsewhere")
+            refused = [e for e in logs if e["event"] == "to_device_refused"]
+            assert [e["sender"] for e in refused] == [mallory_user.user_id], refused
             await trio.sleep(1)
             assert len(alice.encrypted_from(room, bot)) == said
 
