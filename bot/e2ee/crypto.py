@@ -34,7 +34,7 @@ import structlog
 import trio
 from trio_util import RepeatedEvent
 
-from matrix_api import MatrixAPIError, MatrixClient
+from matrix_api import MatrixAPIError, MatrixClient, NotFound
 from matrix_api.models import RoomID, SyncResponse, UserID
 from matrix_crypto.errors import CryptoError
 from matrix_crypto.machine import (
@@ -253,6 +253,18 @@ class BotCrypto:
 
     # --- rooms -------------------------------------------------------------------------
 
+    async def _readers(self, room_id: RoomID) -> list[str]:
+        """Who may read what the bot sends now: the joined members, and the invited
+        ones where the history visibility lets them read from their invite on."""
+        members = await self._client.current_members(room_id)
+        try:
+            visibility = await self._client.get_state_event(room_id, "m.room.history_visibility")
+        except NotFound:
+            visibility = {}  # the spec's default: shared
+        invited_read = visibility.get("history_visibility", "shared") != "joined"
+        readers = ("join", "invite") if invited_read else ("join",)
+        return sorted(user for user, membership in members.items() if membership in readers)
+
     async def ensure_devices(self, users: Sequence[str]) -> None:
         """Know the current devices of ``users`` (a sender, before their message is
         checked against them): tracked from now on, queried when unknown or outdated."""
@@ -267,12 +279,14 @@ class BotCrypto:
         self, room_id: RoomID, event_type: str, content: dict[str, Any]
     ) -> dict[str, Any]:
         """``content`` as the ``m.room.encrypted`` content for ``room_id``: the room key
-        shared first with every device of every joined member that lacks it."""
+        shared first with every device that lacks it, of every joined member and, unless
+        the room's history is visible to joined members only, every invited one (they
+        will read what was sent while they were invited, as clients do)."""
         settings = json.loads(self._store.room_encryption(room_id) or "{}")
         async with self._network:
             users = self._members.get(room_id)
             if users is None:
-                users = sorted(await self._client.joined_members(room_id))
+                users = await self._readers(room_id)
                 self._members[room_id] = users
             self._machine.update_tracked_users(users)
             await self._send_all(self._machine.outgoing_requests())

@@ -16,6 +16,13 @@ _room_id = msgspec.json.Decoder(RoomIDResponse).decode
 _joined_rooms = msgspec.json.Decoder(JoinedRoomsResponse).decode
 _joined_members = msgspec.json.Decoder(JoinedMembersResponse).decode
 
+
+class _MembersResponse(msgspec.Struct, frozen=True):
+    chunk: list[Any] = msgspec.field(default_factory=list)
+
+
+_members = msgspec.json.Decoder(_MembersResponse).decode
+
 Preset = Literal["private_chat", "public_chat", "trusted_private_chat"]
 
 
@@ -150,3 +157,22 @@ class RoomEndpoints(HTTPCore):
             _joined_members,
         )
         return {user: member.display_name for user, member in response.joined.items()}
+
+    async def current_members(self, room_id: RoomID) -> dict[UserID, str]:
+        """Everyone in the room who has not left, by membership (``join``, ``invite``,
+        ``ban``, ``knock``), from the room's member events. An entry that is not a
+        member event with a user id and a string membership is left out."""
+        path = client_path(CLIENT_V3, "rooms", room_id, "members")
+        response = await self.send(
+            Request("GET", path, query={"not_membership": "leave"}, limits=LARGE_ANSWER_LIMITS),
+            _members,
+        )
+        members: dict[UserID, str] = {}
+        for event in response.chunk:
+            if not isinstance(event, dict) or event.get("type") != "m.room.member":
+                continue
+            user, content = event.get("state_key"), event.get("content")
+            membership = content.get("membership") if isinstance(content, dict) else None
+            if isinstance(user, str) and user.startswith("@") and isinstance(membership, str):
+                members[UserID(user)] = membership
+        return members

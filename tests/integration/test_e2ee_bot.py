@@ -19,8 +19,9 @@ from bot.invites import GREETING
 from bot_harness import bot_settings, running_bot
 from fake_openai import API_KEY, FakeOpenAI
 from js_client import JsClient, Message, open_js_client
+from matrix_api.models import RoomID
 from matrix_api.testing.synapse import RegisteredUser, SynapseServer
-from matrix_helpers import MakeUser
+from matrix_helpers import MakeUser, client_for
 
 # Each scenario is bounded as a whole: a broken exchange fails, it does not hang.
 SCENARIO_S = 180
@@ -277,3 +278,46 @@ async def test_a_streamed_answer_grows_by_encrypted_edits(
                 assert edits[-1].content["m.new_content"]["body"] == f"Echo: {question}"
                 assert final.sender == bot
             nursery.cancel_scope.cancel()
+
+
+async def test_an_invited_member_gets_the_key_unless_history_is_for_joined_members_only(
+    synapse: SynapseServer, make_user: MakeUser, tmp_path: Path
+) -> None:
+    bot_user, alice_user, bob_user = make_user("bot"), make_user("alice"), make_user("bob")
+    bot, bob_id = bot_user.user_id, bob_user.user_id
+    settings = bot_settings(synapse, bot_user, tmp_path / "store.sqlite3")
+    with trio.fail_after(SCENARIO_S):
+        async with (
+            running_bot(settings) as runtime,
+            open_js_client("alice") as alice,
+            open_js_client("bob") as bob,
+            client_for(synapse, alice_user) as alice_plain,
+        ):
+            await _logged_in(alice, synapse, alice_user)
+            await _logged_in(bob, synapse, bob_user)
+            crypto = runtime._crypto
+            assert crypto is not None
+            shared_with_bob = {}
+            answers = {}
+            for visibility in ("shared", "joined"):
+                room_id = await _greeted_dm(alice, bot)
+                await alice_plain.put_state_event(
+                    RoomID(room_id), "m.room.history_visibility", {"history_visibility": visibility}
+                )
+                await alice.invite(room_id, bob_id)
+                answer = await _ask(alice, room_id, bot, f"while bob is invited ({visibility})")
+                answers[visibility] = (room_id, answer.event_id)
+                outbound = crypto.machine._groups.outbound(room_id)
+                assert outbound is not None
+                shared_with_bob[visibility] = {d for u, d in outbound.shared_with if u == bob_id}
+            assert shared_with_bob["shared"]  # his device had the key before he joined
+            assert not shared_with_bob["joined"]
+
+            # And it is the key he reads the answer with once he joins.
+            room_id, answer_id = answers["shared"]
+            await bob.join(room_id)
+            seen = await bob.wait_for_message(
+                room_id, sender=bot, body_contains="while bob is invited", timeout=60
+            )
+            assert seen.event_id == answer_id
+            _assert_readable(seen)

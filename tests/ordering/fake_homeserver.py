@@ -12,11 +12,12 @@ It answers what the bot asks of a homeserver: whoami, the initial full-state /sy
 ``full_state=true``), the long-poll /sync (``timeout=30000``: held for `long_poll_s` virtual
 seconds, or until a batch is queued, then an empty batch with a new ``next_batch``), joined_rooms,
 room account data (the chat marker: GET and PUT), sends, receipts, /messages, join, leave,
-joined_members and filter uploads. Every request is recorded in order as a `Call`: when it arrived
-(trio's clock), method, path, query, and how many log entries had been captured by then, so a test
-can put requests and log events in one order. Anything else is answered ``404 M_UNRECOGNIZED``
-and listed in `unexpected`; ``POST /createRoom`` and room state PUTs are recognised (and refused)
-so that tests can assert the bot never provisions anything when it should only read.
+joined_members, members and filter uploads. Every request is recorded in order as a `Call`: when
+it arrived (trio's clock), method, path, query, and how many log entries had been captured by then,
+so a test can put requests and log events in one order. Anything else is answered
+``404 M_UNRECOGNIZED`` and listed in `unexpected`; ``POST /createRoom`` and room state PUTs are
+recognised (and refused) so that tests can assert the bot never provisions anything when it should
+only read. A room state GET finds nothing (the rooms here have no state but their encryption).
 
 End-to-end encryption, as a homeserver relays it: ``keys/upload`` keeps the device keys, one-time
 keys and fallback key of the bot (and of the peer devices a test publishes with `upload_keys`),
@@ -521,6 +522,13 @@ class FakeHomeserver:
             case ["rooms", room_id, "joined_members"] if method == "GET":
                 call.endpoint, call.room_id = "joined_members", room_id
                 return lambda: self._joined_members(room_id)
+            case ["rooms", room_id, "members"] if method == "GET":
+                call.endpoint, call.room_id = "members", room_id
+                return lambda: self._members(room_id)
+            case ["rooms", room_id, "state", event_type, *_] if method == "GET":
+                # No room here has state beyond its encryption (shown in the sync).
+                call.endpoint, call.room_id, call.event_type = "get_state", room_id, event_type
+                return self._no_state
             case ["createRoom"] if method == "POST":
                 # Recognised so that tests can see it; the bot never needs it.
                 call.endpoint = "create_room"
@@ -561,6 +569,19 @@ class FakeHomeserver:
         if room is None or not room.joined:
             return 403, {"errcode": "M_FORBIDDEN", "error": "not in the room"}
         return 200, {"joined": {u: {"display_name": None} for u in [BOT, *room.members]}}
+
+    async def _members(self, room_id: str) -> Answer:
+        room = self.rooms.get(room_id)
+        if room is None or not room.joined:
+            return 403, {"errcode": "M_FORBIDDEN", "error": "not in the room"}
+        chunk = [
+            {"type": "m.room.member", "state_key": user, "content": {"membership": "join"}}
+            for user in [BOT, *room.members]
+        ]
+        return 200, {"chunk": chunk}
+
+    async def _no_state(self) -> Answer:
+        return 404, {"errcode": "M_NOT_FOUND", "error": "Event not found."}
 
     async def _whoami(self) -> Answer:
         return 200, {"user_id": BOT, "device_id": DEVICE, "is_guest": False}
