@@ -17,7 +17,7 @@ import trio
 
 from matrix_api import MatrixAPIError, MatrixClient
 from matrix_api.models import EventID, RoomEvent, RoomID
-from matrix_crypto.errors import DecryptionError, MissingRoomKey
+from matrix_crypto.errors import CryptoError, DecryptionError, MissingRoomKey
 
 from .backend_settings.model import ModelSettings
 from .backends import Backend, BackendError
@@ -449,7 +449,7 @@ class MessageHandler:
             await self._reply(
                 item, Reply(FAILED_NOTICE), "quarantined", purpose="failure", reason=reason
             )
-        except MatrixAPIError:
+        except (MatrixAPIError, CryptoError):  # the notice could not be sent (or encrypted)
             await self._store.finish(item, "quarantined", reason=reason)
             return False
         return True
