@@ -85,6 +85,7 @@ class BotCrypto:
         # Joined members of encrypted rooms the bot sent to, until a membership event
         # in the room's timeline says they changed (one request per room, not per send).
         self._members: dict[RoomID, list[str]] = {}
+        self._member_changes = 0
         self.published_ms = published_ms
         """When this device's keys went up, on the server's clock (0: not yet). No client
         could send a room key to it for a message older than that."""
@@ -192,10 +193,14 @@ class BotCrypto:
         self._keys_arrived_in_batch = keys_arrived
         for room_id, room in response.rooms.join.items():
             if any(e.type == "m.room.member" for e in [*room.state, *room.timeline.events]):
-                self._members.pop(room_id, None)
+                self._forget_members(room_id)
         for room_id in response.rooms.leave:
-            self._members.pop(room_id, None)
+            self._forget_members(room_id)
         return SyncCrypto(self._collect())
+
+    def _forget_members(self, room_id: RoomID) -> None:
+        self._members.pop(room_id, None)
+        self._member_changes += 1
 
     def batch_committed(self, crypto: SyncCrypto) -> None:
         self._written(crypto.rows)
@@ -283,11 +288,13 @@ class BotCrypto:
         the room's history is visible to joined members only, every invited one (they
         will read what was sent while they were invited, as clients do)."""
         settings = json.loads(self._store.room_encryption(room_id) or "{}")
-        async with self._network:
-            users = self._members.get(room_id)
-            if users is None:
-                users = await self._readers(room_id)
+        users = self._members.get(room_id)
+        if users is None:  # read outside the lock: other rooms' sends need not wait for it
+            changes = self._member_changes
+            users = await self._readers(room_id)
+            if changes == self._member_changes:  # else it may be stale already: not kept
                 self._members[room_id] = users
+        async with self._network:
             self._machine.update_tracked_users(users)
             await self._send_all(self._machine.outgoing_requests())
             # Query, claim, share: a few rounds, each answered before the next is asked.

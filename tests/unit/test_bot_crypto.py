@@ -3,16 +3,18 @@ before the state it depends on is written (a failed write loses nothing)."""
 
 from __future__ import annotations
 
+import json
 from collections.abc import AsyncIterator, Mapping
 from pathlib import Path
 from typing import Any, cast
 
 import pytest
+import trio
 
 from bot.e2ee.crypto import BotCrypto, DeviceConflict
 from bot.store import Store, StoreUnavailable
 from matrix_api import MatrixClient
-from matrix_api.models import KeysQueryResponse, UserID
+from matrix_api.models import KeysQueryResponse, RoomID, UserID, decode_sync
 from matrix_crypto.errors import CryptoError
 
 BOT = "@bot:example.org"
@@ -125,3 +127,63 @@ async def test_rows_a_failed_write_did_not_store_go_with_the_next_write(
     await restored.send_outgoing()
     assert len(server.uploads) == 1
     assert upload["one_time_keys"]
+
+
+async def test_members_read_while_a_membership_changed_are_not_kept(store: Store) -> None:
+    # A member list fetched while a sync batch said the room's members changed may be
+    # stale already: used for that send, then read again for the next.
+    server = _MembersServer()
+    crypto = await _open(server, store)
+    await crypto.send_outgoing()
+    await store.set_room_encryption({ROOM: '{"algorithm":"m.megolm.v1.aes-sha2"}'})
+
+    async def first_send() -> None:
+        await crypto.encrypt(ROOM, "m.room.message", {"msgtype": "m.text", "body": "one"})
+
+    async with trio.open_nursery() as nursery:
+        nursery.start_soon(first_send)
+        await server.members_asked.wait()
+        member_event = {
+            "type": "m.room.member",
+            "event_id": "$join",
+            "sender": "@carol:example.org",
+            "state_key": "@carol:example.org",
+            "origin_server_ts": 1,
+            "content": {"membership": "join"},
+        }
+        batch = decode_sync(
+            json.dumps(
+                {
+                    "next_batch": "s2",
+                    "rooms": {"join": {ROOM: {"timeline": {"events": [member_event]}}}},
+                }
+            ).encode()
+        )
+        crypto.batch_committed(crypto.take_sync(batch))
+        server.release_members.set()
+    assert server.members_reads == 1
+
+    await crypto.encrypt(ROOM, "m.room.message", {"msgtype": "m.text", "body": "two"})
+    assert server.members_reads == 2  # not the list read before the change
+    await crypto.encrypt(ROOM, "m.room.message", {"msgtype": "m.text", "body": "three"})
+    assert server.members_reads == 2  # now kept
+
+
+ROOM = RoomID("!room:example.org")
+
+
+class _MembersServer(_Server):
+    def __init__(self) -> None:
+        super().__init__()
+        self.members_reads = 0
+        self.members_asked = trio.Event()
+        self.release_members = trio.Event()
+
+    async def current_members(self, room_id: RoomID) -> dict[UserID, str]:
+        self.members_reads += 1
+        self.members_asked.set()
+        await self.release_members.wait()
+        return {UserID(BOT): "join"}
+
+    async def get_state_event(self, room_id: RoomID, event_type: str) -> dict[str, Any]:
+        return {"history_visibility": "shared"}
