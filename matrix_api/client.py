@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from .endpoints.account_data import AccountDataEndpoints
+from .endpoints.cross_signing import CrossSigningEndpoints
 from .endpoints.keys import KeysEndpoints
 from .endpoints.messaging import MessagingEndpoints
 from .endpoints.profile import ProfileEndpoints
@@ -25,6 +26,7 @@ class MatrixClient(
     SpaceEndpoints,
     ProfileEndpoints,
     KeysEndpoints,
+    CrossSigningEndpoints,
 ):
     """A Matrix client-server API client for one user on one homeserver.
 

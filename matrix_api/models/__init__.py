@@ -1,5 +1,6 @@
 """Typed shapes of what the homeserver sends; unknown fields are ignored everywhere."""
 
+from .cross_signing import SignaturesUploadResponse
 from .events import (
     MAX_EVENT_BYTES,
     MAX_EVENT_DEPTH,
@@ -46,6 +47,7 @@ __all__ = [
     "RoomEvent",
     "RoomID",
     "Rooms",
+    "SignaturesUploadResponse",
     "SkippedEvent",
     "StrippedStateEvent",
     "SyncResponse",

@@ -25,6 +25,7 @@ __all__ = [
     "KeysClaimResponse",
     "KeysQueryResponse",
     "decode_key_changes",
+    "decode_key_object_maps",
     "decode_keys_claim",
     "decode_keys_query",
     "decode_keys_upload",
@@ -49,12 +50,20 @@ class KeysQueryResponse(msgspec.Struct, frozen=True):
     user or device the server does not know is absent (the spec records no failure
     for it). ``failures`` maps each remote server that could not be reached to what
     went wrong there.
+
+    ``master_keys``, ``self_signing_keys`` and ``user_signing_keys`` map a user id to
+    that user's cross-signing key object, raw (with the signatures the server holds
+    for it); a user without one is absent. Only the querier's own user-signing key is
+    ever given.
     """
 
     device_keys: dict[UserID, dict[str, dict[str, Any]]] = msgspec.field(default_factory=dict)
     failures: dict[str, dict[str, Any]] = msgspec.field(default_factory=dict)
     skipped: list[SkippedEvent] = msgspec.field(default_factory=list)
     """What was dropped, with where and why; empty for a clean answer."""
+    master_keys: dict[UserID, dict[str, Any]] = msgspec.field(default_factory=dict)
+    self_signing_keys: dict[UserID, dict[str, Any]] = msgspec.field(default_factory=dict)
+    user_signing_keys: dict[UserID, dict[str, Any]] = msgspec.field(default_factory=dict)
 
 
 class KeysClaimResponse(msgspec.Struct, frozen=True):
@@ -120,6 +129,27 @@ def _objects_by_device(
                     )
                 )
         kept[UserID(user_id)] = user_devices
+    return kept
+
+
+def _objects_by_user(
+    top: dict[str, Any], key: str, skipped: list[SkippedEvent]
+) -> dict[UserID, dict[str, Any]]:
+    """``top[key]``, ``{user: object}``, with every entry that is not an object dropped;
+    absent is empty, and so is a value that is not an object (recorded): the device
+    keys beside it are still good."""
+    by_user = top.get(key)
+    if by_user is None:
+        return {}
+    if not isinstance(by_user, dict):
+        skipped.append(SkippedEvent(key, f"not an object: {_type_name(by_user)}"))
+        return {}
+    kept: dict[UserID, dict[str, Any]] = {}
+    for user_id, value in by_user.items():
+        if isinstance(value, dict):
+            kept[UserID(user_id)] = value
+        else:
+            skipped.append(SkippedEvent(f"{key}.{user_id}", f"not an object: {_type_name(value)}"))
     return kept
 
 
@@ -230,7 +260,26 @@ def decode_keys_query(body: bytes) -> KeysQueryResponse:
     skipped: list[SkippedEvent] = []
     top = _decode_object(body, skipped)
     device_keys = _objects_by_device(_optional_object(top, "device_keys"), "device_keys", skipped)
-    return KeysQueryResponse(device_keys, _failures(top, skipped), skipped)
+    failures = _failures(top, skipped)
+    return KeysQueryResponse(
+        device_keys,
+        failures,
+        skipped,
+        master_keys=_objects_by_user(top, "master_keys", skipped),
+        self_signing_keys=_objects_by_user(top, "self_signing_keys", skipped),
+        user_signing_keys=_objects_by_user(top, "user_signing_keys", skipped),
+    )
+
+
+def decode_key_object_maps(
+    body: bytes, key: str
+) -> tuple[dict[UserID, dict[str, dict[str, Any]]], list[SkippedEvent]]:
+    """An answer whose ``key`` (optional) is ``{user: {id: object}}``, as
+    /keys/signatures/upload's ``failures``: that map with its wrong-typed entries
+    dropped, and what was dropped."""
+    skipped: list[SkippedEvent] = []
+    top = _decode_object(body, skipped)
+    return _objects_by_device(_optional_object(top, key), key, skipped), skipped
 
 
 def decode_keys_claim(body: bytes) -> KeysClaimResponse:
