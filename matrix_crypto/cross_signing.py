@@ -334,8 +334,8 @@ class CrossSigningKeys:
     @classmethod
     def from_record(cls, record: CrossSigningRecord, pickle_key: bytes) -> CrossSigningKeys:
         """The keys from a stored record. `SecretDecryptionError` for a wrong pickle
-        key or a damaged record, ValueError if its public keys do not match its
-        private ones."""
+        key or a damaged record; ValueError if its public keys do not match its
+        private ones, or for a pickle key that is not 32 bytes."""
         try:
             encrypted = json.loads(record.pickle)
         except (ValueError, TypeError):
