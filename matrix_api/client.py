@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from .endpoints.account_data import AccountDataEndpoints
 from .endpoints.cross_signing import CrossSigningEndpoints
+from .endpoints.key_backup import KeyBackupEndpoints
 from .endpoints.keys import KeysEndpoints
 from .endpoints.messaging import MessagingEndpoints
 from .endpoints.profile import ProfileEndpoints
@@ -27,6 +28,7 @@ class MatrixClient(
     ProfileEndpoints,
     KeysEndpoints,
     CrossSigningEndpoints,
+    KeyBackupEndpoints,
 ):
     """A Matrix client-server API client for one user on one homeserver.
 

@@ -12,6 +12,7 @@ from .events import (
     decode_events,
 )
 from .identifiers import EventID, FilterID, RoomAlias, RoomID, SyncToken, UserID
+from .key_backup import KeyBackupVersion, RoomKeys, RoomKeysUpdate
 from .keys import DeviceLists, KeysClaimResponse, KeysQueryResponse
 from .responses import (
     CreateRoomResponse,
@@ -38,6 +39,7 @@ __all__ = [
     "HierarchyRoom",
     "InvitedRoom",
     "JoinedRoom",
+    "KeyBackupVersion",
     "KeysClaimResponse",
     "KeysQueryResponse",
     "LeftRoom",
@@ -46,6 +48,8 @@ __all__ = [
     "RoomAlias",
     "RoomEvent",
     "RoomID",
+    "RoomKeys",
+    "RoomKeysUpdate",
     "Rooms",
     "SignaturesUploadResponse",
     "SkippedEvent",
