@@ -4,7 +4,8 @@ Known-answer vectors from two independent implementations:
 - matrix-js-sdk 37.5 (tests/e2ee_client/node_modules): `encodeRecoveryKey`,
   `calculateKeyCheck` and `encryptAESSecretStorageItem` for a fixed key and IVs;
 - matrix-rust-sdk's `secret_storage.rs` tests: a recovery key with its key description
-  (padded base64), and base58 parsing of a key with stray whitespace.
+  (padded base64), a passphrase with its description, and base58 parsing of a key
+  with stray whitespace.
 Signatures are checked with vodozemac (`Ed25519PublicKey.verify_signature`, and
 `canonical.verify`), never only with the code that made them.
 """
@@ -36,6 +37,7 @@ from matrix_crypto.cross_signing import (
     CrossSigningRecord,
     RecoveryKeyError,
     SecretDecryptionError,
+    SecretStorageError,
     SecretStorageKey,
     SigningKey,
     WrongRecoveryKey,
@@ -48,6 +50,7 @@ from matrix_crypto.cross_signing import (
     encode_recovery_key,
     encrypt_secret,
     key_check,
+    key_from_passphrase,
     verify_cross_signing_keys,
 )
 from matrix_crypto.identity import Identity
@@ -700,3 +703,53 @@ def test_lost_store_restores_cross_signing_from_secret_storage(device: Identity)
         storage.decrypt(SECRET_MASTER, {"encrypted": []})
     with pytest.raises(SecretDecryptionError, match="MAC"):
         SecretStorageKey(key_id, bytes(32)).decrypt(SECRET_MASTER, account_data[SECRET_MASTER])
+
+
+# ------------------------------------------------------------------------ passphrase
+
+# matrix-rust-sdk secret_storage.rs `from_account_data_and_passphrase`.
+RUST_PASSPHRASE = "It's a secret to everybody"
+RUST_PASSPHRASE_DESCRIPTION = {
+    "algorithm": "m.secret_storage.v1.aes-hmac-sha2",
+    "iv": "gH2iNpiETFhApvW6/FFEJQ",
+    "mac": "9Lw12m5SKDipNghdQXKjgpfdj1/K7HFI2brO+UWAGoM",
+    "passphrase": {
+        "algorithm": "m.pbkdf2",
+        "salt": "IuLnH7S85YtZmkkBJKwNUKxWF42g9O1H",
+        "iterations": 10,
+    },
+}
+
+
+def test_passphrase_of_matrix_rust_sdk_unlocks_its_description() -> None:
+    key = SecretStorageKey.from_passphrase(
+        RUST_PASSPHRASE, "DZkbKc0RtKSq0z8V61w6KBmJCK6OCiIu", RUST_PASSPHRASE_DESCRIPTION
+    )
+    assert key.key_id == "DZkbKc0RtKSq0z8V61w6KBmJCK6OCiIu"
+    with pytest.raises(WrongRecoveryKey, match="passphrase is not the one"):
+        SecretStorageKey.from_passphrase(
+            "It's a secret to nobody", "k", RUST_PASSPHRASE_DESCRIPTION
+        )
+    with pytest.raises(WrongRecoveryKey, match="not an"):
+        SecretStorageKey.from_passphrase(RUST_PASSPHRASE, "k", {"passphrase": {}})
+
+
+@pytest.mark.parametrize(
+    ("passphrase", "message"),
+    [
+        (None, "no m.pbkdf2 passphrase"),
+        ({"algorithm": "m.scrypt", "salt": "s", "iterations": 10}, "no m.pbkdf2"),
+        ({"algorithm": "m.pbkdf2", "iterations": 10}, "salt is not text"),
+        ({"algorithm": "m.pbkdf2", "salt": "s", "iterations": "10"}, "not an integer"),
+        ({"algorithm": "m.pbkdf2", "salt": "s", "iterations": True}, "not an integer"),
+        ({"algorithm": "m.pbkdf2", "salt": "s", "iterations": 0}, "out of 1"),
+        ({"algorithm": "m.pbkdf2", "salt": "s", "iterations": 10**12}, "out of 1"),
+        ({"algorithm": "m.pbkdf2", "salt": "s", "iterations": 10, "bits": 128}, "256-bit"),
+    ],
+)
+def test_hostile_passphrase_descriptions(passphrase: object, message: str) -> None:
+    description = {**RUST_PASSPHRASE_DESCRIPTION, "passphrase": passphrase}
+    with pytest.raises(SecretStorageError, match=message):
+        key_from_passphrase(RUST_PASSPHRASE, description)
+    with pytest.raises(SecretStorageError, match=message):
+        SecretStorageKey.from_passphrase(RUST_PASSPHRASE, "k", description)
