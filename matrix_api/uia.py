@@ -50,6 +50,7 @@ PASSWORD = "m.login.password"  # noqa: S105 (the stage's name, not a password)
 _MAX_FLOWS = 32
 _MAX_STAGES = 16
 _MAX_NAME = 128
+_MAX_DESCRIPTION = 300
 
 
 class InteractiveAuthError(MatrixAPIError):
@@ -177,8 +178,12 @@ class AuthChallenge:
         return (PASSWORD,) in self.remaining()
 
     def describe(self) -> str:
-        """The flows offered, for an error message: ``m.login.sso | m.login.password``."""
-        return " | ".join(" + ".join(flow) for flow in self.flows)
+        """The flows offered, for an error message: ``m.login.sso | m.login.password``;
+        the server's names escaped when not printable, and cut to `_MAX_DESCRIPTION`."""
+        text = " | ".join(" + ".join(flow) for flow in self.flows)
+        if not text.isprintable():
+            text = ascii(text)
+        return text if len(text) <= _MAX_DESCRIPTION else text[: _MAX_DESCRIPTION - 3] + "..."
 
 
 @dataclass(slots=True)

@@ -405,6 +405,20 @@ def test_a_challenge_keeps_well_formed_flows_in_order_and_bounds_them() -> None:
     assert parsed.offers_password()
 
 
+def test_the_flows_in_a_message_are_escaped_and_bounded() -> None:
+    flows = [{"stages": ["m.login.sso\n2026-12-03 fake log line\x1b[31m"]}]
+    flows += [{"stages": [f"s{i}" * 40] * 16} for i in range(32)]
+    server_said = AuthChallenge.from_body({"flows": flows})
+
+    with pytest.raises(AuthFlowUnsupported) as caught:
+        raise PasswordAuth(BOT, PASSWORD).refusal(server_said)
+
+    message = str(caught.value)
+    assert "\n" not in message
+    assert "\x1b" not in message
+    assert len(message) < 500
+
+
 def test_every_uia_error_is_an_interactive_auth_error() -> None:
     for error in (AuthRequired, AuthFlowUnsupported, PasswordRefused, AuthNotAccepted):
         assert issubclass(error, InteractiveAuthError)
