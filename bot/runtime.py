@@ -36,6 +36,7 @@ from . import __version__
 from .backends import Backend, open_backend
 from .config import Settings
 from .dispatch import Dispatcher
+from .e2ee.cross_signing import cross_sign_device
 from .e2ee.crypto import BotCrypto, DeviceConflict
 from .e2ee.pickle_key import PickleKeyError, load_pickle_key
 from .e2ee.sending import EncryptingClient
@@ -112,6 +113,7 @@ class BotRuntime:
         self._stop = stop if stop is not None else trio.Event()
         self._sync_backoff_policy = replace(SYNC_BACKOFF, rng=rng or random.Random())
         self._crypto: BotCrypto | None = None
+        self._pickle_key: bytes | None = None
 
     def request_stop(self) -> None:
         """Begin a graceful stop; safe to call at any time, more than once."""
@@ -173,6 +175,10 @@ class BotRuntime:
 
     async def _crypto_requests(self, crypto: BotCrypto, scope: trio.CancelScope) -> None:
         with scope:
+            if self._pickle_key is not None:
+                await cross_sign_device(
+                    crypto, password=self.settings.password, pickle_key=self._pickle_key
+                )
             await crypto.run()
 
     async def _checkpoint_store(self, scope: trio.CancelScope) -> None:
@@ -271,6 +277,7 @@ class BotRuntime:
         except MatrixAPIError as exc:
             raise FatalError(f"publishing the device's encryption keys failed: {exc}") from exc
         client.attach(crypto, self._store)
+        self._pickle_key = pickle_key
         self._intake.crypto = crypto
         self._handler.attach_crypto(crypto)
         self._crypto = crypto

@@ -74,7 +74,13 @@ class BotCrypto:
     """One device's crypto, for the runtime's lifetime; make it with `open`."""
 
     def __init__(
-        self, client: MatrixClient, store: Store, machine: OlmMachine, *, published_ms: int = 0
+        self,
+        client: MatrixClient,
+        store: Store,
+        machine: OlmMachine,
+        *,
+        published_ms: int = 0,
+        own: dict[str, str] | None = None,
     ) -> None:
         self._client = client
         self._store = store
@@ -86,6 +92,8 @@ class BotCrypto:
         # in the room's timeline says they changed (one request per room, not per send).
         self._members: dict[RoomID, list[str]] = {}
         self._member_changes = 0
+        self.own = own or {}
+        """What this module keeps beside the machine's state (kind "own"), by key."""
         self.published_ms = published_ms
         """When this device's keys went up, on the server's clock (0: not yet). No client
         could send a room key to it for a message older than that."""
@@ -119,6 +127,7 @@ class BotCrypto:
                 store,
                 machine,
                 published_ms=int(published) if published.isdigit() else 0,
+                own=own,
             )
         if stored_device is not None and stored_device != device_id:
             # A new device for the same store (re-login): the old identity is no use.
@@ -130,7 +139,10 @@ class BotCrypto:
                 "this store has none for it (a lost or replaced store)"
             )
         machine = OlmMachine.create(user_id, device_id, pickle_key)
-        bot = cls(client, store, machine)
+        # What belongs to the account (its cross-signing keys) stays; the old device's
+        # own entries do not.
+        kept = {k: v for k, v in own.items() if k not in ("device_id", "published_ms")}
+        bot = cls(client, store, machine, own=kept)
         stale = [(kind, key, None) for kind, key, _ in machine_rows]
         bot._unwritten.extend(stale)
         bot._unwritten.append((_OWN, "device_id", device_id))
@@ -141,6 +153,16 @@ class BotCrypto:
     @property
     def machine(self) -> OlmMachine:
         return self._machine
+
+    @property
+    def client(self) -> MatrixClient:
+        return self._client
+
+    async def keep(self, key: str, value: str) -> None:
+        """Store ``value`` under ``key`` beside the machine's state (now)."""
+        self.own[key] = value
+        self._unwritten.append((_OWN, key, value))
+        await self._write()
 
     # --- persistence -------------------------------------------------------------------
 

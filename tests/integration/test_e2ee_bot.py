@@ -19,8 +19,12 @@ from bot.invites import GREETING
 from bot_harness import bot_settings, running_bot
 from fake_openai import API_KEY, FakeOpenAI
 from js_client import JsClient, Message, open_js_client
-from matrix_api.models import RoomID
+from matrix_api.models import RoomID, UserID
 from matrix_api.testing.synapse import RegisteredUser, SynapseServer
+from matrix_crypto.cross_signing import (
+    device_signed_by_self_signing_key,
+    verify_cross_signing_keys,
+)
 from matrix_helpers import MakeUser, client_for
 
 # Each scenario is bounded as a whole: a broken exchange fails, it does not hang.
@@ -321,3 +325,35 @@ async def test_an_invited_member_gets_the_key_unless_history_is_for_joined_membe
             )
             assert seen.event_id == answer_id
             _assert_readable(seen)
+
+
+async def test_the_bots_device_is_cross_signed_by_its_account(
+    synapse: SynapseServer, make_user: MakeUser, tmp_path: Path
+) -> None:
+    bot_user, alice_user = make_user("bot"), make_user("alice")
+    bot = UserID(bot_user.user_id)
+    settings = bot_settings(synapse, bot_user, tmp_path / "store.sqlite3")
+    with trio.fail_after(SCENARIO_S):
+        async with client_for(synapse, alice_user) as alice:
+            with capture_logs() as logs:
+                async with running_bot(settings) as runtime:
+                    crypto = runtime._crypto
+                    assert crypto is not None
+                    # Done after the bot is ready; each step is a store write.
+                    while crypto.own.get("cross_signed_device") != bot_user.device_id:
+                        await runtime._store.wait_for_change()
+            answer = await alice.query_keys({bot: []})
+            master, ssk = answer.master_keys[bot], answer.self_signing_keys[bot]
+            assert verify_cross_signing_keys(bot, master, ssk)
+            device = answer.device_keys[bot][bot_user.device_id]
+            assert device_signed_by_self_signing_key(device, ssk)
+            created = [e for e in logs if e["event"] == "cross_signing_created"]
+            assert len(created) == 1
+
+            # A restart signs nothing again and makes no keys.
+            with capture_logs() as again:
+                async with running_bot(settings):
+                    pass
+            assert not [
+                e for e in again if e["event"].startswith(("cross_signing", "device_cross"))
+            ]

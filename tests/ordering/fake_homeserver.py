@@ -507,6 +507,13 @@ class FakeHomeserver:
             case ["rooms", room_id, "leave"] if method == "POST":
                 call.endpoint, call.room_id = "leave", room_id
                 return lambda: self._leave(room_id)
+            case ["keys", "device_signing", "upload"] if method == "POST":
+                # Cross-signing: taken, not kept (the scenarios here do not read it back).
+                call.endpoint = "cross_signing_upload"
+                return self._empty
+            case ["keys", "signatures", "upload"] if method == "POST":
+                call.endpoint = "signatures_upload"
+                return self._no_failures
             case ["keys", "upload"] if method == "POST":
                 call.endpoint = "keys_upload"
                 return lambda: self._keys_upload(call.body)
@@ -579,6 +586,9 @@ class FakeHomeserver:
             for user in [BOT, *room.members]
         ]
         return 200, {"chunk": chunk}
+
+    async def _no_failures(self) -> Answer:
+        return 200, {"failures": {}}
 
     async def _no_state(self) -> Answer:
         return 404, {"errcode": "M_NOT_FOUND", "error": "Event not found."}
