@@ -362,6 +362,9 @@ const commands = {
         const map = await c.getCrypto().getUserDeviceInfo([userId], true);
         const devices = [];
         for (const device of (map.get(userId) ?? new Map()).values()) {
+            // Whether the owner's self-signing key signed it (cross-signing), as this
+            // client's crypto checked it; null when it cannot tell.
+            const status = await c.getCrypto().getDeviceVerificationStatus(userId, device.deviceId);
             devices.push({
                 device_id: device.deviceId,
                 ed25519: device.getFingerprint() ?? null,
@@ -369,6 +372,7 @@ const commands = {
                 display_name: device.displayName ?? null,
                 verified: device.verified === 1, // DeviceVerification.Verified
                 algorithms: device.algorithms,
+                signed_by_owner: status?.signedByOwner ?? false,
             });
         }
         devices.sort((a, b) => a.device_id.localeCompare(b.device_id));

@@ -116,6 +116,8 @@ class Device:
     display_name: str | None
     verified: bool
     algorithms: list[str]
+    signed_by_owner: bool = False
+    """Signed by its owner's self-signing key, as the client's crypto checked it."""
 
 
 class JsClient:

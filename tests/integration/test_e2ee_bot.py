@@ -347,9 +347,6 @@ async def test_the_bots_device_is_cross_signed_by_its_account(
             assert verify_cross_signing_keys(bot, master, ssk)
             device = answer.device_keys[bot][bot_user.device_id]
             assert device_signed_by_self_signing_key(device, ssk)
-            created = [e for e in logs if e["event"] == "cross_signing_created"]
-            assert len(created) == 1
-
             # A restart signs nothing again and makes no keys.
             with capture_logs() as again:
                 async with running_bot(settings):
@@ -357,3 +354,13 @@ async def test_the_bots_device_is_cross_signed_by_its_account(
             assert not [
                 e for e in again if e["event"].startswith(("cross_signing", "device_cross"))
             ]
+
+            # And a client nobody here wrote sees it so too (once it tracks the bot's
+            # devices: a room shared with it).
+            async with running_bot(settings), open_js_client("alice") as js:
+                await _logged_in(js, synapse, alice_user)
+                await _greeted_dm(js, bot)
+                [seen] = [d for d in await js.devices(bot) if d.device_id == bot_user.device_id]
+                assert seen.signed_by_owner
+            created = [e for e in logs if e["event"] == "cross_signing_created"]
+            assert len(created) == 1
