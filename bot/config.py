@@ -8,6 +8,7 @@ file. Every problem is reported at once, each naming the setting it is about:
     user_id = "@bot:example.org"
     password = "..."              # or access_token = "..."
     device_id = "SURFACESBOT"     # optional; kept across logins
+                                  # recovery_key: MATRIX_RECOVERY_KEY, from the environment
 
     [bot]
     store_path = "surfaces-bot.sqlite3"        # BOT_STORE_PATH
@@ -50,6 +51,8 @@ from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any, Literal
 from urllib.parse import urlsplit
+
+from matrix_crypto.cross_signing import RecoveryKeyError, decode_recovery_key
 
 from .backend_settings.model import ModelSettings, model_settings_from_env
 from .backend_settings.reading import SettingsError, shown_url
@@ -98,6 +101,9 @@ class Settings:
     access_token: str | None = field(default=None, repr=False)
     password: str | None = field(default=None, repr=False)
     device_id: str | None = None
+    recovery_key: str | None = field(default=None, repr=False)
+    """The secret storage recovery key (base58, as clients show it); None: a key file
+    beside the store (`bot.e2ee.secret_storage`)."""
     store_path: Path = Path("surfaces-bot.sqlite3")
     allowed: AllowList = AllowList()
     admins: frozenset[str] = frozenset()
@@ -140,6 +146,7 @@ _ENV = {
     ("matrix", "access_token"): "MATRIX_ACCESS_TOKEN",
     ("matrix", "password"): "MATRIX_PASSWORD",
     ("matrix", "device_id"): "MATRIX_DEVICE_ID",
+    ("matrix", "recovery_key"): "MATRIX_RECOVERY_KEY",
     ("bot", "store_path"): "BOT_STORE_PATH",
     ("bot", "allowed_users"): "BOT_ALLOWED_USERS",
     ("bot", "admins"): "BOT_ADMINS",
@@ -251,6 +258,15 @@ def _name(key: tuple[str, str]) -> str:
     return f"{key[0]}.{key[1]} ({_ENV[key]})"
 
 
+def _recovery_key(value: str, problems: list[str]) -> str | None:
+    try:
+        decode_recovery_key(value)
+    except RecoveryKeyError as exc:  # says where the typo is, never the key
+        problems.append(f"{_name(('matrix', 'recovery_key'))}: {exc}")
+        return None
+    return value
+
+
 def _pickle_key(value: str | None, problems: list[str]) -> bytes | None:
     if value is None:
         return None
@@ -348,6 +364,9 @@ def _validate(raw: dict[tuple[str, str], Any], problems: list[str]) -> Settings 
             "one of them is required"
         )
     device_id = text(("matrix", "device_id"))
+    recovery_key = text(("matrix", "recovery_key"))
+    if recovery_key is not None:
+        recovery_key = _recovery_key(recovery_key, problems)
     store_path = text(("bot", "store_path")) or "surfaces-bot.sqlite3"
 
     users: set[str] = set()
@@ -409,6 +428,7 @@ def _validate(raw: dict[tuple[str, str], Any], problems: list[str]) -> Settings 
         access_token=access_token,
         password=password,
         device_id=device_id,
+        recovery_key=recovery_key,
         store_path=Path(store_path).expanduser(),
         allowed=AllowList(frozenset(users), frozenset(servers)),
         admins=frozenset(admins),

@@ -177,7 +177,11 @@ class BotRuntime:
         with scope:
             if self._pickle_key is not None:
                 await cross_sign_device(
-                    crypto, password=self.settings.password, pickle_key=self._pickle_key
+                    crypto,
+                    password=self.settings.password,
+                    pickle_key=self._pickle_key,
+                    recovery_key=self.settings.recovery_key,
+                    store_path=Path(self.settings.store_path),
                 )
             await crypto.run()
 

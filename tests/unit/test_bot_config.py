@@ -749,3 +749,17 @@ def test_a_pickle_key_is_32_bytes_of_base64_and_never_shown() -> None:
         problems = problems_of(None, env(BOT_PICKLE_KEY=bad))
         assert any("BOT_PICKLE_KEY" in p and "32 random bytes" in p for p in problems)
         assert not any(bad in p for p in problems)
+
+
+def test_a_recovery_key_is_checked_and_a_typo_named_without_the_key() -> None:
+    from matrix_crypto.cross_signing import SecretStorageKey
+
+    key = SecretStorageKey.create().recovery_key
+    assert load_settings(None, env(MATRIX_RECOVERY_KEY=key)).recovery_key == key
+    assert key not in repr(load_settings(None, env(MATRIX_RECOVERY_KEY=key)))
+    typo = key[:5] + "0" + key[6:]  # base58 has no zero: always caught
+    problems = problems_of(None, env(MATRIX_RECOVERY_KEY=typo))
+    assert any("MATRIX_RECOVERY_KEY" in p for p in problems)
+    assert not any(typo in p or key in p for p in problems)
+    problems = problems_of(None, env(MATRIX_RECOVERY_KEY="not a recovery key"))
+    assert any("MATRIX_RECOVERY_KEY" in p for p in problems)
