@@ -20,6 +20,10 @@ import trio
 
 from matrix_api import MatrixAPIError, MatrixClient
 from matrix_api.models import UserID
+from matrix_crypto.cross_signing import (
+    cross_signing_public_key,
+    device_signed_by_self_signing_key,
+)
 from matrix_crypto.errors import CryptoError
 
 from . import __version__
@@ -27,6 +31,7 @@ from .backend_settings.reading import without_userinfo
 from .config import Settings
 from .e2ee.crypto import stored_crypto
 from .e2ee.pickle_key import PickleKeyError, existing_pickle_key
+from .e2ee.secret_storage import recovery_key_file_for
 from .intake import full_state_sync
 from .reconcile import reconcile_matrix_state
 from .reset import store_files
@@ -105,6 +110,8 @@ async def run_doctor(settings: Settings, say: Callable[[str], None]) -> int:
                     return problems
                 ok(f"credentials: valid for {settings.user_id} (device {device})")
                 await _check_encryption(client, store, settings, device, ok, bad)
+                if settings.e2ee:
+                    await _check_cross_signing(client, settings, device, ok, bad)
                 try:
                     sync = await full_state_sync(client, settings.user_id)
                     report = await reconcile_matrix_state(client, store, sync)
@@ -179,6 +186,50 @@ async def _check_encryption(
             f"encryption: the server has keys for device {device} that this store does not "
             "hold, and no MATRIX_PASSWORD to log in as a new device: encrypted rooms will "
             "get the unencrypted fallback"
+        )
+
+
+async def _check_cross_signing(
+    client: MatrixClient,
+    settings: Settings,
+    device: str | None,
+    ok: Callable[[str], None],
+    bad: Callable[[str], None],
+) -> None:
+    """One line on cross-signing: the account's keys, whether this device is signed by
+    them, and whether a recovery key could restore them after a lost store."""
+    user = UserID(settings.user_id)
+    try:
+        answer = await client.query_keys({user: []})
+    except MatrixAPIError as exc:
+        bad(f"cross-signing: could not read the account's keys: {exc}")
+        return
+    master = answer.master_keys.get(user)
+    ssk = answer.self_signing_keys.get(user)
+    key_file = recovery_key_file_for(Path(settings.store_path))
+    recovery = (
+        "MATRIX_RECOVERY_KEY"
+        if settings.recovery_key is not None
+        else (str(key_file) if key_file.exists() else None)
+    )
+    kept = f"; recovery key: {recovery}" if recovery else ""
+    if master is None:
+        ok("cross-signing: no keys yet: the next start makes them and signs the device")
+        return
+    public = cross_signing_public_key(master, settings.user_id, "master")
+    device_keys = answer.device_keys.get(user, {}).get(device or "")
+    if device_keys is not None and device_signed_by_self_signing_key(device_keys, ssk):
+        ok(f"cross-signing: master key {public}, device {device} signed by it{kept}")
+    elif recovery is not None:
+        ok(
+            f"cross-signing: master key {public}, device {device} not signed yet: "
+            f"the next start signs it{kept}"
+        )
+    else:
+        bad(
+            f"cross-signing: master key {public}, device {device} not signed, and no recovery "
+            f"key to restore the keys if the store lost them: set MATRIX_RECOVERY_KEY (the "
+            f"recovery key a client showed, or the one the first start wrote to {key_file})"
         )
 
 

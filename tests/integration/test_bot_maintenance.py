@@ -110,6 +110,13 @@ async def test_doctor_reports_healthy_and_broken_setups(
     assert "known 1" in healthy.stdout  # the one chat, as the store has it
     # The device the bot made its keys for, as the store and the server have it.
     assert re.search(r"ok\s+encryption: device \S+, keys published", healthy.stdout)
+    # The bot ran: its account has cross-signing keys, its device is signed (or, if the
+    # bot stopped before it got to it, will be), and the recovery key is in its file.
+    assert re.search(
+        r"ok\s+cross-signing: master key \S+, device \S+ "
+        r"(signed by it|not signed yet: the next start signs it); recovery key: \S+",
+        healthy.stdout,
+    )
     assert store.read_bytes() == before, "doctor must not change the store"
 
     bad_token = await trio.to_thread.run_sync(
