@@ -21,6 +21,32 @@ for ``GroupSessions.add_forwarded_room_key``: stored untrusted). The
 are the uploader's word too; `decrypt_session` reports the first index the key itself
 can decrypt from.
 
+Public API::
+
+    ALGORITHM = "m.megolm_backup.v1.curve25519-aes-sha2"; SECRET_NAME = "m.megolm_backup.v1"
+    class BackupKey                       # repr: public key only; not picklable
+        BackupKey.create() / BackupKey.from_base64(text)   # BackupError for bad text
+        .public_key: str; .to_base64() -> str (the secret)
+        .auth_data() -> {"public_key"}; .signed_auth_data(user_id, signers) -> dict
+        .matches(auth_data) -> bool
+    AuthDataSigner = Callable[[bytes], tuple[key_id, signature]]
+    public_key_from_auth_data(auth_data) -> str          # BackupError
+    check_auth_data(auth_data, backup_key) -> None       # BackupKeyMismatch / BackupError
+    RoomKeyToBackUp(room_id, session_id, sender_curve25519, sender_claimed_ed25519,
+                    session_key, first_message_index, forwarded_count=0, verified=False,
+                    forwarding_curve25519_key_chain=())
+    encrypt_session(public_key, session) -> {"ephemeral", "ciphertext", "mac"}  # ValueError
+    backup_data(public_key, session) -> KeyBackupData dict                     # ValueError
+    is_better_copy(candidate, current) -> bool           # never raises
+    decrypt_session(backup_key, key_backup_data, *, room_id, session_id)
+        -> BackedUpSession                               # BackupError
+    decrypt_room_keys(backup_key, rooms) -> (list[BackedUpSession], list[SessionRefusal])
+    BackedUpSession(room_id, session_id, algorithm, sender_key, sender_claimed_keys,
+                    session_key, forwarding_curve25519_key_chain, first_known_index,
+                    forwarded_count, is_verified)
+        .sender_claimed_ed25519; .forwarded_room_key_content() -> dict
+    SessionRefusal(room_id, session_id, reason)
+
 Errors: hostile or malformed input -> `BackupError` (a `CryptoError`) whose ``reason``
 is short, safe to log and quotes no key, ciphertext or plaintext. Our own bad input
 (a malformed session to back up) -> ValueError. Secrets never appear in a repr.
