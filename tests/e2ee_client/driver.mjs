@@ -31,6 +31,7 @@ for (const method of ["log", "info", "debug", "trace", "warn", "error"]) {
 // Imported only now, after console is redirected (static imports would run first).
 const sdk = await import("matrix-js-sdk");
 const { logger } = await import("matrix-js-sdk/lib/logger.js");
+const cryptoApi = await import("matrix-js-sdk/lib/crypto-api/index.js");
 logger.setLevel(LOG_LEVEL);
 
 const DEFAULT_TIMEOUT_MS = 30_000;
@@ -377,6 +378,36 @@ const commands = {
         }
         devices.sort((a, b) => a.device_id.localeCompare(b.device_id));
         return devices;
+    },
+
+    async bootstrap_cross_signing(args) {
+        // The person's own cross-signing keys (a client with "exclude insecure devices"
+        // refuses to encrypt without them), uploaded with the password when asked.
+        const c = requireClient();
+        const password = requireString(args, "password");
+        await c.getCrypto().bootstrapCrossSigning({
+            authUploadDeviceSigningKeys: async (makeRequest) => {
+                await makeRequest({
+                    type: "m.login.password",
+                    identifier: { type: "m.id.user", user: c.getUserId() },
+                    password,
+                });
+            },
+        });
+        return { ready: await c.getCrypto().isCrossSigningReady() };
+    },
+
+    async set_device_isolation(args) {
+        // Element's "exclude insecure devices" (MSC4153): room keys go only to devices
+        // their owner cross-signed, and only events from such devices decrypt.
+        const c = requireClient();
+        const onlySigned = args.only_signed === true;
+        c.getCrypto().setDeviceIsolationMode(
+            onlySigned
+                ? new cryptoApi.OnlySignedDevicesIsolationMode()
+                : new cryptoApi.AllDevicesIsolationMode(false),
+        );
+        return { only_signed: onlySigned };
     },
 
     async whoami() {

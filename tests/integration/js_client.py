@@ -219,6 +219,17 @@ class JsClient:
         """The user's devices as this client's crypto knows them (queried if not tracked yet)."""
         return [Device(**d) for d in await self.call("devices", {"user_id": user_id})]
 
+    async def bootstrap_cross_signing(self, password: str) -> bool:
+        """Sets up this person's cross-signing (keys made and uploaded, this device
+        signed); whether the client then reports cross-signing as ready."""
+        result = await self.call("bootstrap_cross_signing", {"password": password}, timeout=60.0)
+        return bool(result["ready"])
+
+    async def set_device_isolation(self, *, only_signed: bool) -> None:
+        """Element's "exclude insecure devices" (MSC4153) when ``only_signed``: room keys
+        only for devices their owner cross-signed, and only their events decrypt."""
+        await self.call("set_device_isolation", {"only_signed": only_signed})
+
     async def stop(self) -> None:
         """Stops the client; the process exits (`open_js_client` also does this)."""
         await self.call("stop", {}, timeout=10.0)

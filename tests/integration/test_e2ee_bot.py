@@ -375,3 +375,28 @@ async def test_the_bots_device_is_cross_signed_by_its_account(
                 assert seen.signed_by_owner
             created = [e for e in logs if e["event"] == "cross_signing_created"]
             assert len(created) == 1
+
+
+async def test_a_client_that_excludes_insecure_devices_still_talks_with_the_bot(
+    synapse: SynapseServer, make_user: MakeUser, tmp_path: Path
+) -> None:
+    # Element's "exclude insecure devices" (MSC4153): keys only for devices their owner
+    # cross-signed, and only their events decrypt. The bot's device is cross-signed, so
+    # the conversation works both ways. (Without the bot's cross-signing, the person's
+    # client refuses the greeting: "the sending device was not signed by the user's
+    # identity".)
+    bot_user, alice_user = make_user("bot"), make_user("alice")
+    bot = bot_user.user_id
+    settings = bot_settings(synapse, bot_user, tmp_path / "store.sqlite3")
+    with trio.fail_after(SCENARIO_S):
+        async with running_bot(settings) as runtime, open_js_client("alice") as alice:
+            crypto = runtime._crypto
+            assert crypto is not None
+            while crypto.own.get("cross_signed_device") != bot_user.device_id:
+                await runtime._store.wait_for_change()
+            await _logged_in(alice, synapse, alice_user)
+            assert await alice.bootstrap_cross_signing(alice_user.password)
+            await alice.set_device_isolation(only_signed=True)
+            room_id = await _greeted_dm(alice, bot)
+            answer = await _ask(alice, room_id, bot, "only to signed devices")
+            assert answer.body == "only to signed devices"
