@@ -48,7 +48,11 @@ def reset_local(
         return 1
     with lock:
         listing = ", ".join(str(path) for path in files)
-        if not confirm(f"Delete the local store ({listing})? The next start rebuilds it."):
+        question = (
+            f"Delete the local store ({listing})? The next start rebuilds it, as a new "
+            "encryption device (the old device's keys are in the store)."
+        )
+        if not confirm(question):
             say("Nothing deleted.")
             return 1
         for path in files:
@@ -76,7 +80,17 @@ async def managed_rooms(client: MatrixClient, bot_user_id: str) -> list[ManagedR
     return found
 
 
+# What `reset_server` leaves on the server, said each time it runs.
+KEPT_ON_SERVER = (
+    "Kept on the server: the bot's devices and their encryption keys, the account's "
+    "cross-signing keys and its secret storage (the recovery key still opens them), and "
+    "the rooms' history. Kept here: the local store and its key files (reset --local "
+    "deletes the store)."
+)
+
+
 async def reset_server(settings: Settings, *, apply: bool, say: Callable[[str], None]) -> int:
+    say(KEPT_ON_SERVER)
     async with MatrixClient(
         settings.homeserver,
         access_token=settings.access_token,

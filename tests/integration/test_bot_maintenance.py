@@ -87,6 +87,8 @@ async def test_reset_server_is_a_dry_run_until_yes_then_releases_every_room(
     dry = await trio.to_thread.run_sync(lambda: _bot("reset", "--server", env=env))
     assert dry.returncode == 0, dry.stderr
     assert f"Would clear the marker of chat {room_id}" in dry.stdout
+    # It says what it leaves: the encryption identity and its secret storage.
+    assert "cross-signing keys and its secret storage" in dry.stdout
     async with MatrixClient(
         synapse.base_url, access_token=bot.access_token, user_id=bot.user_id
     ) as client:
