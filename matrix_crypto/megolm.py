@@ -132,6 +132,7 @@ __all__ = [
     "SEEN_LIMIT",
     "SESSIONS_PER_SENDER_LIMIT",
     "GroupSessions",
+    "InboundExport",
     "InboundRecord",
     "MegolmChanges",
     "MegolmDecrypted",
@@ -284,6 +285,20 @@ class InboundRecord:
     trusted: bool
     first_known_index: int
     pickle: str = field(repr=False)
+
+
+@dataclass(frozen=True, slots=True)
+class InboundExport:
+    """An inbound session as a key backup carries it: the session key exported at its
+    first known index, and where it came from (``trusted``: a direct m.room_key)."""
+
+    room_id: str
+    session_id: str
+    sender_curve25519: str
+    sender_claimed_ed25519: str
+    trusted: bool
+    first_known_index: int
+    session_key: str = field(repr=False)  # key material: never in a log line
 
 
 @dataclass(frozen=True, slots=True)
@@ -545,6 +560,32 @@ class GroupSessions:
             del self._by_sender[key[1]]
         self._dirty_inbound.discard(key)
         self._deleted_inbound.add(key)
+
+    def inbound_keys(self) -> list[tuple[str, str, str]]:
+        """Every inbound session's key: (room_id, sender_curve25519, session_id)."""
+        return list(self._inbound)
+
+    def export_inbound(
+        self, room_id: str, sender_curve25519: str, session_id: str
+    ) -> InboundExport | None:
+        """The session for a key backup; None when it is not known. Never raises: a
+        session exports at its own first known index."""
+        inbound = self._inbound.get((room_id, sender_curve25519, session_id))
+        if inbound is None:
+            return None
+        first = inbound.session.first_known_index
+        exported = inbound.session.export_at(first)
+        if exported is None:  # not for a session's own first index; typed as possible
+            return None
+        return InboundExport(
+            room_id=inbound.room_id,
+            session_id=session_id,
+            sender_curve25519=inbound.sender_curve25519,
+            sender_claimed_ed25519=inbound.sender_claimed_ed25519,
+            trusted=inbound.trusted,
+            first_known_index=first,
+            session_key=exported.to_base64(),
+        )
 
     def has_session(
         self, room_id: str, session_id: str, sender_curve25519: str | None = None
