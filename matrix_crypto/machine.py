@@ -373,6 +373,12 @@ class OlmMachine:
     def outdated_users(self) -> frozenset[str]:
         return frozenset(self._tracker.outdated)
 
+    def devices_current(self, users: Iterable[str]) -> bool:
+        """Whether every one of ``users`` is tracked and not outdated (no copy of the
+        tracked set: called before each decrypt)."""
+        tracker = self._tracker
+        return all(u in tracker.tracked and u not in tracker.outdated for u in users)
+
     def devices(self, user_id: str) -> list[Device]:
         """The known devices of ``user_id`` (from validated /keys/query answers)."""
         return self._tracker.user_devices(user_id)

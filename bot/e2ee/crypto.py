@@ -296,8 +296,7 @@ class BotCrypto:
         """Know the current devices of ``users`` (a sender, before their message is
         checked against them): tracked from now on, queried when unknown or outdated."""
         machine = self._machine
-        tracked, outdated = machine.tracked_users(), machine.outdated_users()
-        if all(user in tracked and user not in outdated for user in users):
+        if machine.devices_current(users):
             return  # known and current: no lock, no request
         machine.update_tracked_users(users)
         await self.send_outgoing()
@@ -317,9 +316,8 @@ class BotCrypto:
             if changes == self._member_changes:  # else it may be stale already: not kept
                 self._members[room_id] = users
         async with self._network:
-            self._machine.update_tracked_users(users)
-            await self._send_all(self._machine.outgoing_requests())
-            # Query, claim, share: a few rounds, each answered before the next is asked.
+            # Query, claim, share (share_room_key tracks the members): a few rounds, each
+            # answered before the next is asked.
             for _ in range(_SHARE_ROUNDS):
                 requests = self._machine.share_room_key(room_id, users, settings)
                 if not requests:
