@@ -112,10 +112,8 @@ class BotCrypto:
         """
         user_id = client.user_id
         assert user_id is not None, "authenticate first"
-        rows = await store.crypto_rows()
-        own = {key: value for kind, key, value in rows if kind == _OWN}
+        own, machine_rows = _split_rows(await store.crypto_rows())
         stored_device = own.get("device_id")
-        machine_rows = [row for row in rows if row[0] != _OWN]
         if stored_device == device_id and machine_rows:
             machine = OlmMachine.restore(
                 user_id, device_id, CryptoState.from_rows(machine_rows), pickle_key
@@ -331,6 +329,14 @@ class BotCrypto:
         return encrypted
 
 
+def _split_rows(
+    rows: list[tuple[str, str, str]],
+) -> tuple[dict[str, str], list[tuple[str, str, str]]]:
+    """The store's crypto rows: this module's own entries by key, and the machine's."""
+    own = {key: value for kind, key, value in rows if kind == _OWN}
+    return own, [row for row in rows if row[0] != _OWN]
+
+
 def _to_device_dict(event: Any) -> dict[str, Any]:
     return {"type": event.type, "sender": event.sender, "content": event.content}
 
@@ -340,10 +346,8 @@ async def stored_crypto(
 ) -> tuple[str | None, OlmMachine | None]:
     """The device id the store keeps crypto state for, and that state opened with
     ``pickle_key`` (None: none kept). Raises `CryptoError` when it does not open."""
-    rows = await store.crypto_rows()
-    own = {key: value for kind, key, value in rows if kind == _OWN}
+    own, machine_rows = _split_rows(await store.crypto_rows())
     device_id = own.get("device_id")
-    machine_rows = [row for row in rows if row[0] != _OWN]
     if device_id is None or not machine_rows:
         return device_id, None
     state = CryptoState.from_rows(machine_rows)

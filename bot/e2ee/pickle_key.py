@@ -13,7 +13,13 @@ import os
 import secrets
 from pathlib import Path
 
-__all__ = ["PickleKeyError", "existing_pickle_key", "key_file_for", "load_pickle_key"]
+__all__ = [
+    "PickleKeyError",
+    "existing_pickle_key",
+    "key_file_for",
+    "load_pickle_key",
+    "write_secret_file",
+]
 
 KEY_BYTES = 32
 
@@ -33,26 +39,31 @@ def load_pickle_key(configured: bytes | None, store_path: Path) -> bytes:
     path = key_file_for(store_path)
     if path.exists():
         return _read(path)
-    # Written whole under another name, then linked into place: a crash never leaves
-    # a half-written key file, and of two starts racing, the first link wins.
-    temporary = path.with_name(f"{path.name}.{secrets.token_hex(4)}.tmp")
     key = secrets.token_bytes(KEY_BYTES)
+    try:
+        write_secret_file(path, key.hex())
+    except FileExistsError:  # another start made it first: theirs is the key
+        return _read(path)
+    except OSError as exc:
+        raise PickleKeyError(f"{path}: cannot create the key file: {exc}") from exc
+    return key
+
+
+def write_secret_file(path: Path, text: str) -> None:
+    """``text`` in a new file at ``path``, mode 0600 whatever the umask. Written whole
+    under another name, then linked into place: a crash never leaves half of it, and of
+    two writers the first link wins (the other gets `FileExistsError`)."""
+    temporary = path.with_name(f"{path.name}.{secrets.token_hex(4)}.tmp")
     try:
         fd = os.open(temporary, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
         try:
-            os.write(fd, key.hex().encode() + b"\n")
+            os.write(fd, text.encode("ascii") + b"\n")
             os.fsync(fd)
         finally:
             os.close(fd)
-        try:
-            os.link(temporary, path)
-        except FileExistsError:
-            return _read(path)
-    except OSError as exc:
-        raise PickleKeyError(f"{path}: cannot create the key file: {exc}") from exc
+        os.link(temporary, path)
     finally:
         temporary.unlink(missing_ok=True)
-    return key
 
 
 def existing_pickle_key(configured: bytes | None, store_path: Path) -> bytes | None:

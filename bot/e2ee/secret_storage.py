@@ -10,7 +10,6 @@ with it).
 
 from __future__ import annotations
 
-import os
 import secrets
 from pathlib import Path
 
@@ -25,6 +24,8 @@ from matrix_crypto.cross_signing import (
     decode_recovery_key,
 )
 from matrix_crypto.errors import CryptoError
+
+from .pickle_key import write_secret_file
 
 __all__ = [
     "recovery_key_file_for",
@@ -99,17 +100,7 @@ def _read_file(path: Path) -> str | None:
 
 
 def _write_file(path: Path, text: str) -> None:
-    # Written whole under another name, then linked into place (as the pickle key).
-    temporary = path.with_name(f"{path.name}.{secrets.token_hex(4)}.tmp")
     try:
-        fd = os.open(temporary, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
-        try:
-            os.write(fd, text.encode("ascii") + b"\n")
-            os.fsync(fd)
-        finally:
-            os.close(fd)
-        os.link(temporary, path)
+        write_secret_file(path, text)
     except OSError as exc:
         raise CryptoError(f"{path}: cannot write the recovery key file: {exc}") from exc
-    finally:
-        temporary.unlink(missing_ok=True)
