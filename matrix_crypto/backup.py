@@ -14,11 +14,15 @@ implementation kept, see the spec's warning). vodozemac 0.10 does exactly that (
 by the tests against HKDF/HMAC computed here and against matrix-rust-sdk).
 
 What a backed-up key is worth: anyone who knows the public key can write an entry
-(the MAC covers nothing), so a session restored from the backup says only what the
-entry claims. Import it like a forwarded key (`BackedUpSession.forwarded_room_key_content`
-for ``GroupSessions.add_forwarded_room_key``: stored untrusted). The
+(the MAC covers nothing), so an entry says only what it claims. Entries this module
+writes carry MSC4048's authentication as well (unstable names): an HMAC of the
+``session_data`` under a key derived from the backup's *private* key, which only
+holders of that key can make, and an ``unauthenticated`` marker inside the plaintext
+when the key was not received from its owner. `decrypt_session` reports
+``authenticated`` only for an entry with a valid HMAC and no such marker; any other
+entry is worth what a forwarded key is (stored untrusted). The
 ``first_message_index``, ``forwarded_count`` and ``is_verified`` beside the ciphertext
-are the uploader's word too; `decrypt_session` reports the first index the key itself
+are the uploader's word; `decrypt_session` reports the first index the key itself
 can decrypt from.
 
 Public API::
@@ -28,22 +32,23 @@ Public API::
         BackupKey.create() / BackupKey.from_base64(text)   # BackupError for bad text
         .public_key: str; .to_base64() -> str (the secret)
         .auth_data() -> {"public_key"}; .signed_auth_data(user_id, signers) -> dict
-        .matches(auth_data) -> bool
+        .matches(auth_data) -> bool; .mac_key() -> bytes (a secret, MSC4048)
     AuthDataSigner = Callable[[bytes], tuple[key_id, signature]]
     public_key_from_auth_data(auth_data) -> str          # BackupError
     check_auth_data(auth_data, backup_key) -> None       # BackupKeyMismatch / BackupError
     RoomKeyToBackUp(room_id, session_id, sender_curve25519, sender_claimed_ed25519,
                     session_key, first_message_index, forwarded_count=0, verified=False,
-                    forwarding_curve25519_key_chain=())
+                    forwarding_curve25519_key_chain=(), authenticated=False)
     encrypt_session(public_key, session) -> {"ephemeral", "ciphertext", "mac"}  # ValueError
     backup_data(public_key, session) -> KeyBackupData dict                     # ValueError
+    authenticated_backup_data(backup_key, user_id, session) -> the same, HMAC'd (MSC4048)
     is_better_copy(candidate, current) -> bool           # never raises
-    decrypt_session(backup_key, key_backup_data, *, room_id, session_id)
+    decrypt_session(backup_key, key_backup_data, *, room_id, session_id, user_id="")
         -> BackedUpSession                               # BackupError
     decrypt_room_keys(backup_key, rooms) -> (list[BackedUpSession], list[SessionRefusal])
     BackedUpSession(room_id, session_id, algorithm, sender_key, sender_claimed_keys,
                     session_key, forwarding_curve25519_key_chain, first_known_index,
-                    forwarded_count, is_verified)
+                    forwarded_count, is_verified, authenticated)
         .sender_claimed_ed25519; .forwarded_room_key_content() -> dict
     SessionRefusal(room_id, session_id, reason)
 
@@ -54,12 +59,16 @@ is short, safe to log and quotes no key, ciphertext or plaintext. Our own bad in
 
 from __future__ import annotations
 
+import hashlib
+import hmac
 import json
 from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass, field
 from typing import Final, NoReturn
 
 import vodozemac
+from cryptography.hazmat.primitives import hashes
+from cryptography.hazmat.primitives.kdf.hkdf import HKDF
 
 from matrix_crypto.canonical import b64decode, b64encode, canonical_json
 from matrix_crypto.errors import CryptoError
@@ -76,6 +85,7 @@ __all__ = [
     "BackupKeyMismatch",
     "RoomKeyToBackUp",
     "SessionRefusal",
+    "authenticated_backup_data",
     "backup_data",
     "check_auth_data",
     "decrypt_room_keys",
@@ -99,6 +109,10 @@ MAX_SESSION_KEY_CHARS: Final = 4_096
 MAX_ID_CHARS: Final = 255
 MAX_KEY_CHAIN: Final = 64
 MAX_CLAIMED_KEYS: Final = 16
+# MSC4048 (authenticated key backup), unstable names until it is merged.
+MAC_KEY_INFO: Final = b"MATRIX_BACKUP_MAC_KEY"
+MAC_SIGNATURE_ID: Final = "org.matrix.msc4048.hmac-sha-256:backup_mac_key"
+UNAUTHENTICATED: Final = "org.matrix.msc4048.unauthenticated"
 # Megolm message indexes are 32-bit; counts stay in canonical JSON's integer range.
 MAX_MESSAGE_INDEX: Final = 2**32 - 1
 MAX_COUNT: Final = 2**53 - 1
@@ -185,6 +199,12 @@ class BackupKey:
         except BackupError:
             return False
 
+    def mac_key(self) -> bytes:
+        """MSC4048's backup MAC key: HKDF-SHA256 of the private key, no salt, info
+        ``MATRIX_BACKUP_MAC_KEY``, 32 bytes. A secret."""
+        hkdf = HKDF(algorithm=hashes.SHA256(), length=32, salt=None, info=MAC_KEY_INFO)
+        return hkdf.derive(self._secret.to_bytes())
+
     def _decrypt(self, message: vodozemac.Message) -> bytes:
         return self._decryption.decrypt(message)
 
@@ -243,6 +263,8 @@ class RoomKeyToBackUp:
     ``session_key`` is the session exported at ``first_message_index`` (vodozemac
     ``InboundGroupSession.export_at(first_known_index).to_base64()``): a secret.
     ``verified``: whether we verified the device the key came from (``is_verified``).
+    ``authenticated``: whether the key came from its owner (a direct ``m.room_key``, or
+    an authenticated backup entry); False writes MSC4048's ``unauthenticated`` marker.
     """
 
     room_id: str
@@ -254,6 +276,7 @@ class RoomKeyToBackUp:
     forwarded_count: int = 0
     verified: bool = False
     forwarding_curve25519_key_chain: tuple[str, ...] = ()
+    authenticated: bool = False
 
 
 def _count(value: object, limit: int) -> int | None:
@@ -271,8 +294,8 @@ def _check_to_back_up(session: RoomKeyToBackUp) -> None:
         raise ValueError("first_message_index is not a megolm message index")
     if _count(session.forwarded_count, MAX_COUNT) is None:
         raise ValueError("forwarded_count is not a count")
-    if not isinstance(session.verified, bool):
-        raise ValueError("verified is not a bool")
+    if not isinstance(session.verified, bool) or not isinstance(session.authenticated, bool):
+        raise ValueError("verified and authenticated are bools")
     if not all(isinstance(k, str) for k in session.forwarding_curve25519_key_chain):
         raise ValueError("the forwarding chain holds a non-string")
     imported = _import_session_key(session.session_key)
@@ -304,13 +327,15 @@ def encrypt_session(public_key: str, session: RoomKeyToBackUp) -> dict[str, str]
     except BackupError as exc:
         raise ValueError(exc.reason) from None
     _check_to_back_up(session)
-    plain = {
+    plain: dict[str, object] = {
         "algorithm": MEGOLM_ALGORITHM,
         "sender_key": session.sender_curve25519,
         "sender_claimed_keys": {"ed25519": session.sender_claimed_ed25519},
         "session_key": session.session_key,
         "forwarding_curve25519_key_chain": list(session.forwarding_curve25519_key_chain),
     }
+    if not session.authenticated:
+        plain[UNAUTHENTICATED] = "m.forwarded_room_key"
     encryption = vodozemac.PkEncryption.from_key(vodozemac.Curve25519PublicKey.from_bytes(raw))
     message = encryption.encrypt(canonical_json(plain))
     return {
@@ -330,6 +355,43 @@ def backup_data(public_key: str, session: RoomKeyToBackUp) -> dict[str, object]:
         "is_verified": session.verified,
         "session_data": encrypt_session(public_key, session),
     }
+
+
+def authenticated_backup_data(
+    backup_key: BackupKey, user_id: str, session: RoomKeyToBackUp
+) -> dict[str, object]:
+    """`backup_data` whose ``session_data`` also carries MSC4048's HMAC under
+    ``backup_key``'s MAC key, as ``signatures[user_id]`` (only a holder of the private
+    key can make it, so `decrypt_session` can tell it from an entry anyone wrote)."""
+    data = backup_data(backup_key.public_key, session)
+    session_data = data["session_data"]
+    assert isinstance(session_data, dict)
+    session_data["signatures"] = {
+        user_id: {MAC_SIGNATURE_ID: _session_data_mac(backup_key, session_data)}
+    }
+    return data
+
+
+def _session_data_mac(backup_key: BackupKey, session_data: Mapping[str, object]) -> str:
+    # Canonical JSON as for signing: everything but signatures and unsigned.
+    signed = {k: v for k, v in session_data.items() if k not in ("signatures", "unsigned")}
+    digest = hmac.new(backup_key.mac_key(), canonical_json(signed), hashlib.sha256).digest()
+    return b64encode(digest)
+
+
+def _has_valid_mac(backup_key: BackupKey, user_id: str, session_data: object) -> bool:
+    if not user_id or not isinstance(session_data, Mapping):
+        return False
+    signatures = session_data.get("signatures")
+    mine = signatures.get(user_id) if isinstance(signatures, Mapping) else None
+    mac = mine.get(MAC_SIGNATURE_ID) if isinstance(mine, Mapping) else None
+    if not isinstance(mac, str) or len(mac) > 64:
+        return False
+    try:
+        expected = _session_data_mac(backup_key, session_data)
+    except (TypeError, ValueError):  # not canonical-JSON-able (floats, huge ints...)
+        return False
+    return hmac.compare_digest(mac.rstrip("="), expected)
 
 
 def _rank(data: object) -> tuple[bool, int, int] | None:
@@ -366,7 +428,10 @@ class BackedUpSession:
     filed). ``session_key`` is a secret; ``first_known_index`` is the first index the
     key decrypts (from the key, not the server's metadata); ``is_verified`` and
     ``forwarded_count`` are the uploader's word. ``sender_claimed_keys`` keeps the
-    ``ed25519`` claim only (the one the spec defines)."""
+    ``ed25519`` claim only (the one the spec defines). ``authenticated``: the entry
+    carries a valid MSC4048 HMAC (so a holder of the private key wrote it) and no
+    ``unauthenticated`` marker: its sender keys are as trustworthy as the uploader's
+    own copy was."""
 
     room_id: str
     session_id: str
@@ -378,6 +443,7 @@ class BackedUpSession:
     first_known_index: int
     forwarded_count: int
     is_verified: bool
+    authenticated: bool = False
 
     @property
     def sender_claimed_ed25519(self) -> str:
@@ -475,7 +541,12 @@ def _key_chain(plain: Mapping[str, object]) -> tuple[str, ...]:
 
 
 def decrypt_session(
-    backup_key: BackupKey, key_backup_data: object, *, room_id: str, session_id: str
+    backup_key: BackupKey,
+    key_backup_data: object,
+    *,
+    room_id: str,
+    session_id: str,
+    user_id: str = "",
 ) -> BackedUpSession:
     """Decrypt and validate the ``KeyBackupData`` filed under ``rooms[room_id]
     .sessions[session_id]``. `BackupError` for: malformed data (types, sizes, base64),
@@ -483,7 +554,8 @@ def decrypt_session(
     decrypt, a plaintext that is not a JSON object with ``algorithm``
     ``m.megolm.v1.aes-sha2``, a 32-byte ``sender_key``, an ``ed25519`` claimed key, a
     short ``forwarding_curve25519_key_chain`` of keys (a missing one is empty), and a
-    ``session_key`` that imports and is the key of ``session_id``."""
+    ``session_key`` that imports and is the key of ``session_id``. ``user_id``: the
+    account whose MSC4048 HMAC makes the entry ``authenticated`` (empty: none is)."""
     if not isinstance(key_backup_data, Mapping):
         raise BackupError("the key backup data is not an object")
     if _count(key_backup_data.get("first_message_index"), MAX_MESSAGE_INDEX) is None:
@@ -494,7 +566,10 @@ def decrypt_session(
     verified = key_backup_data.get("is_verified")
     if not isinstance(verified, bool):
         raise BackupError("is_verified is not a bool")
-    plain = _plaintext(backup_key, _session_data(key_backup_data))
+    message = _session_data(key_backup_data)
+    mac_ok = _has_valid_mac(backup_key, user_id, key_backup_data.get("session_data"))
+    plain = _plaintext(backup_key, message)
+    authenticated = mac_ok and UNAUTHENTICATED not in plain
     if plain.get("algorithm") != MEGOLM_ALGORITHM:
         raise BackupError("the backed-up key is not for m.megolm.v1.aes-sha2")
     sender_key = plain.get("sender_key")
@@ -520,11 +595,12 @@ def decrypt_session(
         first_known_index=imported.first_known_index,
         forwarded_count=forwarded,
         is_verified=verified,
+        authenticated=authenticated,
     )
 
 
 def decrypt_room_keys(
-    backup_key: BackupKey, rooms: Mapping[str, object]
+    backup_key: BackupKey, rooms: Mapping[str, object], *, user_id: str = ""
 ) -> tuple[list[BackedUpSession], list[SessionRefusal]]:
     """Every entry of a ``GET /room_keys/keys`` answer (``rooms[room_id][session_id]``
     -> ``KeyBackupData``, as ``matrix_api``'s ``RoomKeys.rooms`` holds it): the
@@ -541,7 +617,9 @@ def decrypt_room_keys(
         for session_id, data in by_session.items():
             try:
                 sessions.append(
-                    decrypt_session(backup_key, data, room_id=room_id, session_id=session_id)
+                    decrypt_session(
+                        backup_key, data, room_id=room_id, session_id=session_id, user_id=user_id
+                    )
                 )
             except BackupError as exc:
                 refused.append(SessionRefusal(room_id, session_id, exc.reason))

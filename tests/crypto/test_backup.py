@@ -30,11 +30,13 @@ from matrix_crypto.backup import (
     ALGORITHM,
     MEGOLM_ALGORITHM,
     SECRET_NAME,
+    UNAUTHENTICATED,
     BackedUpSession,
     BackupError,
     BackupKey,
     BackupKeyMismatch,
     RoomKeyToBackUp,
+    authenticated_backup_data,
     backup_data,
     check_auth_data,
     decrypt_room_keys,
@@ -244,12 +246,116 @@ def test_restored_key_imports_as_an_untrusted_forwarded_key() -> None:
     assert decrypted.trusted is False
 
 
+def _restore(key: BackupKey, data: object, session: RoomKeyToBackUp) -> BackedUpSession:
+    return decrypt_session(key, data, room_id=ROOM, session_id=session.session_id, user_id=USER)
+
+
+def test_our_own_entries_are_authenticated_msc4048() -> None:
+    """An entry written with the private key's MAC key reads back authenticated; the
+    MAC is HMAC-SHA256 of the canonical session_data under HKDF(private key,
+    "MATRIX_BACKUP_MAC_KEY"), recomputed here from the private key."""
+    key = BackupKey.create()
+    session = room_key(authenticated=True)
+    data = authenticated_backup_data(key, USER, session)
+    session_data = data["session_data"]
+    assert isinstance(session_data, dict)
+    [(signed_by, macs)] = session_data["signatures"].items()
+    assert signed_by == USER
+    mac_key = HKDF(
+        algorithm=hashes.SHA256(), length=32, salt=None, info=b"MATRIX_BACKUP_MAC_KEY"
+    ).derive(b64decode(key.to_base64()))
+    mac = hmac.HMAC(mac_key, hashes.SHA256())
+    unsigned = {k: v for k, v in session_data.items() if k != "signatures"}
+    mac.update(json.dumps(unsigned, sort_keys=True, separators=(",", ":")).encode())
+    assert macs == {"org.matrix.msc4048.hmac-sha-256:backup_mac_key": b64encode(mac.finalize())}
+    assert _restore(key, data, session).authenticated is True
+    # Without the account to look under, or under another account: not authenticated.
+    assert (
+        decrypt_session(key, data, room_id=ROOM, session_id=session.session_id).authenticated
+        is False
+    )
+    other = decrypt_session(
+        key, data, room_id=ROOM, session_id=session.session_id, user_id="@eve:example.org"
+    )
+    assert other.authenticated is False
+
+
+def test_an_entry_anyone_could_write_is_not_authenticated() -> None:
+    """The public key is public: the homeserver can file an entry of its own. Without a
+    MAC only the private key's holder can make, it is worth a forwarded key."""
+    key = BackupKey.create()
+    session = room_key(authenticated=True)
+    assert _restore(key, backup_data(key.public_key, session), session).authenticated is False
+    # A MAC copied from a genuine entry onto a forged one does not fit it.
+    genuine = authenticated_backup_data(key, USER, session)
+    forged = backup_data(key.public_key, session)
+    forged["session_data"]["signatures"] = genuine["session_data"]["signatures"]  # type: ignore[index]
+    assert _restore(key, forged, session).authenticated is False
+    # A MAC made with another backup key's MAC key.
+    other = authenticated_backup_data(BackupKey.create(), USER, session)
+    forged = backup_data(key.public_key, session)
+    forged["session_data"]["signatures"] = other["session_data"]["signatures"]  # type: ignore[index]
+    assert _restore(key, forged, session).authenticated is False
+
+
+def test_a_key_we_did_not_get_from_its_owner_stays_unauthenticated() -> None:
+    key = BackupKey.create()
+    session = room_key(authenticated=False)
+    data = authenticated_backup_data(key, USER, session)
+    plain = rust_free_decrypt(key, data)
+    assert plain[UNAUTHENTICATED] == "m.forwarded_room_key"
+    assert _restore(key, data, session).authenticated is False
+
+
+def rust_free_decrypt(key: BackupKey, data: dict[str, Any]) -> dict[str, Any]:
+    """The plaintext of an entry, by the spec's construction (not the module under test)."""
+    session_data = data["session_data"]
+    shared = X25519PrivateKey.from_private_bytes(b64decode(key.to_base64())).exchange(
+        X25519PublicKey.from_public_bytes(b64decode(session_data["ephemeral"]))
+    )
+    okm = HKDF(algorithm=hashes.SHA256(), length=80, salt=bytes(32), info=b"").derive(shared)
+    decryptor = Cipher(algorithms.AES(okm[:32]), modes.CBC(okm[64:])).decryptor()
+    padded = decryptor.update(b64decode(session_data["ciphertext"])) + decryptor.finalize()
+    unpadder = padding.PKCS7(128).unpadder()
+    result: dict[str, Any] = json.loads(unpadder.update(padded) + unpadder.finalize())
+    return result
+
+
+@pytest.mark.parametrize(
+    "signatures",
+    [
+        None,
+        "x",
+        [],
+        {USER: "x"},
+        {USER: {"org.matrix.msc4048.hmac-sha-256:backup_mac_key": 5}},
+        {USER: {"org.matrix.msc4048.hmac-sha-256:backup_mac_key": "A" * 10_000}},
+        {USER: {"org.matrix.msc4048.hmac-sha-256:backup_mac_key": "not base64 !"}},
+        {USER: {"org.matrix.msc4048.hmac-sha-256:backup_mac_key": ""}},
+    ],
+)
+def test_hostile_macs_are_not_authenticated_and_never_raise(signatures: object) -> None:
+    key = BackupKey.create()
+    session = room_key(authenticated=True)
+    data = authenticated_backup_data(key, USER, session)
+    data["session_data"]["signatures"] = signatures  # type: ignore[index]
+    assert _restore(key, data, session).authenticated is False
+
+
+def test_a_session_data_that_is_not_canonical_json_is_not_authenticated() -> None:
+    key = BackupKey.create()
+    session = room_key(authenticated=True)
+    data = authenticated_backup_data(key, USER, session)
+    data["session_data"]["extra"] = 1.5  # type: ignore[index]  # no float in canonical JSON
+    assert _restore(key, data, session).authenticated is False
+
+
 def test_session_data_is_the_spec_construction() -> None:
     """Recompute everything the spec says from the private key: HKDF-SHA256 (zero salt,
     empty info) of the ECDH secret, AES-256-CBC with PKCS#7, and the libolm MAC: the
     first 8 bytes of HMAC-SHA256 over an empty buffer (not over the ciphertext)."""
     key = BackupKey.create()
-    session = room_key()
+    session = room_key(authenticated=True)  # no MSC4048 marker in the plaintext
     data = encrypt_session(key.public_key, session)
     private = X25519PrivateKey.from_private_bytes(b64decode(key.to_base64()))
     shared = private.exchange(X25519PublicKey.from_public_bytes(b64decode(data["ephemeral"])))
@@ -621,6 +727,17 @@ def test_rust_restores_a_room_key_we_backed_up() -> None:
     )
     assert (result["imported"], result["total"]) == (1, 1)
     assert result["event"]["content"] == {"body": "from python"}
+
+
+def test_rust_restores_an_authenticated_entry_too() -> None:
+    """The MSC4048 additions (a signatures object beside the ciphertext, the marker in
+    the plaintext) do not stop matrix-rust-sdk from reading our entries."""
+    key = BackupKey.create()
+    for authenticated in (True, False):
+        session = room_key(authenticated=authenticated)
+        data = authenticated_backup_data(key, USER, session)
+        plain = rust("decrypt", key=key.to_base64(), session_data=data["session_data"])
+        assert plain["session_key"] == session.session_key
 
 
 def test_algorithm_name() -> None:
