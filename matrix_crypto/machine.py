@@ -31,6 +31,7 @@ from typing import Any, ClassVar
 import vodozemac
 
 from matrix_crypto import olm
+from matrix_crypto.backup import BackedUpSession
 from matrix_crypto.devices import Device, DeviceTracker, parse_keys_query
 from matrix_crypto.errors import CryptoError, DecryptionError, UnverifiedSender
 from matrix_crypto.identity import (
@@ -40,7 +41,7 @@ from matrix_crypto.identity import (
     Identity,
     check_pickle_key,
 )
-from matrix_crypto.megolm import GroupSessions, RotationSettings
+from matrix_crypto.megolm import GroupSessions, InboundExport, RotationSettings
 from matrix_crypto.state import (
     AccountRecord,
     CryptoChanges,
@@ -869,6 +870,31 @@ class OlmMachine:
             message_index=plain.message_index,
             sender_curve25519=plain.sender_curve25519,
         )
+
+    # -- key backup --------------------------------------------------------------------
+
+    def backup_states(self) -> dict[tuple[str, str, str], tuple[int, bool]]:
+        """Each inbound session's (first known index, trusted), keyed (room_id,
+        sender_curve25519, session_id): which ones a backup holds as good a copy of."""
+        return self._groups.backup_states()
+
+    def export_inbound(
+        self, room_id: str, sender_curve25519: str, session_id: str
+    ) -> InboundExport | None:
+        """An inbound session as a key backup carries it (None: not known)."""
+        return self._groups.export_inbound(room_id, sender_curve25519, session_id)
+
+    def import_backed_up(self, sessions: Iterable[BackedUpSession]) -> int:
+        """Add sessions restored from the key backup: trusted only when the entry was
+        authenticated (`matrix_crypto.backup`). Returns how many were new or better;
+        persist `take_changes` after."""
+        imported = 0
+        for session in sessions:
+            outcome = self._groups.add_backed_up_room_key(
+                session.forwarded_room_key_content(), authenticated=session.authenticated
+            )
+            imported += outcome.stored
+        return imported
 
     # -- persistence -------------------------------------------------------------------
 

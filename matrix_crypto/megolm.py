@@ -565,6 +565,14 @@ class GroupSessions:
         """Every inbound session's key: (room_id, sender_curve25519, session_id)."""
         return list(self._inbound)
 
+    def backup_states(self) -> dict[tuple[str, str, str], tuple[int, bool]]:
+        """Each inbound session's (first known index, trusted), by key: what decides
+        whether a backed-up copy is still as good as the session (no export)."""
+        return {
+            key: (inbound.session.first_known_index, inbound.trusted)
+            for key, inbound in self._inbound.items()
+        }
+
     def export_inbound(
         self, room_id: str, sender_curve25519: str, session_id: str
     ) -> InboundExport | None:
@@ -641,6 +649,18 @@ class GroupSessions:
         as a trusted one we already have. ``forwarder_curve25519`` is the curve key of
         the Olm session it came through (checked present; who may forward is the
         caller's rule). Never raises."""
+        if _short_str(forwarder_curve25519) is None:
+            return RoomKeyOutcome(False, "forwarded key missing fields", "", "")
+        return self._import_exported(content, trusted=False)
+
+    def add_backed_up_room_key(self, content: object, *, authenticated: bool) -> RoomKeyOutcome:
+        """Add a session restored from the key backup (``BackedUpSession
+        .forwarded_room_key_content``). Trusted only when ``authenticated``: the entry
+        carried the backup's own MAC, so the bot itself had it from its owner (see
+        `matrix_crypto.backup`); else like a forwarded key. Never raises."""
+        return self._import_exported(content, trusted=authenticated)
+
+    def _import_exported(self, content: object, *, trusted: bool) -> RoomKeyOutcome:
         if not isinstance(content, Mapping):
             return RoomKeyOutcome(False, "forwarded key content is not an object", "", "")
         room_id = _short_str(content.get("room_id"))
@@ -655,7 +675,6 @@ class GroupSessions:
         if (
             sender_key is None
             or claimed is None
-            or _short_str(forwarder_curve25519) is None
             or not isinstance(session_key, str)
             or len(session_key) > _MAX_CIPHERTEXT_CHARS
         ):
@@ -676,7 +695,7 @@ class GroupSessions:
                 room_id=room_id,
                 sender_curve25519=sender_key,
                 sender_claimed_ed25519=claimed,
-                trusted=False,
+                trusted=trusted,
             )
         )
 

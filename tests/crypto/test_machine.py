@@ -20,6 +20,7 @@ import vodozemac
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
+from matrix_crypto import backup
 from matrix_crypto.canonical import b64encode
 from matrix_crypto.errors import CryptoError, DecryptionError, MissingRoomKey, UnverifiedSender
 from matrix_crypto.identity import Identity
@@ -1069,3 +1070,54 @@ def test_receive_sync_never_raises_property(
     with pytest.raises(DecryptionError):
         bot.decrypt_room_event(ROOM, {"sender": ALICE, "event_id": "$j", "content": junk})
     assert isinstance(bot.mark_request_sent("unknown", junk), list)
+
+
+def test_a_new_device_restored_from_the_backup_reads_what_the_old_one_could(
+    server: Server, pair: tuple[OlmMachine, OlmMachine]
+) -> None:
+    """The bot's backup of a key it had from alice's device restores trusted on a new
+    device (an authenticated entry); the same key filed by anyone who knows only the
+    backup's public key restores untrusted, and its events are refused."""
+    bot, alice = pair
+    bot.update_tracked_users([ALICE])
+    server.settle(bot)
+    before = _send(server, alice, bot, "before the loss", "$before")
+    assert bot.decrypt_room_event(ROOM, before).content["body"] == "before the loss"
+    [(key, (first, trusted))] = bot.backup_states().items()
+    assert (first, trusted) == (0, True)
+    exported = bot.export_inbound(*key)
+    assert exported is not None
+    assert exported.trusted
+    to_back_up = backup.RoomKeyToBackUp(
+        room_id=exported.room_id,
+        session_id=exported.session_id,
+        sender_curve25519=exported.sender_curve25519,
+        sender_claimed_ed25519=exported.sender_claimed_ed25519,
+        session_key=exported.session_key,
+        first_message_index=exported.first_known_index,
+        authenticated=exported.trusted,
+    )
+    backup_key = backup.BackupKey.create()
+    ours = backup.authenticated_backup_data(backup_key, BOT, to_back_up)
+    anyones = backup.backup_data(backup_key.public_key, to_back_up)
+    gap = alice.encrypt_room_event(ROOM, "m.room.message", {"body": "in the gap"})
+    in_the_gap = _message(ALICE, "$gap", gap)
+
+    for device_id, data, readable in (("NEWDEV", ours, True), ("OTHERDEV", anyones, False)):
+        new = OlmMachine.create(BOT, device_id, KEY)
+        server.settle(new)
+        new.update_tracked_users([ALICE])
+        server.settle(new)
+        with pytest.raises(MissingRoomKey):
+            new.decrypt_room_event(ROOM, in_the_gap)
+        restored = backup.decrypt_session(
+            backup_key, data, room_id=ROOM, session_id=exported.session_id, user_id=BOT
+        )
+        assert new.import_backed_up([restored]) == 1
+        assert new.import_backed_up([restored]) == 0  # already known
+        assert not new.take_changes().empty
+        if readable:
+            assert new.decrypt_room_event(ROOM, in_the_gap).content["body"] == "in the gap"
+        else:
+            with pytest.raises(UnverifiedSender):
+                new.decrypt_room_event(ROOM, in_the_gap)
