@@ -2,7 +2,8 @@
 
 Everything lives in one folder (``.surfaces-dev/`` by default): the homeserver's
 data, the two accounts made for it (kept in ``accounts.json``, so a second run
-reuses them and their rooms), and the bot's store. Ctrl-C stops the bot (draining
+reuses them and their rooms), and the bot's store, all created private to the user
+(files 0600, directories 0700: bot.file_modes). Ctrl-C stops the bot (draining
 as usual) and then the homeserver.
 """
 
@@ -12,6 +13,7 @@ import json
 import os
 import secrets
 import shlex
+import stat
 import sys
 import time
 from collections.abc import Callable
@@ -22,6 +24,7 @@ from typing import TextIO
 from matrix_api.testing.synapse import SynapseServer
 
 from .config import AllowList, Settings
+from .file_modes import PRIVATE_UMASK, make_private_dir
 
 __all__ = ["DevAccounts", "dev_settings", "maintenance_command", "run_dev"]
 
@@ -46,7 +49,8 @@ def _accounts(hs: SynapseServer, data_dir: Path) -> DevAccounts:
     bot = hs.register_user(BOT_LOCALPART, secrets.token_urlsafe(12))
     user = hs.register_user(USER_LOCALPART, secrets.token_urlsafe(9))
     accounts = DevAccounts(bot.user_id, bot.password, user.user_id, user.password)
-    # Created 0600: never readable by others, not even between a write and a chmod.
+    # Created 0600 (the run's umask would narrow it anyway): never readable by others,
+    # not even between a write and a chmod.
     descriptor = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
     with os.fdopen(descriptor, "w") as file:
         file.write(json.dumps(accounts.__dict__, indent=2))
@@ -82,7 +86,24 @@ def run_dev(data_dir: Path, serve: Callable[[Settings], int], out: TextIO = sys.
     run ``serve(settings)`` (the CLI's service runner) until it returns its exit code.
     The homeserver is stopped whatever happens."""
     data_dir = data_dir.absolute()
-    data_dir.mkdir(parents=True, exist_ok=True)
+    # Everything made during the run (Synapse's database and signing key, the accounts,
+    # the bot's store) is private to this user: the umask is set before any of it is
+    # created, for the whole run (Synapse inherits it), and restored after.
+    previous_umask = os.umask(PRIVATE_UMASK)
+    try:
+        return _run_dev(data_dir, serve, out)
+    finally:
+        os.umask(previous_umask)
+
+
+def _run_dev(data_dir: Path, serve: Callable[[Settings], int], out: TextIO) -> int:
+    make_private_dir(data_dir)
+    mode = stat.S_IMODE(data_dir.stat().st_mode)
+    if mode & 0o077:  # made by an earlier version, or by hand: left as it is
+        out.write(
+            f"surfaces-bot dev: note: {data_dir} is {mode:04o}: other users may read the "
+            f"passwords and data in it; to fix: chmod -R go-rwx {shlex.quote(str(data_dir))}\n"
+        )
     started = time.monotonic()
     out.write(
         "surfaces-bot dev: starting a local Synapse in "

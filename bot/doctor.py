@@ -1,6 +1,7 @@
 """``python -m bot doctor``: is this bot healthy? Changes nothing it owns.
 
-Checks the configuration, the homeserver (reachable, spec versions), the
+Checks the configuration, the modes of the bot's files at rest (a warning for each
+one other users may read: bot.file_modes), the homeserver (reachable, spec versions), the
 credentials (whoami, or a password login on the bot's device), the store (schema,
 integrity, owner), and prints the reconciliation report the next start would
 produce. Reconciliation runs against a copy of the store, never the store itself.
@@ -32,6 +33,7 @@ from .config import Settings
 from .e2ee.crypto import stored_crypto
 from .e2ee.pickle_key import PickleKeyError, existing_pickle_key
 from .e2ee.secret_storage import recovery_key_file_for
+from .file_modes import WideMode, private_paths, wider_than_private
 from .intake import full_state_sync
 from .reconcile import reconcile_matrix_state
 from .reset import store_files
@@ -65,6 +67,9 @@ async def run_doctor(settings: Settings, say: Callable[[str], None]) -> int:
         say(f"FAIL  {what}")
 
     ok(f"configuration: bot {settings.user_id} on {without_userinfo(settings.homeserver)}")
+    # A warning, not a failure: the bot runs, but other local users may read what it keeps.
+    for wide in await trio.to_thread.run_sync(_wide_files, Path(settings.store_path)):
+        say(f"WARN  files: {wide.advice()}")
     try:
         client = MatrixClient(
             settings.homeserver,
@@ -231,6 +236,10 @@ async def _check_cross_signing(
             f"key to restore the keys if the store lost them: set MATRIX_RECOVERY_KEY (the "
             f"recovery key a client showed, or the one the first start wrote to {key_file})"
         )
+
+
+def _wide_files(store_path: Path) -> list[WideMode]:
+    return wider_than_private(private_paths(store_path), store_path.absolute().parent)
 
 
 def snapshot_store(store_path: Path, copy: Path) -> None:

@@ -44,6 +44,7 @@ import trio
 from matrix_api.models import EventID, RoomEvent, RoomID, SyncToken
 
 from .chats import Chat
+from .file_modes import private_umask
 from .quarantine import log_quarantined
 from .store_lock import StoreLock, StoreLockHeld
 
@@ -363,6 +364,13 @@ class Store:
 
     @classmethod
     def _open_sync(cls, path: Path, user_id: str) -> Store:
+        # The database and its WAL files, when SQLite creates them here, are 0600 (SQLite
+        # gives the -wal and -shm the database file's mode); see bot.file_modes.
+        with private_umask():
+            return cls._open_private(path, user_id)
+
+    @classmethod
+    def _open_private(cls, path: Path, user_id: str) -> Store:
         # The directory exists: taking the store's lock (in `open`) made it.
         existed = path.exists() and path.stat().st_size > 0
         try:

@@ -24,6 +24,8 @@ from pathlib import Path
 import structlog
 import trio
 
+from .file_modes import make_private_dir
+
 __all__ = ["StoreLock", "StoreLockHeld", "lock_path"]
 
 log = structlog.get_logger("bot.store")
@@ -55,7 +57,9 @@ class StoreLock:
     def try_acquire(cls, store_path: Path) -> StoreLock:
         """Take the lock now, or raise `StoreLockHeld`."""
         path = lock_path(store_path)
-        path.parent.mkdir(parents=True, exist_ok=True)
+        # The store's directory, when the bot makes it, is 0700 (bot.file_modes); the
+        # lock file is 0600 whatever the umask (open(2) only narrows the mode given).
+        make_private_dir(path.parent)
         while True:
             fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o600)
             try:
