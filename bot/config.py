@@ -37,6 +37,7 @@ file. Every problem is reported at once, each naming the setting it is about:
     [logging]
     level = "info"                             # BOT_LOG_LEVEL
     format = "auto"                            # BOT_LOG_FORMAT: auto | json | console
+    messages = true                            # BOT_LOG_MESSAGES: an info line per message
 """
 
 from __future__ import annotations
@@ -133,6 +134,8 @@ class Settings:
     webhook: WebhookSettings | None = None
     log_level: str = "info"
     log_format: Literal["auto", "json", "console"] = "auto"
+    log_messages: bool = True
+    """An info line for every message handled (never its content); off: debug lines."""
 
     @property
     def server_name(self) -> str:
@@ -164,6 +167,7 @@ _ENV = {
     ("bot", "pickle_key"): "BOT_PICKLE_KEY",
     ("logging", "level"): "BOT_LOG_LEVEL",
     ("logging", "format"): "BOT_LOG_FORMAT",
+    ("logging", "messages"): "BOT_LOG_MESSAGES",
 }
 _LISTS = {("bot", "allowed_users"), ("bot", "admins")}
 # Settings that once were, with what to set instead: naming one is a problem, so
@@ -419,6 +423,7 @@ def _validate(raw: dict[tuple[str, str], Any], problems: list[str]) -> Settings 
     log_format = (text(("logging", "format")) or "auto").lower()
     if log_format not in _LOG_FORMATS:
         problems.append(f"{_name(('logging', 'format'))}: one of {', '.join(_LOG_FORMATS)}")
+    log_messages = flag(("logging", "messages"), True)
 
     if problems or homeserver is None or user_id is None:
         return None
@@ -446,4 +451,5 @@ def _validate(raw: dict[tuple[str, str], Any], problems: list[str]) -> Settings 
         pickle_key=pickle_key,
         log_level=level,
         log_format=log_format,  # type: ignore[arg-type]  # checked against _LOG_FORMATS
+        log_messages=log_messages,
     )

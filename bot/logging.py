@@ -24,15 +24,38 @@ import msgspec
 import structlog
 import structlog.tracebacks
 
-__all__ = ["configure_logging", "log_context", "merge_log_context"]
+__all__ = ["MESSAGE_EVENTS", "configure_logging", "log_context", "merge_log_context"]
+
+MESSAGE_EVENTS = frozenset(
+    {
+        "message_handled",
+        "command_handled",
+        "message_ignored",
+        "reply_sent",
+        "webhook_answer",
+        "model_request",
+        "model_answer",
+    }
+)
+"""The info lines logged for every message (never its content): what
+``BOT_LOG_MESSAGES=false`` turns down to debug."""
 
 
 def configure_logging(
-    level: str = "info", log_format: str = "auto", stream: TextIO | None = None
+    level: str = "info",
+    log_format: str = "auto",
+    stream: TextIO | None = None,
+    *,
+    log_messages: bool = True,
 ) -> None:
-    """Route structlog and stdlib logging to ``stream`` (stderr by default)."""
+    """Route structlog and stdlib logging to ``stream`` (stderr by default).
+
+    With ``log_messages`` off, the per-message info lines (`MESSAGE_EVENTS`) are
+    debug lines: shown only at level ``debug``.
+    """
     stream = stream or sys.stderr
     console = log_format == "console" or (log_format == "auto" and stream.isatty())
+    numeric_level = logging.getLevelNamesMapping()[level.upper()]
     shared: list[structlog.types.Processor] = [
         structlog.contextvars.merge_contextvars,
         merge_log_context,
@@ -45,8 +68,9 @@ def configure_logging(
         renderer = structlog.dev.ConsoleRenderer(
             # Colours only for a terminal: escape codes in a file or a pipe are noise.
             colors=stream.isatty(),
-            # Not rich's or better-exceptions' tracebacks, which print each frame's
-            # local variables (a request's headers, the access token among them).
+            # Not rich's or better-exceptions' tracebacks (structlog's default when either
+            # is installed), which print each frame's local variables: a request's
+            # headers, the access token among them.
             exception_formatter=structlog.dev.plain_traceback,
         )
     else:
@@ -59,9 +83,11 @@ def configure_logging(
         )
         renderer = structlog.processors.JSONRenderer(serializer=_json_line)
 
-    numeric_level = logging.getLevelNamesMapping()[level.upper()]
+    own = shared[:]
+    if not log_messages:
+        own.insert(3, _message_lines_at_debug(show=numeric_level <= logging.DEBUG))
     structlog.configure(
-        processors=[*shared, renderer],
+        processors=[*own, renderer],
         logger_factory=_LineWriterFactory(stream),
         wrapper_class=structlog.make_filtering_bound_logger(numeric_level),
         cache_logger_on_first_use=True,
@@ -73,12 +99,46 @@ def configure_logging(
             processors=[structlog.stdlib.ProcessorFormatter.remove_processors_meta, renderer],
         )
     )
+    if not log_messages:
+        handler.addFilter(_StdlibMessageLines(show=numeric_level <= logging.DEBUG))
     root = logging.getLogger()
     root.handlers[:] = [handler]
     root.setLevel(numeric_level)
     # httpx and httpcore log each request line (URL included) at INFO / DEBUG.
     for noisy in ("httpx", "httpcore"):
         logging.getLogger(noisy).setLevel(logging.WARNING)
+
+
+def _message_lines_at_debug(*, show: bool) -> structlog.types.Processor:
+    """A processor that makes the `MESSAGE_EVENTS` info lines debug lines: dropped
+    unless ``show`` (the configured level is debug), relabelled when shown."""
+
+    def message_lines_at_debug(
+        logger: Any, method_name: str, event_dict: structlog.types.EventDict
+    ) -> structlog.types.EventDict:
+        if method_name == "info" and event_dict.get("event") in MESSAGE_EVENTS:
+            if not show:
+                raise structlog.DropEvent
+            event_dict["level"] = "debug"
+        return event_dict
+
+    return message_lines_at_debug
+
+
+class _StdlibMessageLines(logging.Filter):
+    """`_message_lines_at_debug` for standard-library records (a processor cannot drop
+    one: `ProcessorFormatter` does not expect `structlog.DropEvent`)."""
+
+    def __init__(self, *, show: bool) -> None:
+        super().__init__()
+        self._show = show
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        if record.levelno == logging.INFO and record.getMessage() in MESSAGE_EVENTS:
+            if not self._show:
+                return False
+            record.levelno, record.levelname = logging.DEBUG, "DEBUG"
+        return True
 
 
 # What the enclosing `log_context` blocks bind, all in one context variable. structlog's

@@ -9,30 +9,36 @@ from __future__ import annotations
 import io
 import json
 import logging
+import sys
 from collections.abc import Iterator
 from contextlib import contextmanager
 from datetime import datetime, timedelta
 from typing import Any
 
+import httpx
 import pytest
 import structlog
 from structlog.contextvars import bound_contextvars
 
-from bot.logging import configure_logging, log_context
+from bot.logging import MESSAGE_EVENTS, configure_logging, log_context
 
 NOISY = ("httpx", "httpcore")
 
 
 @contextmanager
 def configured(
-    level: str = "info", log_format: str = "json", stream: io.StringIO | None = None
+    level: str = "info",
+    log_format: str = "json",
+    stream: io.StringIO | None = None,
+    *,
+    log_messages: bool = True,
 ) -> Iterator[io.StringIO]:
     root = logging.getLogger()
     saved_handlers, saved_level = root.handlers[:], root.level
     saved_noisy = {name: logging.getLogger(name).level for name in NOISY}
     stream = stream if stream is not None else io.StringIO()
     try:
-        configure_logging(level, log_format, stream=stream)
+        configure_logging(level, log_format, stream=stream, log_messages=log_messages)
         yield stream
     finally:
         structlog.reset_defaults()
@@ -237,3 +243,120 @@ def test_log_context_nests_and_is_undone_even_by_an_error() -> None:
     for line in (inner, outer, after):
         assert line["timestamp"].endswith("Z")
         assert_recent_utc(line["timestamp"])
+
+
+def _request_that_fails(token: str) -> None:
+    """Fails while a request carrying ``token`` (and its headers) is in its locals, as a
+    Matrix call that fails does."""
+    headers = {"Authorization": f"Bearer {token}"}
+    request = httpx.Request("GET", "https://hs.example.org/_matrix/client/v3/sync", headers=headers)
+    raise RuntimeError(f"refused {request.method}")
+
+
+def _wrapped(token: str) -> None:
+    try:
+        _request_that_fails(token)
+    except RuntimeError as exc:
+        raise ValueError("sync failed") from exc
+
+
+@pytest.mark.parametrize(
+    ("log_format", "stream_class"),
+    [
+        ("console", FakeTerminal),
+        ("console", io.StringIO),
+        ("auto", FakeTerminal),
+        ("json", io.StringIO),
+    ],
+)
+def test_with_rich_installed_no_renderer_prints_a_credential_from_a_frames_locals(
+    log_format: str, stream_class: type[io.StringIO]
+) -> None:
+    # A dev dependency (pyproject.toml): the test means nothing without it.
+    import rich  # noqa: F401
+
+    token = "syt_" + "c2VjcmV0" + "_token" * 2  # built here: tracebacks quote source lines
+    # structlog's own default would print the locals (and the token) with rich present:
+    # the renderer below is what keeps them out.
+    assert structlog.dev.default_exception_formatter is structlog.dev.rich_traceback
+    default = io.StringIO()
+    try:
+        _wrapped(token)
+    except ValueError:
+        structlog.dev.default_exception_formatter(default, sys.exc_info())
+    assert token in default.getvalue()
+
+    with configured(log_format=log_format, stream=stream_class()) as stream:
+        try:
+            _wrapped(token)
+        except ValueError as exc:
+            structlog.get_logger("bot.test").exception("sync_failed")
+            structlog.get_logger("bot.test").error("sync_failed", exc_info=exc)
+            logging.getLogger("trio").exception("from_the_standard_library")
+
+    text = stream.getvalue()
+    assert token not in text
+    assert "c2VjcmV0" not in text
+    # The tracebacks are there, chained exception included, only without the locals.
+    assert text.count("refused GET") == 3
+    assert text.count("sync failed") >= 3
+    if log_format == "json":
+        for line in lines(stream):
+            frames = [f for e in line["exception"] for f in e["frames"]]
+            assert frames
+            assert not [f for f in frames if "locals" in f]
+
+
+@pytest.mark.parametrize("level", ["info", "debug"])
+def test_per_message_lines_can_be_turned_down_to_debug(level: str) -> None:
+    with configured(level=level, log_messages=False) as stream:
+        log = structlog.get_logger("bot.test")
+        for event in sorted(MESSAGE_EVENTS):
+            log.info(event, backend="echo")
+        log.info("invite_accepted", room_id="!r")
+        log.warning("message_handled", note="a warning under the name stays")
+        logging.getLogger("bot.lib").info("message_handled")
+    shown = [(line["event"], line["level"]) for line in lines(stream)]
+    if level == "info":
+        assert shown == [("invite_accepted", "info"), ("message_handled", "warning")]
+    else:
+        assert shown == [
+            *((event, "debug") for event in sorted(MESSAGE_EVENTS)),
+            ("invite_accepted", "info"),
+            ("message_handled", "warning"),
+            ("message_handled", "debug"),
+        ]
+
+
+def test_per_message_lines_are_info_by_default() -> None:
+    with configured() as stream:
+        structlog.get_logger("bot.test").info("message_handled", backend="echo")
+    assert [(line["event"], line["level"]) for line in lines(stream)] == [
+        ("message_handled", "info")
+    ]
+
+
+@pytest.mark.parametrize(
+    ("value", "expected"), [(None, True), ("false", False), ("no", False), ("true", True)]
+)
+def test_bot_log_messages_is_read_from_the_environment(value: str | None, expected: bool) -> None:
+    from bot.config import load_settings
+
+    environ = {"MATRIX_HOMESERVER": "https://hs.example.org", "MATRIX_USER_ID": "@b:example.org"}
+    environ["MATRIX_ACCESS_TOKEN"] = "syt_x"
+    if value is not None:
+        environ["BOT_LOG_MESSAGES"] = value
+    assert load_settings(None, environ).log_messages is expected
+
+
+def test_a_bot_log_messages_that_is_not_a_flag_is_refused_by_name() -> None:
+    from bot.config import ConfigError, load_settings
+
+    environ = {
+        "MATRIX_HOMESERVER": "https://hs.example.org",
+        "MATRIX_USER_ID": "@b:example.org",
+        "MATRIX_ACCESS_TOKEN": "syt_x",
+        "BOT_LOG_MESSAGES": "sometimes",
+    }
+    with pytest.raises(ConfigError, match=r"logging\.messages \(BOT_LOG_MESSAGES\): expected"):
+        load_settings(None, environ)
