@@ -1,4 +1,11 @@
-"""bot.store: the schema, the inbox invariants, the chat maps, and refusing unusable files."""
+"""bot.store and bot.store_postgres: the schema, the inbox invariants, the chat maps, and
+refusing unusable stores.
+
+The tests that are about the store's behaviour run against both stores (the ``kind``
+fixture: SQLite in a temporary file, PostgreSQL in a database of its own on a server
+the suite starts, see `pg_server`); the ones about SQLite files stay SQLite's, and
+PostgreSQL has its own below them.
+"""
 
 from __future__ import annotations
 
@@ -6,15 +13,16 @@ import os
 import re
 import sqlite3
 import time
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable, Iterator
 from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
 import msgspec
+import psycopg
 import pytest
 import trio
-from hypothesis import given, settings
+from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from structlog.testing import capture_logs
 
@@ -29,7 +37,10 @@ from bot.store import (
     StoreError,
     StoreUnavailable,
 )
+from bot.store_api import BotStore
+from bot.store_postgres import PG_SCHEMA_VERSION, PostgresStore
 from matrix_api.models import EventID, RoomEvent, RoomID, SyncToken, UserID
+from pg_server import PostgresServer, missing_binaries
 
 BOT = "@bot:example.org"
 ALICE = "@alice:example.org"
@@ -64,7 +75,7 @@ def path(tmp_path: Path) -> Path:
 
 
 @pytest.fixture
-async def store(path: Path) -> AsyncIterator[Store]:
+async def sqlite_store(path: Path) -> AsyncIterator[Store]:
     opened = await Store.open(path, BOT)
     yield opened
     await opened.aclose()
@@ -78,11 +89,113 @@ def rows(path: Path, sql: str) -> list[tuple[Any, ...]]:
         connection.close()
 
 
+# --- both stores ---------------------------------------------------------------------------
+
+
+class SqliteKind:
+    """A SQLite store at a file of its own."""
+
+    name = "sqlite"
+    schema_version = SCHEMA_VERSION
+    # What a value the driver cannot send raises: a bug, passed through as it is.
+    unbindable = sqlite3.ProgrammingError
+
+    def __init__(self, path: Path) -> None:
+        self.path = path
+        self.location = str(path)
+
+    async def open(self, user_id: str = BOT) -> BotStore:
+        return await Store.open(self.path, user_id)
+
+    def rows(self, sql: str, params: tuple[Any, ...] = ()) -> list[tuple[Any, ...]]:
+        connection = sqlite3.connect(self.path)
+        try:
+            result = connection.execute(sql, params).fetchall()
+            connection.commit()
+            return result
+        finally:
+            connection.close()
+
+    def stored_version(self) -> int:
+        ((version,),) = self.rows("PRAGMA user_version")
+        return int(version)
+
+    def tables(self) -> set[str]:
+        return {name for (name,) in self.rows("SELECT name FROM sqlite_master WHERE type='table'")}
+
+
+class PostgresKind:
+    """A PostgreSQL store in a database of its own."""
+
+    name = "postgresql"
+    schema_version = PG_SCHEMA_VERSION
+    unbindable = psycopg.ProgrammingError
+
+    def __init__(self, server: PostgresServer) -> None:
+        self.server = server
+        self.location = server.new_database_url()
+
+    async def open(self, user_id: str = BOT) -> BotStore:
+        return await PostgresStore.open(self.location, user_id)
+
+    def rows(self, sql: str, params: tuple[Any, ...] = ()) -> list[tuple[Any, ...]]:
+        with psycopg.connect(self.location, autocommit=True) as connection:
+            cursor = connection.execute(sql.replace("?", "%s"), params)
+            return cursor.fetchall() if cursor.description else []
+
+    def stored_version(self) -> int:
+        ((version,),) = self.rows("SELECT version FROM bot_schema")
+        return int(version)
+
+    def tables(self) -> set[str]:
+        return {
+            name
+            for (name,) in self.rows(
+                "SELECT tablename FROM pg_tables WHERE schemaname = current_schema()"
+            )
+        }
+
+
+Kind = SqliteKind | PostgresKind
+
+
+@pytest.fixture(scope="session")
+def pg_server() -> Iterator[PostgresServer]:
+    reason = missing_binaries()
+    if reason is not None:
+        pytest.skip(reason)
+    with PostgresServer() as server:
+        yield server
+
+
+@pytest.fixture(params=["sqlite", "postgresql"])
+def new_kind(
+    request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPathFactory
+) -> Callable[[], Kind]:
+    """Makes an empty place for a store of the parametrised kind, each call a new one."""
+    if request.param == "sqlite":
+        return lambda: SqliteKind(tmp_path_factory.mktemp("store") / "state" / "bot.sqlite3")
+    server = request.getfixturevalue("pg_server")
+    return lambda: PostgresKind(server)
+
+
+@pytest.fixture
+def kind(new_kind: Callable[[], Kind]) -> Kind:
+    return new_kind()
+
+
+@pytest.fixture
+async def store(kind: Kind) -> AsyncIterator[BotStore]:
+    opened = await kind.open()
+    yield opened
+    await opened.aclose()
+
+
 # --- schema ------------------------------------------------------------------------------
 
 
-async def test_a_new_store_is_created_and_migrated(path: Path) -> None:
-    store = await Store.open(path, BOT)
+async def test_a_new_store_is_created_and_migrated(kind: Kind) -> None:
+    store = await kind.open()
     assert store.sync_token is None
     assert store.chats() == []
     assert await store.counts() == {
@@ -95,17 +208,16 @@ async def test_a_new_store_is_created_and_migrated(path: Path) -> None:
     assert await store.get_meta("user_id") == BOT
     await store.aclose()
 
-    assert rows(path, "PRAGMA user_version") == [(SCHEMA_VERSION,)]
-    tables = {name for (name,) in rows(path, "SELECT name FROM sqlite_master WHERE type='table'")}
-    assert {"meta", "chats", "events", "spaces"} <= tables
+    assert kind.stored_version() == kind.schema_version
+    assert {"meta", "chats", "events", "spaces"} <= kind.tables()
 
 
-async def test_opening_twice_does_not_migrate_again(path: Path) -> None:
-    await (await Store.open(path, BOT)).aclose()
-    store = await Store.open(path, BOT)
+async def test_opening_twice_does_not_migrate_again(kind: Kind) -> None:
+    await (await kind.open()).aclose()
+    store = await kind.open()
     await store.aclose()
 
-    assert rows(path, "PRAGMA user_version") == [(SCHEMA_VERSION,)]
+    assert kind.stored_version() == kind.schema_version
 
 
 def write_old_store(path: Path, version: int) -> None:
@@ -179,7 +291,7 @@ async def test_an_empty_file_is_taken_as_a_new_store(path: Path) -> None:
     assert rows(path, "PRAGMA user_version") == [(SCHEMA_VERSION,)]
 
 
-async def test_meta_values_round_trip(store: Store) -> None:
+async def test_meta_values_round_trip(store: BotStore) -> None:
     assert await store.get_meta("anything") is None
     await store.set_meta("anything", "one")
     await store.set_meta("anything", "two")
@@ -190,7 +302,7 @@ async def test_meta_values_round_trip(store: Store) -> None:
 # --- the inbox ---------------------------------------------------------------------------
 
 
-async def test_a_batch_enters_the_inbox_with_its_token(store: Store) -> None:
+async def test_a_batch_enters_the_inbox_with_its_token(store: BotStore) -> None:
     fresh = await store.commit_sync_batch(
         SyncToken("s1"), [new_item("$a"), new_item("$b", OTHER_ROOM)]
     )
@@ -204,14 +316,14 @@ async def test_a_batch_enters_the_inbox_with_its_token(store: Store) -> None:
     assert await store.pending() == fresh
 
 
-async def test_an_empty_batch_still_advances_the_token(store: Store) -> None:
+async def test_an_empty_batch_still_advances_the_token(store: BotStore) -> None:
     assert await store.commit_sync_batch(SyncToken("s1"), []) == []
 
     assert store.sync_token == "s1"
     assert await store.get_meta("sync_token") == "s1"
 
 
-async def test_duplicates_within_a_batch_are_dropped(store: Store) -> None:
+async def test_duplicates_within_a_batch_are_dropped(store: BotStore) -> None:
     fresh = await store.commit_sync_batch(
         SyncToken("s1"), [new_item("$a"), new_item("$a"), new_item("$b")]
     )
@@ -220,7 +332,7 @@ async def test_duplicates_within_a_batch_are_dropped(store: Store) -> None:
     assert [item.event_id for item in await store.pending()] == ["$a", "$b"]
 
 
-async def test_an_event_already_in_the_inbox_is_not_taken_again(store: Store) -> None:
+async def test_an_event_already_in_the_inbox_is_not_taken_again(store: BotStore) -> None:
     [first] = await store.commit_sync_batch(SyncToken("s1"), [new_item("$a")])
 
     fresh = await store.commit_sync_batch(SyncToken("s2"), [new_item("$a"), new_item("$b")])
@@ -230,7 +342,7 @@ async def test_an_event_already_in_the_inbox_is_not_taken_again(store: Store) ->
     assert store.sync_token == "s2"
 
 
-async def test_an_event_already_handled_is_never_taken_again(store: Store) -> None:
+async def test_an_event_already_handled_is_never_taken_again(store: BotStore) -> None:
     [item] = await store.commit_sync_batch(SyncToken("s1"), [new_item("$a")])
     await store.finish(item, "replied", EventID("$reply"))
 
@@ -242,11 +354,13 @@ async def test_an_event_already_handled_is_never_taken_again(store: Store) -> No
     assert store.sync_token == "s2"
 
 
-async def test_a_failing_batch_commits_nothing_not_even_the_token(store: Store) -> None:
+async def test_a_failing_batch_commits_nothing_not_even_the_token(
+    store: BotStore, kind: Kind
+) -> None:
     await store.commit_sync_batch(SyncToken("s1"), [new_item("$old")])
-    unbindable = replace(new_item("$x"), event_id=object())  # SQLite cannot take it
+    unbindable = replace(new_item("$x"), event_id=object())  # the driver cannot send it
 
-    with pytest.raises(sqlite3.ProgrammingError):
+    with pytest.raises(kind.unbindable):
         await store.commit_sync_batch(SyncToken("s2"), [new_item("$new"), unbindable])
 
     assert store.sync_token == "s1"
@@ -254,7 +368,7 @@ async def test_a_failing_batch_commits_nothing_not_even_the_token(store: Store) 
     assert [item.event_id for item in await store.pending()] == ["$old"]
 
 
-async def test_an_event_that_cannot_be_stored_is_quarantined_alone(store: Store) -> None:
+async def test_an_event_that_cannot_be_stored_is_quarantined_alone(store: BotStore) -> None:
     unencodable = new_item("$bad", weird=object())  # msgspec cannot encode it
 
     with capture_logs() as logs:
@@ -269,7 +383,7 @@ async def test_an_event_that_cannot_be_stored_is_quarantined_alone(store: Store)
     assert await store.commit_sync_batch(SyncToken("s3"), [new_item("$bad")]) == []
 
 
-async def test_quarantined_events_are_recorded_with_the_batch(store: Store) -> None:
+async def test_quarantined_events_are_recorded_with_the_batch(store: BotStore) -> None:
     entry = Quarantined("$junk", ROOM, "Expected `str`, got `array`", "@mallory:x")
 
     fresh = await store.commit_sync_batch(SyncToken("s2"), [new_item("$ok")], [entry])
@@ -281,17 +395,14 @@ async def test_quarantined_events_are_recorded_with_the_batch(store: Store) -> N
 
 
 async def test_a_stored_event_that_no_longer_reads_is_quarantined_at_start(
-    path: Path,
+    kind: Kind,
 ) -> None:
-    store = await Store.open(path, BOT)
+    store = await kind.open()
     await store.commit_sync_batch(SyncToken("s1"), [new_item("$a"), new_item("$b")])
     await store.aclose()
-    connection = sqlite3.connect(path)
-    connection.execute("UPDATE events SET event = ? WHERE event_id = '$a'", (b"[[[",))
-    connection.commit()
-    connection.close()
+    kind.rows("UPDATE events SET event = ? WHERE event_id = '$a'", (b"[[[",))
 
-    store = await Store.open(path, BOT)
+    store = await kind.open()
     try:
         assert [item.event_id for item in await store.pending()] == ["$b"]
         assert (await store.quarantined())["$a"].startswith("stored event unreadable")
@@ -300,7 +411,7 @@ async def test_a_stored_event_that_no_longer_reads_is_quarantined_at_start(
         await store.aclose()
 
 
-async def test_pending_is_in_seq_order(store: Store) -> None:
+async def test_pending_is_in_seq_order(store: BotStore) -> None:
     await store.commit_sync_batch(SyncToken("s1"), [new_item("$c"), new_item("$a")])
     await store.commit_sync_batch(SyncToken("s2"), [new_item("$b", OTHER_ROOM)])
     await store.commit_sync_batch(SyncToken("s3"), [new_item("$d")])
@@ -311,7 +422,7 @@ async def test_pending_is_in_seq_order(store: Store) -> None:
     assert [item.seq for item in pending] == sorted(item.seq for item in pending)
 
 
-async def test_finish_takes_the_item_out_and_records_the_outcome(store: Store) -> None:
+async def test_finish_takes_the_item_out_and_records_the_outcome(store: BotStore) -> None:
     first, second = await store.commit_sync_batch(SyncToken("s1"), [new_item("$a"), new_item("$b")])
 
     await store.finish(first, "replied", EventID("$reply"))
@@ -330,26 +441,27 @@ async def test_finish_takes_the_item_out_and_records_the_outcome(store: Store) -
     }
 
 
-async def test_finish_records_the_reply_event_id(path: Path) -> None:
-    store = await Store.open(path, BOT)
+async def test_finish_records_the_reply_event_id(kind: Kind) -> None:
+    store = await kind.open()
     [item] = await store.commit_sync_batch(SyncToken("s1"), [new_item("$a")])
     await store.finish(item, "replied", EventID("$reply"))
     await store.aclose()
 
-    assert rows(
-        path, "SELECT event_id, room_id, outcome, reply_event_id, event IS NULL FROM events"
+    assert kind.rows(
+        "SELECT event_id, room_id, outcome, reply_event_id,"
+        " CASE WHEN event IS NULL THEN 1 ELSE 0 END FROM events"
     ) == [("$a", ROOM, "replied", "$reply", 1)]
 
 
-async def test_resumptions_are_counted_and_kept(path: Path) -> None:
-    store = await Store.open(path, BOT)
+async def test_resumptions_are_counted_and_kept(kind: Kind) -> None:
+    store = await kind.open()
     await store.commit_sync_batch(SyncToken("s1"), [new_item("$a")])
     [item] = await store.pending()
     assert await store.count_resumption(item) == 1
     assert await store.count_resumption(item) == 2
     await store.aclose()
 
-    reopened = await Store.open(path, BOT)
+    reopened = await kind.open()
     try:
         [again] = await reopened.pending()
         assert again.attempts == 2
@@ -358,7 +470,7 @@ async def test_resumptions_are_counted_and_kept(path: Path) -> None:
         await reopened.aclose()
 
 
-async def test_discard_takes_the_item_out_without_recording_it(store: Store) -> None:
+async def test_discard_takes_the_item_out_without_recording_it(store: BotStore) -> None:
     [item] = await store.commit_sync_batch(SyncToken("s1"), [new_item("$a")])
 
     await store.discard(item)
@@ -369,8 +481,8 @@ async def test_discard_takes_the_item_out_without_recording_it(store: Store) -> 
     assert len(await store.commit_sync_batch(SyncToken("s2"), [new_item("$a")])) == 1
 
 
-async def test_reopening_keeps_token_chats_inbox_and_handled(path: Path) -> None:
-    store = await Store.open(path, BOT)
+async def test_reopening_keeps_token_chats_inbox_and_handled(kind: Kind) -> None:
+    store = await kind.open()
     await store.apply_chats(put=[chat("c1", ROOM), chat("c2", OTHER_ROOM, "second")])
     done, waiting = await store.commit_sync_batch(
         SyncToken("s9"), [new_item("$done"), new_item("$waiting", OTHER_ROOM)]
@@ -378,7 +490,7 @@ async def test_reopening_keeps_token_chats_inbox_and_handled(path: Path) -> None
     await store.finish(done, "replied", EventID("$r"))
     await store.aclose()
 
-    reopened = await Store.open(path, BOT)
+    reopened = await kind.open()
     try:
         assert reopened.sync_token == "s9"
         assert sorted(reopened.chats(), key=lambda c: c.chat_id) == [
@@ -402,7 +514,7 @@ async def test_reopening_keeps_token_chats_inbox_and_handled(path: Path) -> None
 # --- chats ---------------------------------------------------------------------------------
 
 
-async def test_apply_chats_puts_and_removes(store: Store) -> None:
+async def test_apply_chats_puts_and_removes(store: BotStore) -> None:
     await store.apply_chats(put=[chat("c1", "!a:x"), chat("c2", "!b:x")])
     await store.apply_chats(remove=["c1"])
 
@@ -412,7 +524,7 @@ async def test_apply_chats_puts_and_removes(store: Store) -> None:
     assert store.chat_for_room("!b:x") == chat("c2", "!b:x")
 
 
-async def test_a_chat_that_moves_room_leaves_its_old_room(store: Store, path: Path) -> None:
+async def test_a_chat_that_moves_room_leaves_its_old_room(store: BotStore, kind: Kind) -> None:
     await store.apply_chats(put=[chat("c1", "!old:x")])
 
     await store.apply_chats(put=[chat("c1", "!new:x")])
@@ -420,10 +532,10 @@ async def test_a_chat_that_moves_room_leaves_its_old_room(store: Store, path: Pa
     assert store.chat_for_room("!old:x") is None
     assert store.chat_for_room("!new:x") == chat("c1", "!new:x")
     assert store.chats() == [chat("c1", "!new:x")]
-    assert rows(path, "SELECT chat_id, room_id FROM chats") == [("c1", "!new:x")]
+    assert kind.rows("SELECT chat_id, room_id FROM chats") == [("c1", "!new:x")]
 
 
-async def test_two_chats_cannot_share_a_room(store: Store, path: Path) -> None:
+async def test_two_chats_cannot_share_a_room(store: BotStore, kind: Kind) -> None:
     await store.apply_chats(put=[chat("c1", "!a:x"), chat("c2", "!b:x")])
 
     await store.apply_chats(put=[chat("c3", "!a:x")])
@@ -431,13 +543,13 @@ async def test_two_chats_cannot_share_a_room(store: Store, path: Path) -> None:
     assert store.chat_for_room("!a:x") == chat("c3", "!a:x")
     assert store.chat_by_id("c1") is None
     assert sorted(c.chat_id for c in store.chats()) == ["c2", "c3"]
-    assert sorted(rows(path, "SELECT chat_id, room_id FROM chats")) == [
+    assert sorted(kind.rows("SELECT chat_id, room_id FROM chats")) == [
         ("c2", "!b:x"),
         ("c3", "!a:x"),
     ]
 
 
-async def test_a_chat_moving_into_an_occupied_room_displaces_its_chat(store: Store) -> None:
+async def test_a_chat_moving_into_an_occupied_room_displaces_its_chat(store: BotStore) -> None:
     await store.apply_chats(put=[chat("c1", "!a:x"), chat("c2", "!b:x")])
 
     await store.apply_chats(put=[chat("c1", "!b:x")])
@@ -447,7 +559,7 @@ async def test_a_chat_moving_into_an_occupied_room_displaces_its_chat(store: Sto
     assert store.chat_by_id("c2") is None
 
 
-async def test_a_title_change_replaces_the_chat(store: Store) -> None:
+async def test_a_title_change_replaces_the_chat(store: BotStore) -> None:
     await store.apply_chats(put=[chat("c1", "!a:x")])
     await store.apply_chats(put=[chat("c1", "!a:x").with_title("renamed")])
 
@@ -455,7 +567,7 @@ async def test_a_title_change_replaces_the_chat(store: Store) -> None:
     assert len(store.chats()) == 1
 
 
-async def test_spaces_are_kept_one_per_owner_and_room(store: Store, path: Path) -> None:
+async def test_spaces_are_kept_one_per_owner_and_room(store: BotStore, kind: Kind) -> None:
     await store.apply_spaces(put={ALICE: RoomID("!s1:x"), "@bob:x": RoomID("!s2:x")})
     await store.apply_spaces(put={ALICE: RoomID("!s3:x")})  # Alice's Space moves
     await store.apply_spaces(put={"@carol:x": RoomID("!s2:x")})  # takes Bob's room
@@ -465,18 +577,18 @@ async def test_spaces_are_kept_one_per_owner_and_room(store: Store, path: Path) 
     assert store.space_for("@bob:x") is None
     assert store.is_space("!s3:x")
     assert not store.is_space("!s1:x")
-    assert dict(rows(path, "SELECT owner, room_id FROM spaces")) == expected
+    assert dict(kind.rows("SELECT owner, room_id FROM spaces")) == expected
 
     await store.apply_spaces(remove=[ALICE])
     assert store.spaces() == {"@carol:x": "!s2:x"}
 
 
-async def test_spaces_survive_a_reopen(path: Path) -> None:
-    store = await Store.open(path, BOT)
+async def test_spaces_survive_a_reopen(kind: Kind) -> None:
+    store = await kind.open()
     await store.apply_spaces(put={ALICE: RoomID("!s1:x")})
     await store.aclose()
 
-    reopened = await Store.open(path, BOT)
+    reopened = await kind.open()
     try:
         assert reopened.space_for(ALICE) == "!s1:x"
     finally:
@@ -495,14 +607,17 @@ operations = st.lists(
 )
 
 
-@settings(max_examples=40, deadline=None)
+# ``new_kind`` is a factory: each example makes a store of its own with it.
+@settings(
+    max_examples=40, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture]
+)
 @given(operations)
 async def test_the_chat_maps_always_match_the_database(
-    tmp_path_factory: pytest.TempPathFactory,
+    new_kind: Callable[[], Kind],
     ops: list[tuple[list[Chat], list[str]]],
 ) -> None:
-    path = tmp_path_factory.mktemp("maps") / "bot.sqlite3"
-    store = await Store.open(path, BOT)
+    kind = new_kind()
+    store = await kind.open()
     try:
         for put, remove in ops:
             await store.apply_chats(put=put, remove=remove)
@@ -516,7 +631,7 @@ async def test_the_chat_maps_always_match_the_database(
                 held = store.chat_for_room(room)
                 assert held is None or held in in_memory
         await store.aclose()
-        reopened = await Store.open(path, BOT)
+        reopened = await kind.open()
         assert sorted(reopened.chats(), key=lambda c: c.chat_id) == in_memory
         await reopened.aclose()
     finally:
@@ -657,18 +772,17 @@ async def test_a_foreign_store_is_refused_whatever_characters_its_path_has(
     assert not (tmp_path / "backup").exists()  # no stray file next to the real one
 
 
-async def test_handled_events_older_than_a_month_are_pruned_at_open(path: Path) -> None:
-    store = await Store.open(path, BOT)
+async def test_handled_events_older_than_a_month_are_pruned_at_open(kind: Kind) -> None:
+    store = await kind.open()
     await store.commit_sync_batch(SyncToken("s1"), [new_item("$old"), new_item("$new")])
     for item in await store.pending():
         await store.finish(item, "replied")
     await store.aclose()
-    with sqlite3.connect(path) as db:
-        db.execute(
-            "UPDATE events SET handled_ts = handled_ts - ? WHERE event_id = '$old'",
-            (HANDLED_KEEP_MS + 1000,),
-        )
-    reopened = await Store.open(path, BOT)
+    kind.rows(
+        "UPDATE events SET handled_ts = handled_ts - ? WHERE event_id = '$old'",
+        (HANDLED_KEEP_MS + 1000,),
+    )
+    reopened = await kind.open()
     try:
         assert await reopened.handled_outcome("$old") is None
         assert await reopened.handled_outcome("$new") == "replied"
@@ -677,8 +791,9 @@ async def test_handled_events_older_than_a_month_are_pruned_at_open(path: Path) 
 
 
 async def test_the_checkpoint_task_moves_the_log_into_the_database_file(
-    store: Store, path: Path
+    sqlite_store: Store, path: Path
 ) -> None:
+    store = sqlite_store
     await store.commit_sync_batch(
         SyncToken("s1"), [new_item(f"$e{index}", body="x" * 2000) for index in range(100)]
     )
@@ -699,7 +814,10 @@ async def test_the_checkpoint_task_moves_the_log_into_the_database_file(
     assert len(rows(path, "SELECT seq FROM events")) == 100
 
 
-async def test_a_full_disk_fails_a_batch_as_unavailable_and_commits_nothing(store: Store) -> None:
+async def test_a_full_disk_fails_a_batch_as_unavailable_and_commits_nothing(
+    sqlite_store: Store,
+) -> None:
+    store = sqlite_store
     # SQLite's own "database or disk is full": the file may not grow past its size.
     ((pages,),) = store._db.execute("PRAGMA page_count").fetchall()
     store._db.execute(f"PRAGMA max_page_count = {pages}")
@@ -717,7 +835,8 @@ async def test_a_full_disk_fails_a_batch_as_unavailable_and_commits_nothing(stor
     assert store.sync_token == "s1"
 
 
-async def test_a_store_that_cannot_write_keeps_the_item_pending(store: Store) -> None:
+async def test_a_store_that_cannot_write_keeps_the_item_pending(sqlite_store: Store) -> None:
+    store = sqlite_store
     (item,) = await store.commit_sync_batch(SyncToken("s1"), [new_item("$e1")])
     store._db.execute("PRAGMA query_only = ON")  # "attempt to write a readonly database"
 
@@ -732,7 +851,9 @@ async def test_a_store_that_cannot_write_keeps_the_item_pending(store: Store) ->
     assert await store.pending() == []
 
 
-async def test_a_broken_statement_is_a_bug_not_an_unavailable_store(store: Store) -> None:
+async def test_a_broken_statement_is_a_bug_not_an_unavailable_store(sqlite_store: Store) -> None:
+    store = sqlite_store
+
     def broken() -> None:
         store._db.execute("SELECT no_such_column FROM events")
 
@@ -740,7 +861,8 @@ async def test_a_broken_statement_is_a_bug_not_an_unavailable_store(store: Store
         await store._run(broken)
 
 
-async def test_a_commit_that_fails_leaves_no_transaction_open(store: Store) -> None:
+async def test_a_commit_that_fails_leaves_no_transaction_open(sqlite_store: Store) -> None:
+    store = sqlite_store
     # A deferred constraint is checked at COMMIT, which then fails and, by SQLite's
     # rules, leaves the transaction open, as a full disk can at COMMIT in WAL mode.
     store._db.execute("CREATE TEMP TABLE parent(id INTEGER PRIMARY KEY)")
@@ -761,8 +883,8 @@ async def test_a_commit_that_fails_leaves_no_transaction_open(store: Store) -> N
 # --- end-to-end encryption state ---------------------------------------------------------
 
 
-async def test_crypto_rows_and_encryption_commit_with_the_sync_token(path: Path) -> None:
-    store = await Store.open(path, BOT)
+async def test_crypto_rows_and_encryption_commit_with_the_sync_token(kind: Kind) -> None:
+    store = await kind.open()
     try:
         await store.commit_sync_batch(
             SyncToken("s1"),
@@ -776,7 +898,7 @@ async def test_crypto_rows_and_encryption_commit_with_the_sync_token(path: Path)
     finally:
         await store.aclose()
 
-    reopened = await Store.open(path, BOT)
+    reopened = await kind.open()
     try:
         assert await reopened.crypto_rows() == [("account", "", "pickle-2")]
         assert reopened.room_encryption(ROOM) == '{"algorithm":"m.megolm.v1.aes-sha2"}'
@@ -785,14 +907,14 @@ async def test_crypto_rows_and_encryption_commit_with_the_sync_token(path: Path)
 
 
 async def test_a_failing_batch_keeps_neither_its_crypto_changes_nor_its_token(
-    store: Store,
+    store: BotStore, kind: Kind
 ) -> None:
     # The server re-delivers the batch's to-device events: their changes must go or
     # stay with the token, never without it.
     await store.commit_sync_batch(SyncToken("s1"), [], crypto=[("account", "", "old")])
     unbindable = replace(new_item("$x"), event_id=object())
 
-    with pytest.raises(sqlite3.ProgrammingError):
+    with pytest.raises(kind.unbindable):
         await store.commit_sync_batch(
             SyncToken("s2"),
             [unbindable],

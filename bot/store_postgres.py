@@ -1,0 +1,983 @@
+"""The bot's state in PostgreSQL: the same tables and rules as `bot.store` (SQLite).
+
+Use it when the state must outlive the machine the bot runs on: a database that is
+replicated and backed up, shared by instances that take over from one another (the
+active/standby lease is issue 22's next step). The invariants are `bot.store`'s:
+
+* a sync batch's events (and the crypto rows and encrypted rooms it brings) enter the
+  inbox in the transaction that advances the sync token;
+* an event leaves the inbox only in the transaction that records it as handled;
+* an event already handled is never taken in again, whatever the server replays.
+
+What differs from SQLite, and why:
+
+* Every call is a round trip to a server, so each runs in a worker thread, one at a
+  time on the store's one connection (a `trio.Lock`, first come first served).
+  psycopg's async API needs asyncio's event loop (under trio it fails with "no
+  running event loop"), so it is its blocking API, off the trio thread. As in
+  `bot.store`, a cancellation lands before a call or not at all.
+* A lost connection (the server restarted, a failover, ``pg_terminate_backend``, a
+  network cut found by TCP keepalives) is `StoreUnavailable`: the transaction was
+  rolled back, and the next call connects again. A COMMIT whose answer was lost is
+  resolved on a new connection by its transaction id (``pg_xact_status``), so a
+  committed batch is never reported as failed (the caller would fetch it again, find
+  its events already in, and leave them for the next start).
+* "One process per store": instead of ``flock`` on a file beside it, the store's
+  connection holds a session advisory lock (per database and schema) while the store
+  is open. The server lets go when the connection ends, however the process ended. A
+  store that reconnects takes it again first, and if another bot holds it by then,
+  every call is `StoreUnavailable`: a deposed instance writes nothing. (The lease with
+  a fencing token in issue 22's next step builds on this.)
+* PostgreSQL text cannot hold U+0000: every string parameter has it replaced by
+  U+FFFD (a hostile server's event id, a message that holds one), the same way for a
+  write and for the lookup that finds it again. Stored events are bytes, unchanged.
+* The schema's version is a row in ``bot_schema``; the tables live in the connection's
+  current schema (``?options=-csearch_path%3Dbot`` in the URL picks another). A schema
+  that holds other tables and no ``bot_schema`` is refused, untouched.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable, Iterable, Mapping, Sequence
+from typing import TYPE_CHECKING, Any, NoReturn, TypeVar
+
+import msgspec
+import psycopg
+import structlog
+import trio
+from psycopg import conninfo
+from psycopg.abc import Buffer
+from psycopg.types.string import StrDumperUnknown
+
+from matrix_api.models import EventID, RoomEvent, RoomID, SyncToken
+
+from .chats import Chat
+from .quarantine import log_quarantined
+from .store import (
+    HANDLED_KEEP_MS,
+    CryptoRow,
+    InboxItem,
+    NewInboxItem,
+    Outcome,
+    Provisioned,
+    Quarantined,
+    StoreError,
+    StoreUnavailable,
+)
+
+if TYPE_CHECKING:
+    from .store import Store
+    from .store_api import BotStore
+
+__all__ = ["PG_SCHEMA_VERSION", "PostgresStore"]
+
+T = TypeVar("T")
+Connection = psycopg.Connection[tuple[Any, ...]]
+
+log = structlog.get_logger("bot.store")
+
+_MIGRATIONS: list[str] = [
+    # 1: the SQLite store's schema 8 (the same tables and columns).
+    """
+    CREATE TABLE meta (key TEXT PRIMARY KEY, value TEXT NOT NULL);
+    CREATE TABLE chats (
+        chat_id    TEXT PRIMARY KEY,
+        room_id    TEXT NOT NULL UNIQUE,
+        owner      TEXT NOT NULL,
+        title      TEXT NOT NULL,
+        created_ts BIGINT NOT NULL,
+        archived   BOOLEAN NOT NULL DEFAULT false,
+        space_id   TEXT,
+        successor  TEXT,
+        settings   TEXT NOT NULL DEFAULT '{}'
+    );
+    CREATE TABLE spaces (
+        owner   TEXT PRIMARY KEY,
+        room_id TEXT NOT NULL UNIQUE
+    );
+    -- The inbox and the record of what was handled: pending while outcome is NULL.
+    CREATE TABLE events (
+        seq            BIGINT GENERATED ALWAYS AS IDENTITY PRIMARY KEY,
+        event_id       TEXT NOT NULL UNIQUE,
+        room_id        TEXT NOT NULL,
+        kind           TEXT NOT NULL,
+        event          BYTEA,
+        attempts       INTEGER NOT NULL DEFAULT 0,
+        received_ts    BIGINT NOT NULL,
+        reply_event_id TEXT,
+        provisioned    TEXT,
+        outcome        TEXT,
+        handled_ts     BIGINT,
+        reason         TEXT
+    );
+    CREATE TABLE turns (
+        seq     BIGINT GENERATED ALWAYS AS IDENTITY PRIMARY KEY,
+        chat_id TEXT NOT NULL,
+        role    TEXT NOT NULL,
+        content TEXT NOT NULL
+    );
+    CREATE INDEX turns_by_chat ON turns(chat_id, seq);
+    CREATE TABLE contexts (chat_id TEXT PRIMARY KEY);
+    CREATE TABLE crypto (
+        kind  TEXT NOT NULL,
+        key   TEXT NOT NULL,
+        value TEXT NOT NULL,
+        PRIMARY KEY (kind, key)
+    );
+    CREATE TABLE encrypted_rooms (room_id TEXT PRIMARY KEY, content TEXT NOT NULL);
+    """,
+]
+PG_SCHEMA_VERSION = len(_MIGRATIONS)
+_TABLES = frozenset(
+    {"meta", "chats", "spaces", "events", "turns", "contexts", "crypto", "encrypted_rooms"}
+)
+
+# The store's advisory lock: two int4 keys, this program and the schema the tables
+# are in (two bots may share a database, each in a schema of its own).
+_TRY_LOCK = (
+    "SELECT pg_try_advisory_lock(hashtext('surfaces-bot store'), hashtext(current_schema()))"
+)
+_LOCK_HOLDER = (
+    "SELECT pid FROM pg_locks WHERE locktype = 'advisory' AND granted AND objsubid = 2"
+    " AND database = (SELECT oid FROM pg_database WHERE datname = current_database())"
+    " AND classid::int = hashtext('surfaces-bot store')"
+    " AND objid::int = hashtext(current_schema())"
+)
+_LOCK_POLL_S = 0.1
+# Settings the URL does not give: a dead peer is found in about 30 s, not the OS's
+# two hours, so a partitioned call ends (`StoreUnavailable`) instead of hanging.
+_CONNECT_DEFAULTS = {
+    "connect_timeout": "10",
+    "keepalives": "1",
+    "keepalives_idle": "10",
+    "keepalives_interval": "5",
+    "keepalives_count": "3",
+    "tcp_user_timeout": "30000",
+    "application_name": "surfaces-bot",
+}
+# SQLSTATE classes of a server that may work again unchanged: connection exception,
+# insufficient resources (disk full, out of memory, too many connections), operator
+# intervention (shutdown, crash, recovery), system error (I/O), transaction rollback
+# (serialization, deadlock); and a lock timeout and a read-only server (a standby).
+_TRANSIENT_CLASSES = frozenset({"08", "53", "57", "58", "40"})
+_TRANSIENT_STATES = frozenset({"55P03", "25006"})
+# How long a transaction whose COMMIT lost its answer may stay "in progress" (its
+# backend still ending) before it counts as not committed.
+_IN_DOUBT_WAIT_S = 2.0
+
+_event_decoder = msgspec.json.Decoder(RoomEvent)
+_settings_decoder = msgspec.json.Decoder(dict[str, str])
+_provisioned_decoder = msgspec.json.Decoder(Provisioned)
+
+
+class _TextWithoutNul(StrDumperUnknown):
+    """A str parameter with U+0000 (which PostgreSQL text refuses) as U+FFFD."""
+
+    def dump(self, obj: str) -> Buffer | None:
+        return super().dump(obj.replace("\x00", "\ufffd") if "\x00" in obj else obj)
+
+
+class _StoreHeld(Exception):
+    def __init__(self, pid: int | None) -> None:
+        super().__init__(f"held by another bot (server process {pid})")
+
+
+class _InDoubt(Exception):
+    """A COMMIT failed with the connection: whether it happened is asked later."""
+
+    def __init__(self, xid: str, result: object) -> None:
+        super().__init__(xid)
+        self.xid = xid
+        self.result = result
+
+
+def _is_transient(exc: psycopg.Error) -> bool:
+    if isinstance(exc, psycopg.OperationalError) and exc.sqlstate is None:
+        return True  # libpq's own: the connection is lost or closed
+    state = exc.sqlstate or ""
+    return state[:2] in _TRANSIENT_CLASSES or state in _TRANSIENT_STATES
+
+
+def _now_ms() -> int:
+    return int(time.time() * 1000)
+
+
+def _shown(url: str) -> str:
+    """The URL without its password, for messages and logs."""
+    try:
+        params = conninfo.conninfo_to_dict(url)
+    except psycopg.ProgrammingError:
+        return "postgresql://(unreadable URL)"
+    user = f"{params['user']}@" if params.get("user") else ""
+    port = f":{params['port']}" if params.get("port") else ""
+    return f"postgresql://{user}{params.get('host', '')}{port}/{params.get('dbname', '')}"
+
+
+def _record_handled(
+    db: Connection,
+    seq: int,
+    outcome: Outcome,
+    reply_event_id: EventID | None,
+    reason: str | None = None,
+) -> None:
+    """Take inbox item ``seq`` out of the inbox and remember it as handled, in one
+    statement (only its id stays, to drop a later delivery)."""
+    db.execute(
+        "UPDATE events SET outcome = %s, reply_event_id = %s, handled_ts = %s, event = NULL,"
+        " provisioned = NULL, reason = %s WHERE seq = %s",
+        (outcome, reply_event_id, _now_ms(), reason, seq),
+    )
+
+
+def _record_quarantined(db: Connection, entry: Quarantined, now: int) -> None:
+    db.execute(
+        "INSERT INTO events(event_id, room_id, kind, received_ts, outcome, handled_ts, reason)"
+        " VALUES (%s, %s, 'message', %s, 'quarantined', %s, %s)"
+        " ON CONFLICT (event_id) DO NOTHING",
+        (entry.event_id, entry.room_id, now, now, entry.reason),
+    )
+
+
+def _write_crypto(db: Connection, rows: Sequence[CryptoRow]) -> None:
+    for kind, key, value in rows:
+        if value is None:
+            db.execute("DELETE FROM crypto WHERE kind = %s AND key = %s", (kind, key))
+        else:
+            db.execute(
+                "INSERT INTO crypto(kind, key, value) VALUES (%s, %s, %s)"
+                " ON CONFLICT (kind, key) DO UPDATE SET value = EXCLUDED.value",
+                (kind, key, value),
+            )
+
+
+def _write_encryption(db: Connection, rooms: Mapping[RoomID, str]) -> None:
+    for room_id, content in rooms.items():
+        db.execute(
+            "INSERT INTO encrypted_rooms(room_id, content) VALUES (%s, %s)"
+            " ON CONFLICT (room_id) DO UPDATE SET content = EXCLUDED.content",
+            (room_id, content),
+        )
+
+
+def _put_meta(db: Connection, key: str, value: str) -> None:
+    db.execute(
+        "INSERT INTO meta(key, value) VALUES (%s, %s)"
+        " ON CONFLICT (key) DO UPDATE SET value = EXCLUDED.value",
+        (key, value),
+    )
+
+
+class PostgresStore:
+    """The bot's state in PostgreSQL; open with `PostgresStore.open`, close with
+    `aclose`. The same public methods, with the same meaning, as `bot.store.Store`.
+
+    Chats, Spaces and encrypted rooms are also held in memory (loaded at open, kept in
+    step with every write), so routing a message costs no round trip.
+    """
+
+    def __init__(self, url: str) -> None:
+        self._url = url
+        self.where = _shown(url)
+        self._db: Connection | None = None
+        self._calls = trio.Lock()
+        self._closed = False
+        self._chats_by_room: dict[RoomID, Chat] = {}
+        self._chats_by_id: dict[str, Chat] = {}
+        self._sync_token: SyncToken | None = None
+        self._spaces: dict[str, RoomID] = {}
+        self._encrypted_rooms: dict[RoomID, str] = {}
+        self._watchers = trio.lowlevel.ParkingLot()
+
+    # --- opening ------------------------------------------------------------------
+
+    @classmethod
+    async def open(cls, url: str, user_id: str, *, lock_wait_s: float = 0.0) -> PostgresStore:
+        """Open (creating and migrating as needed) the store of ``user_id`` in the
+        database at ``url``, held by this process until `aclose`.
+
+        Raises `StoreError` for a store another bot holds (after waiting up to
+        ``lock_wait_s`` for it to let go), a schema holding something else, a schema
+        newer than this code, or another Matrix user's store; `StoreUnavailable` (a
+        StoreError) when the server cannot be reached or refuses for now. A store
+        refused at open is left exactly as it was found.
+        """
+        store = cls(url)
+        deadline = trio.current_time() + lock_wait_s
+        try:
+            while True:
+                try:
+                    await trio.to_thread.run_sync(store._open_sync, user_id)
+                    break
+                except _StoreHeld as exc:
+                    if trio.current_time() >= deadline:
+                        raise StoreError(
+                            f"{store.where}: {exc}: stop that bot first, "
+                            "or give this one a database or schema of its own"
+                        ) from exc
+                await trio.sleep(_LOCK_POLL_S)
+        except BaseException:
+            with trio.CancelScope(shield=True):
+                await trio.to_thread.run_sync(store._disconnect)
+            raise
+        return store
+
+    def _connect(self) -> Connection:
+        """A new connection holding the store's advisory lock (`_StoreHeld` if another
+        bot has it); StoreUnavailable / StoreError when none can be made."""
+        try:
+            params = {**_CONNECT_DEFAULTS, **conninfo.conninfo_to_dict(self._url)}
+        except psycopg.ProgrammingError as exc:
+            raise StoreError(f"{self.where}: not a usable PostgreSQL URL: {exc}") from exc
+        try:
+            db: Connection = psycopg.connect(conninfo.make_conninfo("", **params), autocommit=True)
+        except psycopg.Error as exc:
+            if _is_transient(exc):
+                raise StoreUnavailable(f"{self.where}: cannot connect: {exc}") from exc
+            raise StoreError(f"{self.where}: cannot connect: {exc}") from exc
+        try:
+            db.adapters.register_dumper(str, _TextWithoutNul)
+            schema = db.execute("SELECT current_schema()").fetchone()
+            if schema is None or schema[0] is None:
+                raise StoreError(
+                    f"{self.where}: no schema to create the tables in (the search_path "
+                    "names none that exists)"
+                )
+            row = db.execute(_TRY_LOCK).fetchone()
+            if row is None or not row[0]:
+                holder = db.execute(_LOCK_HOLDER).fetchone()
+                raise _StoreHeld(holder[0] if holder else None)
+        except BaseException:
+            db.close()
+            raise
+        return db
+
+    def _open_sync(self, user_id: str) -> None:
+        db = self._db = self._connect()
+        try:
+            # One opener at a time checks and migrates: it holds the store's lock.
+            with db.transaction():
+                self._check_and_migrate(db, user_id)
+                _put_meta_if_absent(db, "user_id", user_id)
+                # Handled events are remembered to drop the server's replays, which
+                # come within minutes; a month keeps the table from growing forever.
+                db.execute(
+                    "DELETE FROM events WHERE handled_ts < %s", (_now_ms() - HANDLED_KEEP_MS,)
+                )
+            self._load(db)
+        except psycopg.Error as exc:
+            if _is_transient(exc):
+                raise StoreUnavailable(f"{self.where}: {exc}") from exc
+            raise StoreError(f"{self.where}: cannot be used as the bot's store: {exc}") from exc
+
+    def _check_and_migrate(self, db: Connection, user_id: str) -> None:
+        tables = {
+            name
+            for (name,) in db.execute(
+                "SELECT tablename FROM pg_tables WHERE schemaname = current_schema()"
+            )
+        }
+        version = 0
+        if "bot_schema" in tables:
+            row = db.execute("SELECT version FROM bot_schema").fetchone()
+            version = row[0] if row else 0
+            if version > PG_SCHEMA_VERSION:
+                raise StoreError(
+                    f"{self.where}: schema version {version} is newer than this bot "
+                    f"understands ({PG_SCHEMA_VERSION}); upgrade the bot or use another store"
+                )
+            missing = _TABLES - tables if version else set()
+            if missing:
+                raise StoreError(
+                    f"{self.where}: not a bot store (no {', '.join(sorted(missing))} table)"
+                )
+            if version:
+                owner = db.execute("SELECT value FROM meta WHERE key = 'user_id'").fetchone()
+                if owner is not None and owner[0] != user_id:
+                    raise StoreError(
+                        f"{self.where}: this store belongs to {owner[0]}, not {user_id}; "
+                        "use another database or schema"
+                    )
+        elif tables:
+            shown = ", ".join(sorted(tables)[:5])
+            raise StoreError(
+                f"{self.where}: its schema holds tables of something else ({shown}); "
+                "give the bot a database or schema of its own"
+            )
+        else:
+            db.execute("CREATE TABLE bot_schema (version INTEGER NOT NULL)")
+            db.execute("INSERT INTO bot_schema(version) VALUES (0)")
+        # In the opening transaction: the schema and its version move together.
+        for number in range(version, PG_SCHEMA_VERSION):
+            db.execute(_MIGRATIONS[number].encode())
+            db.execute("UPDATE bot_schema SET version = %s", (number + 1,))
+
+    def _load(self, db: Connection) -> None:
+        row = db.execute("SELECT value FROM meta WHERE key = 'sync_token'").fetchone()
+        self._sync_token = SyncToken(row[0]) if row else None
+        self._chats_by_room.clear()
+        self._chats_by_id.clear()
+        for chat in self._select_chats(db):
+            self._remember(chat)
+        self._spaces = {
+            owner: RoomID(room_id)
+            for owner, room_id in db.execute("SELECT owner, room_id FROM spaces")
+        }
+        self._encrypted_rooms = {
+            RoomID(room_id): content
+            for room_id, content in db.execute("SELECT room_id, content FROM encrypted_rooms")
+        }
+
+    @staticmethod
+    def _select_chats(db: Connection) -> list[Chat]:
+        rows = db.execute(
+            "SELECT chat_id, room_id, owner, title, created_ts, archived, space_id, successor,"
+            " settings FROM chats"
+        ).fetchall()
+        return [
+            Chat(
+                chat_id=chat_id,
+                room_id=RoomID(room_id),
+                owner=owner,
+                title=title,
+                created_ts=created_ts,
+                archived=bool(archived),
+                space_id=RoomID(space_id) if space_id is not None else None,
+                successor=successor,
+                settings=_settings_decoder.decode(settings),
+            )
+            for (
+                chat_id,
+                room_id,
+                owner,
+                title,
+                created_ts,
+                archived,
+                space_id,
+                successor,
+                settings,
+            ) in rows
+        ]
+
+    # --- lifetime -------------------------------------------------------------------
+
+    async def aclose(self) -> None:
+        """Close the connection, which lets go of the store's lock."""
+        self._closed = True
+        async with self._calls:  # after a call in progress, never during it
+            await trio.to_thread.run_sync(self._disconnect)
+
+    def _disconnect(self) -> None:
+        db, self._db = self._db, None
+        if db is not None:
+            db.close()
+
+    async def checkpoint_every(self, interval_s: float) -> NoReturn:
+        """Nothing to do: the server checkpoints its own log (`bot.store`'s SQLite
+        store copies its log here). Sleeps, so the runtime's task is the same."""
+        await trio.sleep_forever()
+
+    async def wait_for_change(self) -> None:
+        """Return after the next store call ends (it may have written something)."""
+        await self._watchers.park()
+
+    async def _run(self, fn: Callable[[Connection], T]) -> T:
+        """Run ``fn`` on the connection in a worker thread, calls one at a time.
+
+        A cancellation lands while waiting for the lock or not at all: once ``fn`` has
+        started, its caller sees its result. The errors are mapped here, once:
+        StoreUnavailable for what may pass, StoreError after `aclose`; anything else
+        (a bug, a value the driver cannot send) is raised as it is.
+        """
+        try:
+            async with self._calls:
+                if self._closed:
+                    raise StoreError(f"{self.where}: the store is closed")
+                return await trio.to_thread.run_sync(self._call, fn)
+        finally:
+            if self._watchers:
+                self._watchers.unpark_all()
+
+    def _call(self, fn: Callable[[Connection], T]) -> T:
+        try:
+            db = self._db
+            if db is None or db.closed or db.broken:
+                self._disconnect()
+                try:
+                    db = self._db = self._connect()
+                except _StoreHeld as exc:
+                    raise StoreUnavailable(
+                        f"{self.where}: the connection was lost and the store is now {exc}"
+                    ) from exc
+                log.info("store_reconnected", store=self.where)
+            return fn(db)
+        except _InDoubt as doubt:
+            if self._committed(doubt.xid):
+                return doubt.result  # type: ignore[return-value]
+            raise StoreUnavailable(
+                f"{self.where}: the connection was lost at commit: {doubt.__cause__}"
+            ) from doubt.__cause__
+        except psycopg.Error as exc:
+            if _is_transient(exc):
+                if self._db is not None and (self._db.broken or self._db.closed):
+                    self._disconnect()
+                raise StoreUnavailable(f"{self.where}: {exc}") from exc
+            raise
+
+    def _committed(self, xid: str) -> bool:
+        """Whether transaction ``xid``, whose COMMIT lost its answer, committed: asked
+        on a new connection (which takes the store's lock again)."""
+        self._disconnect()
+        deadline = time.monotonic() + _IN_DOUBT_WAIT_S
+        try:
+            db = self._db = self._connect()
+            while True:
+                row = db.execute("SELECT pg_xact_status(%s::xid8)", (xid,)).fetchone()
+                status = row[0] if row else None
+                if status != "in progress" or time.monotonic() >= deadline:
+                    log.warning("store_commit_in_doubt", store=self.where, status=status)
+                    return status == "committed"
+                time.sleep(0.05)
+        except (psycopg.Error, StoreError, _StoreHeld):
+            # Not known: reported as not committed, the caller's "nothing changed".
+            # The store's rules make that safe to retry (each write is idempotent
+            # or re-finds what it wrote).
+            self._disconnect()
+            return False
+
+    def _transaction(self, body: Callable[[Connection], T]) -> Callable[[Connection], T]:
+        def run(db: Connection) -> T:
+            finished = False
+            xid = ""
+            try:
+                with db.transaction():
+                    row = db.execute("SELECT pg_current_xact_id()::text").fetchone()
+                    xid = row[0] if row else ""
+                    result = body(db)
+                    finished = True
+            except psycopg.OperationalError as exc:
+                if finished and xid and _is_transient(exc):
+                    raise _InDoubt(xid, result) from exc
+                raise
+            return result
+
+        return run
+
+    # --- meta -----------------------------------------------------------------------
+
+    @property
+    def sync_token(self) -> SyncToken | None:
+        return self._sync_token
+
+    async def get_meta(self, key: str) -> str | None:
+        def read(db: Connection) -> str | None:
+            row = db.execute("SELECT value FROM meta WHERE key = %s", (key,)).fetchone()
+            return row[0] if row else None
+
+        return await self._run(read)
+
+    async def set_meta(self, key: str, value: str) -> None:
+        await self._run(self._transaction(lambda db: _put_meta(db, key, value)))
+
+    # --- chats ----------------------------------------------------------------------
+
+    def chat_for_room(self, room_id: str) -> Chat | None:
+        return self._chats_by_room.get(RoomID(room_id))
+
+    def chat_by_id(self, chat_id: str) -> Chat | None:
+        return self._chats_by_id.get(chat_id)
+
+    def chats(self) -> list[Chat]:
+        return list(self._chats_by_id.values())
+
+    def _remember(self, chat: Chat) -> None:
+        self._forget(chat.chat_id)
+        stale = self._chats_by_room.get(chat.room_id)
+        if stale is not None:
+            self._forget(stale.chat_id)
+        self._chats_by_room[chat.room_id] = chat
+        self._chats_by_id[chat.chat_id] = chat
+
+    def _forget(self, chat_id: str) -> None:
+        old = self._chats_by_id.pop(chat_id, None)
+        if old is not None and self._chats_by_room.get(old.room_id) == old:
+            del self._chats_by_room[old.room_id]
+
+    async def apply_chats(self, put: Sequence[Chat] = (), remove: Iterable[str] = ()) -> None:
+        """Insert or replace ``put`` and delete the chats ``remove`` in one transaction.
+
+        A chat replaces whatever held its chat id or its room before.
+        """
+        removed = list(remove)
+
+        def write(db: Connection) -> None:
+            for chat_id in removed:
+                db.execute("DELETE FROM chats WHERE chat_id = %s", (chat_id,))
+            for chat in put:
+                # SQLite's INSERT OR REPLACE: whatever holds the id or the room goes.
+                db.execute(
+                    "DELETE FROM chats WHERE room_id = %s OR chat_id = %s",
+                    (chat.room_id, chat.chat_id),
+                )
+                db.execute(
+                    "INSERT INTO chats(chat_id, room_id, owner, title, created_ts, archived,"
+                    " space_id, successor, settings) VALUES (%s, %s, %s, %s, %s, %s, %s, %s, %s)",
+                    (
+                        chat.chat_id,
+                        chat.room_id,
+                        chat.owner,
+                        chat.title,
+                        chat.created_ts,
+                        chat.archived,
+                        chat.space_id,
+                        chat.successor,
+                        msgspec.json.encode(chat.settings).decode(),
+                    ),
+                )
+
+        await self._run(self._transaction(write))
+        for chat_id in removed:
+            self._forget(chat_id)
+        for chat in put:
+            self._remember(chat)
+
+    # --- spaces ---------------------------------------------------------------------
+
+    def space_for(self, owner: str) -> RoomID | None:
+        return self._spaces.get(owner)
+
+    def spaces(self) -> dict[str, RoomID]:
+        return dict(self._spaces)
+
+    def is_space(self, room_id: str) -> bool:
+        return room_id in self._spaces.values()
+
+    async def apply_spaces(
+        self, put: dict[str, RoomID] | None = None, remove: Iterable[str] = ()
+    ) -> None:
+        """Record each owner's Space in ``put`` and forget those of ``remove``."""
+        put = put or {}
+        removed = list(remove)
+
+        def write(db: Connection) -> None:
+            for owner in removed:
+                db.execute("DELETE FROM spaces WHERE owner = %s", (owner,))
+            for owner, room_id in put.items():
+                db.execute("DELETE FROM spaces WHERE room_id = %s OR owner = %s", (room_id, owner))
+                db.execute("INSERT INTO spaces(owner, room_id) VALUES (%s, %s)", (owner, room_id))
+
+        await self._run(self._transaction(write))
+        for owner in removed:
+            self._spaces.pop(owner, None)
+        for owner, room_id in put.items():
+            for other, held in list(self._spaces.items()):
+                if held == room_id and other != owner:
+                    del self._spaces[other]
+            self._spaces[owner] = room_id
+
+    # --- the inbox ------------------------------------------------------------------
+
+    async def commit_sync_batch(
+        self,
+        next_token: SyncToken,
+        items: Sequence[NewInboxItem],
+        quarantined: Sequence[Quarantined] = (),
+        *,
+        crypto: Sequence[CryptoRow] = (),
+        encryption: Mapping[RoomID, str] | None = None,
+    ) -> list[InboxItem]:
+        """Take a batch's events into the inbox and advance the sync token, atomically
+        (`bot.store.Store.commit_sync_batch`: the same rules)."""
+        encryption = encryption or {}
+
+        def write(db: Connection) -> list[InboxItem]:
+            fresh: list[InboxItem] = []
+            received = _now_ms()
+            _write_crypto(db, crypto)
+            _write_encryption(db, encryption)
+            for entry in quarantined:
+                _record_quarantined(db, entry, received)
+            for item in items:
+                try:
+                    encoded = msgspec.json.encode(item.event)
+                except (TypeError, ValueError, RecursionError) as exc:
+                    reason = f"cannot be stored: {type(exc).__name__}"
+                    _record_quarantined(
+                        db, Quarantined(item.event_id, item.room_id, reason), received
+                    )
+                    log_quarantined(item.room_id, item.event_id, item.event.sender, reason)
+                    continue
+                # An event pending or handled already has its row: ignored.
+                row = db.execute(
+                    "INSERT INTO events(event_id, room_id, kind, event, received_ts)"
+                    " VALUES (%s, %s, %s, %s, %s) ON CONFLICT (event_id) DO NOTHING"
+                    " RETURNING seq",
+                    (item.event_id, item.room_id, item.kind, encoded, received),
+                ).fetchone()
+                if row is not None:
+                    fresh.append(
+                        InboxItem(row[0], item.event_id, item.room_id, item.kind, item.event)
+                    )
+            _put_meta(db, "sync_token", next_token)
+            return fresh
+
+        fresh = await self._run(self._transaction(write))
+        self._sync_token = next_token
+        self._encrypted_rooms.update(encryption)
+        return fresh
+
+    # --- end-to-end encryption --------------------------------------------------------
+
+    def room_encryption(self, room_id: str) -> str | None:
+        """The room's m.room.encryption content (JSON), or None: not encrypted."""
+        return self._encrypted_rooms.get(RoomID(room_id))
+
+    async def set_room_encryption(self, rooms: Mapping[RoomID, str]) -> None:
+        if not rooms:
+            return
+        await self._run(self._transaction(lambda db: _write_encryption(db, rooms)))
+        self._encrypted_rooms.update(rooms)
+
+    async def apply_crypto(self, rows: Sequence[CryptoRow]) -> None:
+        """Write the crypto layer's changes (one transaction)."""
+        if rows:
+            await self._run(self._transaction(lambda db: _write_crypto(db, rows)))
+
+    async def crypto_rows(self) -> list[tuple[str, str, str]]:
+        """The crypto layer's whole state, as it was written."""
+
+        def read(db: Connection) -> list[tuple[str, str, str]]:
+            return [
+                (kind, key, value)
+                for kind, key, value in db.execute("SELECT kind, key, value FROM crypto")
+            ]
+
+        return await self._run(read)
+
+    async def pending(self) -> list[InboxItem]:
+        """Everything still in the inbox, oldest first (read once, at start-up); a
+        stored event that no longer reads is quarantined."""
+
+        def read(db: Connection) -> tuple[list[InboxItem], list[tuple[int, str]]]:
+            rows = db.execute(
+                "SELECT seq, event_id, room_id, kind, event, attempts FROM events"
+                " WHERE outcome IS NULL ORDER BY seq"
+            ).fetchall()
+            items: list[InboxItem] = []
+            unreadable: list[tuple[int, str]] = []
+            for seq, event_id, room_id, kind, event, attempts in rows:
+                try:
+                    decoded = _event_decoder.decode(event)
+                except (msgspec.DecodeError, RecursionError, TypeError) as exc:
+                    # Damaged: one row must not stop the start.
+                    unreadable.append((seq, f"stored event unreadable: {type(exc).__name__}"))
+                    log_quarantined(room_id, event_id, None, unreadable[-1][1])
+                    continue
+                items.append(
+                    InboxItem(seq, EventID(event_id), RoomID(room_id), kind, decoded, attempts)
+                )
+            return items, unreadable
+
+        items, unreadable = await self._run(read)
+        if unreadable:
+
+            def write(db: Connection) -> None:
+                for seq, reason in unreadable:
+                    _record_handled(db, seq, "quarantined", None, reason)
+
+            await self._run(self._transaction(write))
+        return items
+
+    async def finish(
+        self,
+        item: InboxItem,
+        outcome: Outcome,
+        reply_event_id: EventID | None = None,
+        *,
+        reason: str | None = None,
+    ) -> None:
+        """Record ``item`` as handled and take it out of the inbox, atomically.
+
+        ``reason``: why it failed or was quarantined (never its content).
+        """
+        await self._run(
+            self._transaction(
+                lambda db: _record_handled(db, item.seq, outcome, reply_event_id, reason)
+            )
+        )
+
+    async def finish_with_turns(
+        self,
+        item: InboxItem,
+        outcome: Outcome,
+        reply_event_id: EventID | None,
+        chat_id: str,
+        turns: Sequence[tuple[str, str]],
+    ) -> None:
+        """`finish` and append ``turns`` (role, content) to the chat's conversation, in
+        one transaction: a crash never records the answer twice or loses it."""
+
+        def write(db: Connection) -> None:
+            _record_handled(db, item.seq, outcome, reply_event_id)
+            _append_turns(db, chat_id, turns)
+
+        await self._run(self._transaction(write))
+
+    async def set_started_reply(self, item: InboxItem, reply_event_id: EventID) -> None:
+        """Remember the reply being streamed for ``item``, for a re-run to complete."""
+
+        def write(db: Connection) -> None:
+            db.execute(
+                "UPDATE events SET reply_event_id = %s WHERE seq = %s AND outcome IS NULL",
+                (reply_event_id, item.seq),
+            )
+
+        await self._run(self._transaction(write))
+
+    async def started_reply(self, item: InboxItem) -> EventID | None:
+        def read(db: Connection) -> EventID | None:
+            row = db.execute(
+                "SELECT reply_event_id FROM events WHERE seq = %s AND outcome IS NULL",
+                (item.seq,),
+            ).fetchone()
+            return EventID(row[0]) if row and row[0] else None
+
+        return await self._run(read)
+
+    async def set_provisioned(self, event_id: str, made: Provisioned) -> None:
+        """Remember what handling ``event_id`` made, so that a re-run after a crash
+        finishes it instead of making another. Forgotten with the inbox item."""
+
+        def write(db: Connection) -> None:
+            db.execute(
+                "UPDATE events SET provisioned = %s WHERE event_id = %s AND outcome IS NULL",
+                (msgspec.json.encode(made).decode(), event_id),
+            )
+
+        await self._run(self._transaction(write))
+
+    async def provisioned(self, event_id: str) -> Provisioned:
+        """What `set_provisioned` recorded for ``event_id`` while it is in the inbox."""
+
+        def read(db: Connection) -> Provisioned:
+            row = db.execute(
+                "SELECT provisioned FROM events WHERE event_id = %s AND outcome IS NULL",
+                (event_id,),
+            ).fetchone()
+            return _provisioned_decoder.decode(row[0]) if row and row[0] else Provisioned()
+
+        return await self._run(read)
+
+    # --- conversations ----------------------------------------------------------------
+
+    async def conversation(self, chat_id: str) -> list[tuple[str, str]] | None:
+        """The chat's turns (role, content), oldest first; None when the store has
+        never held this chat's conversation (rebuild it from the room)."""
+
+        def read(db: Connection) -> list[tuple[str, str]] | None:
+            known = db.execute("SELECT 1 FROM contexts WHERE chat_id = %s", (chat_id,)).fetchone()
+            if not known:
+                return None
+            rows = db.execute(
+                "SELECT role, content FROM turns WHERE chat_id = %s ORDER BY seq", (chat_id,)
+            ).fetchall()
+            return [(role, content) for role, content in rows]
+
+        return await self._run(read)
+
+    async def replace_conversation(self, chat_id: str, turns: Sequence[tuple[str, str]]) -> None:
+        """Set the chat's whole conversation (after a rebuild, or empty for ``!forget``)."""
+
+        def write(db: Connection) -> None:
+            db.execute("DELETE FROM turns WHERE chat_id = %s", (chat_id,))
+            _append_turns(db, chat_id, turns)
+
+        await self._run(self._transaction(write))
+
+    async def discard(self, item: InboxItem) -> None:
+        """Take ``item`` out of the inbox without recording it (invites: the server
+        shows a pending invite again at every full sync, so none is lost)."""
+
+        def write(db: Connection) -> None:
+            db.execute("DELETE FROM events WHERE seq = %s AND outcome IS NULL", (item.seq,))
+
+        await self._run(self._transaction(write))
+
+    async def count_resumption(self, item: InboxItem) -> int:
+        """Note that this run takes up ``item``, which an earlier run left unfinished;
+        returns how many runs have done so, this one included."""
+
+        def write(db: Connection) -> int:
+            row = db.execute(
+                "UPDATE events SET attempts = attempts + 1 WHERE seq = %s AND outcome IS NULL"
+                " RETURNING attempts",
+                (item.seq,),
+            ).fetchone()
+            return int(row[0]) if row else 0
+
+        return await self._run(self._transaction(write))
+
+    async def handled_outcome(self, event_id: str) -> str | None:
+        def read(db: Connection) -> str | None:
+            row = db.execute(
+                "SELECT outcome FROM events WHERE event_id = %s", (event_id,)
+            ).fetchone()
+            return row[0] if row else None
+
+        return await self._run(read)
+
+    async def quarantined(self) -> dict[str, str]:
+        """The quarantined events still remembered, by event id, with their reasons."""
+
+        def read(db: Connection) -> dict[str, str]:
+            rows = db.execute(
+                "SELECT event_id, reason FROM events WHERE outcome = 'quarantined'"
+            ).fetchall()
+            return {event_id: reason or "" for event_id, reason in rows}
+
+        return await self._run(read)
+
+    async def counts(self) -> dict[str, int]:
+        """How many chats, Spaces, encrypted rooms, pending and handled events the
+        store holds (for diagnostics and tests)."""
+
+        def read(db: Connection) -> dict[str, int]:
+            row = db.execute(
+                "SELECT (SELECT count(*) FROM chats), (SELECT count(*) FROM spaces),"
+                " (SELECT count(*) FROM encrypted_rooms),"
+                " count(*) - count(outcome), count(outcome) FROM events"
+            ).fetchone()
+            assert row is not None  # an aggregate always has its row
+            chats, spaces, encrypted, inbox, handled = row
+            return {
+                "chats": chats,
+                "inbox": inbox,
+                "handled": handled,
+                "spaces": spaces,
+                "encrypted_rooms": encrypted,
+            }
+
+        return await self._run(read)
+
+
+def _put_meta_if_absent(db: Connection, key: str, value: str) -> None:
+    db.execute(
+        "INSERT INTO meta(key, value) VALUES (%s, %s) ON CONFLICT (key) DO NOTHING", (key, value)
+    )
+
+
+def _append_turns(db: Connection, chat_id: str, turns: Sequence[tuple[str, str]]) -> None:
+    for role, content in turns:
+        db.execute(
+            "INSERT INTO turns(chat_id, role, content) VALUES (%s, %s, %s)",
+            (chat_id, role, content),
+        )
+    db.execute(
+        "INSERT INTO contexts(chat_id) VALUES (%s) ON CONFLICT (chat_id) DO NOTHING", (chat_id,)
+    )
+
+
+if TYPE_CHECKING:
+    # Both stores are what the runtime sees (checked by mypy, never run).
+    def _conforms(sqlite: Store, postgres: PostgresStore) -> tuple[BotStore, BotStore]:
+        return sqlite, postgres
