@@ -18,7 +18,7 @@ from __future__ import annotations
 
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
-from typing import Any, Literal, Self, TypeVar
+from typing import Any, Literal, Protocol, Self, TypeVar
 from urllib.parse import quote
 
 import httpx
@@ -46,6 +46,7 @@ __all__ = [
     "LARGE_ANSWER_LIMITS",
     "HTTPCore",
     "Request",
+    "RequestObserver",
     "decode_json_object",
     "ignore_body",
 ]
@@ -118,6 +119,22 @@ def decode_json_object(body: bytes) -> dict[str, Any]:
 def ignore_body(body: bytes) -> None:
     """The decoder for endpoints answering ``{}``: any JSON object will do."""
     _object_decoder.decode(body)
+
+
+class RequestObserver(Protocol):
+    """Told of what `HTTPCore` sends, for whoever counts (the caller's metrics).
+
+    Called on the trio thread in the request's own task: an observer must be cheap and
+    must not raise. ``request.path`` holds identifiers (room ids, user ids): an observer
+    that keeps anything per path must map it to a bounded template first.
+    """
+
+    def answered(self, request: Request, status: int | None) -> None:
+        """One attempt ended: the HTTP ``status`` of the answer, or None when no
+        (complete) answer came."""
+
+    def retry_wait(self, request: Request, error: MatrixAPIError, delay_s: float) -> None:
+        """The attempt that failed with ``error`` is sent again after ``delay_s``."""
 
 
 def _timeout_extension(timeout: httpx.Timeout) -> dict[str, float | None]:
@@ -209,6 +226,8 @@ class HTTPCore:
         self.requests_sent = 0
         """Every attempt that went to the network, retries included (for diagnostics)."""
         self._server_clock = ServerClock()
+        self.observer: RequestObserver | None = None
+        """Told of every attempt and retry wait (`RequestObserver`); None: nobody."""
         url = httpx.URL(self.homeserver)
         if url.userinfo:
             # Matrix authenticates by token; credentials here would only end up in messages.
@@ -295,9 +314,13 @@ class HTTPCore:
             try:
                 return await self._send_once(request, decode)
             except MatrixAPIError as exc:
+                if self.observer is not None and isinstance(exc, NetworkError):
+                    self.observer.answered(request, None)
                 delay = self.retry_policy.delay_for(exc, attempt, idempotent=request.is_idempotent)
                 if delay is None:
                     raise
+                if self.observer is not None:
+                    self.observer.retry_wait(request, exc, delay)
                 log.warning(
                     "matrix_request_retry",
                     method=request.method,
@@ -363,6 +386,8 @@ class HTTPCore:
         self._server_clock.observe(raw_headers)
         body = response.content
         status = response.status_code
+        if self.observer is not None:
+            self.observer.answered(request, status)
         if not 200 <= status < 300:
             raise _error_from(status, raw_headers, body, what)
         try:
