@@ -204,6 +204,38 @@ async function markDirect(userId, roomId) {
     await c.setAccountData("m.direct", { ...current, [userId]: [...rooms, roomId] });
 }
 
+// Interactive verifications this client requested, by a local id.
+const verifications = new Map();
+let nextVerificationId = 1;
+const PHASES = { 1: "unsent", 2: "requested", 3: "ready", 4: "started", 5: "cancelled", 6: "done" };
+const phaseName = (phase) => PHASES[phase] ?? String(phase);
+
+function requireVerification(args) {
+    const id = requireString(args, "id");
+    const entry = verifications.get(id);
+    if (entry === undefined) throw new CommandError("bad_request", `no verification ${id}`);
+    return [id, entry];
+}
+
+function describeVerification(id, entry) {
+    const request = entry.request;
+    const sas = entry.sas?.sas ?? null;
+    return {
+        id,
+        transaction_id: request.transactionId ?? null,
+        phase: phaseName(request.phase),
+        // `methods` is not implemented by the Rust crypto's request: ask about SAS instead.
+        other_supports_sas: request.otherPartySupportsMethod("m.sas.v1"),
+        cancellation_code: request.cancellationCode ?? null,
+        cancelling_user_id: request.cancellingUserId ?? null,
+        emoji: sas?.emoji?.map(([symbol, name]) => name) ?? null,
+        decimals: sas?.decimal ?? null,
+        verify_done: entry.verifyDone,
+        verify_error: entry.verifyError,
+        cancelled_with: entry.cancelledWith,
+    };
+}
+
 const ENCRYPTION_STATE = {
     type: "m.room.encryption",
     state_key: "",
@@ -408,6 +440,88 @@ const commands = {
                 : new cryptoApi.AllDevicesIsolationMode(false),
         );
         return { only_signed: onlySigned };
+    },
+
+    async request_device_verification(args) {
+        // Element's "verify this device": an m.key.verification.request to that device
+        // (the device must be known: call `devices` first). Returns the request's id here.
+        const c = requireClient();
+        const request = await c
+            .getCrypto()
+            .requestDeviceVerification(requireString(args, "user_id"), requireString(args, "device_id"));
+        const id = String(nextVerificationId++);
+        const entry = { request, sas: null, verifyDone: false, verifyError: null, cancelledWith: null };
+        verifications.set(id, entry);
+        request.on(cryptoApi.VerificationRequestEvent.Change, () => notifyChange());
+        return describeVerification(id, entry);
+    },
+
+    async wait_verification(args, deadline) {
+        // Until the request reaches one of `phases` (names of VerificationPhase, lower case).
+        const [id, entry] = requireVerification(args);
+        const phases = Array.isArray(args.phases) ? args.phases : ["ready"];
+        return await waitFor(deadline, `verification ${id} to reach ${phases.join("/")}`, () =>
+            phases.includes(phaseName(entry.request.phase)) ? describeVerification(id, entry) : undefined,
+        );
+    },
+
+    async start_sas(args, deadline) {
+        // The user picks "verify by emoji": m.key.verification.start (m.sas.v1); waits for the
+        // emoji and numbers to show (or the verification to end).
+        const [id, entry] = requireVerification(args);
+        const verifier = await entry.request.startVerification("m.sas.v1");
+        verifier.on(cryptoApi.VerifierEvent.ShowSas, (sas) => {
+            entry.sas = sas;
+            notifyChange();
+        });
+        verifier.on(cryptoApi.VerifierEvent.Cancel, (reason) => {
+            entry.cancelledWith = String(reason?.message ?? reason?.getContent?.()?.code ?? reason);
+            notifyChange();
+        });
+        verifier.verify().then(
+            () => {
+                entry.verifyDone = true;
+                notifyChange();
+            },
+            (error) => {
+                entry.verifyError = String(error?.message ?? error);
+                notifyChange();
+            },
+        );
+        return await waitFor(deadline, `the SAS of verification ${id}`, () =>
+            entry.sas !== null || entry.verifyError !== null || entry.request.phase === cryptoApi.VerificationPhase.Cancelled
+                ? describeVerification(id, entry)
+                : undefined,
+        );
+    },
+
+    async confirm_sas(args, deadline) {
+        // The user says the emoji match (`match` true: the MAC goes) or not (m.mismatched_sas);
+        // waits for the verification to end either way.
+        const [id, entry] = requireVerification(args);
+        if (entry.sas === null) throw new CommandError("bad_request", "no SAS shown yet");
+        if (args.match === false) entry.sas.mismatch();
+        else await entry.sas.confirm();
+        return await waitFor(deadline, `verification ${id} to end`, () =>
+            entry.verifyDone || entry.verifyError !== null ? describeVerification(id, entry) : undefined,
+        );
+    },
+
+    async verification_status(args) {
+        // How this client now sees a user and one of their devices.
+        const crypto = requireClient().getCrypto();
+        const userId = requireString(args, "user_id");
+        const deviceId = requireString(args, "device_id");
+        const device = await crypto.getDeviceVerificationStatus(userId, deviceId);
+        const user = await crypto.getUserVerificationStatus(userId);
+        return {
+            device_verified: device?.isVerified() ?? false,
+            device_locally_verified: device?.localVerified ?? false,
+            device_cross_signing_verified: device?.crossSigningVerified ?? false,
+            device_signed_by_owner: device?.signedByOwner ?? false,
+            user_verified: user.isVerified(),
+            user_cross_signing_verified: user.isCrossSigningVerified(),
+        };
     },
 
     async whoami() {

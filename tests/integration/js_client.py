@@ -36,6 +36,8 @@ __all__ = [
     "JsClientTimeout",
     "Login",
     "Message",
+    "Verification",
+    "VerificationStatus",
     "open_js_client",
 ]
 
@@ -118,6 +120,43 @@ class Device:
     algorithms: list[str]
     signed_by_owner: bool = False
     """Signed by its owner's self-signing key, as the client's crypto checked it."""
+
+
+@dataclass(frozen=True)
+class Verification:
+    """An interactive verification this client requested, as its crypto sees it now."""
+
+    id: str
+    """This client's handle for it (not the protocol's transaction id)."""
+    transaction_id: str | None
+    phase: str
+    """VerificationPhase in lower case: requested, ready, started, cancelled, done."""
+    other_supports_sas: bool
+    """The other side's request or ready named ``m.sas.v1``."""
+    cancellation_code: str | None
+    cancelling_user_id: str | None
+    emoji: list[str] | None
+    """The seven emoji's English names, once shown."""
+    decimals: list[int] | None
+    verify_done: bool
+    """The verifier finished: both sides' MACs checked, done exchanged."""
+    verify_error: str | None
+    cancelled_with: str | None
+
+
+@dataclass(frozen=True)
+class VerificationStatus:
+    """How this client sees another user and one of their devices."""
+
+    device_verified: bool
+    device_locally_verified: bool
+    """Verified interactively from this device."""
+    device_cross_signing_verified: bool
+    """Signed by its owner's self-signing key, whose identity this user verified."""
+    device_signed_by_owner: bool
+    user_verified: bool
+    user_cross_signing_verified: bool
+    """This user's user-signing key signed theirs (needs own cross-signing)."""
 
 
 class JsClient:
@@ -229,6 +268,39 @@ class JsClient:
         """Element's "exclude insecure devices" (MSC4153) when ``only_signed``: room keys
         only for devices their owner cross-signed, and only their events decrypt."""
         await self.call("set_device_isolation", {"only_signed": only_signed})
+
+    async def request_device_verification(self, user_id: str, device_id: str) -> Verification:
+        """An ``m.key.verification.request`` to that device (it must be known here: call
+        `devices` first), as Element's "verify this device"."""
+        args = {"user_id": user_id, "device_id": device_id}
+        return Verification(**await self.call("request_device_verification", args))
+
+    async def wait_verification(
+        self, verification: Verification, phases: list[str], *, timeout: float = DEFAULT_TIMEOUT
+    ) -> Verification:
+        """Once it is in one of ``phases`` (e.g. ``["ready", "cancelled"]``)."""
+        args = {"id": verification.id, "phases": phases}
+        return Verification(**await self.call("wait_verification", args, timeout=timeout))
+
+    async def start_sas(
+        self, verification: Verification, *, timeout: float = DEFAULT_TIMEOUT
+    ) -> Verification:
+        """Picks emoji verification (``m.sas.v1`` start); returns once the emoji and
+        numbers show, or the verification ended."""
+        args = {"id": verification.id}
+        return Verification(**await self.call("start_sas", args, timeout=timeout))
+
+    async def confirm_sas(
+        self, verification: Verification, *, match: bool = True, timeout: float = DEFAULT_TIMEOUT
+    ) -> Verification:
+        """The person says the emoji match (or not: ``m.mismatched_sas``); returns once
+        the verification ended (``verify_done`` or ``verify_error``)."""
+        args = {"id": verification.id, "match": match}
+        return Verification(**await self.call("confirm_sas", args, timeout=timeout))
+
+    async def verification_status(self, user_id: str, device_id: str) -> VerificationStatus:
+        args = {"user_id": user_id, "device_id": device_id}
+        return VerificationStatus(**await self.call("verification_status", args))
 
     async def stop(self) -> None:
         """Stops the client; the process exits (`open_js_client` also does this)."""
