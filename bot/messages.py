@@ -21,6 +21,7 @@ __all__ = [
     "is_actionable",
     "is_encryption_event",
     "malformed",
+    "mentions",
     "notice",
     "parse_incoming",
     "reply_txn_id",
@@ -124,17 +125,24 @@ def notice(
 
     ``formatted_body`` must already be safe HTML; without it the plain ``body`` is
     all there is (no HTML is derived from user text here). ``mention`` is a user id
-    the notice is meant to notify (``m.mentions``).
+    the notice is meant to notify; without one, ``m.mentions`` is empty, so the notice
+    notifies no one, whatever its body holds (a reply's sender included).
     """
-    content: dict[str, Any] = {"msgtype": "m.notice", "body": body}
-    if mention is not None:
-        content["m.mentions"] = {"user_ids": [mention]}
+    content: dict[str, Any] = {"msgtype": "m.notice", "body": body, "m.mentions": mentions(mention)}
     if formatted_body is not None:
         content["format"] = "org.matrix.custom.html"
         content["formatted_body"] = formatted_body
     if reply_to is not None:
         content["m.relates_to"] = {"m.in_reply_to": {"event_id": reply_to}}
     return content
+
+
+def mentions(*user_ids: str | None) -> dict[str, Any]:
+    """The ``m.mentions`` of an event the bot sends: the users it means to notify, or
+    ``{}``. Every message the bot sends carries one: without it a client falls back to
+    the body, and a user id or display name in an answer would notify that user."""
+    named = [user_id for user_id in user_ids if user_id is not None]
+    return {"user_ids": named} if named else {}
 
 
 def escape(text: str) -> str:

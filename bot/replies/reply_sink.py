@@ -42,7 +42,7 @@ from matrix_api import MatrixAPIError, MatrixClient, new_txn_id
 from matrix_api.models import EventID, RoomID
 
 from ..backends.bounded_read import cut_note
-from ..messages import notice, reply_txn_id
+from ..messages import mentions, notice, reply_txn_id
 from .history import FAILED_KEY, STREAMING_KEY
 from .markdown import DEFAULT_PART_BYTES, formatted_or_none, split_message
 from .throttle import EditThrottler, open_edit_throttler
@@ -77,7 +77,8 @@ def _size(content: dict[str, Any]) -> int:
 
 
 def _formatted(body: str) -> dict[str, Any]:
-    content: dict[str, Any] = {"msgtype": "m.notice", "body": body}
+    # An answer mentions no one: a name in it notifies nobody.
+    content: dict[str, Any] = {"msgtype": "m.notice", "body": body, "m.mentions": mentions()}
     html = formatted_or_none(body)
     if html is not None:
         content["format"] = "org.matrix.custom.html"
@@ -110,6 +111,8 @@ def edit_content(original: EventID, body: str, *, streaming: bool = False) -> di
     content: dict[str, Any] = {
         "msgtype": "m.notice",
         "body": f"* {body}",
+        # Those the edit newly mentions (none): an edit never notifies anyone again.
+        "m.mentions": mentions(),
         "m.new_content": new_content,
         "m.relates_to": {"rel_type": "m.replace", "event_id": original},
     }

@@ -23,6 +23,7 @@ from bot.replies.reply_sink import (
     TYPING_DELAY_S,
     MatrixReplySink,
     edit_content,
+    message_content,
     open_reply_sink,
 )
 from fake_openai import API_KEY, FakeOpenAI, Script
@@ -322,3 +323,20 @@ async def test_model_failure_mid_stream_ends_the_reply(openai: FakeOpenAI) -> No
             event_id = await sink.fail(exc.user_message, exc.partial)
     assert room.final_text(event_id).startswith("one two three four\n\n⚠️ ")
     assert len([s for s in room.sent if not s.is_edit]) == 1
+
+
+@pytest.mark.parametrize(
+    "body",
+    [
+        "@alice:example.org, see **this**",
+        # Past MAX_CONTENT_BYTES: the HTML and then the fallback are dropped, not m.mentions.
+        "**@alice:example.org** " * 5_000,
+    ],
+)
+def test_replies_and_edits_mention_no_one_whatever_their_size(body: str) -> None:
+    reply = message_content(body, reply_to=EventID("$q"), streaming=True)
+    assert reply["m.mentions"] == {}
+    edit = edit_content(EventID("$r"), body)
+    # The edit's own (those it newly mentions) and the replaced content's.
+    assert edit["m.mentions"] == {}
+    assert edit["m.new_content"]["m.mentions"] == {}

@@ -184,8 +184,19 @@ def test_in_reply_to(content: dict[str, Any], target: str | None) -> None:
     assert in_reply_to(event(content)) == target
 
 
-def test_a_plain_notice() -> None:
-    assert notice("hi") == {"msgtype": "m.notice", "body": "hi"}
+def test_a_plain_notice_mentions_no_one() -> None:
+    assert notice("hi") == {"msgtype": "m.notice", "body": "hi", "m.mentions": {}}
+
+
+def test_a_notice_that_names_a_user_in_its_body_still_mentions_no_one() -> None:
+    # Without m.mentions a client would match the body against the user's id and name.
+    content = notice("@alice:example.org asked @room about it", reply_to=EventID("$q"))
+    assert content["m.mentions"] == {}
+
+
+def test_a_notice_meant_to_notify_mentions_exactly_that_user() -> None:
+    content = notice("slow down", reply_to=EventID("$q"), mention="@alice:example.org")
+    assert content["m.mentions"] == {"user_ids": ["@alice:example.org"]}
 
 
 def test_a_notice_replying_to_an_event() -> None:
@@ -194,6 +205,8 @@ def test_a_notice_replying_to_an_event() -> None:
     assert content == {
         "msgtype": "m.notice",
         "body": "answer",
+        # A reply, yet it does not notify the sender it answers.
+        "m.mentions": {},
         "m.relates_to": {"m.in_reply_to": {"event_id": "$question"}},
     }
     # The bot reads its own replies back this way after losing its store.
