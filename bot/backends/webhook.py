@@ -5,11 +5,21 @@ The bot POSTs a JSON document to the configured URL::
     {"chat_id": "...", "room_id": "!...", "sender": "@...", "event_id": "$...",
      "body": "the message", "context": [{"role": "user", "content": "..."}, ...]}
 
-with ``X-Surfaces-Signature: sha256=<hex>``, the HMAC-SHA256 of the raw body under the
-shared secret (check it over the bytes received, before parsing), and
-``X-Surfaces-Event-Id`` (the same on every retry: a receiver can de-duplicate). The
-answer is the reply: JSON ``{"reply": "..."}``, or plain text. A 5xx answer, a timeout
-or a failed connection is retried with bounded backoff, and a 429 (or a 503) no sooner
+with ``X-Surfaces-Timestamp: <Unix seconds>`` and ``X-Surfaces-Signature:
+sha256=<hex>``, the HMAC-SHA256 under the shared secret of the timestamp, a ``.`` and the
+raw body (check it over the bytes received, before parsing), and
+``X-Surfaces-Event-Id`` (the same on every retry: a receiver can de-duplicate). Each
+attempt, a retry too, is signed with the time it is sent: a receiver refuses a
+timestamp more than `TOLERANCE_S` (5 minutes) from its own clock, so a captured
+request cannot be replayed later; within the window, a receiver that must not answer
+twice remembers the (signed) body's ``event_id`` it answered. `verify_signature` is
+that check; README.md has a receiver.
+Compatibility: before, the signature covered the body alone and there was no
+timestamp; a receiver that checks it that way refuses every request now (README.md
+says how to switch).
+
+The answer is the reply: JSON ``{"reply": "..."}``, or plain text. A 5xx answer, a
+timeout or a failed connection is retried with bounded backoff, and a 429 (or a 503) no sooner
 than its ``Retry-After``; another 4xx, or an answer over a limit or in a coding the bot
 does not read, is reported to the user and not retried (docs/retries.md).
 
@@ -32,7 +42,7 @@ import hashlib
 import hmac
 import json
 import time
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from typing import Any
 
 import httpx
@@ -60,6 +70,8 @@ from .streaming import ReplyOverrides, ReplySink
 
 __all__ = [
     "SIGNATURE_HEADER",
+    "TIMESTAMP_HEADER",
+    "TOLERANCE_S",
     "WEBHOOK_ENV",
     "WebhookBackend",
     "WebhookError",
@@ -72,7 +84,12 @@ __all__ = [
 log = structlog.get_logger("bot.backends.webhook")
 
 SIGNATURE_HEADER = "X-Surfaces-Signature"
+TIMESTAMP_HEADER = "X-Surfaces-Timestamp"
 EVENT_ID_HEADER = "X-Surfaces-Event-Id"
+TOLERANCE_S = 300.0
+"""How far a receiver lets a request's timestamp be from its own clock, either way (a
+replay after that is refused; clocks kept by NTP are well within it)."""
+_TIMESTAMP_DIGITS = 12
 _EXCERPT = 300
 _BODY_HEADERS = frozenset({"content-encoding", "content-length", "transfer-encoding"})
 _ERROR_BODY_BYTES = 16 * 1024
@@ -85,15 +102,35 @@ _HEAD_LIMIT_WORDS = {
 }
 
 
-def sign(secret: str, body: bytes) -> str:
-    """The signature header's value for ``body``: ``sha256=<hex HMAC-SHA256>``."""
-    digest = hmac.new(secret.encode("utf-8"), body, hashlib.sha256).hexdigest()
+def sign(secret: str, body: bytes, timestamp: str) -> str:
+    """The signature header's value for ``body`` sent at ``timestamp`` (Unix seconds, in
+    decimal): ``sha256=<hex HMAC-SHA256 of "<timestamp>.<body>">``."""
+    signed = timestamp.encode("ascii") + b"." + body
+    digest = hmac.new(secret.encode("utf-8"), signed, hashlib.sha256).hexdigest()
     return f"sha256={digest}"
 
 
-def verify_signature(secret: str, body: bytes, header: str | None) -> bool:
-    """Whether ``header`` signs ``body`` under ``secret`` (constant-time; for receivers)."""
-    return header is not None and hmac.compare_digest(sign(secret, body), header.strip())
+def verify_signature(
+    secret: str,
+    body: bytes,
+    signature: str | None,
+    timestamp: str | None,
+    *,
+    now: float | None = None,
+    tolerance_s: float = TOLERANCE_S,
+) -> bool:
+    """Whether ``signature`` signs ``body`` with ``timestamp`` under ``secret``, and the
+    timestamp is within ``tolerance_s`` of ``now`` (the wall clock), either way; the
+    check of a receiver (constant-time). Missing or malformed headers are False."""
+    if signature is None or timestamp is None:
+        return False
+    # Digits only, as the bot writes it: no sign, space, exponent or 10**1000.
+    if not (timestamp.isascii() and timestamp.isdigit() and len(timestamp) <= _TIMESTAMP_DIGITS):
+        return False
+    now = time.time() if now is None else now
+    if abs(now - int(timestamp)) > tolerance_s:
+        return False
+    return hmac.compare_digest(sign(secret, body, timestamp), signature.strip())
 
 
 class WebhookError(BackendError):
@@ -125,9 +162,12 @@ class WebhookBackend(HTTPBackend):
         transport: httpx.AsyncBaseTransport | None = None,
         backoff: Backoff | None = None,
         user_agent: str = "surfaces-bot",
+        wall_clock: Callable[[], float] = time.time,
     ) -> None:
+        """``wall_clock`` gives the Unix time each request is signed with (for tests)."""
         self.settings = settings
         self.backoff = backoff or BACKEND_BACKOFF
+        self._wall_clock = wall_clock
         super().__init__(
             timeout=httpx.Timeout(settings.timeout_s),
             transport=transport,
@@ -176,12 +216,15 @@ class WebhookBackend(HTTPBackend):
             "Content-Type": "application/json",
             # Inflated by the transport in bounded steps, under the byte limit (http_backend.py).
             "Accept-Encoding": "gzip, deflate",
-            SIGNATURE_HEADER: sign(self.settings.secret, body),
             EVENT_ID_HEADER: event_id,
         }
         started = time.monotonic()
         attempt = 0
         while True:
+            # Signed at each attempt: a retry after a long Retry-After is still fresh.
+            timestamp = str(int(self._wall_clock()))
+            headers[TIMESTAMP_HEADER] = timestamp
+            headers[SIGNATURE_HEADER] = sign(self.settings.secret, body, timestamp)
             try:
                 reply = await self._attempt(body, headers)
             except _Retry as retry:

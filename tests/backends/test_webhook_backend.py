@@ -6,8 +6,11 @@ team's service would, and answers 401 when it does not match.
 
 from __future__ import annotations
 
+import hashlib
+import hmac
 import json
 import random
+import time
 from collections.abc import AsyncIterator, Callable, MutableMapping
 from dataclasses import dataclass, field
 from typing import Any
@@ -22,6 +25,7 @@ from bot.backends.context import Turn
 from bot.backends.streaming import StreamingBackend
 from bot.backends.webhook import (
     SIGNATURE_HEADER,
+    TIMESTAMP_HEADER,
     WebhookBackend,
     WebhookError,
     WebhookSettings,
@@ -60,7 +64,10 @@ class Receiver:
     async def handle(self, request: HTTPRequest, out: Responder) -> None:
         self.received.append(request)
         good = verify_signature(
-            self.secret, request.body, request.headers.get("x-surfaces-signature")
+            self.secret,
+            request.body,
+            request.headers.get("x-surfaces-signature"),
+            request.headers.get("x-surfaces-timestamp"),
         )
         self.verified.append(good)
         if not good:
@@ -262,7 +269,7 @@ async def test_nothing_listening_is_retried_then_reported() -> None:
     assert "cannot be reached" in caught.value.user_message
 
 
-async def test_signature_is_over_the_raw_body() -> None:
+async def test_signature_is_over_the_timestamp_and_the_raw_body() -> None:
     seen: list[httpx.Request] = []
 
     def handler(request: httpx.Request) -> httpx.Response:
@@ -270,13 +277,43 @@ async def test_signature_is_over_the_raw_body() -> None:
         return httpx.Response(200, json={"reply": "ok"})
 
     settings = WebhookSettings(url="http://hook.test/", secret=SECRET)
-    async with WebhookBackend(settings, transport=httpx.MockTransport(handler)) as hook:
+    transport = httpx.MockTransport(handler)
+    async with WebhookBackend(
+        settings, transport=transport, wall_clock=lambda: 1.8e9 + 0.9
+    ) as hook:
         await hook.reply(CHAT, MESSAGE)
-    body = seen[0].content
-    assert seen[0].headers[SIGNATURE_HEADER] == sign(SECRET, body)
-    assert sign(SECRET, body).startswith("sha256=")
-    assert not verify_signature(SECRET, body + b" ", seen[0].headers[SIGNATURE_HEADER])
-    assert not verify_signature(SECRET, body, None)
+    body, headers = seen[0].content, seen[0].headers
+    assert headers[TIMESTAMP_HEADER] == "1800000000"  # whole seconds
+    signed = b"1800000000." + body
+    expected = hmac.new(SECRET.encode(), signed, hashlib.sha256).hexdigest()
+    assert headers[SIGNATURE_HEADER] == f"sha256={expected}" == sign(SECRET, body, "1800000000")
+    signature = headers[SIGNATURE_HEADER]
+    assert verify_signature(SECRET, body, signature, "1800000000", now=1.8e9 + 300)
+    assert not verify_signature(SECRET, body + b" ", signature, "1800000000", now=1.8e9)
+    assert not verify_signature(SECRET, body, signature, "1800000001", now=1.8e9)
+    assert not verify_signature(SECRET, body, signature, "1800000000", now=1.8e9 + 301)
+    assert not verify_signature(SECRET, body, signature, "1800000000", now=1.8e9 - 301)
+    assert not verify_signature(SECRET, body, None, "1800000000", now=1.8e9)
+    assert not verify_signature(SECRET, body, signature, None, now=1.8e9)
+    # The old form (the body alone) no longer verifies.
+    old = "sha256=" + hmac.new(SECRET.encode(), body, hashlib.sha256).hexdigest()
+    assert not verify_signature(SECRET, body, old, "1800000000", now=1.8e9)
+
+
+async def test_each_attempt_is_signed_with_its_own_time(receiver: Receiver) -> None:
+    receiver.answers += [(503, b"", "text/plain", {"Retry-After": "0"}), (500, b"", "text/plain")]
+    # Within the receiver's window of its (real) clock, each a few minutes apart.
+    now = int(time.time())
+    times = iter([now - 200.0, now + 0.5, now + 200.0])
+    settings = WebhookSettings.from_mapping({"url": receiver.url, "secret": SECRET})
+    with trio.fail_after(30):
+        async with WebhookBackend(settings, backoff=FAST, wall_clock=lambda: next(times)) as hook:
+            await hook.reply(CHAT, MESSAGE)
+    stamps = [request.headers["x-surfaces-timestamp"] for request in receiver.received]
+    assert stamps == [str(now - 200), str(now), str(now + 200)]
+    assert receiver.verified == [True, True, True]
+    assert len({request.headers["x-surfaces-signature"] for request in receiver.received}) == 3
+    assert {request.headers["x-surfaces-event-id"] for request in receiver.received} == {"$q1"}
 
 
 def test_settings_errors_name_each_bad_key() -> None:

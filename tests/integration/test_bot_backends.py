@@ -238,7 +238,12 @@ async def test_the_webhook_gets_a_signed_document_and_its_reply_is_posted(
     received: list[tuple[bool, dict[str, Any]]] = []
 
     async def receiver(request: HTTPRequest, out: Responder) -> None:
-        good = verify_signature(secret, request.body, request.headers.get("x-surfaces-signature"))
+        good = verify_signature(
+            secret,
+            request.body,
+            request.headers.get("x-surfaces-signature"),
+            request.headers.get("x-surfaces-timestamp"),
+        )
         document = json.loads(request.body)
         received.append((good, document))
         reply = json.dumps({"reply": f"hook says: {document['body']}"}).encode()
