@@ -25,6 +25,7 @@ file. Every problem is reported at once, each naming the setting it is about:
     backend_timeout_s = 300                    # BOT_BACKEND_TIMEOUT_S
     max_reply_parts = 16                       # BOT_MAX_REPLY_PARTS
     e2ee = true                                # BOT_E2EE: answer in encrypted rooms
+    http_listen = "127.0.0.1:9464"             # BOT_HTTP_LISTEN: /readyz, /healthz, /metrics
                                                # pickle_key: BOT_PICKLE_KEY, from the environment
 
     [model]                                    # backend = "model": MODEL_BASE_URL, ...
@@ -132,6 +133,8 @@ class Settings:
     file beside the store (`bot.e2ee.pickle_key`)."""
     model: ModelSettings | None = None
     webhook: WebhookSettings | None = None
+    http_listen: tuple[str, int] | None = None
+    """Host and port of the operators' HTTP listener (`bot.ops`); None: no listener."""
     log_level: str = "info"
     log_format: Literal["auto", "json", "console"] = "auto"
     log_messages: bool = True
@@ -165,6 +168,7 @@ _ENV = {
     ("bot", "max_reply_parts"): "BOT_MAX_REPLY_PARTS",
     ("bot", "e2ee"): "BOT_E2EE",
     ("bot", "pickle_key"): "BOT_PICKLE_KEY",
+    ("bot", "http_listen"): "BOT_HTTP_LISTEN",
     ("logging", "level"): "BOT_LOG_LEVEL",
     ("logging", "format"): "BOT_LOG_FORMAT",
     ("logging", "messages"): "BOT_LOG_MESSAGES",
@@ -286,6 +290,29 @@ def _pickle_key(value: str | None, problems: list[str]) -> bytes | None:
         )
         return None
     return key
+
+
+def _listen_address(value: str | None, problems: list[str]) -> tuple[str, int] | None:
+    """``host:port`` or ``[v6]:port`` (a numeric port, 1-65535); None when unset."""
+    if value is None:
+        return None
+    host, sep, port = value.rpartition(":")
+    bracketed = host.startswith("[") and host.endswith("]")
+    if bracketed:
+        host = host[1:-1]
+    if (
+        not sep
+        or not host
+        or (":" in host and not bracketed)  # an IPv6 address needs its brackets
+        or any(c.isspace() or c in "[]/@" for c in host)
+        or not (port.isascii() and port.isdigit() and 0 < int(port) < 65536)
+    ):
+        problems.append(
+            f"{_name(('bot', 'http_listen'))}: expected host:port like 127.0.0.1:9464 "
+            f"or [::1]:9464, got {value!r}"
+        )
+        return None
+    return host, int(port)
 
 
 def _validate(raw: dict[tuple[str, str], Any], problems: list[str]) -> Settings | None:
@@ -414,6 +441,7 @@ def _validate(raw: dict[tuple[str, str], Any], problems: list[str]) -> Settings 
         problems.append(f"{_name(('bot', 'max_reply_parts'))}: expected a whole number")
     e2ee = flag(("bot", "e2ee"), True)
     pickle_key = _pickle_key(text(("bot", "pickle_key")), problems)
+    http_listen = _listen_address(text(("bot", "http_listen")), problems)
     backend = text(("bot", "backend")) or "echo"
     if backend not in BACKENDS:
         problems.append(f"{_name(('bot', 'backend'))}: one of {', '.join(BACKENDS)}")
@@ -449,6 +477,7 @@ def _validate(raw: dict[tuple[str, str], Any], problems: list[str]) -> Settings 
         max_reply_parts=int(max_parts),
         e2ee=e2ee,
         pickle_key=pickle_key,
+        http_listen=http_listen,
         log_level=level,
         log_format=log_format,  # type: ignore[arg-type]  # checked against _LOG_FORMATS
         log_messages=log_messages,

@@ -23,6 +23,8 @@ import trio
 from matrix_api import LimitExceeded, MatrixAPIError, MatrixError, TransportError, UnknownToken
 from matrix_api.retry import Backoff
 
+from .ops.health import OpsFacts
+from .ops.metrics import BotMetrics
 from .quarantine import failure_reason
 from .store import InboxItem, StoreUnavailable
 
@@ -125,9 +127,18 @@ class Dispatcher:
     doing; queued jobs stay in the inbox for the next start.
     """
 
-    def __init__(self, handler: JobHandler, *, backoff: Backoff = JOB_BACKOFF) -> None:
+    def __init__(
+        self,
+        handler: JobHandler,
+        *,
+        backoff: Backoff = JOB_BACKOFF,
+        facts: OpsFacts | None = None,
+        metrics: BotMetrics | None = None,
+    ) -> None:
         self._handler = handler
         self._backoff = backoff
+        self._facts = facts
+        self._metrics = metrics
         self._lanes: dict[str, deque[InboxItem]] = {}
         self._lane_tasks: trio.Nursery | None = None
         self._queued: set[str] = set()
@@ -141,6 +152,22 @@ class Dispatcher:
     def busy_rooms(self) -> int:
         """Rooms with a lane: a job in hand or waiting."""
         return len(self._lanes)
+
+    @property
+    def pending(self) -> int:
+        """Jobs in hand or waiting: the inbox of this run."""
+        return len(self._queued)
+
+    def oldest_pending_ts(self) -> int | None:
+        """The earliest ``origin_server_ts`` among the waiting messages (invites have
+        none); None when no message waits. Reads every lane: for a scrape, not a job."""
+        oldest: int | None = None
+        for lane in self._lanes.values():
+            for item in lane:
+                ts = item.event.origin_server_ts
+                if item.kind == "message" and ts > 0 and (oldest is None or ts < oldest):
+                    oldest = ts
+        return oldest
 
     def submit(self, items: Iterable[InboxItem], *, resumed: bool = False) -> None:
         """Queue ``items``; ``resumed`` when an earlier run left them in the inbox."""
@@ -231,10 +258,11 @@ class Dispatcher:
         while True:
             try:
                 answered = await self._handler.handle(item)
-                return _Outcome.of_handled(answered)
             except Exception as exc:  # one job's failure must not stop the worker
                 attempt += 1
                 delay = self._transient_delay(exc, attempt - 1)
+                if self._facts is not None and isinstance(exc, StoreUnavailable):
+                    self._facts.store_failed(exc)
                 if delay is not None and not self._stopping:
                     log.warning(
                         "job_retry_later",
@@ -243,6 +271,8 @@ class Dispatcher:
                         error=str(exc),
                         delay_s=round(delay, 3),
                     )
+                    if self._metrics is not None and isinstance(exc, LimitExceeded):
+                        self._metrics.job_waits_for_rate_limit(delay)
                     await trio.sleep(delay)
                     continue
                 if delay is not None:
@@ -259,6 +289,10 @@ class Dispatcher:
                 if attempt >= MAX_ATTEMPTS or isinstance(exc, MatrixAPIError):
                     answered = await self._give_up(item, exc)
                     return _Outcome.of_handled(answered)
+            else:
+                if self._facts is not None:
+                    self._facts.store_ok()  # a handled job is recorded in the store
+                return _Outcome.of_handled(answered)
 
     def _transient_delay(self, error: Exception, attempt: int) -> float | None:
         """The wait before running a job again after ``error`` (failed attempt

@@ -39,6 +39,7 @@ from .messages import (
     parse_incoming,
     reply_txn_id,
 )
+from .ops.metrics import BotMetrics
 from .quarantine import failure_reason, log_quarantined
 from .reconcile import RepairReport, reconcile_single_room
 from .replies.history import FAILED_KEY, load_room_context
@@ -86,8 +87,12 @@ class MessageHandler:
         store: Store,
         settings: Settings,
         backend: Backend,
+        *,
+        metrics: BotMetrics | None = None,
     ) -> None:
         self._client = client
+        # Outcomes, backend calls and answer latency, for the operator (`bot.ops`).
+        self._metrics = metrics if metrics is not None else BotMetrics()
         self._store = store
         self._settings = settings
         self._backend = backend
@@ -191,7 +196,7 @@ class MessageHandler:
         return None
 
     async def _ignore(self, item: InboxItem) -> bool:
-        await self._store.finish(item, "ignored")
+        await self._finish(item, "ignored")
         return False
 
     def _take(self, item: InboxItem, sender: str) -> Verdict:
@@ -213,7 +218,7 @@ class MessageHandler:
         """Record ``item`` as handled without an answer; the first of an episode
         tells the user, once."""
         if verdict is not Verdict.LIMITED_TELL:
-            await self._store.finish(item, "ignored", reason=RATE_LIMITED)
+            await self._finish(item, "ignored", reason=RATE_LIMITED)
             return False
         log.info("user_rate_limited", sender=sender, room_id=item.room_id)
         every = 1 / self._settings.user_messages_per_s
@@ -253,7 +258,7 @@ class MessageHandler:
             log.info("chat_repaired", sender=sender, chat_id=chat_id)
         chat = self._store.chat_by_id(chat_id)
         if chat is None:  # removed between the two lines above by a concurrent repair
-            await self._store.finish(item, "ignored")
+            await self._finish(item, "ignored")
         return chat
 
     async def _repair_failed(self, item: InboxItem, sender: str, report: RepairReport) -> None:
@@ -263,7 +268,7 @@ class MessageHandler:
         last = self._repair_told.get(item.room_id)
         if last is not None and now - last < REPAIR_NOTICE_QUIET_S:
             log.info("chat_repair_failed_again", sender=sender, reason=report.reason)
-            await self._store.finish(item, "ignored", reason="repair_failed")
+            await self._finish(item, "ignored", reason="repair_failed")
             return
         if len(self._repair_told) >= _REPAIR_TOLD_PRUNE_AT:
             self._repair_told = {
@@ -315,17 +320,21 @@ class MessageHandler:
             await self._reply(item, Reply(BACKEND_TIMEOUT_NOTICE), "failed")
             return True
         await self._reply(item, Reply(text), "replied")
+        self._answer_sent(item)
         log.info("message_handled", backend=self._backend.name)
         return True
 
     async def _ask(self, chat: Chat, message: IncomingMessage) -> str:
         """The backend's reply; raises `trio.TooSlowError` past ``backend_timeout_s``."""
         if self._instant:
-            return await self._backend.reply(chat, message)
+            return await self._backend.reply(chat, message)  # not timed: it waits on nothing
         # The timeout is the backend's own time, not the wait for a slot (the same
         # style for every backend: `bot.backend_settings.timeouts`).
         async with self._answer_slots:
-            with trio.fail_after(self._settings.backend_timeout_s):
+            with (
+                self._metrics.backend_call(self._backend.name),
+                trio.fail_after(self._settings.backend_timeout_s),
+            ):
                 return await self._backend.reply(chat, message)
 
     async def _answer_in_conversation(
@@ -363,7 +372,10 @@ class MessageHandler:
         ) as sink:
             try:
                 async with self._answer_slots:
-                    with trio.fail_after(self._settings.backend_timeout_s):
+                    with (
+                        self._metrics.backend_call(backend.name),
+                        trio.fail_after(self._settings.backend_timeout_s),
+                    ):
                         text = await backend.reply_streaming(
                             chat, message, context, sink, overrides=overrides
                         )
@@ -375,7 +387,7 @@ class MessageHandler:
                     user_message = BACKEND_TIMEOUT_NOTICE
                     log.warning("backend_timed_out", backend=backend.name)
                 reply_id = await sink.fail(user_message, getattr(exc, "partial", ""))
-                await self._store.finish(item, "failed", reply_id)
+                await self._finish(item, "failed", reply_id)
                 return True
             reply_ids = await sink.finish(text)
         await self._store.finish_with_turns(
@@ -385,6 +397,8 @@ class MessageHandler:
             chat.chat_id,
             [("user", message.body), ("assistant", text)],
         )
+        self._metrics.finished("replied")
+        self._answer_sent(item)
         log.info("message_handled", backend=backend.name, events=len(reply_ids))
         return bool(reply_ids)
 
@@ -434,14 +448,34 @@ class MessageHandler:
         reply_id = await self._client.send_event(
             item.room_id, "m.room.message", content, txn_id=reply_txn_id(item.event_id, purpose)
         )
-        await self._store.finish(item, outcome, reply_id, reason=reason)
+        await self._finish(item, outcome, reply_id, reason=reason)
         return reply_id
+
+    async def _finish(
+        self,
+        item: InboxItem,
+        outcome: Outcome,
+        reply_event_id: EventID | None = None,
+        *,
+        reason: str | None = None,
+    ) -> None:
+        """`Store.finish`, counted by outcome."""
+        await self._store.finish(item, outcome, reply_event_id, reason=reason)
+        self._metrics.finished(outcome)
+
+    def _answer_sent(self, item: InboxItem) -> None:
+        """The backend's answer to ``item`` is out: its latency, on the server's clock."""
+        self._metrics.answer_sent(
+            self._backend.name, item.event.origin_server_ts, self._client.server_time_ms()
+        )
 
     async def give_up(self, item: InboxItem, error: Exception) -> bool:
         # Our own errors say nothing of the content; any other is named, not quoted.
         reason = str(error) if isinstance(error, LeftUnfinishedTooOften) else None
         reason = reason or failure_reason(error, "handling")
         log_quarantined(item.room_id, item.event_id, item.event.sender, reason)
+        left = isinstance(error, LeftUnfinishedTooOften)
+        self._metrics.quarantine("left_unfinished" if left else "handling_error")
         if item.kind == "invite":
             await self._store.discard(item)
             return False
@@ -450,7 +484,7 @@ class MessageHandler:
                 item, Reply(FAILED_NOTICE), "quarantined", purpose="failure", reason=reason
             )
         except (MatrixAPIError, CryptoError):  # the notice could not be sent (or encrypted)
-            await self._store.finish(item, "quarantined", reason=reason)
+            await self._finish(item, "quarantined", reason=reason)
             return False
         return True
 

@@ -43,6 +43,7 @@ from .chats import MAX_TITLE, Chat
 from .e2ee.crypto import BotCrypto
 from .invites import pick_invite, unreadable_invite_state
 from .messages import in_reply_to, is_actionable, malformed
+from .ops.metrics import BotMetrics
 from .quarantine import failure_reason, log_quarantined_batch
 from .store import InboxItem, NewInboxItem, Quarantined, Store
 
@@ -200,10 +201,18 @@ def encryption_changes(response: SyncResponse) -> dict[RoomID, str]:
 class Intake:
     """Turns sync responses into committed inbox items for one bot user."""
 
-    def __init__(self, client: MatrixClient, store: Store, bot_user_id: str) -> None:
+    def __init__(
+        self,
+        client: MatrixClient,
+        store: Store,
+        bot_user_id: str,
+        *,
+        metrics: BotMetrics | None = None,
+    ) -> None:
         self._client = client
         self._store = store
         self._bot = bot_user_id
+        self._metrics = metrics
         self.crypto: BotCrypto | None = None
         """Set once the bot's end-to-end encryption is up (never, with it off)."""
 
@@ -223,6 +232,7 @@ class Intake:
         """
         items: list[NewInboxItem] = []
         quarantined = self._unreadable(response)
+        undecodable, intake_errors = len(quarantined), 0  # the rest is malformed
         for room_id, room in response.rooms.join.items():
             try:
                 events = await self._pick(room_id, room, since, salvage=salvage)
@@ -231,7 +241,9 @@ class Intake:
             except Exception as exc:  # one room's junk must not stop the others
                 reason = failure_reason(exc, "intake")
                 log.warning("intake_room_failed", room_id=room_id, reason=reason, exc_info=True)
-                quarantined.extend(self._quarantine_timeline(room_id, room, reason))
+                lost = self._quarantine_timeline(room_id, room, reason)
+                quarantined.extend(lost)
+                intake_errors += len(lost)
                 continue
             for event in events:
                 problem: str | None
@@ -240,6 +252,7 @@ class Intake:
                     actionable = problem is None and is_actionable(event, self._bot)
                 except Exception as exc:  # noqa: BLE001  # one event's junk costs only itself
                     problem, actionable = failure_reason(exc, "intake"), False
+                    intake_errors += 1
                 if problem is not None:
                     quarantined.append(self._quarantine(room_id, event, problem))
                 elif actionable:
@@ -266,7 +279,28 @@ class Intake:
                 )
             )
         log_quarantined_batch(quarantined)
-        return await self._commit(response, items, quarantined)
+        fresh = await self._commit(response, items, quarantined)
+        if self._metrics is not None:
+            malformed_count = len(quarantined) - undecodable - intake_errors
+            self._count(fresh, undecodable=undecodable, errors=intake_errors, bad=malformed_count)
+        return fresh
+
+    def _count(self, fresh: list[InboxItem], *, undecodable: int, errors: int, bad: int) -> None:
+        """A committed batch, in the metrics: what came in, how late, what was put aside."""
+        metrics = self._metrics
+        assert metrics is not None
+        now_ms = self._client.server_time_ms()
+        for item in fresh:
+            metrics.took_in(item.kind)
+            if item.kind == "message":
+                metrics.lag(item.event.origin_server_ts, now_ms)
+        for reason, count in (
+            ("undecodable", undecodable),
+            ("intake_error", errors),
+            ("malformed", bad),
+        ):
+            if count:
+                metrics.quarantine(reason, count)
 
     async def quarantine_batch(self, response: SyncResponse, reason: str) -> None:
         """Give up ``response``: record its timeline events as quarantined for
@@ -277,6 +311,8 @@ class Intake:
             quarantined.extend(self._quarantine_timeline(room_id, room, reason))
         log_quarantined_batch(quarantined)
         await self._commit(response, [], quarantined)
+        if self._metrics is not None and quarantined:
+            self._metrics.quarantine("batch_given_up", len(quarantined))
 
     async def _commit(
         self, response: SyncResponse, items: list[NewInboxItem], quarantined: list[Quarantined]
