@@ -9,7 +9,12 @@ machine): to-device event dicts and the time go in (`VerificationMachine.receive
 clock of its own, no persistence: a restart forgets the flows in flight (the other
 side times them out).
 
-The flow (spec, "Key verification framework" and "SAS verification")::
+The same flow runs in a room (`VerificationMachine.receive_room_event`, for decrypted
+room events): the request is an ``m.room.message`` (msgtype
+``m.key.verification.request``) addressed to us, its event id names the flow, the
+other messages refer to it (``m.relates_to``, ``m.reference``) and ours go to the
+room (`RoomMessageRequest`). The flow over to-device messages
+(spec, "Key verification framework" and "SAS verification")::
 
     them                                   us
     m.key.verification.request  ------->
@@ -45,12 +50,12 @@ import secrets
 from collections import OrderedDict
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, ClassVar
 
 import vodozemac
 
 from matrix_crypto.canonical import b64encode, canonical_json
-from matrix_crypto.machine import ToDeviceRequest
+from matrix_crypto.machine import OutgoingRequest, ToDeviceRequest
 
 __all__ = [
     "EMOJI",
@@ -58,6 +63,7 @@ __all__ = [
     "Emoji",
     "Ignored",
     "Requested",
+    "RoomMessageRequest",
     "SasShown",
     "VerificationMachine",
     "VerificationUpdate",
@@ -65,6 +71,8 @@ __all__ = [
 ]
 
 PREFIX = "m.key.verification."
+ROOM_MESSAGE = "m.room.message"
+REFERENCE = "m.reference"
 REQUEST = "m.key.verification.request"
 READY = "m.key.verification.ready"
 START = "m.key.verification.start"
@@ -147,6 +155,29 @@ _EMOJI_TABLE = (
     ("⚓", "Anchor"), ("🎧", "Headphones"), ("📁", "Folder"), ("📌", "Pin"),
 )  # fmt: skip
 EMOJI = tuple(Emoji(n, symbol, name) for n, (symbol, name) in enumerate(_EMOJI_TABLE))
+
+
+# ---------------------------------------------------------------------------- requests
+
+
+@dataclass(frozen=True, slots=True)
+class RoomMessageRequest(OutgoingRequest):
+    """``PUT /rooms/{room_id}/send/{event_type}/{txn_id}`` (encrypted first in an
+    encrypted room): a message of a verification in a room. The transaction id is the
+    request id, so a retried send is the same event."""
+
+    room_id: str = ""
+    event_type: str = ""
+    content: dict[str, Any] = field(default_factory=dict)
+    kind: ClassVar[str] = "room_message"
+
+    @property
+    def txn_id(self) -> str:
+        return self.request_id
+
+    @property
+    def body(self) -> dict[str, Any]:
+        return self.content
 
 
 # ----------------------------------------------------------------------------- updates
@@ -238,6 +269,7 @@ class _Flow:
     decimals: tuple[int, int, int] = (0, 0, 0)
     device_ed25519: str = ""
     master_key: str | None = None
+    room_id: str | None = None  # a flow in a room; None: over to-device messages
 
 
 class _Refused(Exception):
@@ -327,11 +359,11 @@ class VerificationMachine:
         self._flows: dict[str, _Flow] = {}
         # Ended transactions: id -> (user, when); late messages for them are ignored.
         self._finished: OrderedDict[str, tuple[str, int]] = OrderedDict()
-        self._outbox: OrderedDict[str, ToDeviceRequest] = OrderedDict()
+        self._outbox: OrderedDict[str, ToDeviceRequest | RoomMessageRequest] = OrderedDict()
 
     # -- output ------------------------------------------------------------------------
 
-    def outgoing_requests(self) -> list[ToDeviceRequest]:
+    def outgoing_requests(self) -> list[ToDeviceRequest | RoomMessageRequest]:
         """The messages to send, in order (one per request: a flow's messages must
         arrive in the order they were made). The same requests (ids) until
         `mark_request_sent`."""
@@ -392,37 +424,108 @@ class VerificationMachine:
             return [*updates, Ignored(sender, event_type, "no valid transaction_id")]
         if sender == self.user_id and content.get("from_device") == self.device_id:
             return [*updates, Ignored(sender, event_type, "our own message")]
+        timestamp = content.get("timestamp")
+        return [*updates, *self._guarded(event_type, sender, txn, content, now_ms, None, timestamp)]
+
+    def receive_room_event(
+        self, room_id: str, event: object, now_ms: int
+    ) -> list[VerificationUpdate]:
+        """Take one room event (decrypted, in timeline order): an ``m.room.message``
+        whose msgtype is ``m.key.verification.request`` addressed to us (``to``), or an
+        ``m.key.verification.*`` event referring to such a request (``m.relates_to``,
+        ``m.reference``). The flow is named by the request's event id and answered in
+        the room (`RoomMessageRequest`). Others give no update. Never raises."""
+        if not isinstance(event, Mapping) or _id(room_id) is None:
+            return []
+        event_type = event.get("type")
+        content = event.get("content")
+        if not isinstance(event_type, str) or not isinstance(content, Mapping):
+            return []
+        if event_type == ROOM_MESSAGE:
+            if content.get("msgtype") != REQUEST:
+                return []
+            event_type = REQUEST
+        elif not event_type.startswith(PREFIX) or event_type == REQUEST:
+            return []
+        updates = self.expire(now_ms)
+        sender = event.get("sender")
+        if _id(sender) is None or not isinstance(sender, str):
+            return [*updates, Ignored("", event_type, "no valid sender")]
+        if sender == self.user_id:
+            return [*updates, Ignored(sender, event_type, "our own message")]
+        timestamp: object = None
+        if event_type == REQUEST:
+            if content.get("to") != self.user_id:
+                return [*updates, Ignored(sender, event_type, "a request for someone else")]
+            flow_id = _id(event.get("event_id"))
+            timestamp = event.get("origin_server_ts")
+        else:
+            relates = content.get("m.relates_to")
+            reference = isinstance(relates, Mapping) and relates.get("rel_type") == REFERENCE
+            flow_id = _id(relates.get("event_id")) if isinstance(relates, Mapping) else None
+            flow_id = flow_id if reference else None
+        if flow_id is None:
+            return [*updates, Ignored(sender, event_type, "no request it belongs to")]
+        return [
+            *updates,
+            *self._guarded(event_type, sender, flow_id, content, now_ms, room_id, timestamp),
+        ]
+
+    def _guarded(
+        self,
+        event_type: str,
+        sender: str,
+        flow_id: str,
+        content: Mapping[str, object],
+        now_ms: int,
+        room_id: str | None,
+        timestamp: object,
+    ) -> list[VerificationUpdate]:
         try:
-            updates.extend(self._dispatch(event_type, sender, txn, content, now_ms))
+            return self._dispatch(event_type, sender, flow_id, content, now_ms, room_id, timestamp)
         except Exception as exc:  # noqa: BLE001  # a bug here must not sink the sync batch
-            flow = self._flows.get(txn)
-            if flow is not None and flow.user_id == sender:
+            updates: list[VerificationUpdate] = []
+            flow = self._flows.get(flow_id)
+            if flow is not None and flow.user_id == sender and flow.room_id == room_id:
                 updates.append(self._cancel(flow, INVALID_MESSAGE, "internal error", now_ms))
             updates.append(Ignored(sender, event_type, f"internal error: {type(exc).__name__}"))
-        return updates
+            return updates
 
     # -- dispatch ----------------------------------------------------------------------
 
     def _dispatch(
-        self, event_type: str, sender: str, txn: str, content: Mapping[str, object], now_ms: int
+        self,
+        event_type: str,
+        sender: str,
+        txn: str,
+        content: Mapping[str, object],
+        now_ms: int,
+        room_id: str | None,
+        timestamp: object,
     ) -> list[VerificationUpdate]:
+        flow = self._flows.get(txn)
+        if flow is not None and flow.room_id != room_id:
+            # The same id over to-device and in a room (or two rooms): not this flow.
+            return [Ignored(sender, event_type, "flow of another room or of to-device")]
         if event_type == CANCEL:
             return self._on_cancel(sender, txn, content, now_ms)
-        flow = self._flows.get(txn)
         if flow is not None and flow.user_id != sender:
             # Someone else's transaction: their flow goes on; this sender is told.
-            self._tell(sender, content, txn, USER_MISMATCH, "transaction of another user")
+            if room_id is None:
+                self._tell(sender, content, txn, USER_MISMATCH, "transaction of another user")
             return [Ignored(sender, event_type, "transaction of another user")]
         if flow is None:
             if txn in self._finished:
                 return [Ignored(sender, event_type, "transaction already ended")]
             if event_type == REQUEST:
-                return self._on_request(sender, txn, content, now_ms)
-            if event_type == START:
-                return self._begin(sender, txn, content, now_ms, start=True)
-            # Spec: an unknown transaction gets m.unknown_transaction, when we can say
-            # to which device (only messages naming from_device tell).
-            self._tell(sender, content, txn, UNKNOWN_TRANSACTION, "unknown transaction")
+                return self._on_request(sender, txn, content, now_ms, room_id, timestamp)
+            if event_type == START and room_id is None:
+                # Deprecated but answered: a to-device start without a request.
+                return self._begin(sender, txn, content, now_ms, None, start=True)
+            if room_id is None:
+                # Spec: an unknown transaction gets m.unknown_transaction, when we can
+                # say to which device (only messages naming from_device tell).
+                self._tell(sender, content, txn, UNKNOWN_TRANSACTION, "unknown transaction")
             return [Ignored(sender, event_type, "unknown transaction")]
         try:
             canonical = _canonical(content)
@@ -462,9 +565,14 @@ class VerificationMachine:
     # -- request / start -----------------------------------------------------------------
 
     def _on_request(
-        self, sender: str, txn: str, content: Mapping[str, object], now_ms: int
+        self,
+        sender: str,
+        txn: str,
+        content: Mapping[str, object],
+        now_ms: int,
+        room_id: str | None,
+        timestamp: object,
     ) -> list[VerificationUpdate]:
-        timestamp = content.get("timestamp")
         if not isinstance(timestamp, int) or isinstance(timestamp, bool):
             return [Ignored(sender, REQUEST, "request without a timestamp")]
         if not -REQUEST_MAX_AHEAD_MS <= now_ms - timestamp <= REQUEST_MAX_AGE_MS:
@@ -473,17 +581,25 @@ class VerificationMachine:
         if not isinstance(methods, list) or SAS_V1 not in methods[:MAX_LIST_ITEMS]:
             # Spec: no cancel (another device of ours may support it).
             return [Ignored(sender, REQUEST, "no method in common")]
-        return self._begin(sender, txn, content, now_ms, start=False)
+        return self._begin(sender, txn, content, now_ms, room_id, start=False)
 
     def _begin(
-        self, sender: str, txn: str, content: Mapping[str, object], now_ms: int, *, start: bool
+        self,
+        sender: str,
+        txn: str,
+        content: Mapping[str, object],
+        now_ms: int,
+        room_id: str | None,
+        *,
+        start: bool,
     ) -> list[VerificationUpdate]:
         event_type = START if start else REQUEST
         device_id = _id(content.get("from_device"))
         if device_id is None:
             return [Ignored(sender, event_type, "no valid from_device")]
         if not self._allowed(sender):
-            return [self._refuse(sender, device_id, txn, USER, "not allowed to verify", now_ms)]
+            reason = "not allowed to verify"
+            return [self._refuse(sender, device_id, txn, room_id, USER, reason, now_ms)]
         if len(self._outbox) >= MAX_OUTBOX // 2:
             return [Ignored(sender, event_type, "too many messages waiting to be sent")]
         updates: list[VerificationUpdate] = []
@@ -495,13 +611,14 @@ class VerificationMachine:
             # cancelled.
             reason = "several verifications from one device at once"
             updates.extend(self._cancel(f, UNEXPECTED_MESSAGE, reason, now_ms) for f in same_device)
-            updates.append(self._refuse(sender, device_id, txn, UNEXPECTED_MESSAGE, reason, now_ms))
+            code = UNEXPECTED_MESSAGE
+            updates.append(self._refuse(sender, device_id, txn, room_id, code, reason, now_ms))
             return updates
         per_user = sum(1 for f in self._flows.values() if f.user_id == sender)
         if len(self._flows) >= MAX_FLOWS or per_user >= MAX_FLOWS_PER_USER:
             reason = "too many verifications in progress"
-            return [self._refuse(sender, device_id, txn, USER, reason, now_ms)]
-        flow = _Flow(txn, sender, device_id, now_ms, now_ms)
+            return [self._refuse(sender, device_id, txn, room_id, USER, reason, now_ms)]
+        flow = _Flow(txn, sender, device_id, now_ms, now_ms, room_id=room_id)
         self._flows[txn] = flow
         updates.append(Requested(sender, device_id, txn))
         try:
@@ -697,13 +814,18 @@ class VerificationMachine:
         return Cancelled(flow.user_id, flow.device_id, flow.transaction_id, code, reason, True)
 
     def _refuse(
-        self, user_id: str, device_id: str, txn: str, code: str, reason: str, now_ms: int
+        self,
+        user_id: str,
+        device_id: str,
+        txn: str,
+        room_id: str | None,
+        code: str,
+        reason: str,
+        now_ms: int,
     ) -> Cancelled:
         """Cancel a transaction that never became a flow (and remember it ended)."""
         self._remember_finished(txn, user_id, now_ms)
-        self._queue(
-            user_id, device_id, CANCEL, {"transaction_id": txn, "code": code, "reason": reason}
-        )
+        self._queue(user_id, device_id, room_id, txn, CANCEL, {"code": code, "reason": reason})
         return Cancelled(user_id, device_id, txn, code, reason, by_us=True)
 
     def _tell(
@@ -712,9 +834,7 @@ class VerificationMachine:
         """A cancel to the device the message names (when it names one)."""
         device_id = _id(content.get("from_device"))
         if device_id is not None and self._allowed(user_id):
-            self._queue(
-                user_id, device_id, CANCEL, {"transaction_id": txn, "code": code, "reason": reason}
-            )
+            self._queue(user_id, device_id, None, txn, CANCEL, {"code": code, "reason": reason})
 
     def _end(self, flow: _Flow, now_ms: int) -> None:
         self._flows.pop(flow.transaction_id, None)
@@ -731,22 +851,39 @@ class VerificationMachine:
     def _send(
         self, flow: _Flow, event_type: str, content: dict[str, Any], *, force: bool = False
     ) -> None:
-        body = {**content, "transaction_id": flow.transaction_id}
-        self._queue(flow.user_id, flow.device_id, event_type, body, force=force)
+        self._queue(
+            flow.user_id,
+            flow.device_id,
+            flow.room_id,
+            flow.transaction_id,
+            event_type,
+            content,
+            force=force,
+        )
 
     def _queue(
         self,
         user_id: str,
         device_id: str,
+        room_id: str | None,
+        flow_id: str,
         event_type: str,
         content: dict[str, Any],
         *,
         force: bool = False,
     ) -> None:
+        """One message of flow ``flow_id``: to the device (with the transaction id) or,
+        for a flow in a room, to the room (referring to the request event)."""
         # A full outbox drops the message (a flow's own cancels still go: ``force``).
         if len(self._outbox) >= MAX_OUTBOX and not force:
             return
-        request = ToDeviceRequest(_new_request_id(), event_type, {user_id: {device_id: content}})
+        request: ToDeviceRequest | RoomMessageRequest
+        if room_id is None:
+            body = {**content, "transaction_id": flow_id}
+            request = ToDeviceRequest(_new_request_id(), event_type, {user_id: {device_id: body}})
+        else:
+            body = {**content, "m.relates_to": {"rel_type": REFERENCE, "event_id": flow_id}}
+            request = RoomMessageRequest(_new_request_id(), room_id, event_type, body)
         self._outbox[request.request_id] = request
         while len(self._outbox) > MAX_OUTBOX + MAX_FLOWS:
             self._outbox.popitem(last=False)

@@ -1,5 +1,7 @@
 """The bot's end of interactive verification (`matrix_crypto.verification`): a user
-verifies the bot's device from their client by comparing emoji or numbers.
+verifies the bot's device from their client by comparing emoji or numbers, over
+to-device messages (`receive`) or in a room they share with the bot (`receive_room`,
+what Element does to verify another user).
 
 The bot cannot look at emoji: it accepts at the comparison step, and the user's own
 confirmation (their client's MAC, sent only when they say the emoji match) is what
@@ -28,7 +30,7 @@ import structlog
 import trio
 
 from matrix_api import MatrixAPIError
-from matrix_api.models import UserID
+from matrix_api.models import RoomID, UserID
 from matrix_crypto.cross_signing import (
     MASTER,
     CrossSigningKeys,
@@ -41,6 +43,7 @@ from matrix_crypto.verification import (
     Cancelled,
     Ignored,
     Requested,
+    RoomMessageRequest,
     SasShown,
     VerificationMachine,
     VerificationUpdate,
@@ -139,6 +142,19 @@ class BotVerifications:
         now = self._now_ms()
         for event in to_device:
             for update in self.machine.receive(event, now):
+                self._note(update)
+        if self._has_work():
+            self._wake.set()
+
+    def receive_room(self, room_id: str, events: Sequence[object]) -> None:
+        """Take a room's events (decrypted, in timeline order, ``{"type", "sender",
+        "event_id", "origin_server_ts", "content"}``): a verification request addressed
+        to the bot (``m.room.message``, msgtype ``m.key.verification.request``) and the
+        ``m.key.verification.*`` events of one; the answers go to the room, encrypted
+        when it is. Others are ignored. Never raises, no I/O."""
+        now = self._now_ms()
+        for event in events:
+            for update in self.machine.receive_room_event(room_id, event, now):
                 self._note(update)
         if self._has_work():
             self._wake.set()
@@ -254,12 +270,20 @@ class BotVerifications:
 
     async def _send(self) -> bool:
         """Send the machine's messages in order; False when one failed (kept for the
-        next round, dropped after a few tries)."""
+        next round, dropped after a few tries). A room message goes through the
+        client's `send_event`, which encrypts it in an encrypted room."""
         client = self._crypto.client
         for request in self.machine.outgoing_requests():
             try:
-                await client.send_to_device(request.event_type, request.messages, request.txn_id)
-            except MatrixAPIError as exc:
+                if isinstance(request, RoomMessageRequest):
+                    await client.send_event(
+                        RoomID(request.room_id), request.event_type, request.content, request.txn_id
+                    )
+                else:
+                    await client.send_to_device(
+                        request.event_type, request.messages, request.txn_id
+                    )
+            except (MatrixAPIError, CryptoError) as exc:
                 tries = self._attempts.get(request.request_id, 0) + 1
                 self._attempts[request.request_id] = tries
                 log.warning(

@@ -18,6 +18,7 @@ from matrix_crypto.verification import (
     Cancelled,
     Ignored,
     Requested,
+    RoomMessageRequest,
     SasShown,
     VerificationMachine,
     VerificationUpdate,
@@ -30,6 +31,7 @@ ALICE = "@alice:example.org"
 BOB = "@bob:example.org"
 EVE = "@eve:elsewhere.org"
 T0 = 1_700_000_000_000
+ROOM = "!dm:example.org"
 
 
 def _ed25519() -> str:
@@ -40,9 +42,12 @@ class Initiator:
     """A user's device verifying the bot, from the spec: request, start, key, MAC, done.
     Checks everything the bot sends it (commitment, MACs) the way a client would."""
 
-    def __init__(self, user_id: str = ALICE, device_id: str = "ALICEDEV") -> None:
+    def __init__(
+        self, user_id: str = ALICE, device_id: str = "ALICEDEV", room_id: str | None = None
+    ) -> None:
         self.user_id = user_id
         self.device_id = device_id
+        self.room_id = room_id  # a verification in this room (else to-device)
         self.ed25519 = _ed25519()
         self.master = _ed25519()
         self.txn = f"txn-{random.getrandbits(64):x}"
@@ -53,6 +58,17 @@ class Initiator:
         self.bot_key = ""
 
     def event(self, event_type: str, content: dict[str, Any]) -> dict[str, Any]:
+        if self.room_id is not None:
+            return {
+                "type": event_type,
+                "sender": self.user_id,
+                "event_id": f"$e{random.getrandbits(64):x}",
+                "origin_server_ts": T0,
+                "content": {
+                    **content,
+                    "m.relates_to": {"rel_type": "m.reference", "event_id": self.txn},
+                },
+            }
         return {
             "type": event_type,
             "sender": self.user_id,
@@ -60,14 +76,24 @@ class Initiator:
         }
 
     def request(self, now_ms: int = T0, methods: list[str] | None = None) -> dict[str, Any]:
-        return self.event(
-            v.REQUEST,
-            {
-                "from_device": self.device_id,
-                "methods": ["m.sas.v1"] if methods is None else methods,
-                "timestamp": now_ms,
-            },
-        )
+        methods = ["m.sas.v1"] if methods is None else methods
+        if self.room_id is not None:
+            # In a room the request is a message, and its event id names the flow.
+            return {
+                "type": "m.room.message",
+                "sender": self.user_id,
+                "event_id": self.txn,
+                "origin_server_ts": now_ms,
+                "content": {
+                    "msgtype": v.REQUEST,
+                    "body": "Alice is asking to verify your key",
+                    "from_device": self.device_id,
+                    "methods": methods,
+                    "to": BOT,
+                },
+            }
+        content = {"from_device": self.device_id, "methods": methods, "timestamp": now_ms}
+        return self.event(v.REQUEST, content)
 
     def start(self, **overrides: Any) -> dict[str, Any]:
         content = {
@@ -186,22 +212,30 @@ class Bot:
         return next((p.master for p in self.peers.values() if p.user_id == user_id), None)
 
     def feed(self, event: object, *, after_ms: int = 1000) -> list[VerificationUpdate]:
+        """A to-device event, or a room event (one with an ``event_id``) of `ROOM`."""
         self.now += after_ms
+        if isinstance(event, dict) and "event_id" in event:
+            return self.machine.receive_room_event(ROOM, event, self.now)
         return self.machine.receive(event, self.now)
 
     def sent(self) -> list[tuple[str, str, str, dict[str, Any]]]:
-        """(type, user, device, content) of each message to send; marks them sent."""
+        """(type, user, device, content) of each message to send, (type, room, "",
+        content) for a room message; marks them sent."""
         out = []
         for request in self.machine.outgoing_requests():
-            for user, devices in request.messages.items():
-                for device, content in devices.items():
-                    out.append((request.event_type, user, device, content))
+            if isinstance(request, RoomMessageRequest):
+                out.append((request.event_type, request.room_id, "", request.content))
+            else:
+                for user, devices in request.messages.items():
+                    for device, content in devices.items():
+                        out.append((request.event_type, user, device, content))
             self.machine.mark_request_sent(request.request_id)
         return out
 
     def one(self, event_type: str, peer: Initiator) -> dict[str, Any]:
         sent = self.sent()
-        assert [(t, u, d) for t, u, d, _ in sent] == [(event_type, peer.user_id, peer.device_id)]
+        to = (peer.user_id, peer.device_id) if peer.room_id is None else (peer.room_id, "")
+        assert [(t, u, d) for t, u, d, _ in sent] == [(event_type, *to)]
         return sent[0][3]
 
 
@@ -212,11 +246,11 @@ def _cancels(bot: Bot) -> list[tuple[str, str, str]]:
 def _to_keys_exchanged(bot: Bot, alice: Initiator, **start: Any) -> SasShown:
     bot.feed(alice.request(bot.now))
     ready = bot.one(v.READY, alice)
-    assert ready == {
-        "from_device": BOT_DEVICE,
-        "methods": ["m.sas.v1"],
-        "transaction_id": alice.txn,
-    }
+    if alice.room_id is None:
+        assert ready["transaction_id"] == alice.txn
+    else:
+        assert ready["m.relates_to"] == {"rel_type": "m.reference", "event_id": alice.txn}
+    assert (ready["from_device"], ready["methods"]) == (BOT_DEVICE, ["m.sas.v1"])
     assert bot.feed(alice.start(**start)) == []
     alice.take_accept(bot.one(v.ACCEPT, alice))
     (shown,) = bot.feed(alice.key())
@@ -800,8 +834,8 @@ def test_a_flood_stays_bounded() -> None:
 _MUTANTS: list[object] = [None, 0, -1, 2**70, 1.5, "", "x" * 5000, [], {}, [None], True]
 
 
-def _mutated_flow(rng: random.Random) -> None:
-    alice = Initiator()
+def _mutated_flow(rng: random.Random, room_id: str | None) -> None:
+    alice = Initiator(room_id=room_id)
     bot = Bot(alice)
     for step in ("request", "start", "key", "mac", "done"):
         if step == "request":
@@ -826,5 +860,88 @@ def _mutated_flow(rng: random.Random) -> None:
 def test_random_mutations_never_raise() -> None:
     """Every message of a real flow, mutated at random, fed in order."""
     rng = random.Random(20)
-    for _ in range(150):
-        _mutated_flow(rng)
+    for n in range(300):
+        _mutated_flow(rng, ROOM if n % 2 else None)
+
+
+# ----------------------------------------------------------------------------- in a room
+
+
+def test_a_user_verifies_the_bot_in_a_room() -> None:
+    alice = Initiator(room_id=ROOM)
+    alice.txn = "$request-event"
+    bot = Bot(alice)
+    shown = _to_keys_exchanged(bot, alice)
+    emoji, decimals = alice.sas_bytes()
+    assert ([e.number for e in shown.emoji], shown.decimals) == (emoji, decimals)
+    assert bot.feed(alice.mac()) == []
+    done = bot.one(v.DONE, alice)
+    assert done == {"m.relates_to": {"rel_type": "m.reference", "event_id": alice.txn}}
+    assert "transaction_id" not in done
+    (verified,) = bot.feed(alice.done())
+    assert verified == Verified(
+        ALICE, "ALICEDEV", alice.txn, shown.emoji, shown.decimals, alice.ed25519, alice.master
+    )
+
+
+def test_in_a_room_only_requests_to_the_bot_and_their_references_count() -> None:
+    alice = Initiator(room_id=ROOM)
+    bot = Bot(alice)
+    to_bob = alice.request()
+    to_bob["content"]["to"] = BOB
+    assert isinstance(bot.feed(to_bob)[0], Ignored)
+    text = {**alice.request(), "content": {"msgtype": "m.text", "body": "hi"}}
+    assert bot.feed(text) == []
+    bot.feed(alice.request(bot.now))
+    bot.one(v.READY, alice)
+    # Our own messages come back in the room: ignored.
+    echo = {**alice.start(), "sender": BOT}
+    assert isinstance(bot.feed(echo)[0], Ignored)
+    # Without a reference (or another relation) a message belongs to no request.
+    for relates in (None, {"rel_type": "m.thread", "event_id": alice.txn}, "x"):
+        event = alice.start()
+        event["content"]["m.relates_to"] = relates
+        assert isinstance(bot.feed(event)[0], Ignored)
+    # The same id over to-device, or from another room, is not this flow.
+    over_to_device = Initiator()
+    over_to_device.txn = alice.txn
+    assert isinstance(bot.feed(over_to_device.start())[0], Ignored)
+    other_room = alice.start()
+    assert isinstance(bot.machine.receive_room_event("!other:x", other_room, bot.now)[0], Ignored)
+    assert bot.sent() == []
+    assert bot.machine.active() == [(ALICE, "ALICEDEV", alice.txn)]
+
+
+def test_in_a_room_a_start_without_request_is_ignored() -> None:
+    alice = Initiator(room_id=ROOM)
+    bot = Bot(alice)
+    assert isinstance(bot.feed(alice.start())[0], Ignored)
+    assert bot.sent() == []
+
+
+def test_in_a_room_a_user_not_allowed_gets_m_user_in_the_room() -> None:
+    eve = Initiator(EVE, "EVEDEV", room_id=ROOM)
+    bot = Bot(eve, allowed={ALICE})
+    assert _last_cancel(bot.feed(eve.request(bot.now))).code == "m.user"
+    cancel = bot.one(v.CANCEL, eve)
+    assert cancel["code"] == "m.user"
+    assert cancel["m.relates_to"] == {"rel_type": "m.reference", "event_id": eve.txn}
+
+
+@pytest.mark.parametrize(
+    "event",
+    [
+        {"type": "m.room.message", "sender": ALICE, "event_id": "$e", "content": None},
+        {"type": "m.room.message", "sender": ALICE, "content": {"msgtype": v.REQUEST}},
+        {"type": v.START, "sender": ALICE, "event_id": "$e", "content": {"m.relates_to": []}},
+        {"type": v.REQUEST, "sender": ALICE, "event_id": "$e", "content": {}},
+        {"type": v.KEY, "sender": 7, "event_id": "$e", "content": {}},
+    ],
+)
+def test_malformed_room_events_are_ignored(event: dict[str, Any]) -> None:
+    bot = Bot(Initiator(room_id=ROOM))
+    for update in bot.feed(event):
+        assert isinstance(update, Ignored)
+    assert bot.machine.receive_room_event(ROOM, "junk", bot.now) == []
+    assert bot.machine.receive_room_event("x" * 1000, event, bot.now) == []
+    assert bot.sent() == []
