@@ -36,8 +36,8 @@ from . import __version__
 from .backends import Backend, open_backend
 from .config import Settings
 from .dispatch import Dispatcher
-from .e2ee.cross_signing import cross_sign_device
 from .e2ee.crypto import BotCrypto, DeviceConflict
+from .e2ee.device_tasks import run_device_tasks
 from .e2ee.pickle_key import PickleKeyError, load_pickle_key
 from .e2ee.sending import EncryptingClient
 from .handler import MessageHandler
@@ -175,15 +175,17 @@ class BotRuntime:
 
     async def _crypto_requests(self, crypto: BotCrypto, scope: trio.CancelScope) -> None:
         with scope:
-            if self._pickle_key is not None:
-                await cross_sign_device(
+            if self._pickle_key is None:
+                crypto.backup_settled.set()
+                await crypto.run()
+            else:
+                await run_device_tasks(
                     crypto,
                     password=self.settings.password,
                     pickle_key=self._pickle_key,
                     recovery_key=self.settings.recovery_key,
                     store_path=Path(self.settings.store_path),
                 )
-            await crypto.run()
 
     async def _checkpoint_store(self, scope: trio.CancelScope) -> None:
         with scope:

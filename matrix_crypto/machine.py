@@ -873,6 +873,11 @@ class OlmMachine:
 
     # -- key backup --------------------------------------------------------------------
 
+    def sign(self, message: bytes) -> tuple[str, str]:
+        """This device's signature of ``message``: (``ed25519:<device id>``, unpadded
+        base64), e.g. for a key backup's ``auth_data`` (`backup.AuthDataSigner`)."""
+        return self._identity.signing_key_id, self._identity.sign(message)
+
     def backup_states(self) -> dict[tuple[str, str, str], tuple[int, bool]]:
         """Each inbound session's (first known index, trusted), keyed (room_id,
         sender_curve25519, session_id): which ones a backup holds as good a copy of."""

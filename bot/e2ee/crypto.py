@@ -99,6 +99,12 @@ class BotCrypto:
         could send a room key to it for a message older than that."""
         self.room_keys_arrived = RepeatedEvent()
         """Set each time a batch brought room keys: decryptions waiting may retry."""
+        self.inbound_sessions_changed = RepeatedEvent()
+        """Set each time an inbound session was added or improved (the key backup's cue)."""
+        self.backup_settled = trio.Event()
+        """Set once the key backup was opened (and restored from, on a new store) or
+        found unusable: a message older than this device waits for it, not for a
+        room key that could only come from the backup."""
 
     @classmethod
     async def open(
@@ -156,10 +162,18 @@ class BotCrypto:
     def client(self) -> MatrixClient:
         return self._client
 
+    @property
+    def store(self) -> Store:
+        return self._store
+
     async def keep(self, key: str, value: str) -> None:
         """Store ``value`` under ``key`` beside the machine's state (now)."""
         self.own[key] = value
         self._unwritten.append((_OWN, key, value))
+        await self._write()
+
+    async def persist(self) -> None:
+        """Write what the machine changed (e.g. sessions imported from the backup)."""
         await self._write()
 
     # --- persistence -------------------------------------------------------------------
@@ -169,6 +183,8 @@ class BotCrypto:
         changes = self._machine.take_changes()
         if not changes.empty:
             self._unwritten.extend(changes.rows())
+            if changes.megolm.inbound:
+                self.inbound_sessions_changed.set()
         return list(self._unwritten)
 
     def _published(self) -> None:

@@ -4,8 +4,10 @@ The inbox keeps the ciphertext (the store holds no plaintext the bot did not nee
 to keep); each attempt decrypts again, which the replay protection allows for the
 same event id. A message whose room key has not arrived waits in its lane, without
 polling, until a sync batch brings room keys, for at most `KEY_WAIT_MS` after it was
-sent (on the server's clock, so a restart does not start the wait over); a message
-sent before the bot's device had keys (after a lost store) does not wait at all.
+sent (on the server's clock, so a restart does not start the wait over). A message
+sent before the bot's device had keys (after a lost store) could only be read with a
+key from the key backup: it waits until the backup was opened and restored from (at
+most `BACKUP_WAIT_S`), then is tried once more.
 """
 
 from __future__ import annotations
@@ -22,11 +24,14 @@ from matrix_crypto.errors import MissingRoomKey, UnverifiedSender
 from ..store import InboxItem
 from .crypto import BotCrypto
 
-__all__ = ["KEY_WAIT_MS", "decrypted_event"]
+__all__ = ["BACKUP_WAIT_S", "KEY_WAIT_MS", "decrypted_event"]
 
 # How long a message may wait for its room key (the sender's device sends it just
 # before the message; a key later than this is not coming).
 KEY_WAIT_MS = 10 * 60 * 1000
+# How long such a message waits for the key backup to be restored from (a few
+# requests after start; a homeserver that does not answer is not waited for longer).
+BACKUP_WAIT_S = 5 * 60
 
 
 async def decrypted_event(crypto: BotCrypto, client: MatrixClient, item: InboxItem) -> RoomEvent:
@@ -41,6 +46,7 @@ async def decrypted_event(crypto: BotCrypto, client: MatrixClient, item: InboxIt
     raw = msgspec.to_builtins(event)
     raw["room_id"] = item.room_id
     checked_devices = False
+    waited_for_backup = False
     while True:
         try:
             plain = crypto.machine.decrypt_room_event(item.room_id, raw)
@@ -53,7 +59,14 @@ async def decrypted_event(crypto: BotCrypto, client: MatrixClient, item: InboxIt
             continue
         except MissingRoomKey:
             if event.origin_server_ts < crypto.published_ms:
-                raise  # sent before this device had keys: its key was never sent to it
+                # Sent before this device had keys: its key was never sent to it, and
+                # only the backup may hold it.
+                if waited_for_backup or crypto.backup_settled.is_set():
+                    raise
+                waited_for_backup = True
+                with trio.move_on_after(BACKUP_WAIT_S):
+                    await crypto.backup_settled.wait()
+                continue
             now_ms = client.server_time_ms() or int(time.time() * 1000)
             # A timestamp from the future (forged, or a skewed clock) waits no longer.
             left_ms = min(event.origin_server_ts + KEY_WAIT_MS - now_ms, KEY_WAIT_MS)

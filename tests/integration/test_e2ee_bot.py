@@ -201,7 +201,7 @@ async def test_new_from_an_encrypted_chat_makes_an_encrypted_chat(
             assert answer.body == "in the new one"
 
 
-async def test_a_lost_store_comes_back_as_a_new_device_and_keeps_answering(
+async def test_a_lost_store_comes_back_as_a_new_device_restores_its_keys_and_keeps_answering(
     synapse: SynapseServer, make_user: MakeUser, tmp_path: Path
 ) -> None:
     bot_user, alice_user = make_user("bot"), make_user("alice")
@@ -219,16 +219,20 @@ async def test_a_lost_store_comes_back_as_a_new_device_and_keeps_answering(
                 # operator keeps elsewhere.
                 if not lost.name.endswith(".recovery-key"):
                     lost.unlink()
-            # Written before the new device exists: encrypted for the old one only.
+            # Written before the new device exists: encrypted for the old one only, with
+            # the session the old device had (and backed up).
             in_the_gap = await alice.send_text(room_id, "in the gap")
             with capture_logs() as logs:
                 async with running_bot(settings) as runtime:
-                    told = await alice.wait_for_message(
-                        room_id, sender=bot, body_contains="could not decrypt", timeout=60
+                    # Its key came back from the key backup: answered, not "could not
+                    # decrypt".
+                    answered = await alice.wait_for_message(
+                        room_id, sender=bot, body_contains="in the gap", timeout=60
                     )
-                    _assert_readable(told)
-                    assert told.body == UNDECRYPTABLE_NO_KEY_NOTICE
-                    assert (told.wire_relates_to or {})["m.in_reply_to"]["event_id"] == in_the_gap
+                    _assert_readable(answered)
+                    assert answered.body == "in the gap"
+                    replied = (answered.wire_relates_to or {})["m.in_reply_to"]["event_id"]
+                    assert replied == in_the_gap
                     answer = await _ask(alice, room_id, bot, "after the loss")
                     assert answer.body == "after the loss"
                     crypto = runtime._crypto
@@ -240,6 +244,17 @@ async def test_a_lost_store_comes_back_as_a_new_device_and_keeps_answering(
                     [seen] = [d for d in await alice.devices(bot) if d.device_id == new_device]
                     assert seen.signed_by_owner
             assert new_device != bot_user.device_id
+            # Exactly once: one reply to the message written in the gap.
+            replies = [
+                m
+                for m in await alice.messages(room_id)
+                if m.sender == bot
+                and (m.wire_relates_to or {}).get("m.in_reply_to", {}).get("event_id") == in_the_gap
+            ]
+            assert [m.body for m in replies] == ["in the gap"]
+            [restored] = [e for e in logs if e["event"] == "key_backup_restored"]
+            assert restored["authenticated"] == restored["sessions"] >= 2
+            assert restored["refused"] == 0
             [warning] = [e for e in logs if e["event"] == "e2ee_new_device"]
             assert warning["device_id"] == new_device
             assert [e["event"] for e in logs if e["event"].startswith("cross_signing")] == [
@@ -250,6 +265,42 @@ async def test_a_lost_store_comes_back_as_a_new_device_and_keeps_answering(
             devices = {d.device_id: d for d in await alice.devices(bot)}
             assert {bot_user.device_id, new_device} <= set(devices)
             assert devices[bot_user.device_id].ed25519 != devices[new_device].ed25519
+
+
+async def test_a_lost_store_without_its_recovery_key_says_what_it_cannot_read(
+    synapse: SynapseServer, make_user: MakeUser, tmp_path: Path
+) -> None:
+    """The recovery key lost with the store: the backup cannot be read, so a message
+    written in the gap gets the could-not-decrypt notice (once), and the bot goes on."""
+    bot_user, alice_user = make_user("bot"), make_user("alice")
+    bot = bot_user.user_id
+    settings = bot_settings(
+        synapse, bot_user, tmp_path / "store.sqlite3", password=bot_user.password
+    )
+    with trio.fail_after(SCENARIO_S):
+        async with open_js_client("alice") as alice:
+            await _logged_in(alice, synapse, alice_user)
+            async with running_bot(settings):
+                room_id = await _greeted_dm(alice, bot)
+                await _ask(alice, room_id, bot, "before the loss")
+            for lost in tmp_path.iterdir():
+                lost.unlink()
+            in_the_gap = await alice.send_text(room_id, "in the gap")
+            with capture_logs() as logs:
+                async with running_bot(settings):
+                    told = await alice.wait_for_message(
+                        room_id, sender=bot, body_contains="could not decrypt", timeout=60
+                    )
+                    _assert_readable(told)
+                    assert told.body == UNDECRYPTABLE_NO_KEY_NOTICE
+                    assert (told.wire_relates_to or {})["m.in_reply_to"]["event_id"] == in_the_gap
+                    answer = await _ask(alice, room_id, bot, "after the loss")
+                    assert answer.body == "after the loss"
+            unavailable = [e["event"] for e in logs if e["event"].endswith("_unavailable")]
+            assert unavailable == ["cross_signing_unavailable", "key_backup_unavailable"]
+            # No new secret storage key: what is stored under the lost one stays reachable
+            # to whoever has that recovery key.
+            assert not (tmp_path / "store.sqlite3.recovery-key").exists()
 
 
 async def test_a_streamed_answer_grows_by_encrypted_edits(

@@ -231,6 +231,12 @@ class FakeHomeserver:
         self.to_device_sent: list[ToDeviceSent] = []
         """What the bot sent to devices (one entry per device), in order."""
         self.clock_base_ms: int | None = None
+        self.account_data: dict[str, Any] = {}
+        """The bot's global account data, as it put it."""
+        self.key_backups: list[dict[str, Any]] = []
+        """Key backup versions made (``version``, ``algorithm``, ``auth_data``), the
+        last one current, and the keys in each: ``room_keys[version][room][session]``."""
+        self.room_keys: dict[str, dict[str, dict[str, Any]]] = {}
         self.repeat_answers = False
         self._to_device_inbox: dict[tuple[str, str], list[dict[str, Any]]] = {}
         self._to_device_txns: set[tuple[str, str]] = set()
@@ -487,7 +493,11 @@ class FakeHomeserver:
                 return self._upload_filter
             case ["user", user, "account_data", data_type] if user == BOT and method == "PUT":
                 call.endpoint, call.event_type = "put_account_data", data_type
+                self.account_data[data_type] = call.body
                 return self._empty
+            case ["user", user, "account_data", data_type] if user == BOT and method == "GET":
+                call.endpoint, call.event_type = "get_account_data", data_type
+                return lambda: self._get_account_data(data_type)
             case ["rooms", room_id, "send", event_type, txn_id] if method == "PUT":
                 call.endpoint, call.room_id, call.event_type = "send", room_id, event_type
                 return lambda: self._send(room_id, event_type, txn_id, call.body)
@@ -523,6 +533,15 @@ class FakeHomeserver:
             case ["keys", "claim"] if method == "POST":
                 call.endpoint = "keys_claim"
                 return lambda: self._keys_claim(call.body)
+            case ["room_keys", "version"] if method == "GET":
+                call.endpoint = "get_key_backup"
+                return self._get_key_backup
+            case ["room_keys", "version"] if method == "POST":
+                call.endpoint = "create_key_backup"
+                return lambda: self._create_key_backup(call.body)
+            case ["room_keys", "keys"] if method in ("GET", "PUT"):
+                call.endpoint = "put_room_keys" if method == "PUT" else "get_room_keys"
+                return lambda: self._room_keys(call.query.get("version"), call.body)
             case ["sendToDevice", event_type, txn_id] if method == "PUT":
                 call.endpoint, call.event_type = "send_to_device", event_type
                 return lambda: self._send_to_device(event_type, txn_id, call.body)
@@ -547,6 +566,41 @@ class FakeHomeserver:
 
     async def _empty(self) -> Answer:
         return 200, {}
+
+    async def _get_account_data(self, data_type: str) -> Answer:
+        if data_type not in self.account_data:
+            return 404, {"errcode": "M_NOT_FOUND", "error": "Account data not found"}
+        return 200, self.account_data[data_type]
+
+    async def _get_key_backup(self) -> Answer:
+        if not self.key_backups:
+            return 404, {"errcode": "M_NOT_FOUND", "error": "No current backup version"}
+        current = self.key_backups[-1]
+        keys = self.room_keys[current["version"]]
+        count = sum(len(sessions) for sessions in keys.values())
+        return 200, {**current, "count": count, "etag": str(count)}
+
+    async def _create_key_backup(self, body: Any) -> Answer:
+        version = str(len(self.key_backups) + 1)
+        self.key_backups.append({"version": version, **body})
+        self.room_keys[version] = {}
+        return 200, {"version": version}
+
+    async def _room_keys(self, version: str | None, body: Any) -> Answer:
+        """Kept as sent (a real server keeps the better copy; the tests here send each
+        session's copy once); a version that is not the current one is refused."""
+        current = self.key_backups[-1]["version"] if self.key_backups else None
+        if version is None or version not in self.room_keys:
+            return 404, {"errcode": "M_NOT_FOUND", "error": "Unknown backup version"}
+        if body is None:
+            rooms = self.room_keys[version]
+            return 200, {"rooms": {r: {"sessions": sessions} for r, sessions in rooms.items()}}
+        if version != current:
+            return 403, {"errcode": "M_WRONG_ROOM_KEYS_VERSION", "current_version": current}
+        for room_id, room in body["rooms"].items():
+            self.room_keys[version].setdefault(room_id, {}).update(room["sessions"])
+        count = sum(len(sessions) for sessions in self.room_keys[version].values())
+        return 200, {"etag": str(count), "count": count}
 
     async def _keys_upload(self, body: Any) -> Answer:
         """The bot's device keys are kept (a query shows them); one-time keys too."""
