@@ -5,10 +5,13 @@
     python -m bot reset --local [--yes]       delete the local store
     python -m bot reset --server [--yes]      release every room the bot manages
     python -m bot doctor [--config PATH]      check the set-up; changes nothing
+    python -m bot status [--config PATH]      ask the running bot (BOT_HTTP_LISTEN)
 
 Exit codes: 0 success (and a graceful stop), 1 a check or action failed, 2 invalid
 configuration, 3 a store that cannot be used, 4 any other fatal error (bad
-credentials, homeserver unreachable at start).
+credentials, homeserver unreachable at start). ``status`` exits 0 when the bot is
+ready and healthy, 1 when it is not or does not answer, 2 when no listener is
+configured (or the configuration is invalid).
 """
 
 from __future__ import annotations
@@ -63,6 +66,11 @@ def _parser() -> argparse.ArgumentParser:
 
     doctor = commands.add_parser("doctor", help="check the set-up without changing anything")
     doctor.add_argument("--config", type=Path)
+
+    status = commands.add_parser(
+        "status", help="readiness, health and counters of the running bot (BOT_HTTP_LISTEN)"
+    )
+    status.add_argument("--config", type=Path)
     return parser
 
 
@@ -147,6 +155,11 @@ def main(argv: Sequence[str] | None = None) -> int:
 
     if args.command == "run":
         return run_service(settings)
+    if args.command == "status":
+        from .ops.status import run_status
+
+        configure_logging("error", settings.log_format)
+        return trio.run(run_status, settings, _say)
     if args.command == "reset" and args.local:
         from .reset import reset_local
 

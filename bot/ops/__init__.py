@@ -5,6 +5,7 @@
     metrics.py  the Prometheus metric objects, in one registry per runtime
     http.py     the ASGI app (/readyz, /healthz, /metrics) and its serving by
                 hypercorn's trio worker inside the runtime's nursery
+    status.py   ``python -m bot status``: the same facts, read from the listener
 
 Nothing here sits on the message path but counters: recording a fact is an attribute
 write or a counter increment, and every label value comes from a small fixed set.
