@@ -165,6 +165,15 @@ _TRANSIENT_STATES = frozenset({"55P03", "25006"})
 # How long a transaction whose COMMIT lost its answer may stay "in progress" (its
 # backend still ending) before it counts as not committed.
 _IN_DOUBT_WAIT_S = 2.0
+# How long a reconnecting store waits for its own lost session to end and let go of
+# the store's lock.
+_OLD_SESSION_WAIT_S = 5.0
+_SESSION = "SELECT pid, backend_start FROM pg_stat_activity WHERE pid = pg_backend_pid()"
+# Ends the store's own earlier session, found by its process and start time (a
+# process id alone may have been reused), which the server may not yet know is lost.
+_END_OLD_SESSION = (
+    "SELECT pg_terminate_backend(pid) FROM pg_stat_activity WHERE pid = %s AND backend_start = %s"
+)
 
 _event_decoder = msgspec.json.Decoder(RoomEvent)
 _settings_decoder = msgspec.json.Decoder(dict[str, str])
@@ -181,6 +190,7 @@ class _TextWithoutNul(StrDumperUnknown):
 class _StoreHeld(Exception):
     def __init__(self, pid: int | None) -> None:
         super().__init__(f"held by another bot (server process {pid})")
+        self.pid = pid
 
 
 class _InDoubt(Exception):
@@ -280,6 +290,8 @@ class PostgresStore:
         self._url = url
         self.where = _shown(url)
         self._db: Connection | None = None
+        # The server process and start time of the store's session.
+        self._session: tuple[Any, ...] | None = None
         self._calls = trio.Lock()
         self._closed = False
         self._chats_by_room: dict[RoomID, Chat] = {}
@@ -326,11 +338,7 @@ class PostgresStore:
         """A new connection holding the store's advisory lock (`_StoreHeld` if another
         bot has it); StoreUnavailable / StoreError when none can be made."""
         try:
-            params = {**_CONNECT_DEFAULTS, **conninfo.conninfo_to_dict(self._url)}
-        except psycopg.ProgrammingError as exc:
-            raise StoreError(f"{self.where}: not a usable PostgreSQL URL: {exc}") from exc
-        try:
-            db: Connection = psycopg.connect(conninfo.make_conninfo("", **params), autocommit=True)
+            db: Connection = psycopg.connect(self._conninfo(), autocommit=True)
         except psycopg.Error as exc:
             if _is_transient(exc):
                 raise StoreUnavailable(f"{self.where}: cannot connect: {exc}") from exc
@@ -347,10 +355,38 @@ class PostgresStore:
             if row is None or not row[0]:
                 holder = db.execute(_LOCK_HOLDER).fetchone()
                 raise _StoreHeld(holder[0] if holder else None)
+            self._session = db.execute(_SESSION).fetchone()
         except BaseException:
             db.close()
             raise
         return db
+
+    def _conninfo(self) -> str:
+        try:
+            params = {**_CONNECT_DEFAULTS, **conninfo.conninfo_to_dict(self._url)}
+        except psycopg.ProgrammingError as exc:
+            raise StoreError(f"{self.where}: not a usable PostgreSQL URL: {exc}") from exc
+        return conninfo.make_conninfo("", **params)
+
+    def _reconnect(self) -> Connection:
+        """A new connection after the last one was lost. The lost session may still
+        hold the store's lock (the server has not noticed, or it is still ending): it
+        is ended and waited for, up to a few seconds. Another bot's session is not."""
+        old, self._session = self._session, None
+        self._disconnect()
+        deadline = time.monotonic() + _OLD_SESSION_WAIT_S
+        while True:
+            try:
+                db = self._db = self._connect()
+            except _StoreHeld as held:
+                if old is None or held.pid != old[0] or time.monotonic() >= deadline:
+                    raise
+                with psycopg.connect(self._conninfo(), autocommit=True) as other:
+                    other.execute(_END_OLD_SESSION, old)
+                time.sleep(0.05)
+                continue
+            log.info("store_reconnected", store=self.where)
+            return db
 
     def _open_sync(self, user_id: str) -> None:
         db = self._db = self._connect()
@@ -502,14 +538,12 @@ class PostgresStore:
         try:
             db = self._db
             if db is None or db.closed or db.broken:
-                self._disconnect()
                 try:
-                    db = self._db = self._connect()
+                    db = self._reconnect()
                 except _StoreHeld as exc:
                     raise StoreUnavailable(
                         f"{self.where}: the connection was lost and the store is now {exc}"
                     ) from exc
-                log.info("store_reconnected", store=self.where)
             return fn(db)
         except _InDoubt as doubt:
             if self._committed(doubt.xid):
@@ -527,10 +561,9 @@ class PostgresStore:
     def _committed(self, xid: str) -> bool:
         """Whether transaction ``xid``, whose COMMIT lost its answer, committed: asked
         on a new connection (which takes the store's lock again)."""
-        self._disconnect()
-        deadline = time.monotonic() + _IN_DOUBT_WAIT_S
         try:
-            db = self._db = self._connect()
+            db = self._reconnect()
+            deadline = time.monotonic() + _IN_DOUBT_WAIT_S
             while True:
                 row = db.execute("SELECT pg_xact_status(%s::xid8)", (xid,)).fetchone()
                 status = row[0] if row else None

@@ -9,10 +9,14 @@ PostgreSQL has its own below them.
 
 from __future__ import annotations
 
+import contextlib
 import os
 import re
+import socket
 import sqlite3
+import threading
 import time
+import uuid
 from collections.abc import AsyncIterator, Callable, Iterator
 from dataclasses import replace
 from pathlib import Path
@@ -37,7 +41,7 @@ from bot.store import (
     StoreError,
     StoreUnavailable,
 )
-from bot.store_api import BotStore
+from bot.store_api import BotStore, is_postgres_url, open_store, sqlite_path
 from bot.store_postgres import PG_SCHEMA_VERSION, PostgresStore
 from matrix_api.models import EventID, RoomEvent, RoomID, SyncToken, UserID
 from pg_server import PostgresServer, missing_binaries
@@ -125,15 +129,23 @@ class SqliteKind:
 
 
 class PostgresKind:
-    """A PostgreSQL store in a database of its own."""
+    """A PostgreSQL store in a schema of its own in one shared database (a new schema
+    costs milliseconds, a new database a quarter of a second), or in a database of its
+    own (``own_database``)."""
 
     name = "postgresql"
     schema_version = PG_SCHEMA_VERSION
     unbindable = psycopg.ProgrammingError
 
-    def __init__(self, server: PostgresServer) -> None:
+    def __init__(self, server: PostgresServer, *, own_database: bool = False) -> None:
         self.server = server
-        self.location = server.new_database_url()
+        if own_database:
+            self.location = server.new_database_url()
+            return
+        schema = f"s_{uuid.uuid4().hex[:16]}"
+        with psycopg.connect(server.url(), autocommit=True) as connection:
+            connection.execute(f"CREATE SCHEMA {schema}")  # our own alphabet
+        self.location = server.url(options=f"-csearch_path%3D{schema}")
 
     async def open(self, user_id: str = BOT) -> BotStore:
         return await PostgresStore.open(self.location, user_id)
@@ -925,3 +937,477 @@ async def test_a_failing_batch_keeps_neither_its_crypto_changes_nor_its_token(
     assert store.sync_token == "s1"
     assert await store.crypto_rows() == [("account", "", "old")]
     assert store.room_encryption(OTHER_ROOM) is None
+
+
+# --- both stores: text PostgreSQL cannot hold ----------------------------------------------
+
+
+async def test_a_nul_character_sinks_neither_a_batch_nor_an_answer(store: BotStore) -> None:
+    # A hostile server may put U+0000 in an event id; a user may send it in a message.
+    # PostgreSQL text cannot hold it (it becomes U+FFFD there); SQLite keeps it.
+    hostile = new_item("$evil\x00id", body="a\x00b")
+
+    item, _ = await store.commit_sync_batch(SyncToken("s1"), [hostile, new_item("$ok")])
+    await store.finish_with_turns(item, "replied", EventID("$r"), "c1", [("user", "a\x00b")])
+
+    assert store.sync_token == "s1"
+    assert await store.handled_outcome("$evil\x00id") == "replied"
+    assert await store.conversation("c1") in ([("user", "a\x00b")], [("user", "a\ufffdb")])
+    assert [pending.event_id for pending in await store.pending()] == ["$ok"]
+    # Still recognised when the server sends it again.
+    assert await store.commit_sync_batch(SyncToken("s2"), [hostile]) == []
+
+
+# --- PostgreSQL ----------------------------------------------------------------------------
+
+
+@pytest.fixture
+def pg(pg_server: PostgresServer) -> PostgresKind:
+    return PostgresKind(pg_server)
+
+
+def admin(kind: PostgresKind) -> psycopg.Connection[tuple[Any, ...]]:
+    return psycopg.connect(kind.location, autocommit=True)
+
+
+def store_backend(kind: PostgresKind) -> int:
+    """The server process of the open store's connection."""
+    ((pid,),) = kind.rows(
+        "SELECT pid FROM pg_stat_activity WHERE application_name = 'surfaces-bot'"
+        " AND datname = current_database()"
+    )
+    return int(pid)
+
+
+def terminate(kind: PostgresKind) -> None:
+    """Ends the open store's server process, and waits until it is gone."""
+    assert kind.rows("SELECT pg_terminate_backend(?, 10000)", (store_backend(kind),)) == [(True,)]
+
+
+async def test_a_connection_cut_mid_transaction_is_unavailable_and_loses_nothing(
+    pg: PostgresKind,
+) -> None:
+    store = await pg.open()
+    try:
+        [old] = await store.commit_sync_batch(
+            SyncToken("s1"), [new_item("$old")], crypto=[("account", "", "v1")]
+        )
+        with admin(pg) as blocker:
+            # Holds the sync token's row: the batch below waits on its last statement,
+            # with its events and crypto rows written, until its backend is ended.
+            blocker.execute("BEGIN")
+            blocker.execute("SELECT * FROM meta WHERE key = 'sync_token' FOR UPDATE")
+            outcome: list[BaseException] = []
+
+            async def batch() -> None:
+                try:
+                    await store.commit_sync_batch(
+                        SyncToken("s2"),
+                        [new_item("$new")],
+                        crypto=[("account", "", "v2")],
+                        encryption={OTHER_ROOM: "{}"},
+                    )
+                except StoreUnavailable as exc:
+                    outcome.append(exc)
+
+            with trio.fail_after(20):
+                async with trio.open_nursery() as nursery:
+                    nursery.start_soon(batch)
+                    while not pg.rows(  # noqa: ASYNC110 (the server's view, polled)
+                        "SELECT 1 FROM pg_stat_activity WHERE application_name = 'surfaces-bot'"
+                        " AND wait_event_type = 'Lock'"
+                    ):
+                        await trio.sleep(0.01)
+                    terminate(pg)
+            blocker.execute("ROLLBACK")
+
+        assert len(outcome) == 1
+        assert store.sync_token == "s1"
+        assert store.room_encryption(OTHER_ROOM) is None
+        # The next calls connect again and find everything as before the batch.
+        assert await store.get_meta("sync_token") == "s1"
+        assert await store.pending() == [old]
+        assert await store.crypto_rows() == [("account", "", "v1")]
+
+        # The same batch, fetched again, goes in whole.
+        [new] = await store.commit_sync_batch(
+            SyncToken("s2"), [new_item("$new")], crypto=[("account", "", "v2")]
+        )
+        assert [item.event_id for item in await store.pending()] == ["$old", "$new"]
+        await store.finish(new, "replied", EventID("$r"))
+    finally:
+        await store.aclose()
+    assert pg.rows("SELECT value FROM meta WHERE key = 'sync_token'") == [("s2",)]
+
+
+async def test_an_idle_connection_cut_fails_one_call_and_the_next_reconnects(
+    pg: PostgresKind,
+) -> None:
+    store = await pg.open()
+    try:
+        [item] = await store.commit_sync_batch(SyncToken("s1"), [new_item("$a")])
+        terminate(pg)
+
+        with pytest.raises(StoreUnavailable, match=r"terminat|closed|lost"):
+            await store.finish(item, "replied", EventID("$r"))
+        assert await store.pending() == [item]
+        await store.finish(item, "replied", EventID("$r"))
+        assert await store.handled_outcome("$a") == "replied"
+    finally:
+        await store.aclose()
+
+
+class CommitAnswerDropper:
+    """A TCP proxy to the server that, once armed, passes a COMMIT on and then cuts
+    that connection before its answer comes back: the commit happened, the client
+    cannot know."""
+
+    def __init__(self, port: int) -> None:
+        self._target = ("127.0.0.1", port)
+        self._listener = socket.create_server(("127.0.0.1", 0))
+        self.port = self._listener.getsockname()[1]
+        self.armed = threading.Event()
+        self._sockets: list[socket.socket] = []
+        self._threads = [threading.Thread(target=self._accept, daemon=True)]
+        self._threads[0].start()
+
+    def _accept(self) -> None:
+        while True:
+            try:
+                client, _ = self._listener.accept()
+            except OSError:
+                return
+            server = socket.create_connection(self._target)
+            self._sockets += [client, server]
+            cut = threading.Event()
+            for source, sink, upstream in ((client, server, True), (server, client, False)):
+                thread = threading.Thread(
+                    target=self._pump, args=(source, sink, upstream, cut), daemon=True
+                )
+                self._threads.append(thread)
+                thread.start()
+
+    def _pump(
+        self, source: socket.socket, sink: socket.socket, upstream: bool, cut: threading.Event
+    ) -> None:
+        try:
+            while (data := source.recv(65536)) and not cut.is_set():
+                committing = upstream and self.armed.is_set() and b"COMMIT\x00" in data
+                if committing:
+                    cut.set()  # before the COMMIT goes: its answer is never passed back
+                    self.armed.clear()
+                sink.sendall(data)
+                if committing:
+                    time.sleep(0.3)  # the server commits meanwhile
+                    break
+        except OSError:
+            pass
+        for end in (source, sink):
+            with contextlib.suppress(OSError):
+                end.shutdown(socket.SHUT_RDWR)
+
+    def close(self) -> None:
+        for end in [self._listener, *self._sockets]:  # wakes the threads blocked on them
+            with contextlib.suppress(OSError):
+                end.shutdown(socket.SHUT_RDWR)
+        for thread in self._threads:
+            thread.join(timeout=10)
+        for end in [self._listener, *self._sockets]:
+            end.close()
+
+
+async def test_a_commit_whose_answer_is_lost_is_found_committed(
+    pg: PostgresKind, pg_server: PostgresServer
+) -> None:
+    proxy = CommitAnswerDropper(pg_server.port)
+    url = pg.location.replace(f":{pg_server.port}/", f":{proxy.port}/")
+    store = await PostgresStore.open(url, BOT)
+    try:
+        await store.commit_sync_batch(SyncToken("s1"), [])
+        proxy.armed.set()
+
+        with capture_logs() as logs:
+            fresh = await store.commit_sync_batch(SyncToken("s2"), [new_item("$a")])
+
+        assert not proxy.armed.is_set()  # the COMMIT went through the proxy
+        assert [item.event_id for item in fresh] == ["$a"]
+        assert store.sync_token == "s2"
+        assert [e["status"] for e in logs if e["event"] == "store_commit_in_doubt"] == ["committed"]
+        assert await store.pending() == fresh
+    finally:
+        await store.aclose()
+        proxy.close()
+
+
+async def test_a_commit_that_dies_with_its_connection_is_unavailable(pg: PostgresKind) -> None:
+    # A deferred trigger ends the store's own backend inside COMMIT: not committed.
+    pg.rows(
+        "CREATE FUNCTION die() RETURNS trigger LANGUAGE plpgsql AS"
+        " $$ BEGIN PERFORM pg_terminate_backend(pg_backend_pid()); RETURN NULL; END $$"
+    )
+    store = await pg.open()
+    try:
+        pg.rows(
+            "CREATE CONSTRAINT TRIGGER die_at_commit AFTER INSERT ON meta"
+            " DEFERRABLE INITIALLY DEFERRED FOR EACH ROW WHEN (NEW.key = 'doomed')"
+            " EXECUTE FUNCTION die()"
+        )
+        with pytest.raises(StoreUnavailable):
+            await store.set_meta("doomed", "x")
+        assert await store.get_meta("doomed") is None
+        await store.set_meta("fine", "y")
+        assert await store.get_meta("fine") == "y"
+    finally:
+        await store.aclose()
+
+
+async def test_a_store_another_bot_holds_is_refused_until_it_lets_go(pg: PostgresKind) -> None:
+    first = await pg.open()
+    holder = store_backend(pg)
+    try:
+        with pytest.raises(StoreError, match=f"held by another bot \\(server process {holder}\\)"):
+            await pg.open()
+    finally:
+        await first.aclose()
+    second = await pg.open()
+    await second.aclose()
+
+
+async def test_opening_waits_for_the_holder_to_let_go(pg: PostgresKind) -> None:
+    first = await pg.open()
+
+    async def close_soon() -> None:
+        await trio.sleep(0.3)
+        await first.aclose()
+
+    with trio.fail_after(20):
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(close_soon)
+            second = await PostgresStore.open(pg.location, BOT, lock_wait_s=15)
+    await second.aclose()
+
+
+async def test_a_store_that_lost_its_lock_to_another_bot_writes_nothing(
+    pg: PostgresKind,
+) -> None:
+    deposed = await pg.open()
+    try:
+        [item] = await deposed.commit_sync_batch(SyncToken("s1"), [new_item("$a")])
+        terminate(pg)
+        successor = await pg.open()  # takes the store while the first is cut off
+        try:
+            for _ in range(2):  # the lost connection, then the lock held by the other
+                with pytest.raises(StoreUnavailable):
+                    await deposed.finish(item, "replied", EventID("$r"))
+            with pytest.raises(StoreUnavailable, match="held by another bot"):
+                await deposed.commit_sync_batch(SyncToken("s2"), [])
+            assert await successor.pending() == [item]
+            assert successor.sync_token == "s1"
+        finally:
+            await successor.aclose()
+    finally:
+        await deposed.aclose()
+
+
+def pg_snapshot(kind: PostgresKind) -> dict[str, list[tuple[Any, ...]]]:
+    return {
+        table: kind.rows(f'SELECT * FROM "{table}" ORDER BY 1')  # noqa: S608 (our own names)
+        for table in sorted(kind.tables())
+    }
+
+
+def foreign_tables(kind: PostgresKind) -> None:
+    kind.rows("CREATE TABLE notes (id INTEGER PRIMARY KEY, body TEXT)")
+    kind.rows("INSERT INTO notes VALUES (1, 'keep me')")
+
+
+def foreign_meta_table(kind: PostgresKind) -> None:
+    kind.rows("CREATE TABLE meta (key TEXT PRIMARY KEY, value TEXT NOT NULL)")
+    kind.rows("INSERT INTO meta VALUES ('user_id', '@bot:example.org')")
+
+
+def bot_schema_without_its_tables(kind: PostgresKind) -> None:
+    kind.rows("CREATE TABLE bot_schema (version INTEGER NOT NULL)")
+    kind.rows("INSERT INTO bot_schema VALUES (1)")
+
+
+async def pg_newer_schema(kind: PostgresKind) -> None:
+    await (await kind.open()).aclose()
+    kind.rows("UPDATE bot_schema SET version = 99")
+
+
+async def pg_other_users_store(kind: PostgresKind) -> None:
+    store = await kind.open("@someone-else:example.org")
+    await store.apply_chats(put=[chat("c1", "!a:x")])
+    await store.aclose()
+
+
+@pytest.mark.parametrize(
+    ("make", "says"),
+    [
+        (foreign_tables, "holds tables of something else \\(notes\\)"),
+        (foreign_meta_table, "holds tables of something else \\(meta\\)"),
+        (bot_schema_without_its_tables, "not a bot store \\(no chats, contexts"),
+        (pg_newer_schema, "schema version 99 is newer than this bot understands"),
+        (pg_other_users_store, "belongs to @someone-else:example.org, not @bot:example.org"),
+    ],
+    ids=lambda v: getattr(v, "__name__", ""),
+)
+async def test_an_unusable_database_is_refused_and_left_untouched(
+    pg: PostgresKind, make: Any, says: str
+) -> None:
+    made = make(pg)
+    if made is not None:
+        await made
+    before = pg_snapshot(pg)
+
+    with pytest.raises(StoreError) as caught:
+        await pg.open()
+
+    assert re.search(says, str(caught.value))
+    assert pg.location.partition("?")[0] in str(caught.value)
+    assert pg_snapshot(pg) == before
+
+
+async def test_a_schema_of_its_own_in_a_shared_database(pg_server: PostgresServer) -> None:
+    pg = PostgresKind(pg_server, own_database=True)
+    foreign_tables(pg)  # another application's tables in the default schema
+    pg.rows("CREATE SCHEMA bot")
+    url = f"{pg.location}?options=-csearch_path%3Dbot"
+
+    store = await PostgresStore.open(url, BOT)
+    try:
+        await store.commit_sync_batch(SyncToken("s1"), [new_item("$a")])
+    finally:
+        await store.aclose()
+    assert pg.rows("SELECT event_id FROM bot.events") == [("$a",)]
+    assert pg.tables() == {"notes"}
+
+    missing = f"{pg.location}?options=-csearch_path%3Dnowhere"
+    with pytest.raises(StoreError, match="no schema to create the tables in"):
+        await PostgresStore.open(missing, BOT)
+
+
+async def test_the_url_password_is_never_in_an_error(pg: PostgresKind) -> None:
+    url = pg.location.replace("postgresql://postgres@", "postgresql://postgres:hunter2secret@")
+    url = url.rsplit("/", 1)[0] + "/no_such_database"
+
+    with pytest.raises(StoreError) as caught:
+        await PostgresStore.open(url, BOT)
+
+    assert "no_such_database" in str(caught.value)
+    assert "hunter2secret" not in str(caught.value)
+
+
+async def test_a_read_only_server_is_unavailable_and_keeps_the_item_pending(
+    pg_server: PostgresServer,
+) -> None:
+    pg = PostgresKind(pg_server, own_database=True)
+    store = await pg.open()
+    try:
+        (item,) = await store.commit_sync_batch(SyncToken("s1"), [new_item("$e1")])
+        # What a standby answers (25006): the same call may work on the primary later.
+        pg.rows(
+            "ALTER DATABASE "
+            + pg.location.rsplit("/", 1)[1]
+            + " SET default_transaction_read_only = on"
+        )
+        terminate(pg)
+        with pytest.raises(StoreUnavailable):
+            await store.finish(item, "replied")  # the cut connection
+        with pytest.raises(StoreUnavailable, match="read-only"):
+            await store.finish(item, "replied", EventID("$reply"))
+        assert [pending.event_id for pending in await store.pending()] == ["$e1"]
+    finally:
+        await store.aclose()
+
+
+async def test_a_broken_statement_is_a_bug_not_an_unavailable_postgres_store(
+    pg: PostgresKind,
+) -> None:
+    store = await pg.open()
+    try:
+        with pytest.raises(psycopg.errors.UndefinedColumn):
+            await store._run(lambda db: db.execute("SELECT no_such_column FROM events"))
+        # The connection is still good.
+        assert await store.counts() == {
+            "chats": 0,
+            "inbox": 0,
+            "handled": 0,
+            "spaces": 0,
+            "encrypted_rooms": 0,
+        }
+    finally:
+        await store.aclose()
+
+
+async def test_a_postgres_commit_that_fails_leaves_no_transaction_open(pg: PostgresKind) -> None:
+    store = await pg.open()
+    try:
+        pg.rows("CREATE TABLE parent(id INTEGER PRIMARY KEY)")
+        pg.rows(
+            "CREATE TABLE child(parent_id INTEGER REFERENCES parent(id)"
+            " DEFERRABLE INITIALLY DEFERRED)"
+        )
+        with pytest.raises(psycopg.errors.ForeignKeyViolation):
+            await store._run(
+                store._transaction(lambda db: db.execute("INSERT INTO child VALUES (1)"))
+            )
+        await store.commit_sync_batch(SyncToken("s1"), [new_item("$e1")])
+        assert store.sync_token == "s1"
+    finally:
+        await store.aclose()
+    assert pg.rows("SELECT value FROM meta WHERE key = 'sync_token'") == [("s1",)]
+
+
+async def test_a_closed_store_refuses_calls(pg: PostgresKind) -> None:
+    store = await pg.open()
+    await store.aclose()
+
+    with pytest.raises(StoreError, match="closed"):
+        await store.get_meta("user_id")
+
+
+# --- choosing a store -----------------------------------------------------------------------
+
+
+async def test_open_store_chooses_by_location(tmp_path: Path, pg: PostgresKind) -> None:
+    for location in (
+        tmp_path / "a.sqlite3",
+        str(tmp_path / "b.sqlite3"),
+        f"sqlite:///{tmp_path}/c.sqlite3",
+    ):
+        store = await open_store(location, BOT)
+        assert isinstance(store, Store)
+        await store.aclose()
+    assert {p.name for p in tmp_path.glob("*.sqlite3")} == {"a.sqlite3", "b.sqlite3", "c.sqlite3"}
+
+    store = await open_store(pg.location, BOT)
+    assert isinstance(store, PostgresStore)
+    await store.aclose()
+
+
+@pytest.mark.parametrize(
+    ("location", "expected"),
+    [
+        ("bot.sqlite3", Path("bot.sqlite3")),
+        ("sqlite:///var/lib/bot.sqlite3", Path("/var/lib/bot.sqlite3")),
+        ("sqlite:relative.sqlite3", Path("relative.sqlite3")),
+        ("SQLITE:///x", Path("/x")),
+    ],
+)
+def test_sqlite_locations(location: str, expected: Path) -> None:
+    assert sqlite_path(location) == expected
+
+
+@pytest.mark.parametrize("location", ["sqlite://host/x", "sqlite:", ""])
+def test_sqlite_locations_that_name_no_file(location: str) -> None:
+    with pytest.raises(ValueError, match=r"SQLite URL has no host|no file named"):
+        sqlite_path(location)
+
+
+def test_postgres_urls_are_told_apart() -> None:
+    assert is_postgres_url("postgresql://u@h/db")
+    assert is_postgres_url("POSTGRES://h/db")
+    assert not is_postgres_url("/srv/postgresql://x")
+    assert not is_postgres_url("sqlite:///x")
