@@ -40,6 +40,7 @@ from .e2ee.crypto import BotCrypto, DeviceConflict
 from .e2ee.device_tasks import run_device_tasks
 from .e2ee.pickle_key import PickleKeyError, load_pickle_key
 from .e2ee.sending import EncryptingClient
+from .e2ee.verification import BotVerifications
 from .handler import MessageHandler
 from .intake import Intake, full_state_sync, sync_filters
 from .quarantine import failure_reason
@@ -113,6 +114,7 @@ class BotRuntime:
         self._stop = stop if stop is not None else trio.Event()
         self._sync_backoff_policy = replace(SYNC_BACKOFF, rng=rng or random.Random())
         self._crypto: BotCrypto | None = None
+        self._verifications: BotVerifications | None = None
         self._pickle_key: bytes | None = None
 
     def request_stop(self) -> None:
@@ -185,6 +187,7 @@ class BotRuntime:
                     pickle_key=self._pickle_key,
                     recovery_key=self.settings.recovery_key,
                     store_path=Path(self.settings.store_path),
+                    verifications=self._verifications,
                 )
 
     async def _checkpoint_store(self, scope: trio.CancelScope) -> None:
@@ -287,6 +290,9 @@ class BotRuntime:
         self._intake.crypto = crypto
         self._handler.attach_crypto(crypto)
         self._crypto = crypto
+        # Before the initial sync: a request in its first batch is seen.
+        self._verifications = BotVerifications(crypto, self.settings, pickle_key)
+        crypto.verifications = self._verifications.receive
 
     async def _new_device(self, conflict: DeviceConflict) -> str | None:
         """A fresh device for a store that lost the old one's keys (their private

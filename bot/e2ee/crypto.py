@@ -26,7 +26,7 @@ from __future__ import annotations
 
 import json
 import time
-from collections.abc import Iterable, Sequence
+from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -101,6 +101,9 @@ class BotCrypto:
         """Set each time a batch brought room keys: decryptions waiting may retry."""
         self.inbound_sessions_changed = RepeatedEvent()
         """Set each time an inbound session was added or improved (the key backup's cue)."""
+        self.verifications: Callable[[list[dict[str, Any]]], None] | None = None
+        """Fed each batch's to-device events in `take_sync` (`bot.e2ee.verification`:
+        no I/O there, and a batch delivered again is harmless)."""
         self.backup_settled = trio.Event()
         """Set once the key backup was opened (and restored from, on a new store) or
         found unusable: a message older than this device waits for it, not for a
@@ -210,13 +213,16 @@ class BotCrypto:
         Synchronous on purpose: call it right before `Store.commit_sync_batch`, with
         no await in between, and call `batch_committed` once the commit succeeded.
         """
+        to_device = [_to_device_dict(event) for event in response.to_device]
         results = self._machine.receive_sync(
-            to_device=[_to_device_dict(event) for event in response.to_device],
+            to_device=to_device,
             changed=list(response.device_lists.changed),
             left=list(response.device_lists.left),
             one_time_key_counts=response.device_one_time_keys_count,
             unused_fallback_key_types=response.device_unused_fallback_key_types,
         )
+        if self.verifications is not None:
+            self.verifications(to_device)
         keys_arrived = False
         for result in results:
             if result.refused is not None:

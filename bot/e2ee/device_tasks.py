@@ -1,6 +1,7 @@
 """What the bot's device does in the background once the bot takes messages: sign
 itself with the account's cross-signing keys, open (and restore from) the key backup,
-then send the machine's requests and back up room keys for as long as it runs."""
+then send the machine's requests and back up room keys for as long as it runs; and,
+all along, answer users who verify it."""
 
 from __future__ import annotations
 
@@ -11,6 +12,7 @@ import trio
 from .cross_signing import cross_sign_device
 from .crypto import BotCrypto
 from .key_backup import open_key_backup
+from .verification import BotVerifications
 
 __all__ = ["FLUSH_TIMEOUT_S", "run_device_tasks"]
 
@@ -24,8 +26,31 @@ async def run_device_tasks(
     pickle_key: bytes,
     recovery_key: str | None,
     store_path: Path,
+    verifications: BotVerifications | None = None,
 ) -> None:
     """Runs until cancelled; logs, never raises, for what the server answers."""
+    async with trio.open_nursery() as nursery:
+        if verifications is not None:
+            # From the start: a user's verification does not wait for the server's
+            # answers to cross-signing and the backup.
+            nursery.start_soon(verifications.run)
+        await _signed_and_backed_up(
+            crypto,
+            password=password,
+            pickle_key=pickle_key,
+            recovery_key=recovery_key,
+            store_path=store_path,
+        )
+
+
+async def _signed_and_backed_up(
+    crypto: BotCrypto,
+    *,
+    password: str | None,
+    pickle_key: bytes,
+    recovery_key: str | None,
+    store_path: Path,
+) -> None:
     try:
         await cross_sign_device(
             crypto,
