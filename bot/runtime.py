@@ -10,6 +10,11 @@ loop exist at all, so nothing can take a message against a half-restored chat ma
 Shutdown (`request_stop`, wired to SIGINT/SIGTERM by the CLI): the sync loop is
 cancelled, lanes take no new job and finish the one in hand within the drain
 deadline; whatever is still queued stays in the durable inbox.
+
+The operators' listener (`bot.ops`, when ``BOT_HTTP_LISTEN`` is set) starts before
+the bootstrap, so ``/readyz`` says "not yet" all through reconciliation, and stops
+after the drain; the runtime records the facts it judges by (`OpsFacts`) and counts
+into its own metrics registry (`BotMetrics`).
 """
 
 from __future__ import annotations
@@ -19,6 +24,7 @@ import enum
 import gc
 import random
 import secrets
+import sqlite3
 from dataclasses import replace
 from pathlib import Path
 
@@ -27,7 +33,7 @@ import structlog
 import trio
 from trio_util import AsyncValue, move_on_when
 
-from matrix_api import MatrixAPIError, MatrixClient, NetworkError, UnknownToken
+from matrix_api import MatrixAPIError, MatrixClient, NetworkError, TransportError, UnknownToken
 from matrix_api.models import FilterID, SyncResponse, SyncToken
 from matrix_api.retry import Backoff
 from matrix_crypto.errors import CryptoError
@@ -43,6 +49,9 @@ from .e2ee.sending import EncryptingClient
 from .e2ee.verification import BotVerifications
 from .handler import MessageHandler
 from .intake import Intake, full_state_sync, sync_filters
+from .ops.health import OpsFacts, health, readiness
+from .ops.http import OpsApp, start_ops
+from .ops.metrics import BotMetrics, LiveValues
 from .quarantine import failure_reason
 from .reconcile import ReconcileReport, reconcile_matrix_state
 from .session import DEFAULT_DEVICE_ID, AuthError, authenticate, log_in
@@ -88,6 +97,8 @@ class BotRuntime:
     its tasks. ``ready`` is the start-up gate: set once, when reconciliation is done
     and the messages of the initial sync are in the inbox; the room lanes and the sync
     loop take nothing before it. ``phase`` lets tests and the CLI wait for a milestone.
+    ``facts`` and ``metrics`` are what the operators' listener shows (`bot.ops`);
+    ``ops_addresses`` where it listens, once `run` has started it.
     """
 
     def __init__(
@@ -99,18 +110,29 @@ class BotRuntime:
         *,
         stop: trio.Event | None = None,
         rng: random.Random | None = None,
+        metrics: BotMetrics | None = None,
     ) -> None:
         self.settings = settings
         self.phase: AsyncValue[Phase] = AsyncValue(Phase.STARTING)
         self.ready = trio.Event()
         self.reconcile_report: ReconcileReport | None = None
+        self.metrics = metrics if metrics is not None else BotMetrics()
+        self.facts = OpsFacts(
+            ready=self.ready,
+            phase=lambda: str(self.phase.value.value),
+            long_poll_s=LONG_POLL_MS / 1000,
+        )
+        self.ops_addresses: list[str] = []
+        if client.observer is None:
+            client.observer = self.metrics
         self._client = client
         self._store = store
-        self._intake = Intake(client, store, settings.user_id)
+        self._intake = Intake(client, store, settings.user_id, metrics=self.metrics)
         _, self._long_poll_filter = sync_filters(settings.user_id)
         self._long_poll_filter_id: FilterID | None = None
-        self._handler = MessageHandler(client, store, settings, backend)
-        self._dispatcher = Dispatcher(self._handler)
+        self._handler = MessageHandler(client, store, settings, backend, metrics=self.metrics)
+        self._dispatcher = Dispatcher(self._handler, facts=self.facts, metrics=self.metrics)
+        self.metrics.watch(self._live_values)
         self._stop = stop if stop is not None else trio.Event()
         self._sync_backoff_policy = replace(SYNC_BACKOFF, rng=rng or random.Random())
         self._crypto: BotCrypto | None = None
@@ -126,8 +148,32 @@ class BotRuntime:
 
         Raises `FatalError` (inside an exception group when it comes from a task)
         for what the bot cannot recover from: bad credentials, an unreachable
-        homeserver at start.
+        homeserver at start, an operators' listener that cannot listen.
         """
+        self.facts.started_at = trio.current_time()
+        listener_stop = trio.Event()
+        async with trio.open_nursery() as listener:
+            if self.settings.http_listen is not None:
+                await self._start_listener(listener, self.settings.http_listen, listener_stop)
+            try:
+                await self._run(task_status)
+            finally:
+                # After the drain: until here, /readyz says "draining".
+                listener_stop.set()
+
+    async def _start_listener(
+        self, nursery: trio.Nursery, address: tuple[str, int], stop: trio.Event
+    ) -> None:
+        app = OpsApp(self.facts, self.metrics)
+        try:
+            self.ops_addresses = await start_ops(nursery, app, address, stop.wait)
+        except OSError as exc:
+            host, port = address
+            raise FatalError(
+                f"the operators' listener (BOT_HTTP_LISTEN) cannot listen on {host}:{port}: {exc}"
+            ) from exc
+
+    async def _run(self, task_status: trio.TaskStatus[None]) -> None:
         async with trio.open_nursery() as nursery:
             self.reconcile_report = await nursery.start(self._bootstrap)
             if self._stop.is_set():
@@ -137,6 +183,7 @@ class BotRuntime:
                 self.phase.value = Phase.STOPPED
                 return
             await nursery.start(self._lanes)
+            self.facts.lanes_started = True
             pending = await self._store.pending()
             self._dispatcher.submit(pending, resumed=True)
             _return_freed_memory()
@@ -148,6 +195,7 @@ class BotRuntime:
             if self._crypto is not None:
                 nursery.start_soon(self._crypto_requests, self._crypto, crypto_scope)
             self.phase.value = Phase.READY
+            self.facts.taking_messages()
             log.info(
                 "bot_ready",
                 user_id=self.settings.user_id,
@@ -211,6 +259,7 @@ class BotRuntime:
         (log.warning if report.conflicts else log.info)(
             "matrix_reconcile_complete", **report.log_fields()
         )
+        self.metrics.reconciled(report)
         # Messages that arrived while the bot was down, now that every chat is known.
         try:
             await self._intake.commit(initial, since)
@@ -319,8 +368,10 @@ class BotRuntime:
     async def _sync_loop(self, scope: trio.CancelScope) -> None:
         failures = 0  # in a row, on the same position
         failed_since: SyncToken | None = None
+        facts, metrics = self.facts, self.metrics
         with scope:
             await self.ready.wait()
+            facts.sync_started = True  # /readyz waits for this line
             while True:
                 since = self._store.sync_token
                 if since != failed_since:
@@ -336,10 +387,18 @@ class BotRuntime:
                         response, since, salvage=failures >= _SALVAGE_BATCH_AFTER
                     )
                 except UnknownToken as exc:
+                    self._sync_failed("token")
                     await self._recover_token(exc)
                     continue
                 except (MatrixAPIError, StoreUnavailable) as exc:
                     # Nothing was committed: the same batch is fetched again.
+                    if isinstance(exc, StoreUnavailable):
+                        facts.store_failed(exc)
+                        self._sync_failed("store")
+                    else:
+                        self._sync_failed(
+                            "network" if isinstance(exc, TransportError) else "matrix"
+                        )
                     failures, failed_since = failures + 1, since
                     log.warning(
                         "store_unavailable" if isinstance(exc, StoreUnavailable) else "sync_failed",
@@ -349,6 +408,9 @@ class BotRuntime:
                     await self._sync_backoff(failures)
                     continue
                 except Exception as exc:  # a batch the bot cannot take: never the end of it
+                    if isinstance(exc, sqlite3.Error):
+                        facts.store_failed(exc)
+                    self._sync_failed("batch")
                     failures, failed_since = failures + 1, since
                     reason = failure_reason(exc, "sync")
                     log.error("sync_batch_failed", reason=reason, failures=failures, exc_info=True)
@@ -357,7 +419,36 @@ class BotRuntime:
                     else:
                         await self._sync_backoff(failures)
                     continue
+                facts.store_ok()
+                facts.sync_ok()
+                metrics.sync_committed()
                 self._dispatcher.submit(fresh)
+
+    def _sync_failed(self, kind: str) -> None:
+        self.facts.sync_failed(kind)
+        self.metrics.sync_failed(kind)
+
+    def _live_values(self) -> LiveValues:
+        """The metrics read at scrape time (`BotMetrics.watch`)."""
+        oldest_ms = self._dispatcher.oldest_pending_ts()
+        now_ms = self._client.server_time_ms()
+        last_ok = self.facts.last_sync_ok_at
+        return LiveValues(
+            phase=str(self.phase.value.value),
+            ready=readiness(self.facts).ok,
+            healthy=health(self.facts).ok,
+            inbox_depth=self._dispatcher.pending,
+            oldest_pending_age_s=(
+                max(0.0, (now_ms - oldest_ms) / 1000)
+                if oldest_ms is not None and now_ms is not None
+                else None
+            ),
+            chats=len(self._store.chats()),
+            spaces=len(self._store.spaces()),
+            sync_last_ok_age_s=None if last_ok is None else trio.current_time() - last_ok,
+            sync_failures_in_row=self.facts.sync_failures_in_row,
+            store_failing=self.facts.store_failing,
+        )
 
     async def _sync_backoff(self, failures: int) -> None:
         """Wait after the ``failures``-th failure in a row (from 1)."""
@@ -369,9 +460,11 @@ class BotRuntime:
         try:
             await self._intake.quarantine_batch(response, reason)
         except StoreUnavailable as exc:
+            self.facts.store_failed(exc)
             log.warning("store_unavailable", error=str(exc))
             await self._sync_backoff(_GIVE_UP_BATCH_AFTER)
         else:
+            self.facts.store_ok()
             log.error("sync_batch_given_up", reason=reason, next_batch=response.next_batch)
 
     async def _recover_token(self, error: UnknownToken) -> None:
