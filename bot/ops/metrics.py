@@ -18,7 +18,7 @@ import sys
 from collections.abc import Callable, Iterable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 import trio
 from prometheus_client import (
@@ -279,6 +279,10 @@ class BotMetrics:
             self.quarantined.labels(reason)
         self._client_wait = self.rate_limit_wait.labels("client")
         self._job_wait = self.rate_limit_wait.labels("job")
+        # Children by label values, looked up without prometheus-client's validation on
+        # every call; the keys are bounded (templates, statuses, backends), so are these.
+        self._requests: dict[tuple[str, str, int | None], Any] = {}
+        self._latency: dict[str, Any] = {}
 
     def watch(self, read: Callable[[], LiveValues]) -> None:
         """Collect the values ``read`` returns at every scrape (once per registry)."""
@@ -299,8 +303,12 @@ class BotMetrics:
         self.quarantined.labels(reason).inc(count)
 
     def answer_sent(self, backend: str, sent_ts_ms: int, now_ms: int | None) -> None:
-        if now_ms is not None and sent_ts_ms > 0:
-            self.answer_latency.labels(backend).observe(max(0.0, (now_ms - sent_ts_ms) / 1000))
+        if now_ms is None or sent_ts_ms <= 0:
+            return
+        child = self._latency.get(backend)
+        if child is None:
+            child = self._latency[backend] = self.answer_latency.labels(backend)
+        child.observe(max(0.0, (now_ms - sent_ts_ms) / 1000))
 
     @contextmanager
     def backend_call(self, backend: str) -> Iterator[None]:
@@ -346,11 +354,12 @@ class BotMetrics:
     def answered(self, request: Request, status: int | None) -> None:
         if status == 429:
             self.rate_limited.inc()
-        self.matrix_requests.labels(
-            request.method,
-            endpoint_template(request.path),
-            "none" if status is None else str(status),
-        ).inc()
+        key = (request.method, endpoint_template(request.path), status)
+        child = self._requests.get(key)
+        if child is None:
+            shown = "none" if status is None else str(status)
+            child = self._requests[key] = self.matrix_requests.labels(key[0], key[1], shown)
+        child.inc()
 
     def retry_wait(self, request: Request, error: MatrixAPIError, delay_s: float) -> None:
         if isinstance(error, LimitExceeded):
