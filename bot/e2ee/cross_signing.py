@@ -35,7 +35,7 @@ from .crypto import BotCrypto
 from .secret_storage import (
     recovery_key_file_for,
     restore_cross_signing_keys,
-    storage_key_for_new_secrets,
+    storage_key_for_secret,
     store_cross_signing_keys,
 )
 
@@ -134,7 +134,7 @@ async def _cross_sign(
         )
         return
     if crypto.own.get(IN_SECRET_STORAGE) != "yes":
-        storage = storage_key_for_new_secrets(recovery.configured, recovery.store_path)
+        storage = await storage_key_for_secret(client, recovery.configured, recovery.store_path)
         await store_cross_signing_keys(client, keys, storage)
         await crypto.keep(IN_SECRET_STORAGE, "yes")
         where = (

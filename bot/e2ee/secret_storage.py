@@ -60,12 +60,10 @@ def storage_key_for_new_secrets(configured: str | None, store_path: Path) -> Sec
 async def store_cross_signing_keys(
     client: MatrixClient, keys: CrossSigningKeys, storage: SecretStorageKey
 ) -> None:
-    """Publish ``storage``'s description, make it the default key, and store the three
-    private keys under it. Each write is idempotent: a retry repeats them all."""
-    await client.put_account_data(storage.event_type, storage.description())
+    """Store the three private keys under ``storage`` (`storage_key_for_secret`). Each
+    write is idempotent: a retry repeats them all."""
     for name, seed in keys.export().items():
         await client.put_account_data(name, storage.encrypt(name, seed))
-    await client.put_account_data(DEFAULT_KEY, storage.default_key_content())
 
 
 async def restore_cross_signing_keys(

@@ -8,14 +8,20 @@ backup versions and their keys (`FakeHomeserver.key_backups`, ``room_keys``).
 
 from __future__ import annotations
 
+from dataclasses import replace
+
+import pytest
 import trio
+import vodozemac
 
 from bot.config import Settings
 from bot.e2ee.key_backup import BACKUP_BATCH_DELAY_S, _stored
+from bot.handler import UNDECRYPTABLE_NO_KEY_NOTICE, UNDECRYPTABLE_NOTICE
 from e2ee_peer import Peer
-from fake_homeserver import ALICE, BOT, FakeHomeserver
+from fake_homeserver import ALICE, BASE_TS, BOT, FakeHomeserver
 from matrix_crypto import backup
 from matrix_crypto.canonical import verify
+from matrix_crypto.cross_signing import SecretStorageKey
 from ordering_harness import Logs, RunningBot, log_events, until_handled
 from test_e2ee_order import ROOM, assert_nothing_logged_of, chats, only_reply, running_bot
 
@@ -154,3 +160,139 @@ async def test_a_backup_the_server_answers_badly_for_never_stops_the_bot(
     assert put_calls(hs) == []
     [line] = [e for e in logs if e["event"] == "key_backup_unavailable"]
     assert len(line["reason"]) < 200
+
+
+# --- restoring ------------------------------------------------------------------------------
+
+
+def backup_made_elsewhere(
+    hs: FakeHomeserver,
+    alice: Peer,
+    *,
+    authenticated: vodozemac.GroupSession,
+    anyones: vodozemac.GroupSession,
+) -> SecretStorageKey:
+    """The account's secret storage and key backup as another device of the bot's left
+    them: one session the bot's own backup code wrote (MAC'd), one anyone could have."""
+    storage = SecretStorageKey.create()
+    key = backup.BackupKey.create()
+    hs.account_data[storage.event_type] = storage.description()
+    hs.account_data["m.secret_storage.default_key"] = storage.default_key_content()
+    hs.account_data[backup.SECRET_NAME] = storage.encrypt(backup.SECRET_NAME, key.to_base64())
+    hs.key_backups.append(
+        {"version": "1", "algorithm": backup.ALGORITHM, "auth_data": key.auth_data()}
+    )
+    entries = {}
+    for group in (authenticated, anyones):
+        exported = vodozemac.InboundGroupSession(group.session_key).export_at(0)
+        assert exported is not None
+        session = backup.RoomKeyToBackUp(
+            room_id=ROOM,
+            session_id=group.session_id,
+            sender_curve25519=alice.machine.curve25519,
+            sender_claimed_ed25519=alice.machine.ed25519,
+            session_key=exported.to_base64(),
+            first_message_index=0,
+            authenticated=True,
+        )
+        entries[group.session_id] = (
+            backup.authenticated_backup_data(key, BOT, session)
+            if group is authenticated
+            else backup.backup_data(key.public_key, session)
+        )
+    hs.room_keys["1"] = {ROOM: entries}
+    return storage
+
+
+async def test_a_backup_made_elsewhere_is_restored_before_the_messages_that_need_it(
+    autojump_clock: trio.abc.Clock, hs: FakeHomeserver, logs: Logs, settings: Settings
+) -> None:
+    """Messages older than the bot's device, in sessions only the backup holds, wait for
+    the restore instead of failing at once: the one from the bot's own backup is
+    answered, the one anyone could have filed gets the could-not-verify notice."""
+    await chats(hs, settings)
+    alice = Peer(hs, ALICE, "ALICEDEV")
+    ours, anyones = vodozemac.GroupSession(), vodozemac.GroupSession()
+    storage = backup_made_elsewhere(hs, alice, authenticated=ours, anyones=anyones)
+    before = BASE_TS - 60_000
+    hs.rooms[ROOM].timeline = [
+        alice.group_message(ours, ROOM, "$ours", "from the backup", ts=before),
+        alice.group_message(anyones, ROOM, "$anyones", "filed by anyone", ts=before),
+    ]
+    settings = replace(settings, recovery_key=storage.recovery_key)
+
+    async with running_bot(settings, hs) as bot:
+        with trio.fail_after(120):
+            await until_handled(bot.store, "$ours", "$anyones")
+        await trio.sleep(10)
+
+    assert alice.read(only_reply(hs, ROOM, "$ours")).content["body"] == "from the backup"
+    assert alice.read(only_reply(hs, ROOM, "$anyones")).content["body"] == UNDECRYPTABLE_NOTICE
+    [restored] = [e for e in logs if e["event"] == "key_backup_restored"]
+    assert (restored["sessions"], restored["authenticated"], restored["refused"]) == (2, 1, 0)
+    # What came from the backup is not sent back; no second backup is made.
+    endpoints = [c.endpoint for c in hs.calls]
+    assert endpoints.count("create_key_backup") == 0
+    assert put_calls(hs) == [] or all(
+        ours.session_id not in str(body) and anyones.session_id not in str(body)
+        for body in put_calls(hs)
+    )
+    assert_nothing_logged_of(logs, "from the backup", "filed by anyone")
+
+
+HOSTILE_SECRET_STORAGE = {
+    "secret is not base64": lambda hs, storage: hs.account_data.__setitem__(
+        backup.SECRET_NAME, storage.encrypt(backup.SECRET_NAME, "!!not base64!!")
+    ),
+    "secret is another key": lambda hs, storage: hs.account_data.__setitem__(
+        backup.SECRET_NAME,
+        storage.encrypt(backup.SECRET_NAME, backup.BackupKey.create().to_base64()),
+    ),
+    "secret is garbage": lambda hs, storage: hs.account_data.__setitem__(
+        backup.SECRET_NAME, {"encrypted": {storage.key_id: {"iv": 5, "ciphertext": [None]}}}
+    ),
+    "default key names nothing": lambda hs, storage: hs.account_data.__setitem__(
+        "m.secret_storage.default_key", {"key": ["x" * 100_000]}
+    ),
+    "key description is hostile": lambda hs, storage: hs.account_data.__setitem__(
+        storage.event_type, {"algorithm": "m.secret_storage.v1.aes-hmac-sha2", "iv": {}}
+    ),
+    "secret missing": lambda hs, storage: hs.account_data.pop(backup.SECRET_NAME),
+}
+
+
+@pytest.mark.parametrize("damage", HOSTILE_SECRET_STORAGE, ids=list(HOSTILE_SECRET_STORAGE))
+async def test_damaged_secret_storage_leaves_the_backup_alone_and_the_bot_answering(
+    autojump_clock: trio.abc.Clock,
+    hs: FakeHomeserver,
+    logs: Logs,
+    settings: Settings,
+    damage: str,
+) -> None:
+    await chats(hs, settings)
+    alice = Peer(hs, ALICE, "ALICEDEV")
+    ours, anyones = vodozemac.GroupSession(), vodozemac.GroupSession()
+    storage = backup_made_elsewhere(hs, alice, authenticated=ours, anyones=anyones)
+    HOSTILE_SECRET_STORAGE[damage](hs, storage)
+    hs.rooms[ROOM].timeline = [
+        alice.group_message(ours, ROOM, "$ours", "from the backup", ts=BASE_TS - 60_000)
+    ]
+    settings = replace(settings, recovery_key=storage.recovery_key)
+
+    async with running_bot(settings, hs) as bot:
+        with trio.fail_after(120):
+            await until_handled(bot.store, "$ours")
+        key = alice.room_key_for_bot(ROOM)
+        hs.queue_sync({ROOM: [alice.message(ROOM, "$new", "new", ts=hs.now_ms())]}, to_device=key)
+        await until_handled(bot.store, "$new")
+
+    notice = alice.read(only_reply(hs, ROOM, "$ours")).content["body"]
+    assert notice == UNDECRYPTABLE_NO_KEY_NOTICE
+    assert alice.read(only_reply(hs, ROOM, "$new")).content["body"] == "new"
+    failed = [e for e in logs if e["event"] in ("key_backup_unavailable", "key_backup_failed")]
+    assert len(failed) == 1, failed
+    assert len(repr(failed)) < 1_000
+    assert storage.recovery_key not in repr(logs)
+    # The backup is left as it was: nothing written into it, no new one made over it.
+    assert [c.endpoint for c in hs.calls].count("create_key_backup") == 0
+    assert put_calls(hs) == []
