@@ -179,7 +179,7 @@ class BotMetrics:
         )
         self.handled = Counter(
             f"{PREFIX}_messages_handled",
-            "Inbox items handled, by outcome: replied (answered), notified (told "
+            "Messages handled (out of the inbox), by outcome: replied (answered), notified (told "
             "something else), ignored, failed (the backend failed; the user was told), "
             "quarantined.",
             ["outcome"],
@@ -322,9 +322,7 @@ class BotMetrics:
         except trio.TooSlowError:
             self.backend_errors.labels(backend, "timeout").inc()
             raise
-        except trio.Cancelled:
-            raise
-        except Exception:
+        except Exception:  # a crash; a cancellation (not an Exception) is none of these
             self.backend_errors.labels(backend, "crash").inc()
             raise
         finally:

@@ -23,7 +23,7 @@ from bot.ops.status import (
     listener_url,
     run_status,
 )
-from test_ops_http import STEP_S, make_app
+from test_ops_app import STEP_S, make_app
 
 
 def settings(address: tuple[str, int] | None) -> Settings:
