@@ -24,13 +24,13 @@ from __future__ import annotations
 import json
 import math
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 
 import structlog
 import trio
 
 from matrix_api import MatrixAPIError
-from matrix_api.models import RoomID, UserID
+from matrix_api.models import RoomEvent, RoomID, SyncResponse, UserID
 from matrix_crypto.cross_signing import (
     MASTER,
     CrossSigningKeys,
@@ -53,7 +53,7 @@ from matrix_crypto.verification import (
 from ..config import Settings
 from .crypto import BotCrypto
 
-__all__ = ["BotVerifications"]
+__all__ = ["BotVerifications", "is_verification_event"]
 
 log = structlog.get_logger("bot.e2ee")
 
@@ -65,6 +65,24 @@ _SIGNED_DEVICE_ROW = "cross_signed_device"
 _SEND_ATTEMPTS = 3
 _RETRY_S = 2.0
 _MAX_SIGNINGS = 16
+
+
+def _room_event_dict(event: RoomEvent) -> dict[str, object]:
+    return {
+        "type": event.type,
+        "sender": event.sender,
+        "event_id": event.event_id,
+        "origin_server_ts": event.origin_server_ts,
+        "content": event.content,
+    }
+
+
+def is_verification_event(event_type: str, content: Mapping[str, object]) -> bool:
+    """Whether a (decrypted) room event belongs to a verification in the room: a
+    request message, or one of the ``m.key.verification.*`` events."""
+    if event_type == "m.room.message":
+        return content.get("msgtype") == "m.key.verification.request"
+    return event_type.startswith("m.key.verification.")
 
 
 class BotVerifications:
@@ -158,6 +176,25 @@ class BotVerifications:
                 self._note(update)
         if self._has_work():
             self._wake.set()
+
+    def receive_rooms(self, response: SyncResponse) -> None:
+        """`receive_room` for the verification events of a sync batch's joined rooms'
+        timelines: what matrix-js-sdk and Element send, in the clear even in encrypted
+        rooms (the sync filter must let ``m.key.verification.*`` through). Never
+        raises, no I/O."""
+        for room_id, room in response.rooms.join.items():
+            events = [e for e in room.timeline.events if is_verification_event(e.type, e.content)]
+            if events:
+                self.receive_room(room_id, [_room_event_dict(e) for e in events])
+
+    def take_room_event(self, room_id: str, event: RoomEvent) -> bool:
+        """`receive_room` for one (decrypted) timeline event, when it is part of a
+        verification: True when it was (the caller answers it no further), False for
+        any other event."""
+        if not is_verification_event(event.type, event.content):
+            return False
+        self.receive_room(room_id, [_room_event_dict(event)])
+        return True
 
     def _note(self, update: VerificationUpdate) -> None:
         if isinstance(update, Requested):

@@ -217,6 +217,14 @@ function requireVerification(args) {
     return [id, entry];
 }
 
+function trackVerification(request) {
+    const id = String(nextVerificationId++);
+    const entry = { request, sas: null, verifyDone: false, verifyError: null, cancelledWith: null };
+    verifications.set(id, entry);
+    request.on(cryptoApi.VerificationRequestEvent.Change, () => notifyChange());
+    return describeVerification(id, entry);
+}
+
 function describeVerification(id, entry) {
     const request = entry.request;
     const sas = entry.sas?.sas ?? null;
@@ -449,11 +457,17 @@ const commands = {
         const request = await c
             .getCrypto()
             .requestDeviceVerification(requireString(args, "user_id"), requireString(args, "device_id"));
-        const id = String(nextVerificationId++);
-        const entry = { request, sas: null, verifyDone: false, verifyError: null, cancelledWith: null };
-        verifications.set(id, entry);
-        request.on(cryptoApi.VerificationRequestEvent.Change, () => notifyChange());
-        return describeVerification(id, entry);
+        return trackVerification(request);
+    },
+
+    async request_verification_dm(args) {
+        // Element's "verify user": an m.key.verification.request message in a direct chat
+        // with them (the whole verification then runs in that room).
+        const c = requireClient();
+        const request = await c
+            .getCrypto()
+            .requestVerificationDM(requireString(args, "user_id"), requireString(args, "room_id"));
+        return trackVerification(request);
     },
 
     async wait_verification(args, deadline) {

@@ -275,6 +275,12 @@ class JsClient:
         args = {"user_id": user_id, "device_id": device_id}
         return Verification(**await self.call("request_device_verification", args))
 
+    async def request_verification_dm(self, user_id: str, room_id: str) -> Verification:
+        """An ``m.key.verification.request`` message in ``room_id`` (a direct chat with
+        ``user_id``), as Element's "verify user"; the verification runs in that room."""
+        args = {"user_id": user_id, "room_id": room_id}
+        return Verification(**await self.call("request_verification_dm", args))
+
     async def wait_verification(
         self, verification: Verification, phases: list[str], *, timeout: float = DEFAULT_TIMEOUT
     ) -> Verification:

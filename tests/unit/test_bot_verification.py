@@ -19,7 +19,7 @@ from bot.config import AllowList, Settings
 from bot.e2ee.crypto import BotCrypto
 from bot.e2ee.verification import BotVerifications
 from matrix_api import NetworkError
-from matrix_api.models import KeysQueryResponse, SignaturesUploadResponse, UserID
+from matrix_api.models import KeysQueryResponse, SignaturesUploadResponse, UserID, decode_sync
 from matrix_crypto.canonical import verify
 from matrix_crypto.cross_signing import CrossSigningKeys
 from matrix_crypto.devices import Device
@@ -56,6 +56,7 @@ class _Client:
         self.masters: dict[str, dict[str, Any]] = {}
         self.signed: list[Mapping[str, Any]] = []
         self.queried: list[str] = []
+        self.room_sent: list[tuple[str, str, dict[str, Any], str]] = []
 
     async def send_to_device(
         self, event_type: str, messages: Mapping[str, Any], txn_id: str
@@ -64,6 +65,13 @@ class _Client:
             self.fail_sends -= 1
             raise NetworkError("connection refused", maybe_processed=False)
         self.sent.append((event_type, dict(messages), txn_id))
+
+    async def send_event(
+        self, room_id: str, event_type: str, content: Mapping[str, Any], txn_id: str
+    ) -> str:
+        # The real client (EncryptingClient) encrypts in an encrypted room.
+        self.room_sent.append((room_id, event_type, dict(content), txn_id))
+        return "$sent"
 
     async def query_keys(self, users: Mapping[str, Any], **_: Any) -> KeysQueryResponse:
         self.queried.extend(users)
@@ -292,3 +300,43 @@ async def test_no_signature_when_the_key_changed_or_the_bot_has_no_keys() -> Non
         "the bot has no cross-signing keys",
         "the user's master key changed since it was verified",
     ]
+
+
+async def test_a_request_in_a_room_timeline_is_answered_in_the_room() -> None:
+    crypto = _Crypto()
+    crypto.on_ensure[ALICE] = Device(ALICE, "ALICEDEV", "curve", _ed25519(), ())
+    bot = _bot(crypto)
+    request = {
+        "type": "m.room.message",
+        "event_id": "$request",
+        "sender": ALICE,
+        "origin_server_ts": int(NOW_S * 1000),
+        "content": {
+            "msgtype": "m.key.verification.request",
+            "body": "verify?",
+            "from_device": "ALICEDEV",
+            "methods": ["m.sas.v1"],
+            "to": BOT,
+        },
+    }
+    chatter = {**request, "event_id": "$hi", "content": {"msgtype": "m.text", "body": "hi"}}
+    batch = decode_sync(
+        json.dumps(
+            {
+                "next_batch": "s1",
+                "rooms": {
+                    "join": {"!dm:example.org": {"timeline": {"events": [chatter, request]}}}
+                },
+            }
+        ).encode()
+    )
+    bot.receive_rooms(batch)
+    await _round(bot)
+    assert [(r, t, c["m.relates_to"]) for r, t, c, _ in crypto.client.room_sent] == [
+        (
+            "!dm:example.org",
+            "m.key.verification.ready",
+            {"rel_type": "m.reference", "event_id": "$request"},
+        )
+    ]
+    assert crypto.client.sent == []  # nothing over to-device
