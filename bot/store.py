@@ -364,22 +364,18 @@ class Store:
 
     @classmethod
     def _open_sync(cls, path: Path, user_id: str) -> Store:
-        # The database and its WAL files, when SQLite creates them here, are 0600 (SQLite
-        # gives the -wal and -shm the database file's mode); see bot.file_modes.
-        with private_umask():
-            return cls._open_private(path, user_id)
-
-    @classmethod
-    def _open_private(cls, path: Path, user_id: str) -> Store:
         # The directory exists: taking the store's lock (in `open`) made it.
         existed = path.exists() and path.stat().st_size > 0
         try:
             # Read-only probe first: nothing is written to a file we may refuse.
             if existed:
                 cls._check_without_leftovers(path, user_id)
-            connection = sqlite3.connect(
-                path, check_same_thread=False, isolation_level=None, timeout=5.0
-            )
+            # A database SQLite creates here (at connect) is 0600 (bot.file_modes); its
+            # -wal and -shm get the database file's mode from SQLite, whenever made.
+            with private_umask():
+                connection = sqlite3.connect(
+                    path, check_same_thread=False, isolation_level=None, timeout=5.0
+                )
         except sqlite3.DatabaseError as exc:
             raise StoreError(f"{path}: not a usable SQLite database: {exc}") from exc
         try:
