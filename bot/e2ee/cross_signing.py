@@ -28,6 +28,7 @@ import structlog
 from matrix_api import MatrixAPIError
 from matrix_api.models import UserID
 from matrix_api.uia import AuthRequired, InteractiveAuthError
+from matrix_crypto.canonical import sign
 from matrix_crypto.cross_signing import CrossSigningKeys, CrossSigningRecord
 from matrix_crypto.errors import CryptoError
 
@@ -149,7 +150,15 @@ async def _cross_sign(
     if device_keys is None:
         log.warning("cross_signing_failed", reason="the homeserver does not list this device")
         return
-    result = await client.upload_signatures(keys.sign_device(device_keys))
+    # Both ways, as matrix-rust-sdk does: the self-signing key vouches for the device,
+    # and the device for the master key (a client that verified this device may then
+    # trust the identity).
+    signatures = keys.sign_device(device_keys)
+    master_key = keys.public_keys["master"]
+    signatures[user_id][master_key] = sign(
+        keys.master_key(), user_id, f"ed25519:{device_id}", lambda m: machine.sign(m)[1]
+    )
+    result = await client.upload_signatures(signatures)
     if result.failures:
         log.warning("cross_signing_failed", reason="the homeserver refused the signature")
         return

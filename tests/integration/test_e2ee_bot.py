@@ -21,6 +21,7 @@ from fake_openai import API_KEY, FakeOpenAI
 from js_client import JsClient, Message, open_js_client
 from matrix_api.models import RoomID, UserID
 from matrix_api.testing.synapse import RegisteredUser, SynapseServer
+from matrix_crypto.canonical import verify
 from matrix_crypto.cross_signing import (
     device_signed_by_self_signing_key,
     verify_cross_signing_keys,
@@ -409,6 +410,12 @@ async def test_the_bots_device_is_cross_signed_by_its_account(
             assert verify_cross_signing_keys(bot, master, ssk)
             device = answer.device_keys[bot][bot_user.device_id]
             assert device_signed_by_self_signing_key(device, ssk)
+            # And the device signed the master key (as matrix-rust-sdk's devices do);
+            # Synapse shows a user's signatures of their own keys to that user only.
+            async with client_for(synapse, bot_user) as itself:
+                own_master = (await itself.query_keys({bot: []})).master_keys[bot]
+            device_key_id = f"ed25519:{bot_user.device_id}"
+            assert verify(own_master, bot, device_key_id, device["keys"][device_key_id])
             # A restart signs nothing again and makes no keys.
             with capture_logs() as again:
                 async with running_bot(settings):
