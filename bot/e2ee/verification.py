@@ -67,6 +67,15 @@ _RETRY_S = 2.0
 _MAX_SIGNINGS = 16
 
 
+def _flow_of(event: RoomEvent) -> str | None:
+    """The request event id a room verification event belongs to."""
+    if event.type == "m.room.message":
+        return event.event_id
+    relates = event.content.get("m.relates_to")
+    flow = relates.get("event_id") if isinstance(relates, Mapping) else None
+    return flow if isinstance(flow, str) else None
+
+
 def _room_event_dict(event: RoomEvent) -> dict[str, object]:
     return {
         "type": event.type,
@@ -184,6 +193,10 @@ class BotVerifications:
         raises, no I/O."""
         for room_id, room in response.rooms.join.items():
             events = [e for e in room.timeline.events if is_verification_event(e.type, e.content)]
+            # A flow the bot already answered (its own messages are in the timeline: the
+            # history a start-up sync brings back) was a previous run's: not replayed.
+            answered = {_flow_of(e) for e in events if e.sender == self._user_id and _flow_of(e)}
+            events = [e for e in events if _flow_of(e) not in answered]
             if events:
                 self.receive_room(room_id, [_room_event_dict(e) for e in events])
 

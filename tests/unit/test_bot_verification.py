@@ -340,3 +340,47 @@ async def test_a_request_in_a_room_timeline_is_answered_in_the_room() -> None:
         )
     ]
     assert crypto.client.sent == []  # nothing over to-device
+
+
+async def test_a_flow_the_bot_answered_before_a_restart_is_not_replayed() -> None:
+    """A start-up sync brings back the room's recent history, the bot's own answers too:
+    a verification a previous run took part in is left alone (its state is gone)."""
+    crypto = _Crypto()
+    crypto.on_ensure[ALICE] = Device(ALICE, "ALICEDEV", "curve", _ed25519(), ())
+    bot = _bot(crypto)
+    ts = int(NOW_S * 1000)
+    request = {
+        "type": "m.room.message",
+        "event_id": "$old",
+        "sender": ALICE,
+        "origin_server_ts": ts,
+        "content": {
+            "msgtype": "m.key.verification.request",
+            "body": "verify?",
+            "from_device": "ALICEDEV",
+            "methods": ["m.sas.v1"],
+            "to": BOT,
+        },
+    }
+    relates = {"rel_type": "m.reference", "event_id": "$old"}
+    our_ready = {
+        "type": "m.key.verification.ready",
+        "event_id": "$ready",
+        "sender": BOT,
+        "origin_server_ts": ts,
+        "content": {"from_device": BOT_DEVICE, "methods": ["m.sas.v1"], "m.relates_to": relates},
+    }
+    their_start = {**_start(ALICE, "ALICEDEV"), "event_id": "$start", "origin_server_ts": ts}
+    their_start["content"] = {**their_start["content"], "m.relates_to": relates}
+    del their_start["content"]["transaction_id"]
+    fresh = {**request, "event_id": "$new"}
+    timeline = [request, our_ready, their_start, fresh]
+    body = {
+        "next_batch": "s1",
+        "rooms": {"join": {"!dm:example.org": {"timeline": {"events": timeline}}}},
+    }
+    bot.receive_rooms(decode_sync(json.dumps(body).encode()))
+    await _round(bot)
+    # Only the new request is answered.
+    answered = [(t, c["m.relates_to"]["event_id"]) for _, t, c, _ in crypto.client.room_sent]
+    assert answered == [("m.key.verification.ready", "$new")]
