@@ -126,6 +126,11 @@ def test_the_containerfile_names_the_real_entry_point_sources_and_settings() -> 
     assert f"{venv}/bin/pip install" in runs
     assert ("COPY", f"--from=build {venv} {venv}") in steps
     assert _parser().parse_args(cmd).command == "run"
+    # The health check is the CLI's own `status`, asking the listener the image turns on.
+    (healthcheck,) = [rest for word, rest in steps if word == "HEALTHCHECK"]
+    check = json.loads(healthcheck[healthcheck.index("CMD ") + 4 :])
+    assert check[0] == entrypoint[0]
+    assert _parser().parse_args(check[1:]).command == "status"
 
     # Every source the package build needs is copied from the repository, and exists.
     sources = {
@@ -147,6 +152,7 @@ def test_the_containerfile_names_the_real_entry_point_sources_and_settings() -> 
     (volume,) = [rest for word, rest in steps if word == "VOLUME"]
     assert settings.store_path == Path(volume) / "store.sqlite3"
     assert settings.log_format == "json"
+    assert settings.http_listen == ("127.0.0.1", 9464)  # loopback: inside the container only
     assert environment["PYTHONUNBUFFERED"] == "1"  # a log line leaves when it is written
 
     # Not root, and a stop signal that drains.
