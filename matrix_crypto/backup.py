@@ -35,6 +35,7 @@ Public API::
         .matches(auth_data) -> bool; .mac_key() -> bytes (a secret, MSC4048)
     AuthDataSigner = Callable[[bytes], tuple[key_id, signature]]
     public_key_from_auth_data(auth_data) -> str          # BackupError
+    public_key_matches(auth_data, public_key) -> bool    # never raises
     check_auth_data(auth_data, backup_key) -> None       # BackupKeyMismatch / BackupError
     RoomKeyToBackUp(room_id, session_id, sender_curve25519, sender_claimed_ed25519,
                     session_key, first_message_index, forwarded_count=0, verified=False,
@@ -93,6 +94,7 @@ __all__ = [
     "encrypt_session",
     "is_better_copy",
     "public_key_from_auth_data",
+    "public_key_matches",
 ]
 
 ALGORITHM: Final = "m.megolm_backup.v1.curve25519-aes-sha2"
@@ -240,6 +242,14 @@ def public_key_from_auth_data(auth_data: object) -> str:
     assert isinstance(public, str)
     # One spelling: padded base64 of the same key still names the same key.
     return public.rstrip("=")
+
+
+def public_key_matches(auth_data: object, public_key: str) -> bool:
+    """Whether ``auth_data`` names ``public_key`` (either base64 padding). Never raises."""
+    try:
+        return public_key_from_auth_data(auth_data) == public_key.rstrip("=")
+    except BackupError:
+        return False
 
 
 def check_auth_data(auth_data: object, backup_key: BackupKey) -> None:

@@ -24,7 +24,7 @@ works without a backup (a lost store then cannot read its rooms' past).
 from __future__ import annotations
 
 import json
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -32,7 +32,7 @@ from typing import Any
 import structlog
 import trio
 
-from matrix_api import MatrixAPIError, NotFound
+from matrix_api import MatrixAPIError, MatrixClient, NotFound
 from matrix_api.endpoints.key_backup import WrongRoomKeysVersion
 from matrix_api.models import RoomID
 from matrix_crypto import backup
@@ -44,11 +44,18 @@ from ..store import CryptoRow
 from .crypto import BotCrypto
 from .secret_storage import default_storage_key, read_secret, storage_key_for_secret
 
-__all__ = ["BACKUP_BATCH_DELAY_S", "MARKER_KIND", "KeyBackup", "open_key_backup"]
+__all__ = [
+    "BACKUP_BATCH_DELAY_S",
+    "MARKER_KIND",
+    "KeyBackup",
+    "describe_backup",
+    "open_key_backup",
+]
 
 log = structlog.get_logger("bot.e2ee")
 
-KEY_ROW = "key_backup"  # own row: {"version": ..., "key": the key sealed with the pickle key}
+# own row: {"version", "public_key", "key": the private key sealed with the pickle key}
+KEY_ROW = "key_backup"
 MARKER_KIND = "backup"
 # The pickle-key encryption of the stored backup key (a name, not a secret).
 _SEAL_NAME = "surfaces-bot.key_backup.v1"
@@ -160,7 +167,8 @@ def _stored(crypto: BotCrypto, pickle_key: bytes) -> tuple[str | None, BackupKey
 
 async def _keep(crypto: BotCrypto, key: BackupKey, version: str | None, pickle_key: bytes) -> None:
     sealed = encrypt_secret(pickle_key, _SEAL_NAME, key.to_base64())
-    await crypto.keep(KEY_ROW, json.dumps({"version": version, "key": sealed}))
+    row = {"version": version, "public_key": key.public_key, "key": sealed}
+    await crypto.keep(KEY_ROW, json.dumps(row))
 
 
 async def _restore(crypto: BotCrypto, key: BackupKey, version: str) -> None:
@@ -292,6 +300,44 @@ class KeyBackup:
         self._markers.update(done)
         log.info("key_backup_uploaded", sessions=len(done), version=self.version)
         return True
+
+
+async def describe_backup(
+    client: MatrixClient, rows: Sequence[tuple[str, str, str]], *, recovery_key_known: bool
+) -> tuple[bool, str]:
+    """For ``doctor``: whether the key backup is as it should be, and one line saying
+    so (no secrets), from the server's current version and the store's crypto rows."""
+    try:
+        current = await client.get_key_backup()
+    except MatrixAPIError as exc:
+        return False, f"key backup: could not read the account's backup: {exc}"
+    own = {key: value for kind, key, value in rows if kind == "own"}
+    try:
+        row = json.loads(own.get(KEY_ROW, "null")) or {}
+    except ValueError:
+        row = {}
+    version, public_key = row.get("version"), row.get("public_key")
+    backed_up = sum(
+        1 for kind, _, value in rows if kind == MARKER_KIND and value.startswith(f"{version}:")
+    )
+    if current is None:
+        return True, "key backup: none yet: the next start makes one"
+    if public_key is not None and backup.public_key_matches(current.auth_data, public_key):
+        if current.version == version:
+            return True, (
+                f"key backup: version {current.version}, {backed_up} room keys backed up "
+                f"from this store, {current.count} on the server"
+            )
+        return True, f"key backup: version {current.version}: the next start takes it up"
+    if recovery_key_known:
+        return True, (
+            f"key backup: version {current.version} is not this store's yet: the next start "
+            "reads its key from secret storage and restores it"
+        )
+    return False, (
+        f"key backup: version {current.version} cannot be read or written: no recovery key "
+        "(set MATRIX_RECOVERY_KEY to the one its secret storage uses)"
+    )
 
 
 def _marker(version: str, first_known_index: int, trusted: bool) -> str:

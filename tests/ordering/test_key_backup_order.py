@@ -15,15 +15,23 @@ import trio
 import vodozemac
 
 from bot.config import Settings
-from bot.e2ee.key_backup import BACKUP_BATCH_DELAY_S, _stored
+from bot.e2ee.key_backup import BACKUP_BATCH_DELAY_S, _stored, describe_backup
 from bot.handler import UNDECRYPTABLE_NO_KEY_NOTICE, UNDECRYPTABLE_NOTICE
 from e2ee_peer import Peer
 from fake_homeserver import ALICE, BASE_TS, BOT, FakeHomeserver
+from matrix_api import MatrixClient
 from matrix_crypto import backup
 from matrix_crypto.canonical import verify
 from matrix_crypto.cross_signing import SecretStorageKey
 from ordering_harness import Logs, RunningBot, log_events, until_handled
-from test_e2ee_order import ROOM, assert_nothing_logged_of, chats, only_reply, running_bot
+from test_e2ee_order import (
+    ROOM,
+    assert_nothing_logged_of,
+    chats,
+    only_reply,
+    running_bot,
+    stored_crypto,
+)
 
 
 def put_calls(hs: FakeHomeserver, since: int = 0) -> list[dict[str, object]]:
@@ -296,3 +304,41 @@ async def test_damaged_secret_storage_leaves_the_backup_alone_and_the_bot_answer
     # The backup is left as it was: nothing written into it, no new one made over it.
     assert [c.endpoint for c in hs.calls].count("create_key_backup") == 0
     assert put_calls(hs) == []
+
+
+async def test_doctor_says_what_the_backup_holds(
+    autojump_clock: trio.abc.Clock, hs: FakeHomeserver, logs: Logs, settings: Settings
+) -> None:
+    await chats(hs, settings)
+    alice = Peer(hs, ALICE, "ALICEDEV")
+    async with running_bot(settings, hs) as bot:
+        key = alice.room_key_for_bot(ROOM)
+        hs.queue_sync({ROOM: [alice.message(ROOM, "$1", "one", ts=hs.now_ms())]}, to_device=key)
+        await until_handled(bot.store, "$1")
+    rows = await stored_crypto(settings)
+
+    async with MatrixClient(
+        settings.homeserver, access_token=settings.access_token, transport=hs.transport()
+    ) as client:
+        fine, line = await describe_backup(client, rows, recovery_key_known=False)
+        assert fine
+        assert (
+            line == "key backup: version 1, 2 room keys backed up from this store, 2 on the server"
+        )
+        # Another client replaced it with a backup of its own.
+        other = backup.BackupKey.create()
+        hs.key_backups.append(
+            {"version": "2", "algorithm": backup.ALGORITHM, "auth_data": other.auth_data()}
+        )
+        hs.room_keys["2"] = {}
+        fine, line = await describe_backup(client, rows, recovery_key_known=False)
+        assert not fine
+        assert "version 2 cannot be read or written" in line
+        fine, line = await describe_backup(client, rows, recovery_key_known=True)
+        assert fine
+        assert "restores it" in line
+        hs.key_backups.clear()
+        assert await describe_backup(client, rows, recovery_key_known=False) == (
+            True,
+            "key backup: none yet: the next start makes one",
+        )
