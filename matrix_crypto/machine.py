@@ -31,7 +31,7 @@ from typing import Any, ClassVar
 import vodozemac
 
 from matrix_crypto import olm
-from matrix_crypto.backup import BackedUpSession
+from matrix_crypto.backup import BackedUpSession, RoomKeyToBackUp
 from matrix_crypto.devices import Device, DeviceTracker, parse_keys_query
 from matrix_crypto.errors import CryptoError, DecryptionError, UnverifiedSender
 from matrix_crypto.identity import (
@@ -41,7 +41,7 @@ from matrix_crypto.identity import (
     Identity,
     check_pickle_key,
 )
-from matrix_crypto.megolm import GroupSessions, InboundExport, RotationSettings
+from matrix_crypto.megolm import GroupSessions, RotationSettings
 from matrix_crypto.state import (
     AccountRecord,
     CryptoChanges,
@@ -883,11 +883,24 @@ class OlmMachine:
         sender_curve25519, session_id): which ones a backup holds as good a copy of."""
         return self._groups.backup_states()
 
-    def export_inbound(
+    def room_key_to_back_up(
         self, room_id: str, sender_curve25519: str, session_id: str
-    ) -> InboundExport | None:
-        """An inbound session as a key backup carries it (None: not known)."""
-        return self._groups.export_inbound(room_id, sender_curve25519, session_id)
+    ) -> RoomKeyToBackUp | None:
+        """An inbound session as a key backup carries it (None: not known): exported at
+        its first known index, authenticated when it came from its owner."""
+        exported = self._groups.export_inbound(room_id, sender_curve25519, session_id)
+        if exported is None:
+            return None
+        return RoomKeyToBackUp(
+            room_id=exported.room_id,
+            session_id=exported.session_id,
+            sender_curve25519=exported.sender_curve25519,
+            sender_claimed_ed25519=exported.sender_claimed_ed25519,
+            session_key=exported.session_key,
+            first_message_index=exported.first_known_index,
+            forwarded_count=0 if exported.trusted else 1,
+            authenticated=exported.trusted,
+        )
 
     def import_backed_up(self, sessions: Iterable[BackedUpSession]) -> int:
         """Add sessions restored from the key backup: trusted only when the entry was

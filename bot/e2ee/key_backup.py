@@ -230,8 +230,8 @@ class KeyBackup:
         failures = 0
         while True:
             try:
-                while await self.back_up_some():
-                    failures = 0
+                await self.back_up_pending()
+                failures = 0
             except WrongRoomKeysVersion:
                 log.warning(
                     "key_backup_replaced",
@@ -261,36 +261,30 @@ class KeyBackup:
         if self._gone:
             return
         try:
-            while await self.back_up_some():
-                pass
+            await self.back_up_pending()
         except MatrixAPIError as exc:
             log.warning("key_backup_upload_failed", error=str(exc), retry_s=None)
 
-    async def back_up_some(self) -> bool:
-        """One batch of pending sessions up to the backup; whether there was one."""
+    async def back_up_pending(self) -> None:
+        """Every pending session up to the backup, `BATCH_SESSIONS` a request."""
+        pending = self.pending()
+        for start in range(0, len(pending), BATCH_SESSIONS):
+            await self._back_up(pending[start : start + BATCH_SESSIONS])
+
+    async def _back_up(self, session_keys: list[SessionKey]) -> None:
         machine = self._crypto.machine
         batch: dict[RoomID, dict[str, dict[str, Any]]] = {}
         done: list[tuple[SessionKey, str]] = []
-        for session_key in self.pending()[:BATCH_SESSIONS]:
-            exported = machine.export_inbound(*session_key)
-            if exported is None:
+        for session_key in session_keys:
+            session = machine.room_key_to_back_up(*session_key)
+            if session is None:
                 continue
-            session = backup.RoomKeyToBackUp(
-                room_id=exported.room_id,
-                session_id=exported.session_id,
-                sender_curve25519=exported.sender_curve25519,
-                sender_claimed_ed25519=exported.sender_claimed_ed25519,
-                session_key=exported.session_key,
-                first_message_index=exported.first_known_index,
-                forwarded_count=0 if exported.trusted else 1,
-                authenticated=exported.trusted,
-            )
             data = backup.authenticated_backup_data(self._key, machine.user_id, session)
-            batch.setdefault(RoomID(exported.room_id), {})[exported.session_id] = data
-            marker = _marker(self.version, exported.first_known_index, exported.trusted)
+            batch.setdefault(RoomID(session.room_id), {})[session.session_id] = data
+            marker = _marker(self.version, session.first_message_index, session.authenticated)
             done.append((session_key, marker))
         if not done:
-            return False
+            return
         await self._crypto.client.put_room_keys(self.version, batch)
         # Only the markers: the machine's own rows keep their rule (a sync batch's go
         # with its commit), and a marker for a session not stored yet is harmless.
@@ -299,7 +293,6 @@ class KeyBackup:
         )
         self._markers.update(done)
         log.info("key_backup_uploaded", sessions=len(done), version=self.version)
-        return True
 
 
 async def describe_backup(

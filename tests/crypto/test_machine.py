@@ -1085,18 +1085,10 @@ def test_a_new_device_restored_from_the_backup_reads_what_the_old_one_could(
     assert bot.decrypt_room_event(ROOM, before).content["body"] == "before the loss"
     [(key, (first, trusted))] = bot.backup_states().items()
     assert (first, trusted) == (0, True)
-    exported = bot.export_inbound(*key)
-    assert exported is not None
-    assert exported.trusted
-    to_back_up = backup.RoomKeyToBackUp(
-        room_id=exported.room_id,
-        session_id=exported.session_id,
-        sender_curve25519=exported.sender_curve25519,
-        sender_claimed_ed25519=exported.sender_claimed_ed25519,
-        session_key=exported.session_key,
-        first_message_index=exported.first_known_index,
-        authenticated=exported.trusted,
-    )
+    to_back_up = bot.room_key_to_back_up(*key)
+    assert to_back_up is not None
+    assert to_back_up.authenticated
+    assert bot.room_key_to_back_up(ROOM, "unknown", "unknown") is None
     backup_key = backup.BackupKey.create()
     ours = backup.authenticated_backup_data(backup_key, BOT, to_back_up)
     anyones = backup.backup_data(backup_key.public_key, to_back_up)
@@ -1111,7 +1103,7 @@ def test_a_new_device_restored_from_the_backup_reads_what_the_old_one_could(
         with pytest.raises(MissingRoomKey):
             new.decrypt_room_event(ROOM, in_the_gap)
         restored = backup.decrypt_session(
-            backup_key, data, room_id=ROOM, session_id=exported.session_id, user_id=BOT
+            backup_key, data, room_id=ROOM, session_id=to_back_up.session_id, user_id=BOT
         )
         assert new.import_backed_up([restored]) == 1
         assert new.import_backed_up([restored]) == 0  # already known
