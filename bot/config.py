@@ -12,6 +12,7 @@ file. Every problem is reported at once, each naming the setting it is about:
 
     [bot]
     store_path = "surfaces-bot.sqlite3"        # BOT_STORE_PATH
+    store_url = "postgresql://bot@db/bot"      # BOT_STORE_URL: PostgreSQL instead (README)
     allowed_users = ["@alice:example.org", ":example.org"]   # BOT_ALLOWED_USERS (comma-separated)
     admins = ["@ops:example.org"]              # BOT_ADMINS
     command_prefix = "!"                       # BOT_COMMAND_PREFIX
@@ -60,6 +61,7 @@ from .backend_settings.model import ModelSettings, model_settings_from_env
 from .backend_settings.reading import SettingsError, shown_url
 from .backend_settings.timeouts import BACKEND_TIMEOUT_S, MODEL_ANSWER_CEILING_S
 from .backend_settings.webhook import WebhookSettings, webhook_settings_from_env
+from .store_location import is_postgres_url, sqlite_path
 
 __all__ = ["AllowList", "ConfigError", "Settings", "load_settings"]
 
@@ -107,6 +109,9 @@ class Settings:
     """The secret storage recovery key (base58, as clients show it); None: a key file
     beside the store (`bot.e2ee.secret_storage`)."""
     store_path: Path = Path("surfaces-bot.sqlite3")
+    store_url: str | None = field(default=None, repr=False)
+    """A PostgreSQL URL: the store is there, not at ``store_path`` (`bot.store_api`).
+    Never shown: it may hold a password. A ``sqlite:///`` URL sets ``store_path``."""
     allowed: AllowList = AllowList()
     admins: frozenset[str] = frozenset()
     command_prefix: str = "!"
@@ -141,6 +146,11 @@ class Settings:
     """An info line for every message handled (never its content); off: debug lines."""
 
     @property
+    def store_location(self) -> str | Path:
+        """Where the store is, for `bot.store_api.open_store`."""
+        return self.store_url if self.store_url is not None else self.store_path
+
+    @property
     def server_name(self) -> str:
         return self.user_id.partition(":")[2]
 
@@ -154,6 +164,7 @@ _ENV = {
     ("matrix", "device_id"): "MATRIX_DEVICE_ID",
     ("matrix", "recovery_key"): "MATRIX_RECOVERY_KEY",
     ("bot", "store_path"): "BOT_STORE_PATH",
+    ("bot", "store_url"): "BOT_STORE_URL",
     ("bot", "allowed_users"): "BOT_ALLOWED_USERS",
     ("bot", "admins"): "BOT_ADMINS",
     ("bot", "command_prefix"): "BOT_COMMAND_PREFIX",
@@ -399,6 +410,20 @@ def _validate(raw: dict[tuple[str, str], Any], problems: list[str]) -> Settings 
     if recovery_key is not None:
         recovery_key = _recovery_key(recovery_key, problems)
     store_path = text(("bot", "store_path")) or "surfaces-bot.sqlite3"
+    store_url = text(("bot", "store_url"))
+    if store_url is not None and not is_postgres_url(store_url):
+        try:
+            named = str(sqlite_path(store_url))
+        except ValueError as exc:
+            problems.append(f"{_name(('bot', 'store_url'))}: {exc}, got {shown_url(store_url)}")
+        else:
+            if text(("bot", "store_path")) not in (None, named):
+                problems.append(
+                    f"{_name(('bot', 'store_url'))} and {_name(('bot', 'store_path'))} "
+                    "name two different stores: set one of them"
+                )
+            store_path = named
+        store_url = None
 
     users: set[str] = set()
     servers: set[str] = set()
@@ -463,6 +488,7 @@ def _validate(raw: dict[tuple[str, str], Any], problems: list[str]) -> Settings 
         device_id=device_id,
         recovery_key=recovery_key,
         store_path=Path(store_path).expanduser(),
+        store_url=store_url,
         allowed=AllowList(frozenset(users), frozenset(servers)),
         admins=frozenset(admins),
         command_prefix=prefix,

@@ -21,29 +21,9 @@ from matrix_api.models import EventID, RoomID, SyncToken
 
 from .chats import Chat
 from .store import CryptoRow, InboxItem, NewInboxItem, Outcome, Provisioned, Quarantined, Store
+from .store_location import is_postgres_url, sqlite_path
 
 __all__ = ["BotStore", "is_postgres_url", "open_store", "sqlite_path"]
-
-_POSTGRES_SCHEMES = ("postgresql://", "postgres://")
-
-
-def is_postgres_url(location: str) -> bool:
-    return location.lower().startswith(_POSTGRES_SCHEMES)
-
-
-def sqlite_path(location: str | Path) -> Path:
-    """The file a SQLite location names: ``sqlite:///abs/path``, ``sqlite:relative`` or
-    a plain path (``~`` expanded)."""
-    text = str(location)
-    if text.lower().startswith("sqlite:"):
-        text = text[len("sqlite:") :]
-        if text.startswith("///"):  # sqlite:///abs -> /abs, as SQLAlchemy reads it
-            text = text[2:]
-        elif text.startswith("//"):
-            raise ValueError(f"{location}: a SQLite URL has no host; use sqlite:///path")
-    if not text:
-        raise ValueError(f"{location!r}: no file named")
-    return Path(text).expanduser()
 
 
 async def open_store(location: str | Path, user_id: str, *, lock_wait_s: float = 0.0) -> BotStore:

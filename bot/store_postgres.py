@@ -583,10 +583,14 @@ class PostgresStore:
             finished = False
             xid = ""
             try:
-                with db.transaction():
-                    row = db.execute("SELECT pg_current_xact_id()::text").fetchone()
-                    xid = row[0] if row else ""
+                # In a pipeline the statements go out together, and a result is waited
+                # for only when it is read: a transaction costs two round trips (its
+                # statements, then COMMIT), not one per statement.
+                with db.pipeline(), db.transaction():
+                    asked = db.execute("SELECT pg_current_xact_id()::text")
                     result = body(db)
+                    row = asked.fetchone()
+                    xid = row[0] if row else ""
                     finished = True
             except psycopg.OperationalError as exc:
                 if finished and xid and _is_transient(exc):
@@ -730,6 +734,7 @@ class PostgresStore:
             _write_encryption(db, encryption)
             for entry in quarantined:
                 _record_quarantined(db, entry, received)
+            inserted: list[tuple[NewInboxItem, psycopg.Cursor[tuple[Any, ...]]]] = []
             for item in items:
                 try:
                     encoded = msgspec.json.encode(item.event)
@@ -741,17 +746,21 @@ class PostgresStore:
                     log_quarantined(item.room_id, item.event_id, item.event.sender, reason)
                     continue
                 # An event pending or handled already has its row: ignored.
-                row = db.execute(
+                cursor = db.execute(
                     "INSERT INTO events(event_id, room_id, kind, event, received_ts)"
                     " VALUES (%s, %s, %s, %s, %s) ON CONFLICT (event_id) DO NOTHING"
                     " RETURNING seq",
                     (item.event_id, item.room_id, item.kind, encoded, received),
-                ).fetchone()
+                )
+                inserted.append((item, cursor))
+            _put_meta(db, "sync_token", next_token)
+            # Read after all are sent (one round trip in the transaction's pipeline).
+            for item, cursor in inserted:
+                row = cursor.fetchone()
                 if row is not None:
                     fresh.append(
                         InboxItem(row[0], item.event_id, item.room_id, item.kind, item.event)
                     )
-            _put_meta(db, "sync_token", next_token)
             return fresh
 
         fresh = await self._run(self._transaction(write))

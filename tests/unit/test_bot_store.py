@@ -31,6 +31,7 @@ from hypothesis import strategies as st
 from structlog.testing import capture_logs
 
 from bot.chats import Chat
+from bot.config import ConfigError, load_settings
 from bot.store import (
     _MIGRATIONS,
     HANDLED_KEEP_MS,
@@ -175,6 +176,8 @@ Kind = SqliteKind | PostgresKind
 def pg_server() -> Iterator[PostgresServer]:
     reason = missing_binaries()
     if reason is not None:
+        if os.environ.get("SURFACES_BOT_REQUIRE_POSTGRES"):  # CI (.ci/run): never skipped
+            pytest.fail(reason)
         pytest.skip(reason)
     with PostgresServer() as server:
         yield server
@@ -1060,7 +1063,8 @@ async def test_an_idle_connection_cut_fails_one_call_and_the_next_reconnects(
 class CommitAnswerDropper:
     """A TCP proxy to the server that, once armed, passes a COMMIT on and then cuts
     that connection before its answer comes back: the commit happened, the client
-    cannot know."""
+    cannot know. `partition` cuts the client off while the server keeps its end open,
+    as a network partition does until the server's keepalives notice."""
 
     def __init__(self, port: int) -> None:
         self._target = ("127.0.0.1", port)
@@ -1068,6 +1072,8 @@ class CommitAnswerDropper:
         self.port = self._listener.getsockname()[1]
         self.armed = threading.Event()
         self._sockets: list[socket.socket] = []
+        self._clients: list[socket.socket] = []
+        self._kept: set[socket.socket] = set()  # server ends a partition left open
         self._threads = [threading.Thread(target=self._accept, daemon=True)]
         self._threads[0].start()
 
@@ -1079,6 +1085,7 @@ class CommitAnswerDropper:
                 return
             server = socket.create_connection(self._target)
             self._sockets += [client, server]
+            self._clients.append(client)
             cut = threading.Event()
             for source, sink, upstream in ((client, server, True), (server, client, False)):
                 thread = threading.Thread(
@@ -1103,8 +1110,17 @@ class CommitAnswerDropper:
         except OSError:
             pass
         for end in (source, sink):
+            if end in self._kept:
+                continue  # the server is not told
             with contextlib.suppress(OSError):
                 end.shutdown(socket.SHUT_RDWR)
+
+    def partition(self) -> None:
+        """Cuts every connection so far off from its client; new ones work."""
+        self._kept.update(end for end in self._sockets if end not in self._clients)
+        for client in self._clients:
+            with contextlib.suppress(OSError):
+                client.shutdown(socket.SHUT_RDWR)
 
     def close(self) -> None:
         for end in [self._listener, *self._sockets]:  # wakes the threads blocked on them
@@ -1134,6 +1150,30 @@ async def test_a_commit_whose_answer_is_lost_is_found_committed(
         assert store.sync_token == "s2"
         assert [e["status"] for e in logs if e["event"] == "store_commit_in_doubt"] == ["committed"]
         assert await store.pending() == fresh
+    finally:
+        await store.aclose()
+        proxy.close()
+
+
+async def test_after_a_partition_the_store_ends_its_own_lost_session_and_goes_on(
+    pg: PostgresKind, pg_server: PostgresServer
+) -> None:
+    proxy = CommitAnswerDropper(pg_server.port)
+    url = pg.location.replace(f":{pg_server.port}/", f":{proxy.port}/")
+    store = await PostgresStore.open(url, BOT)
+    try:
+        [item] = await store.commit_sync_batch(SyncToken("s1"), [new_item("$a")])
+        lost = store_backend(pg)
+        proxy.partition()
+        with pytest.raises(StoreUnavailable):
+            await store.finish(item, "replied", EventID("$r"))
+        # The server still has the lost session, with the store's lock.
+        assert store_backend(pg) == lost
+
+        await store.finish(item, "replied", EventID("$r"))
+
+        assert store_backend(pg) != lost
+        assert await store.handled_outcome("$a") == "replied"
     finally:
         await store.aclose()
         proxy.close()
@@ -1411,3 +1451,49 @@ def test_postgres_urls_are_told_apart() -> None:
     assert is_postgres_url("POSTGRES://h/db")
     assert not is_postgres_url("/srv/postgresql://x")
     assert not is_postgres_url("sqlite:///x")
+
+
+_ENV = {
+    "MATRIX_HOMESERVER": "https://example.org",
+    "MATRIX_USER_ID": BOT,
+    "MATRIX_ACCESS_TOKEN": "token",
+}
+
+
+@pytest.mark.parametrize(
+    ("environ", "location"),
+    [
+        ({}, Path("surfaces-bot.sqlite3")),
+        ({"BOT_STORE_PATH": "/srv/bot.sqlite3"}, Path("/srv/bot.sqlite3")),
+        ({"BOT_STORE_URL": "sqlite:///srv/bot.sqlite3"}, Path("/srv/bot.sqlite3")),
+        (
+            {"BOT_STORE_URL": "sqlite:///srv/bot.sqlite3", "BOT_STORE_PATH": "/srv/bot.sqlite3"},
+            Path("/srv/bot.sqlite3"),
+        ),
+        ({"BOT_STORE_URL": "/srv/bot.sqlite3"}, Path("/srv/bot.sqlite3")),
+        ({"BOT_STORE_URL": "postgresql://bot:pw@db/bot"}, "postgresql://bot:pw@db/bot"),
+    ],
+)
+def test_the_store_setting_names_one_store(environ: dict[str, str], location: Any) -> None:
+    settings = load_settings(None, {**_ENV, **environ})
+
+    assert settings.store_location == location
+    assert "pw@" not in repr(settings)
+
+
+@pytest.mark.parametrize(
+    ("environ", "says"),
+    [
+        (
+            {"BOT_STORE_URL": "sqlite:///a.sqlite3", "BOT_STORE_PATH": "b.sqlite3"},
+            "name two different stores",
+        ),
+        ({"BOT_STORE_URL": "sqlite://user:secret@host/x"}, "has no host"),
+    ],
+)
+def test_a_store_setting_that_cannot_be_used_is_a_problem(
+    environ: dict[str, str], says: str
+) -> None:
+    with pytest.raises(ConfigError, match=says) as caught:
+        load_settings(None, {**_ENV, **environ})
+    assert "secret" not in str(caught.value)
