@@ -100,7 +100,7 @@ UNEXPECTED_MESSAGE = "m.unexpected_message"
 KEY_MISMATCH = "m.key_mismatch"
 USER_MISMATCH = "m.user_mismatch"
 INVALID_MESSAGE = "m.invalid_message"
-MISMATCHED_COMMITMENT = "m.mismatched_commitment"
+MISMATCHED_COMMITMENT = "m.mismatched_commitment"  # the starting side checks it: never us
 
 # Spec: "Clients should time out a verification that does not complete within 10
 # minutes." Between two messages of the SAS itself we wait less: the only human step

@@ -51,15 +51,14 @@ from matrix_crypto.verification import (
 )
 
 from ..config import Settings
+from .cross_signing import KEYS as _KEYS_ROW
+from .cross_signing import SIGNED_DEVICE as _SIGNED_DEVICE_ROW
 from .crypto import BotCrypto
 
 __all__ = ["BotVerifications", "is_verification_event"]
 
 log = structlog.get_logger("bot.e2ee")
 
-# The bot.e2ee.cross_signing rows: the account's keys, and the device they signed.
-_KEYS_ROW = "cross_signing"
-_SIGNED_DEVICE_ROW = "cross_signed_device"
 # A message the server keeps refusing is dropped after this many tries (the flow then
 # times out on both sides); between rounds with a failure, this long.
 _SEND_ATTEMPTS = 3
