@@ -62,6 +62,7 @@ _SEAL_NAME = "surfaces-bot.key_backup.v1"
 # Room keys of one burst go up together; a batch is bounded for the request's size.
 BACKUP_BATCH_DELAY_S = 1.0
 BATCH_SESSIONS = 100
+RESTORE_CHUNK = 100
 RETRY_MIN_S = 5.0
 RETRY_MAX_S = 300.0
 
@@ -174,9 +175,26 @@ async def _keep(crypto: BotCrypto, key: BackupKey, version: str | None, pickle_k
 async def _restore(crypto: BotCrypto, key: BackupKey, version: str) -> None:
     machine = crypto.machine
     answer = await crypto.client.get_room_keys(version)
-    rooms: dict[str, object] = {str(room): keys for room, keys in answer.rooms.items()}
-    sessions, refused = backup.decrypt_room_keys(key, rooms, user_id=machine.user_id)
-    imported = machine.import_backed_up(sessions)
+    entries = [
+        (str(room), session_id, data)
+        for room, by_session in answer.rooms.items()
+        for session_id, data in by_session.items()
+    ]
+    sessions: list[backup.BackedUpSession] = []
+    refused: list[backup.SessionRefusal] = []
+    imported = 0
+    # A fraction of a millisecond of CPU each: in chunks, so that a large backup does
+    # not hold up the rooms' lanes and the sync loop meanwhile.
+    for start in range(0, len(entries), RESTORE_CHUNK):
+        chunk: dict[str, dict[str, object]] = {}
+        for room, session_id, data in entries[start : start + RESTORE_CHUNK]:
+            chunk.setdefault(room, {})[session_id] = data
+        rooms: dict[str, object] = dict(chunk)
+        good, bad = backup.decrypt_room_keys(key, rooms, user_id=machine.user_id)
+        imported += machine.import_backed_up(good)
+        sessions.extend(good)
+        refused.extend(bad)
+        await trio.lowlevel.checkpoint()
     states = machine.backup_states()
     # What came from the backup is in it already: not sent back.
     markers: list[CryptoRow] = []
