@@ -15,7 +15,9 @@ What differs from SQLite, and why:
   time on the store's one connection (a `trio.Lock`, first come first served).
   psycopg's async API needs asyncio's event loop (under trio it fails with "no
   running event loop"), so it is its blocking API, off the trio thread. As in
-  `bot.store`, a cancellation lands before a call or not at all.
+  `bot.store`, a cancellation lands before a call or not at all. Unlike SQLite's,
+  a call lets other tasks run while it waits: the calls still commit in the order
+  they were made (the lock is fair), and the in-memory maps change in that order too.
 * A lost connection (the server restarted, a failover, ``pg_terminate_backend``, a
   network cut found by TCP keepalives) is `StoreUnavailable`: the transaction was
   rolled back, and the next call connects again. A COMMIT whose answer was lost is
@@ -517,8 +519,12 @@ class PostgresStore:
         """Return after the next store call ends (it may have written something)."""
         await self._watchers.park()
 
-    async def _run(self, fn: Callable[[Connection], T]) -> T:
-        """Run ``fn`` on the connection in a worker thread, calls one at a time.
+    async def _run(
+        self, fn: Callable[[Connection], T], then: Callable[[], None] | None = None
+    ) -> T:
+        """Run ``fn`` on the connection in a worker thread, calls one at a time; then,
+        once it succeeded, ``then`` (the in-memory maps kept in step) on the trio
+        thread, still in turn: the maps change in the order the writes committed.
 
         A cancellation lands while waiting for the lock or not at all: once ``fn`` has
         started, its caller sees its result. The errors are mapped here, once:
@@ -529,7 +535,10 @@ class PostgresStore:
             async with self._calls:
                 if self._closed:
                     raise StoreError(f"{self.where}: the store is closed")
-                return await trio.to_thread.run_sync(self._call, fn)
+                result = await trio.to_thread.run_sync(self._call, fn)
+                if then is not None:
+                    then()
+                return result
         finally:
             if self._watchers:
                 self._watchers.unpark_all()
@@ -672,11 +681,13 @@ class PostgresStore:
                     ),
                 )
 
-        await self._run(self._transaction(write))
-        for chat_id in removed:
-            self._forget(chat_id)
-        for chat in put:
-            self._remember(chat)
+        def remember() -> None:
+            for chat_id in removed:
+                self._forget(chat_id)
+            for chat in put:
+                self._remember(chat)
+
+        await self._run(self._transaction(write), remember)
 
     # --- spaces ---------------------------------------------------------------------
 
@@ -703,14 +714,16 @@ class PostgresStore:
                 db.execute("DELETE FROM spaces WHERE room_id = %s OR owner = %s", (room_id, owner))
                 db.execute("INSERT INTO spaces(owner, room_id) VALUES (%s, %s)", (owner, room_id))
 
-        await self._run(self._transaction(write))
-        for owner in removed:
-            self._spaces.pop(owner, None)
-        for owner, room_id in put.items():
-            for other, held in list(self._spaces.items()):
-                if held == room_id and other != owner:
-                    del self._spaces[other]
-            self._spaces[owner] = room_id
+        def remember() -> None:
+            for owner in removed:
+                self._spaces.pop(owner, None)
+            for owner, room_id in put.items():
+                for other, held in list(self._spaces.items()):
+                    if held == room_id and other != owner:
+                        del self._spaces[other]
+                self._spaces[owner] = room_id
+
+        await self._run(self._transaction(write), remember)
 
     # --- the inbox ------------------------------------------------------------------
 
@@ -763,10 +776,11 @@ class PostgresStore:
                     )
             return fresh
 
-        fresh = await self._run(self._transaction(write))
-        self._sync_token = next_token
-        self._encrypted_rooms.update(encryption)
-        return fresh
+        def remember() -> None:
+            self._sync_token = next_token
+            self._encrypted_rooms.update(encryption)
+
+        return await self._run(self._transaction(write), remember)
 
     # --- end-to-end encryption --------------------------------------------------------
 
@@ -777,8 +791,10 @@ class PostgresStore:
     async def set_room_encryption(self, rooms: Mapping[RoomID, str]) -> None:
         if not rooms:
             return
-        await self._run(self._transaction(lambda db: _write_encryption(db, rooms)))
-        self._encrypted_rooms.update(rooms)
+        await self._run(
+            self._transaction(lambda db: _write_encryption(db, rooms)),
+            lambda: self._encrypted_rooms.update(rooms),
+        )
 
     async def apply_crypto(self, rows: Sequence[CryptoRow]) -> None:
         """Write the crypto layer's changes (one transaction)."""

@@ -26,6 +26,7 @@ import msgspec
 import psycopg
 import pytest
 import trio
+import trio.testing
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from structlog.testing import capture_logs
@@ -940,6 +941,26 @@ async def test_a_failing_batch_keeps_neither_its_crypto_changes_nor_its_token(
     assert store.sync_token == "s1"
     assert await store.crypto_rows() == [("account", "", "old")]
     assert store.room_encryption(OTHER_ROOM) is None
+
+
+async def test_concurrent_writes_commit_in_call_order_and_the_maps_follow(
+    store: BotStore, kind: Kind
+) -> None:
+    # PostgreSQL's calls let other tasks run while they wait; SQLite's do not.
+    async with trio.open_nursery() as nursery:
+        for n in range(20):
+            nursery.start_soon(store.apply_chats, [chat("c1", f"!r{n}:x")])
+            nursery.start_soon(store.apply_spaces, {ALICE: RoomID(f"!s{n}:x")})
+            nursery.start_soon(store.commit_sync_batch, SyncToken(f"s{n}"), [new_item(f"${n}")])
+            # Each task makes its call (takes its turn) before the next ones start.
+            await trio.testing.wait_all_tasks_blocked()
+
+    assert store.chats() == [chat("c1", "!r19:x")]
+    assert kind.rows("SELECT chat_id, room_id FROM chats") == [("c1", "!r19:x")]
+    assert store.spaces() == {ALICE: "!s19:x"}
+    assert store.sync_token == "s19"
+    assert await store.get_meta("sync_token") == "s19"
+    assert [item.event_id for item in await store.pending()] == [f"${n}" for n in range(20)]
 
 
 # --- both stores: text PostgreSQL cannot hold ----------------------------------------------
