@@ -31,10 +31,12 @@ from . import __version__
 from .backend_settings.reading import without_userinfo
 from .config import Settings
 from .e2ee.crypto import stored_crypto
+from .e2ee.key_backup import describe_backup
 from .e2ee.pickle_key import PickleKeyError, existing_pickle_key
 from .e2ee.secret_storage import recovery_key_file_for
 from .file_modes import WideMode, private_paths, wider_than_private
 from .intake import full_state_sync
+from .ops.status import listener_url, read_status, render
 from .reconcile import reconcile_matrix_state
 from .reset import store_files
 from .session import AuthError, authenticate
@@ -67,6 +69,7 @@ async def run_doctor(settings: Settings, say: Callable[[str], None]) -> int:
         say(f"FAIL  {what}")
 
     ok(f"configuration: bot {settings.user_id} on {without_userinfo(settings.homeserver)}")
+    await _check_running_bot(settings, say)
     # A warning, not a failure: the bot runs, but other local users may read what it keeps.
     for wide in await trio.to_thread.run_sync(_wide_files, Path(settings.store_path)):
         say(f"WARN  files: {wide.advice()}")
@@ -117,6 +120,12 @@ async def run_doctor(settings: Settings, say: Callable[[str], None]) -> int:
                 await _check_encryption(client, store, settings, device, ok, bad)
                 if settings.e2ee:
                     await _check_cross_signing(client, settings, device, ok, bad)
+                    fine, line = await describe_backup(
+                        client,
+                        await store.crypto_rows(),
+                        recovery_key_known=_recovery_key_source(settings) is not None,
+                    )
+                    (ok if fine else bad)(line)
                 try:
                     sync = await full_state_sync(client, settings.user_id)
                     report = await reconcile_matrix_state(client, store, sync)
@@ -212,11 +221,7 @@ async def _check_cross_signing(
     master = answer.master_keys.get(user)
     ssk = answer.self_signing_keys.get(user)
     key_file = recovery_key_file_for(Path(settings.store_path))
-    recovery = (
-        "MATRIX_RECOVERY_KEY"
-        if settings.recovery_key is not None
-        else (str(key_file) if key_file.exists() else None)
-    )
+    recovery = _recovery_key_source(settings)
     kept = f"; recovery key: {recovery}" if recovery else ""
     if master is None:
         ok("cross-signing: no keys yet: the next start makes them and signs the device")
@@ -236,6 +241,28 @@ async def _check_cross_signing(
             f"key to restore the keys if the store lost them: set MATRIX_RECOVERY_KEY (the "
             f"recovery key a client showed, or the one the first start wrote to {key_file})"
         )
+
+
+def _recovery_key_source(settings: Settings) -> str | None:
+    """Where the recovery key comes from (never the key): the setting or the key file."""
+    if settings.recovery_key is not None:
+        return "MATRIX_RECOVERY_KEY"
+    key_file = recovery_key_file_for(Path(settings.store_path))
+    return str(key_file) if key_file.exists() else None
+
+
+async def _check_running_bot(settings: Settings, say: Callable[[str], None]) -> None:
+    """What a running bot's listener says (`python -m bot status` reads the same)."""
+    if settings.http_listen is None:
+        return
+    status = await read_status(listener_url(settings.http_listen))
+    if status.error is not None:
+        say(f"info  running bot: none answers at {status.url} ({status.error})")
+    elif status.ok:
+        say(f"ok    running bot: ready and healthy at {status.url}")
+    else:
+        for line in render(status)[1:3]:  # its "ready:" and "healthy:" lines
+            say(f"WARN  running bot: {' '.join(line.split())}")
 
 
 def _wide_files(store_path: Path) -> list[WideMode]:

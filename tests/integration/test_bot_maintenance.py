@@ -124,6 +124,8 @@ async def test_doctor_reports_healthy_and_broken_setups(
         r"ok\s+cross-signing: master key \S+, device \S+ signed by it; recovery key: \S+",
         healthy.stdout,
     )
+    # And its key backup (made after cross-signing; a stop before that: "none yet").
+    assert re.search(r"ok\s+key backup: (version \S+, \d+ room keys|none yet)", healthy.stdout)
     assert store.read_bytes() == before, "doctor must not change the store"
 
     bad_token = await trio.to_thread.run_sync(

@@ -164,3 +164,48 @@ async def test_doctor_never_prints_the_credentials_of_a_homeserver_url(tmp_path:
     )
     assert all(secret not in line for line in lines)
     assert not any(secret in line for line in lines), lines
+
+
+async def test_doctor_says_what_a_running_bots_listener_says(tmp_path: Path) -> None:
+    """With BOT_HTTP_LISTEN set, the doctor reads the running bot's /readyz and /healthz
+    (what `python -m bot status` shows); nothing there is an info line, not a failure."""
+    import trio
+
+    from bot.config import Settings
+    from bot.doctor import _check_running_bot
+    from mini_http import HTTPRequest, Responder, serve_http
+
+    answers = {
+        "/readyz": (503, {"ready": False, "phase": "reconciling"}),
+        "/healthz": (200, {"healthy": True}),
+        "/metrics": (200, None),
+    }
+
+    async def listener(request: HTTPRequest, out: Responder) -> None:
+        status, body = answers.get(request.path, (404, {}))
+        await out.send(status, b"" if body is None else json.dumps(body).encode())
+
+    def settings_for(port: int) -> Settings:
+        return Settings(
+            homeserver="http://127.0.0.1:1",
+            user_id=BOT,
+            access_token="syt_token",
+            store_path=tmp_path / "store.sqlite3",
+            http_listen=("127.0.0.1", port),
+        )
+
+    lines: list[str] = []
+    with trio.fail_after(30):
+        async with trio.open_nursery() as nursery:
+            port = await nursery.start(serve_http, listener)
+            await _check_running_bot(settings_for(port), lines.append)
+            answers["/readyz"] = (200, {"ready": True, "phase": "ready"})
+            await _check_running_bot(settings_for(port), lines.append)
+            nursery.cancel_scope.cancel()
+        await _check_running_bot(settings_for(port), lines.append)
+    assert lines[:2] == [
+        "WARN  running bot: ready: no (phase reconciling)",
+        "WARN  running bot: healthy: yes",
+    ]
+    assert lines[2] == f"ok    running bot: ready and healthy at http://127.0.0.1:{port}"
+    assert lines[3].startswith(f"info  running bot: none answers at http://127.0.0.1:{port}")
