@@ -161,3 +161,20 @@ def test_doctor_prints_its_report_and_no_log_lines(
     out, err = capsys.readouterr()
     assert out == "store: 3 chats\n"
     assert err == ""
+
+
+def test_bot_log_messages_reaches_the_logging_set_up(monkeypatch: pytest.MonkeyPatch) -> None:
+    import bot.__main__ as cli
+
+    seen: list[dict[str, object]] = []
+    monkeypatch.setattr(cli, "configure_logging", lambda *a, **kw: seen.append(kw))
+    monkeypatch.setattr(cli, "run_service", lambda settings: 0)
+    for name, value in {
+        "MATRIX_HOMESERVER": "https://hs.example.org",
+        "MATRIX_USER_ID": "@b:example.org",
+        "MATRIX_ACCESS_TOKEN": "syt_x",
+        "BOT_LOG_MESSAGES": "false",
+    }.items():
+        monkeypatch.setenv(name, value)
+    assert cli.main(["run"]) == 0
+    assert seen == [{"log_messages": False}]
