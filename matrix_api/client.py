@@ -6,6 +6,7 @@ from .endpoints.account_data import AccountDataEndpoints
 from .endpoints.cross_signing import CrossSigningEndpoints
 from .endpoints.key_backup import KeyBackupEndpoints
 from .endpoints.keys import KeysEndpoints
+from .endpoints.media import MediaEndpoints
 from .endpoints.messaging import MessagingEndpoints
 from .endpoints.profile import ProfileEndpoints
 from .endpoints.rooms import RoomEndpoints
@@ -29,6 +30,7 @@ class MatrixClient(
     KeysEndpoints,
     CrossSigningEndpoints,
     KeyBackupEndpoints,
+    MediaEndpoints,
 ):
     """A Matrix client-server API client for one user on one homeserver.
 
