@@ -299,6 +299,8 @@ class PostgresStore:
         self._chats_by_room: dict[RoomID, Chat] = {}
         self._chats_by_id: dict[str, Chat] = {}
         self._sync_token: SyncToken | None = None
+        # The highest inbox seq returned by `commit_sync_batch` or there at open.
+        self._handed_out = 0
         self._spaces: dict[str, RoomID] = {}
         self._encrypted_rooms: dict[RoomID, str] = {}
         self._watchers = trio.lowlevel.ParkingLot()
@@ -453,6 +455,9 @@ class PostgresStore:
     def _load(self, db: Connection) -> None:
         row = db.execute("SELECT value FROM meta WHERE key = 'sync_token'").fetchone()
         self._sync_token = SyncToken(row[0]) if row else None
+        # What is in the inbox now is `pending`'s; `commit_sync_batch` hands out the rest.
+        row = db.execute("SELECT coalesce(max(seq), 0) FROM events").fetchone()
+        self._handed_out = int(row[0]) if row else 0
         self._chats_by_room.clear()
         self._chats_by_id.clear()
         for chat in self._select_chats(db):
@@ -520,7 +525,7 @@ class PostgresStore:
         await self._watchers.park()
 
     async def _run(
-        self, fn: Callable[[Connection], T], then: Callable[[], None] | None = None
+        self, fn: Callable[[Connection], T], then: Callable[[T], None] | None = None
     ) -> T:
         """Run ``fn`` on the connection in a worker thread, calls one at a time; then,
         once it succeeded, ``then`` (the in-memory maps kept in step) on the trio
@@ -537,7 +542,7 @@ class PostgresStore:
                     raise StoreError(f"{self.where}: the store is closed")
                 result = await trio.to_thread.run_sync(self._call, fn)
                 if then is not None:
-                    then()
+                    then(result)
                 return result
         finally:
             if self._watchers:
@@ -681,7 +686,7 @@ class PostgresStore:
                     ),
                 )
 
-        def remember() -> None:
+        def remember(_: None) -> None:
             for chat_id in removed:
                 self._forget(chat_id)
             for chat in put:
@@ -714,7 +719,7 @@ class PostgresStore:
                 db.execute("DELETE FROM spaces WHERE room_id = %s OR owner = %s", (room_id, owner))
                 db.execute("INSERT INTO spaces(owner, room_id) VALUES (%s, %s)", (owner, room_id))
 
-        def remember() -> None:
+        def remember(_: None) -> None:
             for owner in removed:
                 self._spaces.pop(owner, None)
             for owner, room_id in put.items():
@@ -768,19 +773,48 @@ class PostgresStore:
                 inserted.append((item, cursor))
             _put_meta(db, "sync_token", next_token)
             # Read after all are sent (one round trip in the transaction's pipeline).
+            taken: dict[str, NewInboxItem] = {}
             for item, cursor in inserted:
                 row = cursor.fetchone()
                 if row is not None:
                     fresh.append(
                         InboxItem(row[0], item.event_id, item.room_id, item.kind, item.event)
                     )
-            return fresh
+                    taken[item.event_id] = item
+            if len(taken) < len(inserted):
+                fresh += self._never_handed_out(db, inserted, taken)
+            return sorted(fresh, key=lambda pending: pending.seq)
 
-        def remember() -> None:
+        def remember(fresh: list[InboxItem]) -> None:
             self._sync_token = next_token
             self._encrypted_rooms.update(encryption)
+            if fresh:
+                self._handed_out = max(self._handed_out, fresh[-1].seq)
 
         return await self._run(self._transaction(write), remember)
+
+    def _never_handed_out(
+        self,
+        db: Connection,
+        inserted: Sequence[tuple[NewInboxItem, Any]],
+        taken: Mapping[str, NewInboxItem],
+    ) -> list[InboxItem]:
+        """The batch's events already pending that this store never returned: taken
+        in by a commit whose answer was lost and could not be looked up (reported as
+        failed, so the same batch comes again). Without this they would wait in the
+        inbox for the next start."""
+        others = {item.event_id: item for item, _ in inserted if item.event_id not in taken}
+        rows = db.execute(
+            "SELECT seq, event_id FROM events"
+            " WHERE event_id = ANY(%s) AND outcome IS NULL AND seq > %s",
+            (list(others), self._handed_out),
+        ).fetchall()
+        return [
+            InboxItem(seq, others[event_id].event_id, others[event_id].room_id,
+                      others[event_id].kind, others[event_id].event)
+            for seq, event_id in rows
+            if event_id in others
+        ]  # fmt: skip
 
     # --- end-to-end encryption --------------------------------------------------------
 
@@ -793,7 +827,7 @@ class PostgresStore:
             return
         await self._run(
             self._transaction(lambda db: _write_encryption(db, rooms)),
-            lambda: self._encrypted_rooms.update(rooms),
+            lambda _: self._encrypted_rooms.update(rooms),
         )
 
     async def apply_crypto(self, rows: Sequence[CryptoRow]) -> None:

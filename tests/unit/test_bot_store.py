@@ -1092,6 +1092,7 @@ class CommitAnswerDropper:
         self._listener = socket.create_server(("127.0.0.1", 0))
         self.port = self._listener.getsockname()[1]
         self.armed = threading.Event()
+        self.refusing = threading.Event()  # new connections closed at once
         self._sockets: list[socket.socket] = []
         self._clients: list[socket.socket] = []
         self._kept: set[socket.socket] = set()  # server ends a partition left open
@@ -1104,6 +1105,9 @@ class CommitAnswerDropper:
                 client, _ = self._listener.accept()
             except OSError:
                 return
+            if self.refusing.is_set():
+                client.close()
+                continue
             server = socket.create_connection(self._target)
             self._sockets += [client, server]
             self._clients.append(client)
@@ -1174,6 +1178,52 @@ async def test_a_commit_whose_answer_is_lost_is_found_committed(
     finally:
         await store.aclose()
         proxy.close()
+
+
+async def test_a_batch_whose_commit_could_not_be_looked_up_is_handed_out_when_it_comes_again(
+    pg: PostgresKind, pg_server: PostgresServer
+) -> None:
+    proxy = CommitAnswerDropper(pg_server.port)
+    url = pg.location.replace(f":{pg_server.port}/", f":{proxy.port}/")
+    store = await PostgresStore.open(url, BOT)
+    try:
+        [old] = await store.commit_sync_batch(SyncToken("s1"), [new_item("$old")])
+        proxy.armed.set()
+        proxy.refusing.set()  # nor can the store connect again to ask
+
+        with pytest.raises(StoreUnavailable, match="lost at commit"):
+            await store.commit_sync_batch(SyncToken("s2"), [new_item("$a"), new_item("$b")])
+        assert store.sync_token == "s1"
+        # It did commit: the sync loop fetches the same batch again.
+        assert pg.rows("SELECT value FROM meta WHERE key = 'sync_token'") == [("s2",)]
+        proxy.refusing.clear()
+
+        fresh = await store.commit_sync_batch(
+            SyncToken("s2"), [new_item("$old"), new_item("$a"), new_item("$b"), new_item("$c")]
+        )
+
+        assert [item.event_id for item in fresh] == ["$a", "$b", "$c"]
+        assert store.sync_token == "s2"
+        assert await store.pending() == [old, *fresh]
+        # Handed out once only.
+        assert await store.commit_sync_batch(SyncToken("s3"), [new_item("$a")]) == []
+    finally:
+        await store.aclose()
+        proxy.close()
+
+
+async def test_events_pending_at_open_are_pendings_not_a_batchs(pg: PostgresKind) -> None:
+    store = await pg.open()
+    await store.commit_sync_batch(SyncToken("s1"), [new_item("$a")])
+    await store.aclose()
+
+    reopened = await pg.open()
+    try:
+        # The server replays $a before the runtime reads the inbox: not handed out twice.
+        assert await reopened.commit_sync_batch(SyncToken("s2"), [new_item("$a")]) == []
+        assert [item.event_id for item in await reopened.pending()] == ["$a"]
+    finally:
+        await reopened.aclose()
 
 
 async def test_after_a_partition_the_store_ends_its_own_lost_session_and_goes_on(
