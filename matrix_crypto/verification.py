@@ -597,11 +597,12 @@ class VerificationMachine:
         device_id = _id(content.get("from_device"))
         if device_id is None:
             return [Ignored(sender, event_type, "no valid from_device")]
+        if len(self._outbox) >= MAX_OUTBOX // 2:
+            # A flood (of strangers too) is not answered while earlier answers wait.
+            return [Ignored(sender, event_type, "too many messages waiting to be sent")]
         if not self._allowed(sender):
             reason = "not allowed to verify"
             return [self._refuse(sender, device_id, txn, room_id, USER, reason, now_ms)]
-        if len(self._outbox) >= MAX_OUTBOX // 2:
-            return [Ignored(sender, event_type, "too many messages waiting to be sent")]
         updates: list[VerificationUpdate] = []
         same_device = [
             f for f in self._flows.values() if (f.user_id, f.device_id) == (sender, device_id)

@@ -945,3 +945,13 @@ def test_malformed_room_events_are_ignored(event: dict[str, Any]) -> None:
     assert bot.machine.receive_room_event(ROOM, "junk", bot.now) == []
     assert bot.machine.receive_room_event("x" * 1000, event, bot.now) == []
     assert bot.sent() == []
+
+
+def test_a_flood_of_strangers_is_not_answered_past_the_outbox() -> None:
+    bot = Bot(allowed={ALICE})
+    cancelled = 0
+    for n in range(500):
+        stranger = Initiator(f"@s{n}:elsewhere.org", "D")
+        cancelled += sum(isinstance(u, Cancelled) for u in bot.feed(stranger.request(bot.now)))
+    assert cancelled == v.MAX_OUTBOX // 2
+    assert len(bot.machine.outgoing_requests()) == v.MAX_OUTBOX // 2
