@@ -907,11 +907,17 @@ class PostgresStore:
         turns: Sequence[tuple[str, str]],
     ) -> None:
         """`finish` and append ``turns`` (role, content) to the chat's conversation, in
-        one transaction: a crash never records the answer twice or loses it."""
+        one transaction: a crash never records the answer twice or loses it. An item
+        already finished (a retry after a commit whose answer was lost and could not
+        be looked up) appends nothing again."""
 
         def write(db: Connection) -> None:
+            pending = db.execute(
+                "SELECT 1 FROM events WHERE seq = %s AND outcome IS NULL", (item.seq,)
+            ).fetchone()
             _record_handled(db, item.seq, outcome, reply_event_id)
-            _append_turns(db, chat_id, turns)
+            if pending is not None:
+                _append_turns(db, chat_id, turns)
 
         await self._run(self._transaction(write))
 

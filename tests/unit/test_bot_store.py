@@ -1212,6 +1212,31 @@ async def test_a_batch_whose_commit_could_not_be_looked_up_is_handed_out_when_it
         proxy.close()
 
 
+async def test_an_answer_retried_after_a_commit_that_could_not_be_looked_up_is_kept_once(
+    pg: PostgresKind, pg_server: PostgresServer
+) -> None:
+    proxy = CommitAnswerDropper(pg_server.port)
+    url = pg.location.replace(f":{pg_server.port}/", f":{proxy.port}/")
+    store = await PostgresStore.open(url, BOT)
+    try:
+        [item] = await store.commit_sync_batch(SyncToken("s1"), [new_item("$a")])
+        proxy.armed.set()
+        proxy.refusing.set()
+        turns = [("user", "hi"), ("assistant", "hello")]
+
+        with pytest.raises(StoreUnavailable, match="lost at commit"):
+            await store.finish_with_turns(item, "replied", EventID("$r"), "c1", turns)
+        proxy.refusing.clear()
+        # The dispatcher retries the job; the server de-duplicates the reply.
+        await store.finish_with_turns(item, "replied", EventID("$r"), "c1", turns)
+
+        assert await store.conversation("c1") == turns
+        assert await store.handled_outcome("$a") == "replied"
+    finally:
+        await store.aclose()
+        proxy.close()
+
+
 async def test_events_pending_at_open_are_pendings_not_a_batchs(pg: PostgresKind) -> None:
     store = await pg.open()
     await store.commit_sync_batch(SyncToken("s1"), [new_item("$a")])
