@@ -22,14 +22,26 @@ What differs from SQLite, and why:
   network cut found by TCP keepalives) is `StoreUnavailable`: the transaction was
   rolled back, and the next call connects again. A COMMIT whose answer was lost is
   resolved on a new connection by its transaction id (``pg_xact_status``), so a
-  committed batch is never reported as failed (the caller would fetch it again, find
-  its events already in, and leave them for the next start).
+  committed batch is not reported as failed. When even that cannot be asked (no new
+  connection), it is reported as failed, and the writes make that safe: the batch,
+  fetched again, hands out its events that this store never returned, and
+  `finish_with_turns` appends its turns only to a pending item.
 * "One process per store": instead of ``flock`` on a file beside it, the store's
   connection holds a session advisory lock (per database and schema) while the store
   is open. The server lets go when the connection ends, however the process ended. A
-  store that reconnects takes it again first, and if another bot holds it by then,
-  every call is `StoreUnavailable`: a deposed instance writes nothing. (The lease with
-  a fencing token in issue 22's next step builds on this.)
+  store that reconnects takes it again first (ending its own lost session if the
+  server still keeps it, as after a partition), and if another bot holds it by then,
+  every call is `StoreUnavailable`: a deposed instance writes nothing.
+
+Next (issue 22's lease, not built here): the standby waits for that same lock
+(``lock_wait_s`` without end, or a blocking ``pg_advisory_lock`` on a connection of
+its own) and becomes active when it gets it; process death hands it over at once. A
+partition hands it over only when the server drops the lost session (its
+``tcp_keepalives_*`` or ``idle_session_timeout`` bound that), while the deposed
+instance learns it at its next call (`StoreUnavailable`) and must stop sending before
+the new one can start: that needs a fencing token (a counter bumped by each new
+holder, checked by every write that matters) and the runtime stopping its lanes on
+the first "held by another bot".
 * PostgreSQL text cannot hold U+0000: every string parameter has it replaced by
   U+FFFD (a hostile server's event id, a message that holds one), the same way for a
   write and for the lookup that finds it again. Stored events are bytes, unchanged.
@@ -158,6 +170,12 @@ _CONNECT_DEFAULTS = {
     "tcp_user_timeout": "30000",
     "application_name": "surfaces-bot",
 }
+_SERVER_KEEPALIVES = (
+    "SELECT set_config('tcp_keepalives_idle', '10', false),"
+    " set_config('tcp_keepalives_interval', '5', false),"
+    " set_config('tcp_keepalives_count', '3', false),"
+    " set_config('tcp_user_timeout', '30000', false)"
+)
 # SQLSTATE classes of a server that may work again unchanged: connection exception,
 # insufficient resources (disk full, out of memory, too many connections), operator
 # intervention (shutdown, crash, recovery), system error (I/O), transaction rollback
@@ -355,6 +373,9 @@ class PostgresStore:
                     f"{self.where}: no schema to create the tables in (the search_path "
                     "names none that exists)"
                 )
+            # The server's side of the same bound: a partitioned session (holding the
+            # store's lock) is dropped within about 30 s, not the OS's two hours.
+            db.execute(_SERVER_KEEPALIVES)
             row = db.execute(_TRY_LOCK).fetchone()
             if row is None or not row[0]:
                 holder = db.execute(_LOCK_HOLDER).fetchone()

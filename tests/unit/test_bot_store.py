@@ -1593,3 +1593,20 @@ def test_a_store_setting_that_cannot_be_used_is_a_problem(
     with pytest.raises(ConfigError, match=says) as caught:
         load_settings(None, {**_ENV, **environ})
     assert "secret" not in str(caught.value)
+
+
+async def test_the_store_session_asks_the_server_to_notice_a_lost_client_soon(
+    pg: PostgresKind,
+) -> None:
+    # Else a partitioned session, with the store's lock, lives on for the OS's 2 hours.
+    store = await pg.open()
+    try:
+        shown = await store._run(
+            lambda db: db.execute(
+                "SELECT current_setting('tcp_keepalives_idle'),"
+                " current_setting('tcp_keepalives_count'), current_setting('tcp_user_timeout')"
+            ).fetchone()
+        )
+    finally:
+        await store.aclose()
+    assert shown == ("10", "3", "30000")
