@@ -620,7 +620,9 @@ class PostgresStore:
             try:
                 # In a pipeline the statements go out together, and a result is waited
                 # for only when it is read: a transaction costs two round trips (its
-                # statements, then COMMIT), not one per statement.
+                # statements, then COMMIT), not one per statement plus BEGIN. Measured
+                # on loopback (bench/store.py) the pipeline costs about 0.3 ms more CPU
+                # per message; it wins once the server is 0.15 ms or more away.
                 with db.pipeline(), db.transaction():
                     asked = db.execute("SELECT pg_current_xact_id()::text")
                     result = body(db)
