@@ -313,6 +313,9 @@ class PostgresStore:
         # The server process and start time of the store's session.
         self._session: tuple[Any, ...] | None = None
         self._calls = trio.Lock()
+        # Its own limiter, not trio's default one that all threaded work shares: a
+        # store call never waits for a token behind other work (one call at a time).
+        self._thread = trio.CapacityLimiter(1)
         self._closed = False
         self._chats_by_room: dict[RoomID, Chat] = {}
         self._chats_by_id: dict[str, Chat] = {}
@@ -561,7 +564,7 @@ class PostgresStore:
             async with self._calls:
                 if self._closed:
                     raise StoreError(f"{self.where}: the store is closed")
-                result = await trio.to_thread.run_sync(self._call, fn)
+                result = await trio.to_thread.run_sync(self._call, fn, limiter=self._thread)
                 if then is not None:
                     then(result)
                 return result
