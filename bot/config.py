@@ -27,6 +27,9 @@ file. Every problem is reported at once, each naming the setting it is about:
     max_reply_parts = 16                       # BOT_MAX_REPLY_PARTS
     e2ee = true                                # BOT_E2EE: answer in encrypted rooms
     http_listen = "127.0.0.1:9464"             # BOT_HTTP_LISTEN: /readyz, /healthz, /metrics
+    max_image_bytes = 10485760                 # BOT_MAX_IMAGE_BYTES: images read (10 MiB)
+    max_text_file_bytes = 1048576              # BOT_MAX_TEXT_FILE_BYTES: text files read
+    media_timeout_s = 30                       # BOT_MEDIA_TIMEOUT_S: one attachment's download
                                                # pickle_key: BOT_PICKLE_KEY, from the environment
 
     [model]                                    # backend = "model": MODEL_BASE_URL, ...
@@ -140,6 +143,12 @@ class Settings:
     webhook: WebhookSettings | None = None
     http_listen: tuple[str, int] | None = None
     """Host and port of the operators' HTTP listener (`bot.ops`); None: no listener."""
+    max_image_bytes: int = 10 * 1024 * 1024
+    """The largest image downloaded for a vision model (`bot.attachments`)."""
+    max_text_file_bytes: int = 1024 * 1024
+    """The largest text file downloaded as context."""
+    media_timeout_s: float = 30.0
+    """The longest one attachment's download may take."""
     log_level: str = "info"
     log_format: Literal["auto", "json", "console"] = "auto"
     log_messages: bool = True
@@ -180,6 +189,9 @@ _ENV = {
     ("bot", "e2ee"): "BOT_E2EE",
     ("bot", "pickle_key"): "BOT_PICKLE_KEY",
     ("bot", "http_listen"): "BOT_HTTP_LISTEN",
+    ("bot", "max_image_bytes"): "BOT_MAX_IMAGE_BYTES",
+    ("bot", "max_text_file_bytes"): "BOT_MAX_TEXT_FILE_BYTES",
+    ("bot", "media_timeout_s"): "BOT_MEDIA_TIMEOUT_S",
     ("logging", "level"): "BOT_LOG_LEVEL",
     ("logging", "format"): "BOT_LOG_FORMAT",
     ("logging", "messages"): "BOT_LOG_MESSAGES",
@@ -467,6 +479,10 @@ def _validate(raw: dict[tuple[str, str], Any], problems: list[str]) -> Settings 
     e2ee = flag(("bot", "e2ee"), True)
     pickle_key = _pickle_key(text(("bot", "pickle_key")), problems)
     http_listen = _listen_address(text(("bot", "http_listen")), problems)
+    # Held whole in memory while answering (and base64 in the model request).
+    max_image_bytes = whole(("bot", "max_image_bytes"), 10 * 1024 * 1024, 1024, 100 * 1024 * 1024)
+    max_text_bytes = whole(("bot", "max_text_file_bytes"), 1024 * 1024, 1024, 100 * 1024 * 1024)
+    media_timeout = number(("bot", "media_timeout_s"), 30.0, 1, 600)
     backend = text(("bot", "backend")) or "echo"
     if backend not in BACKENDS:
         problems.append(f"{_name(('bot', 'backend'))}: one of {', '.join(BACKENDS)}")
@@ -504,6 +520,9 @@ def _validate(raw: dict[tuple[str, str], Any], problems: list[str]) -> Settings 
         e2ee=e2ee,
         pickle_key=pickle_key,
         http_listen=http_listen,
+        max_image_bytes=max_image_bytes,
+        max_text_file_bytes=max_text_bytes,
+        media_timeout_s=media_timeout,
         log_level=level,
         log_format=log_format,  # type: ignore[arg-type]  # checked against _LOG_FORMATS
         log_messages=log_messages,

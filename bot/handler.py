@@ -19,6 +19,7 @@ from matrix_api import MatrixAPIError, MatrixClient
 from matrix_api.models import EventID, RoomEvent, RoomID
 from matrix_crypto.errors import CryptoError, DecryptionError, MissingRoomKey
 
+from .attachments import AttachmentRefused, read_for_backend
 from .backend_settings.model import ModelSettings
 from .backends import Backend, BackendError
 from .backends.context import Role, Turn, trim_context
@@ -307,6 +308,20 @@ class MessageHandler:
             return True
         if chat.archived:
             return await self._ignore(item)
+        if message.attachment is not None:
+            try:
+                # Downloads share the backend's slots: at most that many files in memory.
+                async with self._answer_slots:
+                    message = await read_for_backend(
+                        self._client, self._backend, self._settings, chat, message
+                    )
+            except AttachmentRefused as exc:
+                # Never silently dropped: the user learns what the bot reads.
+                log.info("attachment_refused", reason=exc.reason)
+                await self._reply(
+                    item, Reply(exc.notice), "notified", purpose="attachment", reason=exc.reason
+                )
+                return True
         if self._streaming is not None:
             return await self._answer_in_conversation(item, chat, message, self._streaming)
         try:

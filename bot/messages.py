@@ -15,6 +15,8 @@ from typing import Any
 
 from matrix_api.models import EventID, RoomEvent
 
+from .attachments import ATTACHMENT_MSGTYPES, Attachment, describe, parse_attachment
+
 __all__ = [
     "IncomingMessage",
     "in_reply_to",
@@ -39,6 +41,8 @@ class IncomingMessage:
     sender: str
     body: str
     origin_server_ts: int
+    attachment: Attachment | None = None
+    """An image or a file (``body`` then describes it: `bot.attachments.describe`)."""
 
 
 def strip_reply_fallback(body: str) -> str:
@@ -89,18 +93,31 @@ def parse_incoming(event: RoomEvent, bot_user_id: str) -> IncomingMessage | None
     """The message to answer in ``event``, or None when the bot must not answer it.
 
     Not answered: the bot's own events, notices (other bots), edits (``m.replace``:
-    the original was answered), redacted events, and anything without a text body.
+    the original was answered), redacted events, and anything without a text body
+    that is not an image, a file, audio or video (`bot.attachments`).
     """
     if event.type != "m.room.message" or event.sender == bot_user_id or event.is_redacted:
         return None
     content = event.content
     msgtype = content.get("msgtype")
     # Content is whatever the sending server let through: any JSON type anywhere.
-    if not isinstance(msgtype, str) or msgtype not in _ANSWERED_MSGTYPES:
+    if not isinstance(msgtype, str) or (
+        msgtype not in _ANSWERED_MSGTYPES and msgtype not in ATTACHMENT_MSGTYPES
+    ):
         return None
     relates = content.get("m.relates_to")
     if isinstance(relates, dict) and relates.get("rel_type") == "m.replace":
         return None
+    if msgtype in ATTACHMENT_MSGTYPES:
+        # Answered even when unreadable: the user gets a notice saying what is read.
+        attachment = parse_attachment(content)
+        return IncomingMessage(
+            event_id=event.event_id,
+            sender=event.sender,
+            body=describe(attachment)[:MAX_BODY],
+            origin_server_ts=event.origin_server_ts,
+            attachment=attachment,
+        )
     body = content.get("body")
     if not isinstance(body, str):
         return None

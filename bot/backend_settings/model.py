@@ -36,6 +36,8 @@ MODEL_ENV: dict[str, str] = {
     "max_response_bytes": "MODEL_MAX_RESPONSE_BYTES",
     "max_line_bytes": "MODEL_MAX_LINE_BYTES",
     "max_answer_chars": "MODEL_MAX_ANSWER_CHARS",
+    "vision": "MODEL_VISION",
+    "vision_models": "MODEL_VISION_MODELS",
 }
 """Setting (key of the ``[model]`` TOML table) -> environment variable."""
 
@@ -64,6 +66,10 @@ class ModelSettings:
     """The longest one line (or one event) of a stream may be."""
     max_answer_chars: int = DEFAULT_MAX_ANSWER_CHARS
     """An answer is cut here, with a note saying so."""
+    vision: bool = False
+    """Whether ``model`` reads images (sent as image parts, `bot.attachments`)."""
+    vision_models: frozenset[str] = frozenset()
+    """Other models that read images, for chats that choose one with ``!model``."""
 
     @property
     def completions_url(self) -> str:
@@ -109,6 +115,8 @@ class ModelSettings:
                 f"{read.name('max_response_bytes')} ({max_bytes})"
             )
         max_chars = read.whole("max_answer_chars", cls.max_answer_chars, 100, 10_000_000)
+        vision = read.flag("vision", cls.vision)
+        vision_models = _model_names(read, values.get("vision_models"))
         read.raise_if_problems()
         assert base_url is not None
         assert model is not None
@@ -132,7 +140,24 @@ class ModelSettings:
             max_response_bytes=max_bytes,
             max_line_bytes=max_line,
             max_answer_chars=max_chars,
+            vision=vision,
+            vision_models=vision_models,
         )
+
+
+def _model_names(read: FieldReader, value: Any) -> frozenset[str]:
+    """A list of model names (TOML) or a comma-separated string (environment)."""
+    if value is None:
+        return frozenset()
+    names = value.split(",") if isinstance(value, str) else value
+    if not isinstance(names, list) or not all(isinstance(n, str) for n in names):
+        read.problems.append(f"{read.name('vision_models')}: expected a list of model names")
+        return frozenset()
+    cleaned = frozenset(n.strip() for n in names if n.strip())
+    if any(len(n) > 128 or any(c.isspace() for c in n) for n in cleaned):
+        read.problems.append(f"{read.name('vision_models')}: a model name is one word")
+        return frozenset()
+    return cleaned
 
 
 def model_settings_from_env(

@@ -51,6 +51,7 @@ import trio
 
 from matrix_api.h11_transport import ResponseTooLarge
 
+from ..attachments import LoadedImage, LoadedText
 from ..backend_settings.model import (
     DEFAULT_SYSTEM_PROMPT,
     MODEL_ENV,
@@ -212,6 +213,8 @@ class ModelBackend(HTTPBackend):
     `aclose`); it holds one connection pool and no tasks."""
 
     name = "model"
+    # Images (for a vision model) and text files arrive read (`bot.attachments`).
+    attachments = "content"
 
     def __init__(
         self,
@@ -248,7 +251,13 @@ class ModelBackend(HTTPBackend):
         """`StreamingBackend.reply_streaming`: typing on while waiting, then partial text
         (when ``stream`` is on), then the whole answer."""
         overrides = overrides or ReplyOverrides()
-        turns = self.build_turns(message.body, context, system_prompt=overrides.system_prompt)
+        loaded = message.attachment.loaded if message.attachment is not None else None
+        body = message.body
+        if isinstance(loaded, LoadedText):
+            assert message.attachment is not None
+            body = f"{body}\n\n--- {message.attachment.name} ---\n{loaded.text}"
+        image = loaded if isinstance(loaded, LoadedImage) else None
+        turns = self.build_turns(body, context, system_prompt=overrides.system_prompt)
         typing = True
         await sink.typing(True)
 
@@ -264,6 +273,7 @@ class ModelBackend(HTTPBackend):
                 turns,
                 model=overrides.model,
                 on_partial=on_partial if self.settings.stream else None,
+                image=image,
             )
         except BackendError:
             if typing:
@@ -285,11 +295,27 @@ class ModelBackend(HTTPBackend):
         turns.append(Turn("user", body))
         return trim_context(turns, self.settings.context_budget_chars)
 
-    def payload(self, turns: list[Turn], *, model: str | None = None) -> dict[str, Any]:
-        """The request body for ``turns`` (built once; every attempt sends the same)."""
+    def payload(
+        self, turns: list[Turn], *, model: str | None = None, image: LoadedImage | None = None
+    ) -> dict[str, Any]:
+        """The request body for ``turns`` (built once; every attempt sends the same).
+
+        ``image`` goes with the last user turn as an ``image_url`` part (a base64
+        ``data:`` URL; the chat-completions vision format), after its text.
+        """
+        messages: list[dict[str, Any]] = [turn.as_json() for turn in turns]
+        if image is not None:
+            last = max(i for i, turn in enumerate(turns) if turn.role == "user")
+            messages[last] = {
+                "role": "user",
+                "content": [
+                    {"type": "text", "text": turns[last].content},
+                    {"type": "image_url", "image_url": {"url": image.data_url()}},
+                ],
+            }
         body: dict[str, Any] = {
             "model": model or self.settings.model,
-            "messages": [turn.as_json() for turn in turns],
+            "messages": messages,
             "stream": self.settings.stream,
         }
         if self.settings.temperature is not None:
@@ -304,14 +330,16 @@ class ModelBackend(HTTPBackend):
         *,
         model: str | None = None,
         on_partial: OnPartial | None = None,
+        image: LoadedImage | None = None,
     ) -> str:
-        """Ask for the answer to ``turns`` as they are (no trimming here).
+        """Ask for the answer to ``turns`` as they are (no trimming here); ``image``
+        goes with the last user turn (`payload`).
 
         With ``stream`` on, ``on_partial(text_so_far)`` is awaited as tokens arrive
         (given None, the stream is still read, just not reported). Retries what
         `ModelError.retryable` allows, as ``backoff`` allows. Raises `ModelError`.
         """
-        body = self.payload(turns, model=model)
+        body = self.payload(turns, model=model, image=image)
         model_name = body["model"]
         started = time.monotonic()
         log.info(
@@ -320,6 +348,7 @@ class ModelBackend(HTTPBackend):
             stream=self.settings.stream,
             turns=len(turns),
             chars=sum(len(t.content) for t in turns),
+            image_bytes=len(image.data) if image is not None else 0,
         )
         attempt = 0
         while True:

@@ -5,6 +5,11 @@ The bot POSTs a JSON document to the configured URL::
     {"chat_id": "...", "room_id": "!...", "sender": "@...", "event_id": "$...",
      "body": "the message", "context": [{"role": "user", "content": "..."}, ...]}
 
+and, for an image or a file, ``"attachment": {"msgtype": "m.image", "url":
+"mxc://server/id", "name": "...", "mimetype": "...", "size": 123, "encrypted": false}``
+(``body`` then describes it): the URI and metadata only, never the bytes nor an
+encrypted file's key (`bot.attachments.attachment_document`).
+
 with ``X-Surfaces-Timestamp: <Unix seconds>`` and ``X-Surfaces-Signature:
 sha256=<hex>``, the HMAC-SHA256 under the shared secret of the timestamp, a ``.`` and the
 raw body (check it over the bytes received, before parsing), and
@@ -51,6 +56,7 @@ import trio
 
 from matrix_api.h11_transport import ResponseTooLarge
 
+from ..attachments import attachment_document
 from ..backend_settings.webhook import WEBHOOK_ENV, WebhookSettings, webhook_settings_from_env
 from ..chats import Chat
 from ..messages import IncomingMessage
@@ -154,6 +160,8 @@ class WebhookBackend(HTTPBackend):
     """The ``webhook`` backend. The caller owns it and closes it (``async with``)."""
 
     name = "webhook"
+    # Images and files reach the service as mxc:// URIs with metadata (`bot.attachments`).
+    attachments = "reference"
 
     def __init__(
         self,
@@ -200,7 +208,7 @@ class WebhookBackend(HTTPBackend):
 
     def document(self, chat: Chat, message: IncomingMessage, context: list[Turn]) -> dict[str, Any]:
         recent = context[-self.settings.context_turns :] if self.settings.context_turns else []
-        return {
+        document: dict[str, Any] = {
             "chat_id": chat.chat_id,
             "room_id": chat.room_id,
             "sender": message.sender,
@@ -208,6 +216,9 @@ class WebhookBackend(HTTPBackend):
             "body": message.body,
             "context": [turn.as_json() for turn in recent],
         }
+        if message.attachment is not None:
+            document["attachment"] = attachment_document(message.attachment)
+        return document
 
     async def ask(self, document: Mapping[str, Any], event_id: str) -> str:
         """POST ``document`` (signed) and return the reply; raises `WebhookError`."""

@@ -88,10 +88,6 @@ def test_an_emote_is_answered() -> None:
             event(text(), unsigned={"redacted_because": {"type": "m.room.redaction"}}),
             id="redacted-with-content",
         ),
-        pytest.param(
-            event({"msgtype": "m.image", "body": "cat.png", "url": "mxc://x/y"}), id="image"
-        ),
-        pytest.param(event({"msgtype": "m.file", "body": "a.pdf"}), id="file"),
         pytest.param(event({"body": "no msgtype"}), id="no-msgtype"),
         pytest.param(event({"msgtype": "m.text"}), id="no-body"),
         pytest.param(event({"msgtype": "m.text", "body": 42}), id="body-not-text"),
@@ -302,3 +298,25 @@ def test_is_encryption_event(ev: RoomEvent, expected: bool) -> None:
 )
 def test_is_actionable(ev: RoomEvent, expected: bool) -> None:
     assert is_actionable(ev, BOT) is expected
+
+
+@pytest.mark.parametrize(
+    ("content", "body"),
+    [
+        ({"msgtype": "m.image", "body": "cat.png", "url": "mxc://x/y"}, "[image: cat.png]"),
+        ({"msgtype": "m.file", "body": "a.pdf"}, "[file: a.pdf]"),
+        (
+            {"msgtype": "m.image", "body": "what is it?", "filename": "c.png", "url": 7},
+            "[image: c.png]\nwhat is it?",
+        ),
+        ({"msgtype": "m.video", "body": None, "url": "https://x/y"}, "[file: attachment]"),
+    ],
+)
+def test_images_and_files_are_answered_with_their_attachment(
+    content: dict[str, object], body: str
+) -> None:
+    # Even an unreadable one: the user is told what the bot reads (bot.attachments).
+    message = parse_incoming(event(content), BOT)
+    assert message is not None
+    assert message.body == body
+    assert message.attachment is not None
