@@ -34,8 +34,9 @@ from bot.attachments import (
     sniff_image,
 )
 from bot.backend_settings.model import ModelSettings
+from bot.backend_settings.reading import SettingsError
 from bot.chats import Chat
-from bot.config import Settings
+from bot.config import ConfigError, Settings, load_settings
 from bot.messages import IncomingMessage
 from matrix_api import NetworkError, NotFound, ResponseLimitExceeded
 from matrix_api.endpoints.media import MxcUri
@@ -560,3 +561,73 @@ async def test_a_content_backend_gets_the_image_when_the_chats_model_sees() -> N
 async def test_a_message_without_an_attachment_passes_unchanged() -> None:
     message = incoming(None)
     assert await read_for_backend(FakeMedia(), Backend(None), settings(), CHAT, message) is message
+
+
+# -- settings --------------------------------------------------------------------------------
+
+BASE_ENV = {
+    "MATRIX_HOMESERVER": "https://matrix.example.org",
+    "MATRIX_USER_ID": "@bot:example.org",
+    "MATRIX_ACCESS_TOKEN": "syt_token",
+    "BOT_BACKEND": "model",
+    "MODEL_BASE_URL": "http://127.0.0.1:8080/v1",
+    "MODEL_NAME": "base",
+}
+
+
+def test_the_defaults_are_10_mb_images_1_mb_text_and_no_vision() -> None:
+    loaded = load_settings(None, BASE_ENV)
+    assert (loaded.max_image_bytes, loaded.max_text_file_bytes) == (10 * 1024 * KiB, 1024 * KiB)
+    assert loaded.media_timeout_s == 30.0
+    assert loaded.model is not None
+    assert loaded.model.vision is False
+    assert loaded.model.vision_models == frozenset()
+
+
+def test_the_media_settings_are_read_from_the_environment() -> None:
+    loaded = load_settings(
+        None,
+        {
+            **BASE_ENV,
+            "BOT_MAX_IMAGE_BYTES": "2048",
+            "BOT_MAX_TEXT_FILE_BYTES": "4096",
+            "BOT_MEDIA_TIMEOUT_S": "2.5",
+            "MODEL_VISION": "true",
+            "MODEL_VISION_MODELS": " llava , gpt-4o,,",
+        },
+    )
+    assert (loaded.max_image_bytes, loaded.max_text_file_bytes) == (2048, 4096)
+    assert loaded.media_timeout_s == 2.5
+    assert loaded.model is not None
+    assert loaded.model.vision is True
+    assert loaded.model.vision_models == frozenset({"llava", "gpt-4o"})
+
+
+@pytest.mark.parametrize(
+    ("name", "value"),
+    [
+        ("BOT_MAX_IMAGE_BYTES", "ten"),
+        ("BOT_MAX_IMAGE_BYTES", "0"),
+        ("BOT_MAX_IMAGE_BYTES", "-5"),
+        ("BOT_MAX_IMAGE_BYTES", str(10**12)),
+        ("BOT_MAX_TEXT_FILE_BYTES", "1.5"),
+        ("BOT_MEDIA_TIMEOUT_S", "0"),
+        ("BOT_MEDIA_TIMEOUT_S", "inf"),
+        ("MODEL_VISION", "maybe"),
+    ],
+)
+def test_a_bad_media_setting_is_named(name: str, value: str) -> None:
+    with pytest.raises(ConfigError) as raised:
+        load_settings(None, {**BASE_ENV, name: value})
+    assert any(name in problem for problem in raised.value.problems)
+
+
+def test_vision_models_must_be_names() -> None:
+    values = {"base_url": "http://127.0.0.1:1/v1", "model": "base"}
+    for bad in (["two words"], [1, 2], {"a": 1}, 7):
+        with pytest.raises(SettingsError, match="MODEL_VISION_MODELS"):
+            ModelSettings.from_mapping({**values, "vision_models": bad})
+    assert ModelSettings.from_mapping({**values, "vision_models": ["a", "b"]}).vision_models == {
+        "a",
+        "b",
+    }
