@@ -67,6 +67,8 @@ Kind = Literal["image", "text", "other"]
 
 _MiB = 1024 * 1024
 IMAGE_TYPES = ("image/png", "image/jpeg", "image/gif", "image/webp")
+# What an event may declare for an image that is read (its bytes decide which it is).
+_DECLARED_IMAGE_TYPES = frozenset({*IMAGE_TYPES, "image/jpg", "image/pjpeg"})
 # Besides text/*: what clients send for text files that are not text/ types.
 _TEXT_APPLICATION_TYPES = frozenset(
     {
@@ -194,8 +196,13 @@ def _extension(name: str) -> str:
     return base  # Makefile, Dockerfile
 
 
+def _media_type(mimetype: str | None) -> str:
+    """The declared media type without parameters; ``""`` for none."""
+    return (mimetype or "").split(";", 1)[0].strip().lower()
+
+
 def _kind(msgtype: str, mimetype: str | None, name: str) -> Kind:
-    declared = (mimetype or "").split(";", 1)[0].strip().lower()
+    declared = _media_type(mimetype)
     if msgtype == "m.image" or declared.startswith("image/"):
         return "image"
     if msgtype != "m.file":
@@ -350,17 +357,54 @@ def _png_ok(data: bytes) -> bool:
         return False
     (crc,) = struct.unpack(">I", data[29:33])
     width, height = struct.unpack(">II", data[16:24])
+    # The IEND chunk ends the image (a truncated upload has none); a few tools append
+    # bytes after it, which decoders ignore.
     return (
         zlib.crc32(data[12:29]) == crc
         and width > 0
         and height > 0
-        and data.endswith(b"IEND\xae\x42\x60\x82")
+        and data.rfind(b"\x00\x00\x00\x00IEND\xae\x42\x60\x82") > 33
     )
+
+
+# Start-of-frame markers (C4 DHT, C8 JPG, CC DAC are not frames).
+_JPEG_FRAMES = frozenset(range(0xC0, 0xD0)) - {0xC4, 0xC8, 0xCC}
+
+
+def _jpeg_ok(data: bytes) -> bool:
+    """The header segments are whole up to the first scan, a frame with a size comes
+    before it, and an end-of-image marker after it (cameras may append bytes after
+    that, which decoders ignore)."""
+    at, end, frame = 2, len(data), False
+    while at + 4 <= end:
+        if data[at] != 0xFF:
+            return False
+        marker = data[at + 1]
+        if marker == 0xFF:  # fill byte
+            at += 1
+            continue
+        if marker == 0x01 or 0xD0 <= marker <= 0xD9:
+            if marker == 0xD9:  # the end before any scan
+                return False
+            at += 2
+            continue
+        (length,) = struct.unpack(">H", data[at + 2 : at + 4])
+        if length < 2 or at + 2 + length > end:
+            return False
+        if marker in _JPEG_FRAMES:
+            if length < 8:
+                return False
+            height, width = struct.unpack(">HH", data[at + 5 : at + 9])
+            frame = width > 0 and height > 0
+        if marker == 0xDA:  # start of scan: entropy-coded data until EOI
+            return frame and data.find(b"\xff\xd9", at + 2 + length) != -1
+        at += 2 + length
+    return False
 
 
 def _gif_ok(data: bytes) -> bool:
     width, height = struct.unpack("<HH", data[6:10]) if len(data) >= 13 else (0, 0)
-    return width > 0 and height > 0 and data.endswith(b"\x3b")
+    return width > 0 and height > 0 and data.rstrip(b"\x00").endswith(b"\x3b")
 
 
 def _webp_ok(data: bytes) -> bool:
@@ -375,10 +419,7 @@ def sniff_image(data: bytes) -> str | None:
     if data.startswith(b"\x89PNG\r\n\x1a\n"):
         return "image/png" if _png_ok(data) else None
     if data.startswith(b"\xff\xd8\xff"):
-        # A JPEG ends with its EOI marker (a truncated upload does not).
-        return (
-            "image/jpeg" if len(data) > 4 and data.rstrip(b"\x00").endswith(b"\xff\xd9") else None
-        )
+        return "image/jpeg" if _jpeg_ok(data) else None
     if data[:6] in (b"GIF87a", b"GIF89a"):
         return "image/gif" if _gif_ok(data) else None
     if len(data) >= 16 and data[:4] == b"RIFF" and data[8:12] == b"WEBP":
@@ -453,6 +494,10 @@ async def read_attachment(
         )
     if kind == "image" and not vision:
         raise AttachmentRefused("image for a model without vision", notices.no_vision)
+    declared = _media_type(attachment.mimetype)
+    if kind == "image" and declared and declared not in _DECLARED_IMAGE_TYPES:
+        # SVG, HEIC, TIFF, BMP...: not downloaded (an absent type is left to the bytes).
+        raise AttachmentRefused("image type not read", notices.what_i_read)
     if attachment.problem is not None or attachment.uri is None:
         reason = attachment.problem or "no media URI"
         text = notices.bad_encryption if "encryption" in reason else notices.download_failed

@@ -16,8 +16,11 @@ from typing import Any
 import pytest
 import trio
 from cryptography.hazmat.primitives.ciphers import Cipher, algorithms, modes
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 from bot.attachments import (
+    IMAGE_TYPES,
     Attachment,
     AttachmentRefused,
     LoadedImage,
@@ -64,11 +67,24 @@ def png(width: int = 2, height: int = 2) -> bytes:
     )
 
 
-JPEG = (
-    b"\xff\xd8\xff\xe0\x00\x10JFIF\x00\x01\x01\x00\x00\x01\x00\x01\x00\x00"
-    + b"\0" * 40
-    + b"\xff\xd9"
-)
+def jpeg(width: int = 1, height: int = 1, *, tail: bytes = b"") -> bytes:
+    """SOI, APP0, a baseline frame of one component, a scan, EOI (and ``tail``)."""
+
+    def segment(marker: int, body: bytes) -> bytes:
+        return bytes([0xFF, marker]) + struct.pack(">H", len(body) + 2) + body
+
+    return (
+        b"\xff\xd8"
+        + segment(0xE0, b"JFIF\x00\x01\x01\x00\x00\x01\x00\x01\x00\x00")
+        + segment(0xC0, struct.pack(">BHHB", 8, height, width, 1) + b"\x01\x11\x00")
+        + segment(0xDA, b"\x01\x01\x00\x00\x3f\x00")
+        + b"\x12\x34\xff\x00\x56"
+        + b"\xff\xd9"
+        + tail
+    )
+
+
+JPEG = jpeg()
 GIF = (
     b"GIF89a\x01\x00\x01\x00\x00\x00\x00"
     + b",\x00\x00\x00\x00\x01\x00\x01\x00\x00\x02\x02D\x01\x00;"
@@ -262,7 +278,14 @@ async def test_an_image_goes_to_a_vision_model_as_what_its_bytes_are() -> None:
 
 @pytest.mark.parametrize(
     ("data", "mimetype"),
-    [(png(), "image/png"), (JPEG, "image/jpeg"), (GIF, "image/gif"), (WEBP, "image/webp")],
+    [
+        (png(), "image/png"),
+        (png() + b"appended", "image/png"),
+        (JPEG, "image/jpeg"),
+        (jpeg(tail=b"\0" * 100 + b"a camera's appended video"), "image/jpeg"),
+        (GIF, "image/gif"),
+        (WEBP, "image/webp"),
+    ],
 )
 def test_the_four_image_types_are_recognised(data: bytes, mimetype: str) -> None:
     assert sniff_image(data) == mimetype
@@ -277,7 +300,11 @@ def test_the_four_image_types_are_recognised(data: bytes, mimetype: str) -> None
         png()[:-1],
         png()[:16] + b"\0" * 17 + png()[33:],  # IHDR broken (its CRC)
         png(width=0),
-        JPEG[:-2],
+        JPEG[:-2],  # truncated: no end of image
+        JPEG[:30],  # truncated in its headers
+        jpeg(width=0),
+        b"\xff\xd8\xff\xd9",
+        b"\xff\xd8\xff\xe0\xff\xff" + b"\0" * 10,  # a segment longer than the file
         GIF[:-1],
         b"GIF89a\x00\x00\x00\x00" + b"\0" * 10 + b";",
         WEBP[:-1],
@@ -290,6 +317,23 @@ async def test_a_broken_or_unlisted_image_is_refused_with_its_notice(data: bytes
     assert sniff_image(data) is None
     error = await refused(FakeMedia(data), image(info={"mimetype": "image/png"}))
     assert error.notice == NOTICES.broken_image
+
+
+@pytest.mark.parametrize(
+    "mimetype", ["image/svg+xml", "image/heic", "image/tiff", "image/bmp", "image/x-icon"]
+)
+async def test_an_image_type_not_on_the_list_is_refused_before_downloading(mimetype: str) -> None:
+    source = FakeMedia(png())
+    error = await refused(source, image(info={"mimetype": mimetype}))
+    assert error.notice == NOTICES.what_i_read
+    assert source.calls == []
+
+
+@pytest.mark.parametrize("mimetype", [None, "", "image/jpg", "IMAGE/PNG; charset=x"])
+async def test_a_missing_or_loose_image_type_is_left_to_the_bytes(mimetype: str | None) -> None:
+    info = {} if mimetype is None else {"mimetype": mimetype}
+    read_back = await read(FakeMedia(png()), image(info=info))
+    assert isinstance(read_back.loaded, LoadedImage)
 
 
 async def test_an_image_without_a_vision_model_is_refused_before_downloading() -> None:
@@ -512,7 +556,7 @@ class Backend:
             self.attachments = attachments
 
 
-def settings(**model: Any) -> Settings:
+def bot_settings(**model: Any) -> Settings:
     values = {"base_url": "http://127.0.0.1:1/v1", "model": "base", **model}
     return Settings(
         homeserver="http://hs",
@@ -535,21 +579,24 @@ async def test_a_reference_backend_gets_the_message_and_nothing_is_downloaded() 
     source = FakeMedia(png())
     message = incoming(image())
     assert (
-        await read_for_backend(source, Backend("reference"), settings(), CHAT, message) is message
+        await read_for_backend(source, Backend("reference"), bot_settings(), CHAT, message)
+        is message
     )
     assert source.calls == []
 
 
 async def test_a_backend_that_reads_no_attachments_refuses_them() -> None:
     with pytest.raises(AttachmentRefused) as raised:
-        await read_for_backend(FakeMedia(png()), Backend(None), settings(), CHAT, incoming(image()))
+        await read_for_backend(
+            FakeMedia(png()), Backend(None), bot_settings(), CHAT, incoming(image())
+        )
     assert raised.value.notice == NOTICES.no_attachments
 
 
 async def test_a_content_backend_gets_the_image_when_the_chats_model_sees() -> None:
     source = FakeMedia(png())
     chat = replace(CHAT, settings={"model": "llava"})
-    vision = settings(vision=False, vision_models="llava, other")
+    vision = bot_settings(vision=False, vision_models="llava, other")
     message = await read_for_backend(source, Backend("content"), vision, chat, incoming(image()))
     assert message.attachment is not None
     assert isinstance(message.attachment.loaded, LoadedImage)
@@ -560,7 +607,9 @@ async def test_a_content_backend_gets_the_image_when_the_chats_model_sees() -> N
 
 async def test_a_message_without_an_attachment_passes_unchanged() -> None:
     message = incoming(None)
-    assert await read_for_backend(FakeMedia(), Backend(None), settings(), CHAT, message) is message
+    assert (
+        await read_for_backend(FakeMedia(), Backend(None), bot_settings(), CHAT, message) is message
+    )
 
 
 # -- settings --------------------------------------------------------------------------------
@@ -631,3 +680,32 @@ def test_vision_models_must_be_names() -> None:
         "a",
         "b",
     }
+
+
+# -- anything at all -------------------------------------------------------------------------
+
+_json = st.recursive(
+    st.none() | st.booleans() | st.integers() | st.floats() | st.text(max_size=20),
+    lambda inner: (
+        st.lists(inner, max_size=3) | st.dictionaries(st.text(max_size=8), inner, max_size=3)
+    ),
+    max_leaves=10,
+)
+_fields = st.sampled_from(["msgtype", "body", "filename", "url", "info", "file"])
+
+
+@settings(max_examples=300, deadline=None)
+@given(st.dictionaries(_fields, _json), st.sampled_from(["m.image", "m.file", "m.video"]))
+def test_parse_attachment_never_raises(content: dict[str, Any], msgtype: str) -> None:
+    attachment = parse_attachment({**content, "msgtype": msgtype})
+    assert (attachment.uri is None) == (attachment.problem is not None)
+    assert describe(attachment).startswith("[")
+
+
+@settings(max_examples=300, deadline=None)
+@given(
+    st.sampled_from([b"\x89PNG\r\n\x1a\n", b"\xff\xd8\xff", b"GIF89a", b"RIFF\0\0\0\0WEBP"]),
+    st.binary(max_size=200),
+)
+def test_sniff_image_never_raises(signature: bytes, tail: bytes) -> None:
+    assert sniff_image(signature + tail) in (None, *IMAGE_TYPES)
