@@ -31,17 +31,18 @@ What differs from SQLite, and why:
   is open. The server lets go when the connection ends, however the process ended. A
   store that reconnects takes it again first (ending its own lost session if the
   server still keeps it, as after a partition), and if another bot holds it by then,
-  every call is `StoreUnavailable`: a deposed instance writes nothing.
+  every call is `StoreUnavailable`. Each opening counts itself in meta ``holder``; a
+  store that gets the lock back and finds another count there was replaced meanwhile
+  (its memory may be stale): `StoreDeposed` from then on, and it writes nothing.
 
-Next (issue 22's lease, not built here): the standby waits for that same lock
-(``lock_wait_s`` without end, or a blocking ``pg_advisory_lock`` on a connection of
-its own) and becomes active when it gets it; process death hands it over at once. A
-partition hands it over only when the server drops the lost session (its
-``tcp_keepalives_*`` or ``idle_session_timeout`` bound that), while the deposed
-instance learns it at its next call (`StoreUnavailable`) and must stop sending before
-the new one can start: that needs a fencing token (a counter bumped by each new
-holder, checked by every write that matters) and the runtime stopping its lanes on
-the first "held by another bot".
+Next (issue 22's lease, not built here): a standby is a bot whose `open` waits for
+that lock (a long ``lock_wait_s``: it gets the store within the 0.1 s poll of a kill
+-9 of the active process, see the tests); the runtime then starts as after a restart.
+A partition hands the store over only once the server drops the lost session (the
+session asks for keepalives: about 30 s), and the deposed instance learns it at its
+next store call; the runtime must then stop its lanes (no more sends) on
+"held by another bot" or `StoreDeposed`, and ``doctor`` can show the holder (the
+advisory lock's process in ``pg_locks``, the ``holder`` count).
 * PostgreSQL text cannot hold U+0000: every string parameter has it replaced by
   U+FFFD (a hostile server's event id, a message that holds one), the same way for a
   write and for the lookup that finds it again. Stored events are bytes, unchanged.
@@ -84,7 +85,7 @@ if TYPE_CHECKING:
     from .store import Store
     from .store_api import BotStore
 
-__all__ = ["PG_SCHEMA_VERSION", "PostgresStore"]
+__all__ = ["PG_SCHEMA_VERSION", "PostgresStore", "StoreDeposed"]
 
 T = TypeVar("T")
 Connection = psycopg.Connection[tuple[Any, ...]]
@@ -170,6 +171,10 @@ _CONNECT_DEFAULTS = {
     "tcp_user_timeout": "30000",
     "application_name": "surfaces-bot",
 }
+_NEXT_HOLDER = (
+    "INSERT INTO meta(key, value) VALUES ('holder', '1') ON CONFLICT (key)"
+    " DO UPDATE SET value = (meta.value::bigint + 1)::text RETURNING value"
+)
 _SERVER_KEEPALIVES = (
     "SELECT set_config('tcp_keepalives_idle', '10', false),"
     " set_config('tcp_keepalives_interval', '5', false),"
@@ -205,6 +210,13 @@ class _TextWithoutNul(StrDumperUnknown):
 
     def dump(self, obj: str) -> Buffer | None:
         return super().dump(obj.replace("\x00", "\ufffd") if "\x00" in obj else obj)
+
+
+class StoreDeposed(StoreUnavailable):
+    """Another bot opened this store while this one's connection was lost: whatever
+    this one still holds in memory may be stale, so it writes nothing any more (every
+    call raises this). A StoreUnavailable, so today's callers back off; stopping the
+    bot on it is the lease's part (issue 22)."""
 
 
 class _StoreHeld(Exception):
@@ -320,6 +332,10 @@ class PostgresStore:
         self._chats_by_room: dict[RoomID, Chat] = {}
         self._chats_by_id: dict[str, Chat] = {}
         self._sync_token: SyncToken | None = None
+        # Which opening of the store this is (meta 'holder'), and whether another
+        # bot has opened it since (then every call is StoreDeposed).
+        self._holder: str | None = None
+        self._deposed = False
         # The highest inbox seq returned by `commit_sync_batch` or there at open.
         self._handed_out = 0
         self._spaces: dict[str, RoomID] = {}
@@ -413,6 +429,14 @@ class PostgresStore:
                     other.execute(_END_OLD_SESSION, old)
                 time.sleep(0.05)
                 continue
+            row = db.execute("SELECT value FROM meta WHERE key = 'holder'").fetchone()
+            if row is None or row[0] != self._holder:
+                self._deposed = True
+                self._disconnect()  # the lock goes back to whoever is active now
+                raise StoreDeposed(
+                    f"{self.where}: another bot opened this store while this one's "
+                    "connection was lost; this one writes nothing more"
+                )
             log.info("store_reconnected", store=self.where)
             return db
 
@@ -423,6 +447,10 @@ class PostgresStore:
             with db.transaction():
                 self._check_and_migrate(db, user_id)
                 _put_meta_if_absent(db, "user_id", user_id)
+                # Each opening is a new holder: a store that reconnects finds out
+                # whether another bot held the store meanwhile (`StoreDeposed`).
+                row = db.execute(_NEXT_HOLDER).fetchone()
+                self._holder = row[0] if row else None
                 # Handled events are remembered to drop the server's replays, which
                 # come within minutes; a month keeps the table from growing forever.
                 db.execute(
@@ -564,6 +592,8 @@ class PostgresStore:
             async with self._calls:
                 if self._closed:
                     raise StoreError(f"{self.where}: the store is closed")
+                if self._deposed:
+                    raise StoreDeposed(f"{self.where}: another bot holds this store now")
                 result = await trio.to_thread.run_sync(self._call, fn, limiter=self._thread)
                 if then is not None:
                     then(result)

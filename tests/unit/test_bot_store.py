@@ -14,6 +14,8 @@ import os
 import re
 import socket
 import sqlite3
+import subprocess
+import sys
 import threading
 import time
 import uuid
@@ -44,7 +46,7 @@ from bot.store import (
     StoreUnavailable,
 )
 from bot.store_api import BotStore, is_postgres_url, open_store, sqlite_path
-from bot.store_postgres import PG_SCHEMA_VERSION, PostgresStore
+from bot.store_postgres import PG_SCHEMA_VERSION, PostgresStore, StoreDeposed
 from matrix_api.models import EventID, RoomEvent, RoomID, SyncToken, UserID
 from pg_server import PostgresServer, missing_binaries
 
@@ -1343,6 +1345,94 @@ async def test_a_store_that_lost_its_lock_to_another_bot_writes_nothing(
             await successor.aclose()
     finally:
         await deposed.aclose()
+
+
+async def test_a_store_another_bot_opened_meanwhile_is_deposed_for_good(
+    pg: PostgresKind,
+) -> None:
+    deposed = await pg.open()
+    try:
+        [item] = await deposed.commit_sync_batch(SyncToken("s1"), [new_item("$a")])
+        terminate(pg)
+        successor = await pg.open()  # takes over, handles $a, and stops
+        await successor.finish(item, "replied", EventID("$by-successor"))
+        await successor.commit_sync_batch(SyncToken("s2"), [])
+        await successor.aclose()
+
+        with pytest.raises(StoreUnavailable):  # the lost connection
+            await deposed.commit_sync_batch(SyncToken("s1-stale"), [new_item("$b")])
+        for _ in range(2):  # connecting again, it finds it was replaced; then at once
+            with pytest.raises(StoreDeposed, match="another bot"):
+                await deposed.finish(item, "failed")
+        with pytest.raises(StoreDeposed):
+            await deposed.commit_sync_batch(SyncToken("s1-stale"), [new_item("$b")])
+    finally:
+        await deposed.aclose()
+
+    assert pg.rows("SELECT value FROM meta WHERE key = 'sync_token'") == [("s2",)]
+    assert pg.rows("SELECT event_id, outcome, reply_event_id FROM events") == [
+        ("$a", "replied", "$by-successor")
+    ]
+    again = await pg.open()  # the deposed one let go of the lock
+    await again.aclose()
+
+
+_HOLD_THE_STORE = """
+import sys, trio
+from bot.store import NewInboxItem
+from bot.store_postgres import PostgresStore
+from matrix_api.models import SyncToken
+
+async def main() -> None:
+    store = await PostgresStore.open(sys.argv[1], "@bot:example.org")
+    await store.commit_sync_batch(SyncToken("s-active"), [])
+    print("ready", flush=True)
+    await trio.sleep_forever()
+
+trio.run(main)
+"""
+
+
+async def test_a_standby_gets_the_store_as_soon_as_the_active_process_dies(
+    pg: PostgresKind,
+) -> None:
+    active = await trio.lowlevel.open_process(
+        [sys.executable, "-c", _HOLD_THE_STORE, pg.location], stdout=subprocess.PIPE
+    )
+    try:
+        assert active.stdout is not None
+        said = b""
+        with trio.fail_after(30):
+            while not said.endswith(b"\n"):
+                chunk = await active.stdout.receive_some()
+                assert chunk, f"the active bot ended: {said!r}"
+                said += chunk
+        assert said == b"ready\n"
+        taken: list[PostgresStore] = []
+
+        async def standby() -> None:
+            taken.append(await PostgresStore.open(pg.location, BOT, lock_wait_s=60))
+
+        with trio.fail_after(30):
+            async with trio.open_nursery() as nursery:
+                nursery.start_soon(standby)
+                await trio.sleep(0.5)
+                assert taken == []  # waiting: the active one holds it
+                active.kill()  # kill -9: no goodbye to the server
+                killed = trio.current_time()
+                while not taken:  # noqa: ASYNC110 (the standby's task sets it)
+                    await trio.sleep(0.005)
+                print(f"standby took the store {trio.current_time() - killed:.3f} s after kill -9")
+        try:
+            assert taken[0].sync_token == "s-active"
+        finally:
+            await taken[0].aclose()
+    finally:
+        active.kill()
+        with trio.move_on_after(10):
+            await active.wait()
+        if active.stdout is not None:
+            await active.stdout.aclose()
 
 
 def pg_snapshot(kind: PostgresKind) -> dict[str, list[tuple[Any, ...]]]:
