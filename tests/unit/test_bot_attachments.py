@@ -33,6 +33,7 @@ from bot.attachments import (
     has_vision,
     parse_attachment,
     read_attachment,
+    read_encrypted_file,
     read_for_backend,
     sniff_image,
 )
@@ -466,6 +467,49 @@ async def test_an_encrypted_image_is_checked_then_decrypted() -> None:
     read_back = await read(FakeMedia(ciphertext), attachment)
     assert isinstance(read_back.loaded, LoadedImage)
     assert read_back.loaded.data == png()
+
+
+# Known answers of another implementation: the v2 decryption vectors of
+# matrix-org/browser-encrypt-attachment (test/decrypt.Spec.js), which Element's
+# attachments follow: (ciphertext, key k, iv, sha256, plaintext), base64 as there.
+_FF_KEY = "_" * 42 + "8"
+VECTORS = [
+    ("", "A" * 43, "A" * 22, "47DEQpj8HBSa+/TImW+5JCeuQeRkm5NMpJWZG3hSuFU", ""),
+    (
+        "5xJZTt5cQicm+9f4",
+        _FF_KEY,
+        "//////////8AAAAAAAAAAA",
+        "YzF08lARDdOCzJpzuSwsjTNlQc4pHxpdHcXiD/wpK6k",
+        "SGVsbG8sIFdvcmxk",
+    ),
+    (
+        "zhtFStAeFx0s+9L/sSQO+WQMtldqYEHqTxMduJrCIpnkyer09kxJJuA4K+adQE4w+7jZe/vR9kIcqj9rOhDR8Q",
+        _FF_KEY,
+        "//////////8AAAAAAAAAAA",
+        "IOq7/dHHB+mfHfxlRY5XMeCWEwTPmlf4cJcgrkf6fVU",
+        "YWxwaGFudW1lcmljYWxseWFscGhhbnVtZXJpY2FsbHlhbHBoYW51bWVyaWNhbGx5YWxwaGFudW1lcmljYWxseQ",
+    ),
+]
+
+
+def _unb64(text: str) -> bytes:
+    return base64.b64decode(text + "=" * (-len(text) % 4))
+
+
+@pytest.mark.parametrize(("ciphertext", "k", "iv", "sha256", "plain"), VECTORS)
+def test_the_known_answers_of_another_implementation(
+    ciphertext: str, k: str, iv: str, sha256: str, plain: str
+) -> None:
+    file = {
+        "v": "v2",
+        "url": URI,
+        "key": {"kty": "oct", "alg": "A256CTR", "key_ops": ["encrypt", "decrypt"], "k": k},
+        "iv": iv,
+        "hashes": {"sha256": sha256},
+    }
+    uri, material = read_encrypted_file(file)
+    assert str(uri) == URI
+    assert decrypt_attachment(_unb64(ciphertext), material) == _unb64(plain)
 
 
 async def test_an_encrypted_file_whose_hash_does_not_match_is_refused() -> None:
