@@ -11,6 +11,7 @@ and answered with the notice; nothing of an image is left in the store.
 from __future__ import annotations
 
 import base64
+import json
 import struct
 import zlib
 from collections.abc import AsyncIterator
@@ -25,6 +26,7 @@ from structlog.testing import capture_logs
 
 from bot.attachments import MediaLimits, Notices
 from bot.backends.model import ModelSettings
+from bot.backends.webhook import WebhookSettings
 from bot.config import Settings
 from bot.invites import GREETING
 from bot_harness import Person, bot_settings, replies_to, running_bot
@@ -33,6 +35,7 @@ from fake_openai import API_KEY, FakeOpenAI
 from matrix_api import new_txn_id
 from matrix_api.models import RoomEvent, RoomID
 from matrix_api.testing.synapse import RegisteredUser, SynapseServer
+from mini_http import HTTPRequest, Responder, serve_http
 
 MiB = 1024 * 1024
 MARKER = b"surfaces-attachment-marker-5c1e"
@@ -263,3 +266,51 @@ async def test_a_chat_whose_model_does_not_see_is_told_so(
         notice = await answer_to(alice, room_id, bot.user_id, asked)
     assert notice.content["body"] == NOTICES.no_vision
     assert model_server.requests == []
+
+
+async def test_the_webhook_gets_the_mxc_uri_and_metadata(
+    synapse: SynapseServer, make_user: MakeUser, alice: Person, tmp_path: Path
+) -> None:
+    received: list[dict[str, Any]] = []
+
+    async def receiver(request: HTTPRequest, out: Responder) -> None:
+        document = json.loads(request.body)
+        received.append(document)
+        await out.send(200, b'{"reply": "noted"}', content_type="application/json")
+
+    bot = make_user("bot")
+    image = png()
+    async with trio.open_nursery() as nursery:
+        port = await nursery.start(serve_http, receiver)
+        webhook = WebhookSettings(url=f"http://127.0.0.1:{port}/hook", secret="s" * 32)
+        settings = replace(
+            bot_settings(synapse, bot, tmp_path / "store.sqlite3"),
+            backend="webhook",
+            webhook=webhook,
+        )
+        async with running_bot(settings):
+            room_id = await open_chat(alice, bot.user_id)
+            uri = await upload(synapse, alice, image, "image/png", "square.png")
+            asked = await send(
+                alice,
+                room_id,
+                {
+                    "msgtype": "m.image",
+                    "body": "square.png",
+                    "url": uri,
+                    "info": {"mimetype": "image/png", "size": len(image)},
+                },
+            )
+            reply = await answer_to(alice, room_id, bot.user_id, asked)
+        nursery.cancel_scope.cancel()
+    assert reply.content["body"] == "noted"
+    (document,) = received
+    assert document["body"] == "[image: square.png]"
+    assert document["attachment"] == {
+        "msgtype": "m.image",
+        "url": uri,
+        "name": "square.png",
+        "mimetype": "image/png",
+        "size": len(image),
+        "encrypted": False,
+    }
