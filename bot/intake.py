@@ -54,7 +54,15 @@ log = structlog.get_logger("bot.intake")
 
 # The only timeline events the bot reads: messages (plain and encrypted), encryption
 # being turned on, and memberships (its own join marks where a room's history ends).
-_TIMELINE_TYPES = ["m.room.message", "m.room.encrypted", "m.room.encryption", "m.room.member"]
+# Verification events: a user verifying the bot from their direct chat (Element's way
+# to verify another user) sends them in the room, in the clear.
+_TIMELINE_TYPES = [
+    "m.room.message",
+    "m.room.encrypted",
+    "m.room.encryption",
+    "m.room.member",
+    "m.key.verification.*",
+]
 
 
 def sync_filters(bot_user_id: str) -> tuple[dict[str, Any], dict[str, Any]]:

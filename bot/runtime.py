@@ -342,6 +342,7 @@ class BotRuntime:
         # Before the initial sync: a request in its first batch is seen.
         self._verifications = BotVerifications(crypto, self.settings, pickle_key)
         crypto.verifications = self._verifications.receive
+        crypto.room_verifications = self._verifications.receive_rooms
 
     async def _new_device(self, conflict: DeviceConflict) -> str | None:
         """A fresh device for a store that lost the old one's keys (their private

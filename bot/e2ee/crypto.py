@@ -104,6 +104,8 @@ class BotCrypto:
         self.verifications: Callable[[list[dict[str, Any]]], None] | None = None
         """Fed each batch's to-device events in `take_sync` (`bot.e2ee.verification`:
         no I/O there, and a batch delivered again is harmless)."""
+        self.room_verifications: Callable[[SyncResponse], None] | None = None
+        """Fed each batch in `take_sync`: the verification events of its rooms."""
         self.backup_settled = trio.Event()
         """Set once the key backup was opened (and restored from, on a new store) or
         found unusable: a message older than this device waits for it, not for a
@@ -223,6 +225,8 @@ class BotCrypto:
         )
         if self.verifications is not None:
             self.verifications(to_device)
+        if self.room_verifications is not None:
+            self.room_verifications(response)
         keys_arrived = False
         for result in results:
             if result.refused is not None:

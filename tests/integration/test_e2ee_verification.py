@@ -12,12 +12,10 @@ from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
-import pytest
 import trio
 from structlog.testing import capture_logs
 
 from bot.config import AllowList
-from bot.intake import sync_filters
 from bot.runtime import BotRuntime
 from bot_harness import bot_settings, running_bot
 from js_client import JsClient, JsClientError, Login, Verification, open_js_client
@@ -179,14 +177,6 @@ async def test_a_user_who_may_not_use_the_bot_is_refused(
         assert not _events(logs, "verification_sas")
 
 
-# The bot reads in-room verification events once its sync asks for them.
-_IN_ROOM_WIRED = "m.key.verification.*" in sync_filters("@bot:x")[1]["room"]["timeline"]["types"]
-
-
-@pytest.mark.skipif(
-    not _IN_ROOM_WIRED,
-    reason="the in-room wiring is not there yet (/work/notes/requests-sas.md, part 3)",
-)
 async def test_a_user_verifies_the_bot_in_their_direct_chat(
     synapse: SynapseServer, make_user: MakeUser, tmp_path: Path
 ) -> None:
