@@ -7,12 +7,15 @@ from __future__ import annotations
 
 import base64
 import json
+import random
+import threading
 from dataclasses import replace
 from typing import Any
 
 import trio
 
 from bot.attachments import LoadedImage, LoadedText, parse_attachment
+from bot.backends.backoff import Backoff
 from bot.backends.context import Turn
 from bot.backends.model import ModelBackend, ModelSettings
 from bot.backends.streaming import NullSink
@@ -20,7 +23,7 @@ from bot.backends.webhook import WebhookBackend, WebhookSettings
 from bot.chats import Chat
 from bot.messages import IncomingMessage, parse_incoming
 from conftest import Logs
-from fake_openai import API_KEY, FakeOpenAI
+from fake_openai import API_KEY, FakeOpenAI, Script
 from matrix_api.models import EventID, RoomEvent, RoomID
 
 CHAT = Chat("c_test", RoomID("!room:example.org"), "@alice:example.org", "Test", 0)
@@ -154,3 +157,34 @@ def test_a_plain_message_has_no_attachment_key() -> None:
     )
     assert "attachment" not in document
     assert parse_attachment({"msgtype": "m.file"}).uri is None
+
+
+async def test_an_image_request_is_encoded_once_and_sent_again_the_same_on_a_retry(
+    openai: FakeOpenAI,
+) -> None:
+    openai.then(Script(status=503), Script())
+    message = with_loaded(
+        incoming({"msgtype": "m.image", "body": "x.png", "url": "mxc://example.org/abc"}),
+        LoadedImage("image/png", PIXELS * 1000),
+    )
+    settings = ModelSettings(base_url=openai.base_url, model="test-model", api_key=API_KEY)
+    backoff = Backoff(max_attempts=3, base_delay=0.01, max_delay=0.02, rng=random.Random(1))
+    encodings = 0
+    async with ModelBackend(settings, backoff=backoff) as backend:
+        encode = backend._encoded_payload
+
+        def counting(*args: Any) -> tuple[dict[str, Any], bytes]:
+            nonlocal encodings
+            encodings += 1
+            assert threading.current_thread() is not threading.main_thread()
+            return encode(*args)
+
+        backend._encoded_payload = counting  # type: ignore[method-assign]
+        with trio.fail_after(10):
+            await backend.reply_streaming(CHAT, message, [], NullSink())
+    first, second = openai.requests
+    assert first.body == second.body
+    assert encodings == 1
+    part = second.body["messages"][-1]["content"][1]
+    assert part["image_url"]["url"] == LoadedImage("image/png", PIXELS * 1000).data_url()
+    assert second.headers["content-type"] == "application/json"
