@@ -18,7 +18,7 @@ from .chats import write_marker
 from .commands import Reply
 from .messages import escape
 from .provisioning import create_chat, matrix_to
-from .store import Store
+from .store_api import BotStore
 
 __all__ = ["ENCRYPTED_NOTICE", "offer_unencrypted_chat"]
 
@@ -32,7 +32,7 @@ ENCRYPTED_NOTICE = (
 
 async def offer_unencrypted_chat(
     client: MatrixClient,
-    store: Store,
+    store: BotStore,
     room_id: RoomID,
     user_id: str,
     server_name: str,
@@ -57,7 +57,7 @@ async def offer_unencrypted_chat(
 
 async def _offer(
     client: MatrixClient,
-    store: Store,
+    store: BotStore,
     room_id: RoomID,
     user_id: str,
     server_name: str,

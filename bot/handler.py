@@ -45,7 +45,8 @@ from .quarantine import failure_reason, log_quarantined
 from .reconcile import RepairReport, reconcile_single_room
 from .replies.history import FAILED_KEY, load_room_context
 from .router import is_unregistered, resolve_chat_id
-from .store import InboxItem, Outcome, Store
+from .store import InboxItem, Outcome
+from .store_api import BotStore
 from .user_limits import UserLimiter, Verdict
 
 __all__ = ["REPAIR_FAILED_NOTICE", "MessageHandler"]
@@ -85,7 +86,7 @@ class MessageHandler:
     def __init__(
         self,
         client: MatrixClient,
-        store: Store,
+        store: BotStore,
         settings: Settings,
         backend: Backend,
         *,

@@ -45,7 +45,8 @@ from .invites import pick_invite, unreadable_invite_state
 from .messages import in_reply_to, is_actionable, malformed
 from .ops.metrics import BotMetrics
 from .quarantine import failure_reason, log_quarantined_batch
-from .store import InboxItem, NewInboxItem, Quarantined, Store
+from .store import InboxItem, NewInboxItem, Quarantined
+from .store_api import BotStore
 
 __all__ = ["Intake", "full_state_sync", "invite_item", "invited_room_name", "sync_filters"]
 
@@ -212,7 +213,7 @@ class Intake:
     def __init__(
         self,
         client: MatrixClient,
-        store: Store,
+        store: BotStore,
         bot_user_id: str,
         *,
         metrics: BotMetrics | None = None,

@@ -38,7 +38,8 @@ from .config import Settings
 from .encryption import offer_unencrypted_chat
 from .messages import notice, reply_txn_id
 from .provisioning import link_to_space
-from .store import InboxItem, Store
+from .store import InboxItem
+from .store_api import BotStore
 
 __all__ = ["InviteHandler", "PickedInvite", "pick_invite", "unreadable_invite_state"]
 
@@ -145,7 +146,7 @@ def unreadable_invite_state(
 
 
 class InviteHandler:
-    def __init__(self, client: MatrixClient, store: Store, settings: Settings) -> None:
+    def __init__(self, client: MatrixClient, store: BotStore, settings: Settings) -> None:
         self._client = client
         self._store = store
         self._settings = settings

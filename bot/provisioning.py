@@ -32,7 +32,8 @@ from .chats import (
     space_marker_content,
     write_marker,
 )
-from .store import Provisioned, ProvisionedRoom, Store
+from .store import Provisioned, ProvisionedRoom
+from .store_api import BotStore
 
 __all__ = ["create_chat", "ensure_space", "link_to_space", "matrix_to", "unlink_from_space"]
 
@@ -45,7 +46,7 @@ def matrix_to(room_id: str, server_name: str) -> str:
 
 
 async def ensure_space(
-    client: MatrixClient, store: Store, owner: str, *, request: EventID | None = None
+    client: MatrixClient, store: BotStore, owner: str, *, request: EventID | None = None
 ) -> RoomID:
     """The owner's Space, created (and marked, and the owner invited) on first need.
 
@@ -71,7 +72,7 @@ async def ensure_space(
 
 async def create_chat(
     client: MatrixClient,
-    store: Store,
+    store: BotStore,
     owner: str,
     title: str,
     server_name: str,

@@ -29,7 +29,7 @@ from .chats import (
     chat_from_marker,
     space_owner_from_marker,
 )
-from .store import Store
+from .store_api import BotStore
 
 __all__ = [
     "ReconcileReport",
@@ -107,7 +107,7 @@ def _note_fields(note: RoomNote) -> dict[str, str | None]:
 
 
 async def reconcile_matrix_state(
-    client: MatrixClient, store: Store, initial_sync: SyncResponse
+    client: MatrixClient, store: BotStore, initial_sync: SyncResponse
 ) -> ReconcileReport:
     """Make the store's chats match the markers in ``initial_sync`` (a full-state sync).
 
@@ -254,7 +254,7 @@ class RepairReport:
 
 
 async def reconcile_single_room(
-    client: MatrixClient, store: Store, room_id: RoomID, sender: str
+    client: MatrixClient, store: BotStore, room_id: RoomID, sender: str
 ) -> RepairReport:
     """Restore one room's chat from its marker on the server; never creates anything.
 

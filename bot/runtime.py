@@ -55,7 +55,8 @@ from .ops.metrics import BotMetrics, LiveValues
 from .quarantine import failure_reason
 from .reconcile import ReconcileReport, reconcile_matrix_state
 from .session import DEFAULT_DEVICE_ID, AuthError, authenticate, log_in
-from .store import Store, StoreUnavailable
+from .store import StoreUnavailable
+from .store_api import BotStore, open_store
 
 __all__ = ["SYNC_BACKOFF", "BotRuntime", "FatalError", "Phase", "run_bot"]
 
@@ -105,7 +106,7 @@ class BotRuntime:
         self,
         settings: Settings,
         client: MatrixClient,
-        store: Store,
+        store: BotStore,
         backend: Backend,
         *,
         stop: trio.Event | None = None,
@@ -521,8 +522,8 @@ async def run_bot(
     )
     async with client, open_backend(settings) as configured:
         # A bot still draining on this store lets go of it within its drain deadline.
-        store = await Store.open(
-            Path(settings.store_path), settings.user_id, lock_wait_s=settings.drain_timeout_s
+        store = await open_store(
+            settings.store_location, settings.user_id, lock_wait_s=settings.drain_timeout_s
         )
         try:
             runtime = BotRuntime(settings, client, store, backend or configured, stop=stop)

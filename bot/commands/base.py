@@ -10,7 +10,7 @@ from matrix_api.models import EventID, RoomID
 
 from ..chats import Chat
 from ..config import Settings
-from ..store import Store
+from ..store_api import BotStore
 
 __all__ = ["Command", "CommandContext", "Reply"]
 
@@ -26,7 +26,7 @@ class Reply:
 @dataclass(frozen=True, slots=True)
 class CommandContext:
     client: MatrixClient
-    store: Store
+    store: BotStore
     settings: Settings
     backend_name: str
     room_id: RoomID

@@ -3,9 +3,10 @@
 The machine is sans-IO and synchronous; this class sends the requests it asks for
 (keys upload, query and claim, to-device messages) and keeps its state in the store.
 
-Persistence follows one rule: the machine's changes are collected and written in
-the same trio step, with no await in between (`Store` writes on the trio thread),
-and rows stay queued until a write succeeds. So a later write can never put back an
+Persistence follows one rule: the machine's changes are collected in the same trio
+step as the store call that writes them (SQLite's store writes on the trio thread;
+PostgreSQL's takes its turn in that step and keeps the calls' order), and rows stay
+queued until a write succeeds. So a later write can never put back an
 older value over a newer one (an outbound session's message index going backwards
 would be a replay to every receiver), and a failed write loses nothing. Three
 moments write:
@@ -47,7 +48,8 @@ from matrix_crypto.machine import (
 )
 from matrix_crypto.state import CryptoState
 
-from ..store import CryptoRow, Store
+from ..store import CryptoRow
+from ..store_api import BotStore
 
 __all__ = ["BotCrypto", "DeviceConflict", "SyncCrypto", "stored_crypto"]
 
@@ -76,7 +78,7 @@ class BotCrypto:
     def __init__(
         self,
         client: MatrixClient,
-        store: Store,
+        store: BotStore,
         machine: OlmMachine,
         *,
         published_ms: int = 0,
@@ -113,7 +115,7 @@ class BotCrypto:
 
     @classmethod
     async def open(
-        cls, client: MatrixClient, store: Store, *, device_id: str, pickle_key: bytes
+        cls, client: MatrixClient, store: BotStore, *, device_id: str, pickle_key: bytes
     ) -> BotCrypto:
         """Restore the device's crypto from the store, or make a new identity for it.
 
@@ -168,7 +170,7 @@ class BotCrypto:
         return self._client
 
     @property
-    def store(self) -> Store:
+    def store(self) -> BotStore:
         return self._store
 
     async def keep(self, key: str, value: str) -> None:
@@ -200,7 +202,10 @@ class BotCrypto:
         self._unwritten.append((_OWN, "published_ms", str(self.published_ms)))
 
     def _written(self, rows: Sequence[CryptoRow]) -> None:
-        del self._unwritten[: len(rows)]
+        # By identity, not count: with a store whose calls let other tasks run
+        # (PostgreSQL's), another write may have collected and written rows meanwhile.
+        done = {id(row) for row in rows}
+        self._unwritten = [row for row in self._unwritten if id(row) not in done]
 
     async def _write(self) -> None:
         rows = self._collect()
@@ -368,7 +373,7 @@ def _to_device_dict(event: Any) -> dict[str, Any]:
 
 
 async def stored_crypto(
-    store: Store, user_id: str, pickle_key: bytes
+    store: BotStore, user_id: str, pickle_key: bytes
 ) -> tuple[str | None, OlmMachine | None]:
     """The device id the store keeps crypto state for, and that state opened with
     ``pickle_key`` (None: none kept). Raises `CryptoError` when it does not open."""

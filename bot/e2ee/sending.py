@@ -14,7 +14,7 @@ from typing import Any
 from matrix_api import MatrixClient
 from matrix_api.models import EventID, RoomID
 
-from ..store import Store
+from ..store_api import BotStore
 from .crypto import BotCrypto
 
 __all__ = ["EncryptingClient"]
@@ -28,9 +28,9 @@ class EncryptingClient(MatrixClient):
     encryption turned off, it sends as it is asked)."""
 
     _crypto: BotCrypto | None = None
-    _store: Store | None = None
+    _store: BotStore | None = None
 
-    def attach(self, crypto: BotCrypto, store: Store) -> None:
+    def attach(self, crypto: BotCrypto, store: BotStore) -> None:
         self._crypto = crypto
         self._store = store
 
