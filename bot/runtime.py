@@ -225,19 +225,18 @@ class BotRuntime:
         await self._dispatcher.run(task_status=task_status)
 
     async def _crypto_requests(self, crypto: BotCrypto, scope: trio.CancelScope) -> None:
+        # Both are set with the crypto (`_start_crypto`).
+        assert self._pickle_key is not None
+        assert self._verifications is not None
         with scope:
-            if self._pickle_key is None:
-                crypto.backup_settled.set()
-                await crypto.run()
-            else:
-                await run_device_tasks(
-                    crypto,
-                    password=self.settings.password,
-                    pickle_key=self._pickle_key,
-                    recovery_key=self.settings.recovery_key,
-                    store_path=Path(self.settings.store_path),
-                    verifications=self._verifications,
-                )
+            await run_device_tasks(
+                crypto,
+                password=self.settings.password,
+                pickle_key=self._pickle_key,
+                recovery_key=self.settings.recovery_key,
+                store_path=Path(self.settings.store_path),
+                verifications=self._verifications,
+            )
 
     async def _checkpoint_store(self, scope: trio.CancelScope) -> None:
         with scope:

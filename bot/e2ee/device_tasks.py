@@ -26,14 +26,13 @@ async def run_device_tasks(
     pickle_key: bytes,
     recovery_key: str | None,
     store_path: Path,
-    verifications: BotVerifications | None = None,
+    verifications: BotVerifications,
 ) -> None:
     """Runs until cancelled; logs, never raises, for what the server answers."""
     async with trio.open_nursery() as nursery:
-        if verifications is not None:
-            # From the start: a user's verification does not wait for the server's
-            # answers to cross-signing and the backup.
-            nursery.start_soon(verifications.run)
+        # From the start: a user's verification does not wait for the server's answers
+        # to cross-signing and the backup.
+        nursery.start_soon(verifications.run)
         await _signed_and_backed_up(
             crypto,
             password=password,
