@@ -44,6 +44,7 @@ if TYPE_CHECKING:  # bot.messages imports this module
 
 __all__ = [
     "ATTACHMENT_MSGTYPES",
+    "IMAGE_TYPES",
     "Attachment",
     "AttachmentRefused",
     "EncryptedFile",
@@ -51,10 +52,12 @@ __all__ = [
     "LoadedText",
     "MediaLimits",
     "MediaSource",
+    "Notices",
     "attachment_document",
     "decrypt_attachment",
     "describe",
     "has_vision",
+    "media_limits",
     "parse_attachment",
     "read_attachment",
     "read_encrypted_file",
@@ -105,7 +108,6 @@ TEXT_EXTENSIONS = frozenset(
     }
 )  # fmt: skip
 MAX_NAME_CHARS = 200
-_CTR_BLOCK = 16
 
 
 class AttachmentRefused(Exception):
@@ -183,7 +185,7 @@ class MediaSource(Protocol):
 def _clean_name(value: str) -> str:
     """A file name fit to show and to put in a prompt: no control or format
     characters, no path, bounded."""
-    kept = "".join(c for c in value if unicodedata.category(c)[0] != "C")
+    kept = "".join(c for c in value[: 4 * MAX_NAME_CHARS] if unicodedata.category(c)[0] != "C")
     kept = kept.replace("/", "_").replace("\\", "_").strip()
     return kept[:MAX_NAME_CHARS] or "attachment"
 
