@@ -64,8 +64,10 @@ __all__ = [
 T = TypeVar("T")
 
 # "quarantined": not handled, for a reason recorded with it (see `Quarantined`).
-Outcome = Literal["replied", "ignored", "failed", "notified", "quarantined"]
-InboxKind = Literal["message", "invite"]
+# "redacted": its sender deleted it before the bot answered (`Store.commit_sync_batch`).
+Outcome = Literal["replied", "ignored", "failed", "notified", "quarantined", "redacted"]
+# "redaction": an m.room.redaction of an event the store knows (see `redaction_item`).
+InboxKind = Literal["message", "invite", "redaction"]
 # One row of the crypto layer's state: (kind, key, value); a value of None deletes it.
 CryptoRow = tuple[str, str, str | None]
 
@@ -178,6 +180,11 @@ _MIGRATIONS: list[str] = [
     ) WITHOUT ROWID;
     CREATE TABLE encrypted_rooms (room_id TEXT PRIMARY KEY, content TEXT NOT NULL);
     """,
+    # 9: each turn names the message it came from (both turns of an exchange carry the
+    # user's message's id), so a redaction of that message takes the exchange out.
+    """
+    ALTER TABLE turns ADD COLUMN event_id TEXT;
+    """,
 ]
 SCHEMA_VERSION = len(_MIGRATIONS)
 # The tables a store of each schema version must have, to tell ours from others'.
@@ -190,6 +197,9 @@ _TABLES_BY_VERSION = {
     6: frozenset({"meta", "chats", "events", "spaces", "turns", "contexts"}),
     7: frozenset({"meta", "chats", "events", "spaces", "turns", "contexts"}),
     8: frozenset(
+        {"meta", "chats", "events", "spaces", "turns", "contexts", "crypto", "encrypted_rooms"}
+    ),
+    9: frozenset(
         {"meta", "chats", "events", "spaces", "turns", "contexts", "crypto", "encrypted_rooms"}
     ),
 }
@@ -267,24 +277,120 @@ class Quarantined:
     sender: str | None = None  # for the log line; not stored
 
 
+# What a redaction takes out of the inbox: the events the bot would answer.
+_REDACTABLE_TYPES = frozenset({"m.room.message", "m.room.encrypted"})
+
+
+class _Shape(msgspec.Struct):
+    type: str = ""
+    state_key: str | None = None
+
+
+_shape_decoder = msgspec.json.Decoder(_Shape)
+
+
+def redaction_item(
+    redaction_id: EventID, room_id: RoomID, sender: str, origin_server_ts: int, target: EventID
+) -> NewInboxItem:
+    """The inbox entry for an m.room.redaction of ``target``. Only the target's id is
+    kept: the redaction's ``reason`` is the user's own words."""
+    event = RoomEvent(
+        type="m.room.redaction",
+        event_id=redaction_id,
+        sender=sender,  # type: ignore[arg-type]  # a user id from the event
+        origin_server_ts=origin_server_ts,
+        content={"redacts": target},
+        room_id=room_id,
+    )
+    return NewInboxItem(redaction_id, room_id, "redaction", event)
+
+
+def redaction_target(item: NewInboxItem | InboxItem) -> str:
+    """The event a `redaction_item` redacts."""
+    target = item.event.content.get("redacts")
+    return target if isinstance(target, str) else ""
+
+
+@dataclass(frozen=True, slots=True)
+class RedactionTarget:
+    """The stored row of a redaction's target."""
+
+    seq: int
+    room_id: str
+    kind: str
+    event: bytes | None
+    outcome: str | None
+    reply_event_id: str | None
+
+
+RedactionAction = Literal["unknown", "pending", "handled"]
+
+
+def redaction_action(target: RedactionTarget | None, room_id: str) -> RedactionAction:
+    """What a redaction in ``room_id`` does to its stored ``target``.
+
+    "unknown": nothing (an event the bot never took in: its own, a state event,
+    another room's, an invite). "pending": the message leaves the inbox unanswered,
+    recorded as "redacted", its body dropped. "handled": its turns leave the
+    conversation; its outcome stays, so exactly-once still holds. The server
+    accepted the redaction, so it is authorised (the sender, or a moderator).
+    """
+    if target is None or target.room_id != room_id or target.kind != "message":
+        return "unknown"
+    if target.outcome is not None:
+        return "handled"
+    if target.event is not None:
+        try:
+            shape = _shape_decoder.decode(target.event)
+        except (msgspec.DecodeError, RecursionError, TypeError):
+            return "pending"  # unreadable: it goes, as its sender wants
+        if shape.type not in _REDACTABLE_TYPES or shape.state_key is not None:
+            return "unknown"  # encryption turned on: a redaction does not undo it
+    return "pending"
+
+
+def redaction_waits(action: RedactionAction, target: RedactionTarget) -> bool:
+    """Whether the redaction goes to its room's lane: the target's answer, sent or
+    perhaps under way, may have to be redacted too (`bot.handler`)."""
+    if action == "pending":
+        return True
+    return target.reply_event_id is not None and target.outcome in ("replied", "redacted")
+
+
+def log_redactions(applied: int, forgotten: int, unknown: int) -> None:
+    """One line per batch, whatever its size."""
+    if applied or unknown:
+        log.info("redactions_applied", applied=applied, unanswered=forgotten, unknown=unknown)
+
+
 def _record_handled(
     db: sqlite3.Connection,
     seq: int,
     outcome: Outcome,
     reply_event_id: EventID | None,
     reason: str | None = None,
-) -> None:
+) -> bool:
     """Take inbox item ``seq`` out of the inbox and remember it as handled, in one
-    statement.
+    statement; False when it was not pending.
 
     The event itself and what handling it made are no longer needed: only its id
-    stays, to drop a later delivery.
+    stays, to drop a later delivery. An item redacted meanwhile stays "redacted";
+    only the id of a reply that went out anyway is added.
     """
-    db.execute(
+    cursor = db.execute(
         "UPDATE events SET outcome = ?, reply_event_id = ?, handled_ts = ?, event = NULL,"
-        " provisioned = NULL, reason = ? WHERE seq = ?",
+        " provisioned = NULL, reason = ? WHERE seq = ? AND outcome IS NULL",
         (outcome, reply_event_id, _now_ms(), reason, seq),
     )
+    if cursor.rowcount:
+        return True
+    if reply_event_id is not None:
+        db.execute(
+            "UPDATE events SET reply_event_id = coalesce(reply_event_id, ?)"
+            " WHERE seq = ? AND outcome = 'redacted'",
+            (reply_event_id, seq),
+        )
+    return False
 
 
 def _record_quarantined(db: sqlite3.Connection, entry: Quarantined, now: int) -> None:
@@ -334,6 +440,9 @@ class Store:
         self._checkpointer: sqlite3.Connection | None = None
         self._lock: StoreLock | None = None
         self._watchers = trio.lowlevel.ParkingLot()
+        # Items handed out pending that a redaction took out since (`is_redacted`);
+        # one leaves the set when its handling finishes it.
+        self._redacted: set[int] = set()
 
     # --- opening ------------------------------------------------------------------
 
@@ -382,6 +491,9 @@ class Store:
             connection.execute("PRAGMA journal_mode=WAL")
             connection.execute("PRAGMA synchronous=NORMAL")
             connection.execute("PRAGMA foreign_keys=ON")
+            # What a redaction or a handled event drops is overwritten, not left in the
+            # file's free space for anyone who reads the file (`commit_sync_batch`).
+            connection.execute("PRAGMA secure_delete=ON")
             # A safety net only: `checkpoint_every` keeps the log far shorter.
             connection.execute(f"PRAGMA wal_autocheckpoint={_AUTOCHECKPOINT_PAGES}")
             cls._migrate(connection)
@@ -705,12 +817,20 @@ class Store:
         Events already in the inbox or already handled are dropped (the server may
         deliver an event twice). ``quarantined`` events are recorded with their
         reason, as is an item that cannot be stored. Returns the items that are new.
+
+        A ``redaction`` item (`redaction_item`) is applied here, after the batch's
+        other events: a redacted message still pending (taken in earlier, or in this
+        batch) is recorded as "redacted" with no body and is not returned; the turns
+        of one already answered leave its conversation. The redaction is returned
+        (for its room's lane) only when an answer may have to be redacted too
+        (`redaction_waits`); one of an event the store does not know is not kept.
         ``crypto`` (the crypto layer's changes from the batch's to-device events) and
         ``encryption`` (rooms whose encryption the batch turned on, with the content)
         are written in the same transaction: the server re-delivers to-device events
         until the token moves, so what they changed must be stored by then.
         """
         encryption = encryption or {}
+        redacted: set[int] = set()
 
         def write(db: sqlite3.Connection) -> list[InboxItem]:
             fresh: list[InboxItem] = []
@@ -719,7 +839,10 @@ class Store:
             _write_encryption(db, encryption)
             for entry in quarantined:
                 _record_quarantined(db, entry, received)
+            redactions = [item for item in items if item.kind == "redaction"]
             for item in items:
+                if item.kind == "redaction":
+                    continue
                 try:
                     encoded = msgspec.json.encode(item.event)
                 except (TypeError, ValueError, RecursionError) as exc:
@@ -741,6 +864,8 @@ class Store:
                             cursor.lastrowid, item.event_id, item.room_id, item.kind, item.event
                         )
                     )
+            if redactions:
+                fresh = self._apply_redactions(db, redactions, fresh, redacted, received)
             db.execute(
                 "INSERT OR REPLACE INTO meta(key, value) VALUES ('sync_token', ?)", (next_token,)
             )
@@ -749,7 +874,71 @@ class Store:
         fresh = await self._run(self._transaction(write))
         self._sync_token = next_token
         self._encrypted_rooms.update(encryption)
+        self._redacted |= redacted
         return fresh
+
+    def _apply_redactions(
+        self,
+        db: sqlite3.Connection,
+        redactions: Sequence[NewInboxItem],
+        fresh: list[InboxItem],
+        redacted: set[int],
+        received: int,
+    ) -> list[InboxItem]:
+        """`commit_sync_batch`'s redactions, in its transaction; returns ``fresh``
+        without the messages redacted and with the redactions that wait. ``redacted``
+        gets the items handed out earlier that are redacted now (`is_redacted`)."""
+        in_batch = {item.seq for item in fresh}
+        dropped: set[int] = set()
+        applied = forgotten = unknown = 0
+        for item in redactions:
+            row = db.execute(
+                "SELECT seq, room_id, kind, event, outcome, reply_event_id FROM events"
+                " WHERE event_id = ?",
+                (redaction_target(item),),
+            ).fetchone()
+            target = RedactionTarget(*row) if row is not None else None
+            action = redaction_action(target, item.room_id)
+            if action == "unknown" or target is None:
+                unknown += 1
+                continue
+            waits = redaction_waits(action, target)
+            cursor = db.execute(
+                "INSERT OR IGNORE INTO events(event_id, room_id, kind, event, received_ts,"
+                " outcome, handled_ts) VALUES (?, ?, 'redaction', ?, ?, ?, ?)",
+                (
+                    item.event_id,
+                    item.room_id,
+                    msgspec.json.encode(item.event) if waits else None,
+                    received,
+                    None if waits else "ignored",
+                    None if waits else received,
+                ),
+            )
+            if not cursor.rowcount:
+                continue  # a redaction seen before: applied then
+            applied += 1
+            if action == "pending":
+                forgotten += 1
+                _record_handled(db, target.seq, "redacted", None)
+                (dropped if target.seq in in_batch else redacted).add(target.seq)
+            chat = self._chats_by_room.get(RoomID(target.room_id))
+            if chat is not None:
+                db.execute(
+                    "DELETE FROM turns WHERE chat_id = ? AND event_id = ?",
+                    (chat.chat_id, redaction_target(item)),
+                )
+            if waits and cursor.lastrowid is not None:
+                fresh.append(
+                    InboxItem(cursor.lastrowid, item.event_id, item.room_id, item.kind, item.event)
+                )
+        log_redactions(applied, forgotten, unknown)
+        return [item for item in fresh if item.seq not in dropped]
+
+    def is_redacted(self, item: InboxItem) -> bool:
+        """Whether ``item``, handed out pending, has been redacted since (no I/O): its
+        handling stops where it is; the store already recorded it."""
+        return item.seq in self._redacted
 
     # --- end-to-end encryption --------------------------------------------------------
 
@@ -824,12 +1013,14 @@ class Store:
     ) -> None:
         """Record ``item`` as handled and take it out of the inbox, atomically.
 
-        ``reason``: why it failed or was quarantined (never its content).
+        ``reason``: why it failed or was quarantined (never its content). An item
+        redacted meanwhile stays "redacted" (see `_record_handled`).
         """
-        # One statement is a transaction of its own.
+        # One statement is a transaction of its own (two for a redacted item's reply).
         await self._run(
             lambda: _record_handled(self._db, item.seq, outcome, reply_event_id, reason)
         )
+        self._redacted.discard(item.seq)
 
     async def finish_with_turns(
         self,
@@ -840,17 +1031,35 @@ class Store:
         turns: Sequence[tuple[str, str]],
     ) -> None:
         """`finish` and append ``turns`` (role, content) to the chat's conversation, in
-        one transaction: a crash never records the answer twice or loses it."""
+        one transaction: a crash never records the answer twice or loses it. The turns
+        carry the item's event id (a redaction of it takes them out); an item no longer
+        pending (redacted while it was answered) appends none."""
 
         def write(db: sqlite3.Connection) -> None:
-            _record_handled(db, item.seq, outcome, reply_event_id)
+            if not _record_handled(db, item.seq, outcome, reply_event_id):
+                return
             db.executemany(
-                "INSERT INTO turns(chat_id, role, content) VALUES (?, ?, ?)",
-                [(chat_id, role, content) for role, content in turns],
+                "INSERT INTO turns(chat_id, role, content, event_id) VALUES (?, ?, ?, ?)",
+                [(chat_id, role, content, item.event_id) for role, content in turns],
             )
             db.execute("INSERT OR IGNORE INTO contexts(chat_id) VALUES (?)", (chat_id,))
 
         await self._run(self._transaction(write))
+        self._redacted.discard(item.seq)
+
+    async def answer_to(self, event_id: str) -> EventID | None:
+        """The bot's answer to ``event_id`` (its first event), if it sent one: replied,
+        or sent while the message was being redacted."""
+
+        def read() -> EventID | None:
+            row = self._db.execute(
+                "SELECT reply_event_id FROM events WHERE event_id = ?"
+                " AND outcome IN ('replied', 'redacted')",
+                (event_id,),
+            ).fetchone()
+            return EventID(row[0]) if row and row[0] else None
+
+        return await self._run(read)
 
     async def set_started_reply(self, item: InboxItem, reply_event_id: EventID) -> None:
         """Remember the reply being streamed for ``item``, for a re-run to complete."""
@@ -917,14 +1126,26 @@ class Store:
 
         return await self._run(read)
 
-    async def replace_conversation(self, chat_id: str, turns: Sequence[tuple[str, str]]) -> None:
-        """Set the chat's whole conversation (after a rebuild, or empty for ``!forget``)."""
+    async def replace_conversation(
+        self,
+        chat_id: str,
+        turns: Sequence[tuple[str, str]],
+        event_ids: Sequence[str | None] = (),
+    ) -> None:
+        """Set the chat's whole conversation (after a rebuild, or empty for ``!forget``).
+
+        ``event_ids``: the message each turn came from, when known (a rebuild knows).
+        """
+        ids = [*event_ids, *[None] * (len(turns) - len(event_ids))]
 
         def write(db: sqlite3.Connection) -> None:
             db.execute("DELETE FROM turns WHERE chat_id = ?", (chat_id,))
             db.executemany(
-                "INSERT INTO turns(chat_id, role, content) VALUES (?, ?, ?)",
-                [(chat_id, role, content) for role, content in turns],
+                "INSERT INTO turns(chat_id, role, content, event_id) VALUES (?, ?, ?, ?)",
+                [
+                    (chat_id, role, content, event_id)
+                    for (role, content), event_id in zip(turns, ids, strict=False)
+                ],
             )
             db.execute("INSERT OR IGNORE INTO contexts(chat_id) VALUES (?)", (chat_id,))
 
@@ -938,6 +1159,7 @@ class Store:
             db.execute("DELETE FROM events WHERE seq = ? AND outcome IS NULL", (item.seq,))
 
         await self._run(self._transaction(write))
+        self._redacted.discard(item.seq)
 
     async def count_resumption(self, item: InboxItem) -> int:
         """Note that this run takes up ``item``, which an earlier run left unfinished;

@@ -77,8 +77,13 @@ from .store import (
     Outcome,
     Provisioned,
     Quarantined,
+    RedactionTarget,
     StoreError,
     StoreUnavailable,
+    log_redactions,
+    redaction_action,
+    redaction_target,
+    redaction_waits,
 )
 
 if TYPE_CHECKING:
@@ -141,6 +146,10 @@ _MIGRATIONS: list[str] = [
         PRIMARY KEY (kind, key)
     );
     CREATE TABLE encrypted_rooms (room_id TEXT PRIMARY KEY, content TEXT NOT NULL);
+    """,
+    # 2: the SQLite store's 9: each turn names the message it came from.
+    """
+    ALTER TABLE turns ADD COLUMN event_id TEXT;
     """,
 ]
 PG_SCHEMA_VERSION = len(_MIGRATIONS)
@@ -263,13 +272,20 @@ def _record_handled(
     reply_event_id: EventID | None,
     reason: str | None = None,
 ) -> None:
-    """Take inbox item ``seq`` out of the inbox and remember it as handled, in one
-    statement (only its id stays, to drop a later delivery)."""
+    """Take inbox item ``seq`` out of the inbox and remember it as handled (only its
+    id stays, to drop a later delivery). An item redacted meanwhile stays "redacted";
+    only the id of a reply that went out anyway is added (`bot.store`)."""
     db.execute(
         "UPDATE events SET outcome = %s, reply_event_id = %s, handled_ts = %s, event = NULL,"
-        " provisioned = NULL, reason = %s WHERE seq = %s",
+        " provisioned = NULL, reason = %s WHERE seq = %s AND outcome IS NULL",
         (outcome, reply_event_id, _now_ms(), reason, seq),
     )
+    if reply_event_id is not None:
+        db.execute(
+            "UPDATE events SET reply_event_id = coalesce(reply_event_id, %s)"
+            " WHERE seq = %s AND outcome = 'redacted'",
+            (reply_event_id, seq),
+        )
 
 
 def _record_quarantined(db: Connection, entry: Quarantined, now: int) -> None:
@@ -341,6 +357,8 @@ class PostgresStore:
         self._spaces: dict[str, RoomID] = {}
         self._encrypted_rooms: dict[RoomID, str] = {}
         self._watchers = trio.lowlevel.ParkingLot()
+        # Items handed out pending that a redaction took out since (`is_redacted`).
+        self._redacted: set[int] = set()
 
     # --- opening ------------------------------------------------------------------
 
@@ -798,18 +816,23 @@ class PostgresStore:
         encryption: Mapping[RoomID, str] | None = None,
     ) -> list[InboxItem]:
         """Take a batch's events into the inbox and advance the sync token, atomically
-        (`bot.store.Store.commit_sync_batch`: the same rules)."""
+        (`bot.store.Store.commit_sync_batch`: the same rules, redactions included)."""
         encryption = encryption or {}
+        redacted: set[int] = set()
 
         def write(db: Connection) -> list[InboxItem]:
             fresh: list[InboxItem] = []
             received = _now_ms()
+            redacted.clear()  # a transaction tried again starts over
             _write_crypto(db, crypto)
             _write_encryption(db, encryption)
             for entry in quarantined:
                 _record_quarantined(db, entry, received)
             inserted: list[tuple[NewInboxItem, psycopg.Cursor[tuple[Any, ...]]]] = []
+            redactions = [item for item in items if item.kind == "redaction"]
             for item in items:
+                if item.kind == "redaction":
+                    continue
                 try:
                     encoded = msgspec.json.encode(item.event)
                 except (TypeError, ValueError, RecursionError) as exc:
@@ -839,15 +862,86 @@ class PostgresStore:
                     taken[item.event_id] = item
             if len(taken) < len(inserted):
                 fresh += self._never_handed_out(db, inserted, taken)
+            if redactions:
+                fresh = self._apply_redactions(db, redactions, fresh, redacted, received)
             return sorted(fresh, key=lambda pending: pending.seq)
 
         def remember(fresh: list[InboxItem]) -> None:
             self._sync_token = next_token
             self._encrypted_rooms.update(encryption)
+            self._redacted |= redacted
             if fresh:
                 self._handed_out = max(self._handed_out, fresh[-1].seq)
 
         return await self._run(self._transaction(write), remember)
+
+    def _apply_redactions(
+        self,
+        db: Connection,
+        redactions: Sequence[NewInboxItem],
+        fresh: list[InboxItem],
+        redacted: set[int],
+        received: int,
+    ) -> list[InboxItem]:
+        """`commit_sync_batch`'s redactions (`bot.store.Store._apply_redactions`): the
+        targets are read in one round trip, then each is applied in order."""
+        targets: dict[str, RedactionTarget] = {
+            event_id: RedactionTarget(seq, room_id, kind, event, outcome, reply)
+            for seq, event_id, room_id, kind, event, outcome, reply in db.execute(
+                "SELECT seq, event_id, room_id, kind, event, outcome, reply_event_id"
+                " FROM events WHERE event_id = ANY(%s)",
+                ([redaction_target(item) for item in redactions],),
+            )
+        }
+        in_batch = {item.seq for item in fresh}
+        dropped: set[int] = set()
+        applied = forgotten = unknown = 0
+        for item in redactions:
+            target_id = redaction_target(item)
+            target = targets.get(target_id)
+            action = redaction_action(target, item.room_id)
+            if action == "unknown" or target is None:
+                unknown += 1
+                continue
+            waits = redaction_waits(action, target)
+            row = db.execute(
+                "INSERT INTO events(event_id, room_id, kind, event, received_ts, outcome,"
+                " handled_ts) VALUES (%s, %s, 'redaction', %s, %s, %s, %s)"
+                " ON CONFLICT (event_id) DO NOTHING RETURNING seq",
+                (
+                    item.event_id,
+                    item.room_id,
+                    msgspec.json.encode(item.event) if waits else None,
+                    received,
+                    None if waits else "ignored",
+                    None if waits else received,
+                ),
+            ).fetchone()
+            if row is None:
+                continue  # a redaction seen before: applied then
+            applied += 1
+            if action == "pending":
+                forgotten += 1
+                _record_handled(db, target.seq, "redacted", None)
+                (dropped if target.seq in in_batch else redacted).add(target.seq)
+                # A second redaction of it in this batch finds it handled.
+                targets[target_id] = RedactionTarget(
+                    target.seq, target.room_id, target.kind, None, "redacted", None
+                )
+            chat = self._chats_by_room.get(RoomID(target.room_id))
+            if chat is not None:
+                db.execute(
+                    "DELETE FROM turns WHERE chat_id = %s AND event_id = %s",
+                    (chat.chat_id, target_id),
+                )
+            if waits:
+                fresh.append(InboxItem(row[0], item.event_id, item.room_id, item.kind, item.event))
+        log_redactions(applied, forgotten, unknown)
+        return [item for item in fresh if item.seq not in dropped]
+
+    def is_redacted(self, item: InboxItem) -> bool:
+        """Whether ``item``, handed out pending, has been redacted since (no I/O)."""
+        return item.seq in self._redacted
 
     def _never_handed_out(
         self,
@@ -951,7 +1045,8 @@ class PostgresStore:
         await self._run(
             self._transaction(
                 lambda db: _record_handled(db, item.seq, outcome, reply_event_id, reason)
-            )
+            ),
+            lambda _: self._redacted.discard(item.seq),
         )
 
     async def finish_with_turns(
@@ -965,7 +1060,8 @@ class PostgresStore:
         """`finish` and append ``turns`` (role, content) to the chat's conversation, in
         one transaction: a crash never records the answer twice or loses it. An item
         already finished (a retry after a commit whose answer was lost and could not
-        be looked up) appends nothing again."""
+        be looked up, or redacted while it was answered) appends nothing. The turns
+        carry the item's event id."""
 
         def write(db: Connection) -> None:
             pending = db.execute(
@@ -973,9 +1069,22 @@ class PostgresStore:
             ).fetchone()
             _record_handled(db, item.seq, outcome, reply_event_id)
             if pending is not None:
-                _append_turns(db, chat_id, turns)
+                _append_turns(db, chat_id, turns, [item.event_id] * len(turns))
 
-        await self._run(self._transaction(write))
+        await self._run(self._transaction(write), lambda _: self._redacted.discard(item.seq))
+
+    async def answer_to(self, event_id: str) -> EventID | None:
+        """The bot's answer to ``event_id`` (its first event), if it sent one."""
+
+        def read(db: Connection) -> EventID | None:
+            row = db.execute(
+                "SELECT reply_event_id FROM events WHERE event_id = %s"
+                " AND outcome IN ('replied', 'redacted')",
+                (event_id,),
+            ).fetchone()
+            return EventID(row[0]) if row and row[0] else None
+
+        return await self._run(read)
 
     async def set_started_reply(self, item: InboxItem, reply_event_id: EventID) -> None:
         """Remember the reply being streamed for ``item``, for a re-run to complete."""
@@ -1039,12 +1148,17 @@ class PostgresStore:
 
         return await self._run(read)
 
-    async def replace_conversation(self, chat_id: str, turns: Sequence[tuple[str, str]]) -> None:
+    async def replace_conversation(
+        self,
+        chat_id: str,
+        turns: Sequence[tuple[str, str]],
+        event_ids: Sequence[str | None] = (),
+    ) -> None:
         """Set the chat's whole conversation (after a rebuild, or empty for ``!forget``)."""
 
         def write(db: Connection) -> None:
             db.execute("DELETE FROM turns WHERE chat_id = %s", (chat_id,))
-            _append_turns(db, chat_id, turns)
+            _append_turns(db, chat_id, turns, event_ids)
 
         await self._run(self._transaction(write))
 
@@ -1120,11 +1234,17 @@ def _put_meta_if_absent(db: Connection, key: str, value: str) -> None:
     )
 
 
-def _append_turns(db: Connection, chat_id: str, turns: Sequence[tuple[str, str]]) -> None:
-    for role, content in turns:
+def _append_turns(
+    db: Connection,
+    chat_id: str,
+    turns: Sequence[tuple[str, str]],
+    event_ids: Sequence[str | None] = (),
+) -> None:
+    ids = [*event_ids, *[None] * (len(turns) - len(event_ids))]
+    for (role, content), event_id in zip(turns, ids, strict=False):
         db.execute(
-            "INSERT INTO turns(chat_id, role, content) VALUES (%s, %s, %s)",
-            (chat_id, role, content),
+            "INSERT INTO turns(chat_id, role, content, event_id) VALUES (%s, %s, %s, %s)",
+            (chat_id, role, content, event_id),
         )
     db.execute(
         "INSERT INTO contexts(chat_id) VALUES (%s) ON CONFLICT (chat_id) DO NOTHING", (chat_id,)

@@ -44,6 +44,7 @@ from bot.store import (
     Store,
     StoreError,
     StoreUnavailable,
+    redaction_item,
 )
 from bot.store_api import BotStore, is_postgres_url, open_store, sqlite_path
 from bot.store_postgres import PG_SCHEMA_VERSION, PostgresStore, StoreDeposed
@@ -982,6 +983,183 @@ async def test_a_nul_character_sinks_neither_a_batch_nor_an_answer(store: BotSto
     assert [pending.event_id for pending in await store.pending()] == ["$ok"]
     # Still recognised when the server sends it again.
     assert await store.commit_sync_batch(SyncToken("s2"), [hostile]) == []
+
+
+# --- both stores: redactions (issue 23) --------------------------------------------------
+
+
+def redaction(event_id: str, target: str, room_id: RoomID = ROOM) -> NewInboxItem:
+    return redaction_item(EventID(event_id), room_id, ALICE, 1_700_000_000_100, EventID(target))
+
+
+def bodies_of(kind: Kind, *event_ids: str) -> list[Any]:
+    """The stored bodies of ``event_ids`` (None: no body kept)."""
+    return [
+        row[0]
+        for event_id in event_ids
+        for row in kind.rows("SELECT event FROM events WHERE event_id = ?", (event_id,))
+    ]
+
+
+async def answered(store: BotStore, event_id: str, chat_id: str = "c1") -> None:
+    """Take ``event_id`` in and answer it, with its two turns."""
+    (item,) = await store.commit_sync_batch(SyncToken(f"t{event_id}"), [new_item(event_id)])
+    await store.finish_with_turns(
+        item, "replied", EventID(f"$answer{event_id}"), chat_id,
+        [("user", f"q{event_id}"), ("assistant", f"a{event_id}")],
+    )  # fmt: skip
+
+
+async def test_a_redaction_takes_an_answered_exchange_out_of_the_conversation(
+    store: BotStore, kind: Kind
+) -> None:
+    await store.apply_chats([chat("c1", ROOM)])
+    for event_id in ("$a", "$b", "$c"):
+        await answered(store, event_id)
+
+    fresh = await store.commit_sync_batch(SyncToken("s9"), [redaction("$x", "$b")])
+
+    assert await store.conversation("c1") == [
+        ("user", "q$a"), ("assistant", "a$a"), ("user", "q$c"), ("assistant", "a$c"),
+    ]  # fmt: skip
+    # Exactly-once still holds: the id and the outcome stay, and no body.
+    assert await store.handled_outcome("$b") == "replied"
+    assert bodies_of(kind, "$b") == [None]
+    assert await store.commit_sync_batch(SyncToken("s10"), [new_item("$b")]) == []
+    # Its answer may have to go too (the handler decides): the redaction waits in the
+    # inbox, keeping only what it redacts.
+    assert [(item.kind, item.event.content) for item in fresh] == [("redaction", {"redacts": "$b"})]
+    assert await store.answer_to("$b") == "$answer$b"
+    # A replay of the redaction does nothing again.
+    assert await store.commit_sync_batch(SyncToken("s11"), [redaction("$x", "$b")]) == []
+
+
+async def test_a_pending_message_redacted_is_handled_as_redacted_without_its_body(
+    store: BotStore, kind: Kind
+) -> None:
+    (item,) = await store.commit_sync_batch(SyncToken("s1"), [new_item("$a", body="secret")])
+
+    fresh = await store.commit_sync_batch(SyncToken("s2"), [redaction("$x", "$a")])
+
+    assert store.is_redacted(item)
+    assert await store.handled_outcome("$a") == "redacted"
+    assert bodies_of(kind, "$a") == [None]
+    assert [pending.event_id for pending in await store.pending()] == ["$x"]
+    assert [f.event_id for f in fresh] == ["$x"]
+    # The lane that holds it finishes it: still "redacted", and no turns are added.
+    await store.finish_with_turns(item, "replied", EventID("$late"), "c1", [("user", "secret")])
+    assert not store.is_redacted(item)
+    assert await store.handled_outcome("$a") == "redacted"
+    assert await store.conversation("c1") in (None, [])
+    # An answer that went out anyway is known, for the operator's redact_answers.
+    assert await store.answer_to("$a") == "$late"
+    assert all(
+        b"secret" not in bytes(body or b"") for (body,) in kind.rows("SELECT event FROM events")
+    )
+
+
+async def test_a_message_and_its_redaction_in_one_batch_are_never_handed_out(
+    store: BotStore, kind: Kind
+) -> None:
+    fresh = await store.commit_sync_batch(
+        SyncToken("s1"),
+        [new_item("$a", body="secret"), redaction("$x", "$a"), new_item("$b")],
+    )
+
+    assert [(f.event_id, f.kind) for f in fresh] == [("$b", "message"), ("$x", "redaction")]
+    assert await store.handled_outcome("$a") == "redacted"
+    assert bodies_of(kind, "$a") == [None]
+    assert [p.event_id for p in await store.pending()] == ["$b", "$x"]
+
+
+async def test_a_redaction_survives_a_restart_before_the_message_was_handled(
+    kind: Kind,
+) -> None:
+    store = await kind.open()
+    await store.commit_sync_batch(SyncToken("s1"), [new_item("$a")])
+    await store.commit_sync_batch(SyncToken("s2"), [redaction("$x", "$a")])
+    await store.aclose()
+
+    store = await kind.open()
+    try:
+        assert [p.event_id for p in await store.pending()] == ["$x"]
+        assert await store.handled_outcome("$a") == "redacted"
+    finally:
+        await store.aclose()
+
+
+async def test_redactions_of_what_the_store_does_not_know_change_nothing(
+    store: BotStore, kind: Kind
+) -> None:
+    await store.apply_chats([chat("c1", ROOM)])
+    await answered(store, "$a")
+    (invite,) = await store.commit_sync_batch(
+        SyncToken("s2"), [NewInboxItem(EventID("invite:!r:x"), RoomID("!r:x"), "invite",
+                                       message("invite:!r:x"))]
+    )  # fmt: skip
+    encryption = RoomEvent(
+        type="m.room.encryption", event_id=EventID("$enc"), sender=UserID(ALICE),
+        origin_server_ts=1, content={"algorithm": "m.megolm.v1.aes-sha2"}, state_key="",
+    )  # fmt: skip
+    await store.commit_sync_batch(
+        SyncToken("s3"), [NewInboxItem(EventID("$enc"), ROOM, "message", encryption)]
+    )
+    before = kind.rows("SELECT event_id, outcome FROM events ORDER BY seq")
+
+    with capture_logs() as logs:
+        fresh = await store.commit_sync_batch(
+            SyncToken("s4"),
+            [
+                redaction("$r1", "$never-seen"),
+                redaction("$r2", "$a", room_id=OTHER_ROOM),  # another room's event
+                redaction("$r3", "invite:!r:x", room_id=RoomID("!r:x")),
+                redaction("$r4", "$enc"),  # a state event: encryption stays on
+                redaction("$r5", "$answer$a"),  # the bot's own answer
+                *[redaction(f"$flood{n}", f"$nothing{n}") for n in range(500)],
+            ],
+        )
+
+    assert fresh == []
+    assert kind.rows("SELECT event_id, outcome FROM events ORDER BY seq") == before
+    assert await store.conversation("c1") == [("user", "q$a"), ("assistant", "a$a")]
+    assert [e for e in logs if e["event"] == "redactions_applied"] == [
+        {"event": "redactions_applied", "applied": 0, "unanswered": 0, "unknown": 505,
+         "log_level": "info"}
+    ]  # fmt: skip
+    assert store.sync_token == "s4"
+    assert not store.is_redacted(invite)
+
+
+async def test_a_message_redacted_twice_in_one_batch_is_redacted_once(store: BotStore) -> None:
+    (item,) = await store.commit_sync_batch(SyncToken("s1"), [new_item("$a")])
+
+    fresh = await store.commit_sync_batch(
+        SyncToken("s2"), [redaction("$x", "$a"), redaction("$y", "$a")]
+    )
+
+    assert await store.handled_outcome("$a") == "redacted"
+    assert store.is_redacted(item)
+    # The second finds it handled without an answer: nothing waits for it.
+    assert [f.event_id for f in fresh] == ["$x"]
+    assert await store.handled_outcome("$y") == "ignored"
+
+
+async def test_a_rebuilt_conversation_keeps_its_sources_for_later_redactions(
+    store: BotStore,
+) -> None:
+    await store.apply_chats([chat("c1", ROOM)])
+    await store.commit_sync_batch(SyncToken("s1"), [new_item("$a"), new_item("$b")])
+    await store.replace_conversation(
+        "c1",
+        [("user", "qa"), ("assistant", "aa"), ("user", "qb"), ("assistant", "ab")],
+        ["$a", "$a", "$b", "$b"],
+    )
+    for item in await store.pending():
+        await store.finish(item, "replied", EventID(f"$answer{item.event_id}"))
+
+    await store.commit_sync_batch(SyncToken("s2"), [redaction("$x", "$a")])
+
+    assert await store.conversation("c1") == [("user", "qb"), ("assistant", "ab")]
 
 
 # --- PostgreSQL ----------------------------------------------------------------------------
