@@ -21,6 +21,7 @@ file. Every problem is reported at once, each naming the setting it is about:
     user_messages_per_s = 1.0                  # BOT_USER_MESSAGES_PER_S
     max_chats_per_user = 50                    # BOT_MAX_CHATS_PER_USER
     limits_exempt_admins = false               # BOT_LIMITS_EXEMPT_ADMINS
+    redact_answers = false                     # BOT_REDACT_ANSWERS: a deleted message's answer too
     drain_timeout_s = 10                       # BOT_DRAIN_TIMEOUT_S
     backend = "echo"                           # BOT_BACKEND: echo | model | webhook
     backend_timeout_s = 300                    # BOT_BACKEND_TIMEOUT_S
@@ -128,6 +129,9 @@ class Settings:
     """The most unarchived chats one user may have for ``!new`` to make another."""
     limits_exempt_admins: bool = False
     """Whether the admins are exempt from the two limits above."""
+    redact_answers: bool = False
+    """Whether a user's deleting (redacting) a message the bot answered redacts the
+    answer too; by default the answer stays (the message leaves the context either way)."""
     drain_timeout_s: float = 10.0
     backend: str = "echo"
     backend_timeout_s: float = BACKEND_TIMEOUT_S
@@ -182,6 +186,7 @@ _ENV = {
     ("bot", "user_messages_per_s"): "BOT_USER_MESSAGES_PER_S",
     ("bot", "max_chats_per_user"): "BOT_MAX_CHATS_PER_USER",
     ("bot", "limits_exempt_admins"): "BOT_LIMITS_EXEMPT_ADMINS",
+    ("bot", "redact_answers"): "BOT_REDACT_ANSWERS",
     ("bot", "drain_timeout_s"): "BOT_DRAIN_TIMEOUT_S",
     ("bot", "backend"): "BOT_BACKEND",
     ("bot", "backend_timeout_s"): "BOT_BACKEND_TIMEOUT_S",
@@ -469,6 +474,7 @@ def _validate(raw: dict[tuple[str, str], Any], problems: list[str]) -> Settings 
     per_s = number(("bot", "user_messages_per_s"), 1.0, 0.001, 1000)
     max_chats = whole(("bot", "max_chats_per_user"), 50, 1, 100_000)
     exempt_admins = flag(("bot", "limits_exempt_admins"), False)
+    redact_answers = flag(("bot", "redact_answers"), False)
     drain = number(("bot", "drain_timeout_s"), 10.0, 0, 600)
     backend_timeout = number(
         ("bot", "backend_timeout_s"), BACKEND_TIMEOUT_S, 1, MODEL_ANSWER_CEILING_S
@@ -513,6 +519,7 @@ def _validate(raw: dict[tuple[str, str], Any], problems: list[str]) -> Settings 
         user_messages_per_s=per_s,
         max_chats_per_user=max_chats,
         limits_exempt_admins=exempt_admins,
+        redact_answers=redact_answers,
         drain_timeout_s=drain,
         backend=backend,
         backend_timeout_s=backend_timeout,

@@ -43,9 +43,9 @@ from .messages import (
 from .ops.metrics import BotMetrics
 from .quarantine import failure_reason, log_quarantined
 from .reconcile import RepairReport, reconcile_single_room
-from .replies.history import FAILED_KEY, load_room_context
+from .replies.history import FAILED_KEY, load_room_turns
 from .router import is_unregistered, resolve_chat_id
-from .store import InboxItem, Outcome
+from .store import InboxItem, Outcome, redaction_target
 from .store_api import BotStore
 from .user_limits import UserLimiter, Verdict
 
@@ -131,9 +131,36 @@ class MessageHandler:
             if item.kind == "invite":
                 await self._invites.handle(item)
                 return False
+            if item.kind == "redaction":
+                return await self._handle_redaction(item)
             return await self._handle_message(item)
 
+    async def _handle_redaction(self, item: InboxItem) -> bool:
+        """A redaction of a message the bot knows, after that message's own handling
+        (the room's lane keeps their order): the store has already taken the message
+        out of the inbox or its conversation (`BotStore.commit_sync_batch`). Its
+        answer stays, unless the operator wants it redacted too (``redact_answers``):
+        the transaction id comes from the answer, so a re-run redacts it once."""
+        target = redaction_target(item)
+        answer = await self._store.answer_to(target) if self._settings.redact_answers else None
+        if answer is None:
+            await self._finish(item, "ignored", reason="answer kept")
+            return False
+        await self._client.redact(item.room_id, answer, reply_txn_id(answer, "redact"))
+        log.info("answer_redacted", answer_event_id=answer)
+        await self._finish(item, "ignored", reason="answer redacted")
+        return False
+
+    async def _unanswered_redacted(self, item: InboxItem) -> bool:
+        """``item`` was redacted before the bot answered: no answer (the store
+        recorded it as "redacted" when the redaction came)."""
+        log.info("message_redacted_unanswered")
+        await self._finish(item, "redacted")
+        return False
+
     async def _handle_message(self, item: InboxItem) -> bool:
+        if self._store.is_redacted(item):
+            return await self._unanswered_redacted(item)
         event = item.event
         encrypted = is_encryption_event(event, self._bot)
         if encrypted and self.crypto is not None and event.type != "m.room.encrypted":
@@ -163,7 +190,9 @@ class MessageHandler:
             if verdict.limited:
                 return await self._rate_limited(item, sender, verdict)
             if encrypted and self.crypto is not None:
-                plain = await self._decrypted(item, self.crypto)
+                plain = await self._decrypted_unless_redacted(item, self.crypto)
+                if self._store.is_redacted(item):
+                    return await self._unanswered_redacted(item)
                 if plain is None:
                     return True  # the user was told
                 message = parse_incoming(plain, self._bot)
@@ -183,6 +212,26 @@ class MessageHandler:
                 return True
             assert message is not None
             return await self._answer(item, chat, message)
+
+    async def _decrypted_unless_redacted(
+        self, item: InboxItem, crypto: BotCrypto
+    ) -> RoomEvent | None:
+        """`_decrypted`, given up as soon as ``item`` is redacted (it may wait minutes
+        for its room key): None then, and nobody is told."""
+        plain: RoomEvent | None = None
+        async with trio.open_nursery() as nursery:
+
+            async def watch() -> None:
+                while not self._store.is_redacted(item):
+                    await self._store.wait_for_change()
+                nursery.cancel_scope.cancel()
+
+            nursery.start_soon(watch)
+            try:
+                plain = await self._decrypted(item, crypto)
+            finally:
+                nursery.cancel_scope.cancel()
+        return plain
 
     async def _decrypted(self, item: InboxItem, crypto: BotCrypto) -> RoomEvent | None:
         """``item``'s event decrypted; None when it cannot be, after telling the user
@@ -327,6 +376,8 @@ class MessageHandler:
             return await self._answer_in_conversation(item, chat, message, self._streaming)
         try:
             text = await self._ask(chat, message)
+            if self._store.is_redacted(item):
+                return await self._unanswered_redacted(item)
         except BackendError as exc:
             log.warning("backend_failed", backend=self._backend.name, error=str(exc))
             await self._reply(item, Reply(exc.user_message), "failed")
@@ -363,6 +414,8 @@ class MessageHandler:
         same reply by an edit instead of posting a second answer.
         """
         context = await self._conversation(item, chat)
+        if self._store.is_redacted(item):
+            return await self._unanswered_redacted(item)
         overrides = ReplyOverrides(
             model=chat.settings.get("model"), system_prompt=chat.settings.get("system")
         )
@@ -427,7 +480,7 @@ class MessageHandler:
         stored = await self._store.conversation(chat.chat_id)
         if stored is None:
             try:
-                turns = await load_room_context(
+                turns, sources = await load_room_turns(
                     self._client,
                     chat,
                     self._settings,
@@ -438,7 +491,7 @@ class MessageHandler:
                 log.warning("context_rebuild_failed", error=str(exc))
                 return []
             await self._store.replace_conversation(
-                chat.chat_id, [(t.role, t.content) for t in turns]
+                chat.chat_id, [(t.role, t.content) for t in turns], sources
             )
             log.info("context_rebuilt", turns=len(turns))
             return turns
@@ -494,6 +547,9 @@ class MessageHandler:
         self._metrics.quarantine("left_unfinished" if left else "handling_error")
         if item.kind == "invite":
             await self._store.discard(item)
+            return False
+        if item.kind == "redaction":  # nothing to tell anyone: the answer stays
+            await self._finish(item, "quarantined", reason=reason)
             return False
         try:
             await self._reply(

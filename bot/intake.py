@@ -45,7 +45,7 @@ from .invites import pick_invite, unreadable_invite_state
 from .messages import in_reply_to, is_actionable, malformed
 from .ops.metrics import BotMetrics
 from .quarantine import failure_reason, log_quarantined_batch
-from .store import InboxItem, NewInboxItem, Quarantined
+from .store import InboxItem, NewInboxItem, Quarantined, redaction_item
 from .store_api import BotStore
 
 __all__ = ["Intake", "full_state_sync", "invite_item", "invited_room_name", "sync_filters"]
@@ -56,14 +56,18 @@ log = structlog.get_logger("bot.intake")
 # The only timeline events the bot reads: messages (plain and encrypted), encryption
 # being turned on, and memberships (its own join marks where a room's history ends).
 # Verification events: a user verifying the bot from their direct chat (Element's way
-# to verify another user) sends them in the room, in the clear.
+# to verify another user) sends them in the room, in the clear. Redactions: a user
+# deleting a message (`bot.store.redaction_item`).
 _TIMELINE_TYPES = [
     "m.room.message",
     "m.room.encrypted",
     "m.room.encryption",
     "m.room.member",
+    "m.room.redaction",
     "m.key.verification.*",
 ]
+# The spec's bound on an event id (255 bytes); a longer "redacts" is no event's.
+_MAX_EVENT_ID = 255
 
 
 def sync_filters(bot_user_id: str) -> tuple[dict[str, Any], dict[str, Any]]:
@@ -242,6 +246,7 @@ class Intake:
         items: list[NewInboxItem] = []
         quarantined = self._unreadable(response)
         undecodable, intake_errors = len(quarantined), 0  # the rest is malformed
+        odd_redactions = 0
         for room_id, room in response.rooms.join.items():
             try:
                 events = await self._pick(room_id, room, since, salvage=salvage)
@@ -255,6 +260,13 @@ class Intake:
                 intake_errors += len(lost)
                 continue
             for event in events:
+                if event.type == "m.room.redaction":
+                    redaction = self._redaction(room_id, event)
+                    if redaction is not None:
+                        items.append(redaction)
+                    elif event.sender != self._bot:
+                        odd_redactions += 1
+                    continue
                 problem: str | None
                 try:
                     problem = malformed(event, self._bot)
@@ -288,6 +300,9 @@ class Intake:
                 )
             )
         log_quarantined_batch(quarantined)
+        if odd_redactions:
+            # Once per batch, whatever its size; never the content.
+            log.warning("redactions_unreadable", count=odd_redactions)
         fresh = await self._commit(response, items, quarantined)
         if self._metrics is not None:
             malformed_count = len(quarantined) - undecodable - intake_errors
@@ -339,6 +354,27 @@ class Intake:
         if self.crypto is not None and crypto is not None:
             self.crypto.batch_committed(crypto)
         return fresh
+
+    def _redaction(self, room_id: RoomID, event: RoomEvent) -> NewInboxItem | None:
+        """The inbox entry for an m.room.redaction, or None: the bot's own, or one
+        whose ``redacts`` is not an event id. Room version 11 puts ``redacts`` in the
+        content, older ones at the top level (read when the event model keeps it).
+        Whether the store knows the target is the store's to say."""
+        if event.sender == self._bot:
+            return None
+        target = event.content.get("redacts")
+        if target is None:
+            target = getattr(event, "redacts", None)
+        if (
+            not isinstance(target, str)
+            or not target.startswith("$")
+            or len(target.encode(errors="replace")) > _MAX_EVENT_ID
+            or not isinstance(event.origin_server_ts, int)
+        ):
+            return None
+        return redaction_item(
+            event.event_id, room_id, event.sender, event.origin_server_ts, EventID(target)
+        )
 
     @staticmethod
     def _quarantine(room_id: RoomID, event: RoomEvent, reason: str) -> Quarantined:

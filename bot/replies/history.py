@@ -33,6 +33,7 @@ __all__ = [
     "find_reply",
     "latest_contents",
     "load_room_context",
+    "load_room_turns",
     "turns_from_history",
 ]
 
@@ -148,7 +149,18 @@ def turns_from_history(
       a refused command and changes nothing.
     * ``stop_at``: the message being answered now; it and the messages after it are
       not context (the bot's answers to earlier messages may come after it).
+
+    A redacted message (the server serves it with an empty content and
+    ``redacted_because``) is no turn, and neither is the bot's answer to it: live
+    handling takes the exchange out of the conversation when the redaction comes.
     """
+    return [turn for turn, _ in _sourced_turns(events, chat, settings, stop_at=stop_at)]
+
+
+def _sourced_turns(
+    events: Sequence[RoomEvent], chat: Chat, settings: Settings, *, stop_at: str | None
+) -> list[tuple[Turn, str]]:
+    """`turns_from_history`, each turn with the id of the message of its exchange."""
     bot = settings.user_id
     replaced = latest_contents(events)
     answers: dict[str, list[RoomEvent]] = {}
@@ -158,7 +170,7 @@ def turns_from_history(
         target = in_reply_to(event)
         if target is not None and _replacement_target(event) is None:
             answers.setdefault(target, []).append(event)
-    turns: list[Turn] = []
+    turns: list[tuple[Turn, str]] = []
     for event in events:
         if stop_at is not None and event.event_id == stop_at:
             break
@@ -179,8 +191,8 @@ def turns_from_history(
             continue
         answer = _answer(answers.get(message.event_id, ()), replaced)
         if answer is not None:
-            turns.append(Turn("user", message.body))
-            turns.append(Turn("assistant", answer))
+            turns.append((Turn("user", message.body), message.event_id))
+            turns.append((Turn("assistant", answer), message.event_id))
     return turns
 
 
@@ -222,6 +234,30 @@ async def load_room_context(
     and what follows it are not context. Raises `matrix_api.MatrixAPIError` when the
     room cannot be read; the caller decides whether to answer without context.
     """
+    turns, _ = await load_room_turns(
+        client,
+        chat,
+        settings,
+        budget_chars=budget_chars,
+        stop_at=stop_at,
+        page_size=page_size,
+        max_pages=max_pages,
+    )
+    return turns
+
+
+async def load_room_turns(
+    client: MatrixClient,
+    chat: Chat,
+    settings: Settings,
+    *,
+    budget_chars: int,
+    stop_at: EventID | None = None,
+    page_size: int = 100,
+    max_pages: int = 10,
+) -> tuple[list[Turn], list[str]]:
+    """`load_room_context`, and for each turn the id of the message of its exchange
+    (stored with it, so that a later redaction of that message takes it out)."""
     newest_first: list[RoomEvent] = []
     chars = 0
     token = None
@@ -246,5 +282,8 @@ async def load_room_context(
             break
         token = page.end
     events = list(reversed(newest_first))
-    turns = turns_from_history(events, chat, settings, stop_at=stop_at)
-    return trim_context(turns, budget_chars)
+    sourced = _sourced_turns(events, chat, settings, stop_at=stop_at)
+    # `trim_context` keeps some of the same Turn objects: found again by identity.
+    source = {id(turn): event_id for turn, event_id in sourced}
+    kept = trim_context([turn for turn, _ in sourced], budget_chars)
+    return kept, [source[id(turn)] for turn in kept]
