@@ -277,3 +277,38 @@ async def test_junk_redactions_are_logged_once_and_the_bot_keeps_answering(
     assert [entry["count"] for entry in unreadable] == [5]
     applied = [entry for entry in logs if entry["event"] == "redactions_applied"]
     assert [(e["applied"], e["unknown"]) for e in applied] == [(0, 2002)]
+
+
+async def test_a_message_waiting_for_its_room_key_stops_waiting_when_redacted(
+    autojump_clock: trio.abc.Clock, logs: Logs, settings: Settings
+) -> None:
+    # The encrypted-room scenario of test_e2ee_order.py (its own fake homeserver).
+    from e2ee_peer import Peer
+    from test_e2ee_order import ROOM, chats, replies
+    from test_e2ee_order import running_bot as e2ee_running_bot
+
+    hs = FakeHomeserver(logs)
+    await chats(hs, settings)
+    alice = Peer(hs, ALICE, "ALICEDEV")
+    phone = Peer(hs, ALICE, "ALICEPHONE")
+
+    async with e2ee_running_bot(settings, hs) as bot:
+        alice.room_key_for_bot(ROOM)  # withheld: the message waits for it (ten minutes)
+        hs.queue_sync({ROOM: [alice.message(ROOM, "$gone", "never mind", ts=hs.now_ms())]})
+        await trio.sleep(60)
+        assert await bot.store.handled_outcome("$gone") is None
+        redacted_at = trio.current_time()
+        hs.queue_sync({ROOM: [redaction_event("$r1", ALICE, "$gone", ts=hs.now_ms())]})
+        await until_handled(bot.store, "$gone", "$r1")
+        stopped_after = trio.current_time() - redacted_at
+        assert await bot.store.handled_outcome("$gone") == "redacted"
+        # The room goes on at once.
+        key = phone.room_key_for_bot(ROOM)
+        hs.queue_sync(
+            {ROOM: [phone.message(ROOM, "$next", "hello", ts=hs.now_ms())]}, to_device=key
+        )
+        await until_handled(bot.store, "$next")
+
+    assert stopped_after < 5, f"the redacted message still waited {stopped_after:.0f} s"
+    assert replies(hs, ROOM, "$gone") == []  # no "could not decrypt" notice either
+    assert len(replies(hs, ROOM, "$next")) == 1
