@@ -275,17 +275,18 @@ def _record_handled(
     """Take inbox item ``seq`` out of the inbox and remember it as handled (only its
     id stays, to drop a later delivery). An item redacted meanwhile stays "redacted";
     only the id of a reply that went out anyway is added (`bot.store`)."""
+    # One statement (SET reads the row as it was): one more per answer would cost
+    # every message a little of the pipeline's time for a rare case.
     db.execute(
-        "UPDATE events SET outcome = %s, reply_event_id = %s, handled_ts = %s, event = NULL,"
-        " provisioned = NULL, reason = %s WHERE seq = %s AND outcome IS NULL",
-        (outcome, reply_event_id, _now_ms(), reason, seq),
+        "UPDATE events SET"
+        " reply_event_id = CASE WHEN outcome IS NULL THEN %s"
+        " ELSE coalesce(reply_event_id, %s) END,"
+        " handled_ts = CASE WHEN outcome IS NULL THEN %s ELSE handled_ts END,"
+        " reason = CASE WHEN outcome IS NULL THEN %s ELSE reason END,"
+        " outcome = coalesce(outcome, %s), event = NULL, provisioned = NULL"
+        " WHERE seq = %s AND (outcome IS NULL OR outcome = 'redacted')",
+        (reply_event_id, reply_event_id, _now_ms(), reason, outcome, seq),
     )
-    if reply_event_id is not None:
-        db.execute(
-            "UPDATE events SET reply_event_id = coalesce(reply_event_id, %s)"
-            " WHERE seq = %s AND outcome = 'redacted'",
-            (reply_event_id, seq),
-        )
 
 
 def _record_quarantined(db: Connection, entry: Quarantined, now: int) -> None:
