@@ -23,6 +23,7 @@ file. Every problem is reported at once, each naming the setting it is about:
     limits_exempt_admins = false               # BOT_LIMITS_EXEMPT_ADMINS
     redact_answers = false                     # BOT_REDACT_ANSWERS: a deleted message's answer too
     drain_timeout_s = 10                       # BOT_DRAIN_TIMEOUT_S
+    standby = false                            # BOT_STANDBY: wait as a hot standby (README)
     backend = "echo"                           # BOT_BACKEND: echo | model | webhook
     backend_timeout_s = 300                    # BOT_BACKEND_TIMEOUT_S
     max_reply_parts = 16                       # BOT_MAX_REPLY_PARTS
@@ -133,6 +134,9 @@ class Settings:
     """Whether a user's deleting (redacting) a message the bot answered redacts the
     answer too; by default the answer stays (the message leaves the context either way)."""
     drain_timeout_s: float = 10.0
+    standby: bool = False
+    """Wait for the store while another instance holds it, and go back to waiting
+    when deposed (`bot.lease`); needs a PostgreSQL store."""
     backend: str = "echo"
     backend_timeout_s: float = BACKEND_TIMEOUT_S
     """The longest one reply may take, retries included; then the user is told."""
@@ -188,6 +192,7 @@ _ENV = {
     ("bot", "limits_exempt_admins"): "BOT_LIMITS_EXEMPT_ADMINS",
     ("bot", "redact_answers"): "BOT_REDACT_ANSWERS",
     ("bot", "drain_timeout_s"): "BOT_DRAIN_TIMEOUT_S",
+    ("bot", "standby"): "BOT_STANDBY",
     ("bot", "backend"): "BOT_BACKEND",
     ("bot", "backend_timeout_s"): "BOT_BACKEND_TIMEOUT_S",
     ("bot", "max_reply_parts"): "BOT_MAX_REPLY_PARTS",
@@ -484,6 +489,19 @@ def _validate(raw: dict[tuple[str, str], Any], problems: list[str]) -> Settings 
         problems.append(f"{_name(('bot', 'max_reply_parts'))}: expected a whole number")
     e2ee = flag(("bot", "e2ee"), True)
     pickle_key = _pickle_key(text(("bot", "pickle_key")), problems)
+    standby = flag(("bot", "standby"), False)
+    if standby and store_url is None:
+        problems.append(
+            f"{_name(('bot', 'standby'))}: needs a PostgreSQL store "
+            f"({_name(('bot', 'store_url'))}): a SQLite file cannot be shared by two machines"
+        )
+    if standby and e2ee and pickle_key is None and text(("bot", "pickle_key")) is None:
+        # Its key file would be one of each machine's own: the other's crypto state
+        # would not open after a takeover.
+        problems.append(
+            f"{_name(('bot', 'standby'))}: with encryption on, set "
+            f"{_name(('bot', 'pickle_key'))} (the same on every instance)"
+        )
     http_listen = _listen_address(text(("bot", "http_listen")), problems)
     # Held whole in memory while answering (and base64 in the model request).
     max_image_bytes = whole(("bot", "max_image_bytes"), 10 * 1024 * 1024, 1024, 100 * 1024 * 1024)
@@ -521,6 +539,7 @@ def _validate(raw: dict[tuple[str, str], Any], problems: list[str]) -> Settings 
         limits_exempt_admins=exempt_admins,
         redact_answers=redact_answers,
         drain_timeout_s=drain,
+        standby=standby,
         backend=backend,
         backend_timeout_s=backend_timeout,
         max_reply_parts=int(max_parts),

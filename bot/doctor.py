@@ -70,6 +70,8 @@ async def run_doctor(settings: Settings, say: Callable[[str], None]) -> int:
 
     ok(f"configuration: bot {settings.user_id} on {without_userinfo(settings.homeserver)}")
     await _check_running_bot(settings, say)
+    if settings.store_url is not None:
+        await _check_active_instance(settings.store_url, ok, bad)
     # A warning, not a failure: the bot runs, but other local users may read what it keeps.
     for wide in await trio.to_thread.run_sync(_wide_files, Path(settings.store_path)):
         say(f"WARN  files: {wide.advice()}")
@@ -249,6 +251,29 @@ def _recovery_key_source(settings: Settings) -> str | None:
         return "MATRIX_RECOVERY_KEY"
     key_file = recovery_key_file_for(Path(settings.store_path))
     return str(key_file) if key_file.exists() else None
+
+
+async def _check_active_instance(
+    url: str, ok: Callable[[str], None], bad: Callable[[str], None]
+) -> None:
+    """Which instance holds a PostgreSQL store: the active one of an active/standby
+    pair (`bot.lease`). Asked without taking the store's lock."""
+    from .store_postgres import PostgresStore  # a SQLite set-up never loads the driver
+
+    store = PostgresStore(url)
+    try:
+        holder = await store.lock_holder()
+    except StoreError as exc:
+        bad(f"store: {exc}")
+        return
+    if holder is None:
+        ok(f"store: {store.where}: no instance holds it (none is active)")
+        return
+    pid, address, opener = holder
+    ok(
+        f"store: {store.where}: the active instance is on {opener or 'an unnamed host'} "
+        f"(connected from {address or 'a local socket'}, server process {pid})"
+    )
 
 
 async def _check_running_bot(settings: Settings, say: Callable[[str], None]) -> None:

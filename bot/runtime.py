@@ -11,6 +11,12 @@ Shutdown (`request_stop`, wired to SIGINT/SIGTERM by the CLI): the sync loop is
 cancelled, lanes take no new job and finish the one in hand within the drain
 deadline; whatever is still queued stays in the durable inbox.
 
+Active/standby (`bot.lease`): with a store that can be taken over (PostgreSQL), the
+runtime watches its lease and, once another instance holds the store, stops at once
+(no drain: nothing more is taken or sent) and `BotRuntime.run` raises `Deposed`.
+`run_bot` then goes back to waiting for the store with ``BOT_STANDBY`` (a new client,
+store and runtime each time), or ends with that error without it.
+
 The operators' listener (`bot.ops`, when ``BOT_HTTP_LISTEN`` is set) starts before
 the bootstrap, so ``/readyz`` says "not yet" all through reconciliation, and stops
 after the drain; the runtime records the facts it judges by (`OpsFacts`) and counts
@@ -22,6 +28,7 @@ from __future__ import annotations
 import ctypes
 import enum
 import gc
+import math
 import random
 import secrets
 import sqlite3
@@ -49,6 +56,7 @@ from .e2ee.sending import EncryptingClient
 from .e2ee.verification import BotVerifications
 from .handler import MessageHandler
 from .intake import Intake, full_state_sync, sync_filters
+from .lease import Deposed, LeasedStore, watch_lease
 from .ops.health import OpsFacts, health, readiness
 from .ops.http import OpsApp, start_ops
 from .ops.metrics import BotMetrics, LiveValues
@@ -85,6 +93,8 @@ class Phase(enum.Enum):
     READY = "ready"
     DRAINING = "draining"
     STOPPED = "stopped"
+    DEPOSED = "deposed"
+    """Another instance took the store over: stopped at once, without a drain."""
 
 
 class FatalError(Exception):
@@ -139,6 +149,10 @@ class BotRuntime:
         self._crypto: BotCrypto | None = None
         self._verifications: BotVerifications | None = None
         self._pickle_key: bytes | None = None
+        # Cancelled when the lease is lost: everything below `run` stops at once.
+        self._run_scope = trio.CancelScope()
+        self.deposed: str | None = None
+        """Why this instance stopped being the active one (None: it still is)."""
 
     def request_stop(self) -> None:
         """Begin a graceful stop; safe to call at any time, more than once."""
@@ -149,18 +163,41 @@ class BotRuntime:
 
         Raises `FatalError` (inside an exception group when it comes from a task)
         for what the bot cannot recover from: bad credentials, an unreachable
-        homeserver at start, an operators' listener that cannot listen.
+        homeserver at start, an operators' listener that cannot listen; `Deposed`
+        when another instance took the store over (before or after reporting started).
         """
         self.facts.started_at = trio.current_time()
         listener_stop = trio.Event()
+        lease_scope = trio.CancelScope()
         async with trio.open_nursery() as listener:
             if self.settings.http_listen is not None:
                 await self._start_listener(listener, self.settings.http_listen, listener_stop)
+            if isinstance(self._store, LeasedStore):
+                listener.start_soon(self._watch_lease, self._store, lease_scope)
             try:
-                await self._run(task_status)
+                with self._run_scope:
+                    await self._run(task_status)
             finally:
+                lease_scope.cancel()
                 # After the drain: until here, /readyz says "draining".
                 listener_stop.set()
+        if self.deposed is not None:
+            raise Deposed(self.deposed)
+
+    async def _watch_lease(self, store: LeasedStore, scope: trio.CancelScope) -> None:
+        with scope:
+            await watch_lease(store, self._lost_lease)
+
+    def _lost_lease(self, reason: str) -> None:
+        """Stop now: the sync loop, the lanes (a job in hand is cut, its reply is the
+        new instance's to send), the device's tasks. Logged once."""
+        if self.deposed is not None:
+            return
+        self.deposed = reason
+        self.phase.value = Phase.DEPOSED
+        self._dispatcher.stop()
+        self._run_scope.cancel()
+        log.error("bot_deposed", reason=reason, requests=self._client.requests_sent)
 
     async def _start_listener(
         self, nursery: trio.Nursery, address: tuple[str, int], stop: trio.Event
@@ -507,7 +544,45 @@ async def run_bot(
 
     Reports the runtime as started once it takes messages (``runtime.request_stop()``
     stops it too). ``transport`` is an httpx transport for tests.
+
+    With ``settings.standby`` the store is waited for as long as another instance
+    holds it (a standby), and a runtime that loses it (`Deposed`) is followed by a
+    new wait with everything opened anew; only the first runtime is reported. Without
+    it, `Deposed` is raised (a `bot.store.StoreError`).
     """
+    stop = stop if stop is not None else trio.Event()
+    reported = False
+    while True:
+        deposed = False
+        try:
+            async with trio.open_nursery() as nursery:
+                runtime: BotRuntime | None = await nursery.start(
+                    _run_instance, settings, transport, backend, stop
+                )
+                if runtime is not None and not reported:
+                    reported = True
+                    task_status.started(runtime)
+        except* Deposed:
+            if not settings.standby:
+                raise
+            deposed = True
+        if not deposed or stop.is_set():
+            return
+        # Back to standby: a deposed instance is healthy, it only lost the store; the
+        # pair stays a pair without anyone restarting it.
+        log.info("bot_back_to_standby")
+
+
+async def _run_instance(
+    settings: Settings,
+    transport: httpx.AsyncBaseTransport | None,
+    backend: Backend | None,
+    stop: trio.Event,
+    *,
+    task_status: trio.TaskStatus[BotRuntime | None] = trio.TASK_STATUS_IGNORED,
+) -> None:
+    """One holding of the store, with a client, backend and runtime of its own;
+    reports the runtime once it takes messages (None: stopped while waiting)."""
     client = EncryptingClient(
         settings.homeserver,
         access_token=settings.access_token,
@@ -520,10 +595,10 @@ async def run_bot(
         max_connections=settings.max_concurrent_answers + _SPARE_CONNECTIONS,
     )
     async with client, open_backend(settings) as configured:
-        # A bot still draining on this store lets go of it within its drain deadline.
-        store = await open_store(
-            settings.store_location, settings.user_id, lock_wait_s=settings.drain_timeout_s
-        )
+        store = await _open_store(settings, stop)
+        if store is None:
+            task_status.started(None)
+            return
         try:
             runtime = BotRuntime(settings, client, store, backend or configured, stop=stop)
             async with trio.open_nursery() as nursery:
@@ -532,3 +607,62 @@ async def run_bot(
         finally:
             with trio.CancelScope(shield=True):
                 await store.aclose()
+
+
+async def _open_store(settings: Settings, stop: trio.Event) -> BotStore | None:
+    """The store, held by this process; None when ``stop`` came first (a standby)."""
+    if not settings.standby:
+        # A bot still draining on this store lets go of it within its drain deadline.
+        return await open_store(
+            settings.store_location, settings.user_id, lock_wait_s=settings.drain_timeout_s
+        )
+    log.info("bot_standby", user_id=settings.user_id)
+    waiting_since = trio.current_time()
+    store: BotStore | None = None
+    listener_stop = trio.Event()
+    async with trio.open_nursery() as nursery:
+        if settings.http_listen is not None:
+            await _standby_listener(nursery, settings.http_listen, listener_stop)
+        async with move_on_when(stop.wait):
+            store = await open_store(
+                settings.store_location, settings.user_id, lock_wait_s=math.inf
+            )
+        listener_stop.set()  # closed before the runtime's own listener takes the port
+    if stop.is_set():
+        if store is not None:
+            with trio.CancelScope(shield=True):
+                await store.aclose()
+        log.info("bot_stopped", phase="standby")
+        return None
+    log.info("bot_active", waited_s=round(trio.current_time() - waiting_since, 3))
+    return store
+
+
+async def _standby_listener(
+    nursery: trio.Nursery, address: tuple[str, int], stop: trio.Event
+) -> None:
+    """The operators' listener of a standby: /readyz 503 with phase "standby"."""
+    facts = OpsFacts(ready=trio.Event(), phase=lambda: "standby", long_poll_s=LONG_POLL_MS / 1000)
+    facts.started_at = trio.current_time()
+    metrics = BotMetrics()
+    metrics.watch(
+        lambda: LiveValues(
+            phase="standby",
+            ready=False,
+            healthy=health(facts).ok,
+            inbox_depth=0,
+            oldest_pending_age_s=None,
+            chats=0,
+            spaces=0,
+            sync_last_ok_age_s=None,
+            sync_failures_in_row=0,
+            store_failing=False,
+        )
+    )
+    try:
+        await start_ops(nursery, OpsApp(facts, metrics), address, stop.wait)
+    except OSError as exc:
+        host, port = address
+        raise FatalError(
+            f"the operators' listener (BOT_HTTP_LISTEN) cannot listen on {host}:{port}: {exc}"
+        ) from exc

@@ -35,14 +35,14 @@ What differs from SQLite, and why:
   store that gets the lock back and finds another count there was replaced meanwhile
   (its memory may be stale): `StoreDeposed` from then on, and it writes nothing.
 
-Next (issue 22's lease, not built here): a standby is a bot whose `open` waits for
-that lock (a long ``lock_wait_s``: it gets the store within the 0.1 s poll of a kill
--9 of the active process, see the tests); the runtime then starts as after a restart.
-A partition hands the store over only once the server drops the lost session (the
-session asks for keepalives: about 30 s), and the deposed instance learns it at its
-next store call; the runtime must then stop its lanes (no more sends) on
-"held by another bot" or `StoreDeposed`, and ``doctor`` can show the holder (the
-advisory lock's process in ``pg_locks``, the ``holder`` count).
+The lease (issue 22, `bot.lease`) builds on that lock: a standby is a bot whose
+`open` waits for it (a long ``lock_wait_s``: it gets the store within the 0.1 s poll
+of a kill -9 of the active process, see the tests); the runtime then starts as after
+a restart. A cut connection hands the store over once the server drops the lost
+session (at once for ``pg_terminate_backend``; a partition within the keepalive
+bound, about 30 s). A store that reconnects and finds another bot's session holding
+the lock is `StoreDeposed` at once (that bot opened it); `check_lease` is the cheap
+call the runtime makes to find out, and `lock_holder` is what ``doctor`` shows.
 * PostgreSQL text cannot hold U+0000: every string parameter has it replaced by
   U+FFFD (a hostile server's event id, a message that holds one), the same way for a
   write and for the lookup that finds it again. Stored events are bytes, unchanged.
@@ -53,6 +53,8 @@ advisory lock's process in ``pg_locks``, the ``holder`` count).
 
 from __future__ import annotations
 
+import os
+import socket
 import time
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from typing import TYPE_CHECKING, Any, NoReturn, TypeVar
@@ -168,7 +170,18 @@ _LOCK_HOLDER = (
     " AND classid::int = hashtext('surfaces-bot store')"
     " AND objid::int = hashtext(current_schema())"
 )
+# Who holds it: the server process and the session's client address (doctor).
+_HOLDER_SESSION = (
+    "SELECT l.pid, host(a.client_addr), a.application_name FROM pg_locks l"
+    " LEFT JOIN pg_stat_activity a ON a.pid = l.pid"
+    " WHERE l.locktype = 'advisory' AND l.granted AND l.objsubid = 2"
+    " AND l.database = (SELECT oid FROM pg_database WHERE datname = current_database())"
+    " AND l.classid::int = hashtext('surfaces-bot store')"
+    " AND l.objid::int = hashtext(current_schema())"
+)
 _LOCK_POLL_S = 0.1
+_STANDBY_FIRST_S = 3 * _LOCK_POLL_S
+_THIS_PROCESS = f"{socket.gethostname()} pid {os.getpid()}"
 # Settings the URL does not give: a dead peer is found in about 30 s, not the OS's
 # two hours, so a partitioned call ends (`StoreUnavailable`) instead of hanging.
 _CONNECT_DEFAULTS = {
@@ -224,8 +237,8 @@ class _TextWithoutNul(StrDumperUnknown):
 class StoreDeposed(StoreUnavailable):
     """Another bot opened this store while this one's connection was lost: whatever
     this one still holds in memory may be stale, so it writes nothing any more (every
-    call raises this). A StoreUnavailable, so today's callers back off; stopping the
-    bot on it is the lease's part (issue 22)."""
+    call raises this). A StoreUnavailable, so a store call's caller backs off as for
+    any outage; the runtime's lease watch (`bot.lease`) stops the bot on it."""
 
 
 class _StoreHeld(Exception):
@@ -437,13 +450,28 @@ class PostgresStore:
         is ended and waited for, up to a few seconds. Another bot's session is not."""
         old, self._session = self._session, None
         self._disconnect()
+        if old is not None:
+            # A standby waiting for the store gets the first go (a few of its polls):
+            # of two instances, the one whose connection was just cut is the suspect.
+            time.sleep(_STANDBY_FIRST_S)
         deadline = time.monotonic() + _OLD_SESSION_WAIT_S
         while True:
             try:
                 db = self._db = self._connect()
             except _StoreHeld as held:
-                if old is None or held.pid != old[0] or time.monotonic() >= deadline:
+                if old is not None and held.pid == old[0] and time.monotonic() >= deadline:
+                    self._session = old  # still ours: asked to end again next time
                     raise
+                if old is None or held.pid != old[0]:
+                    if held.pid is None:
+                        raise  # let go between the two questions: try again later
+                    # Another bot's session holds it: that bot opened the store (a
+                    # standby took over), so this one's memory may be stale.
+                    self._deposed = True
+                    raise StoreDeposed(
+                        f"{self.where}: the connection was lost and the store is now {held}; "
+                        "this one writes nothing more"
+                    ) from held
                 with psycopg.connect(self._conninfo(), autocommit=True) as other:
                     other.execute(_END_OLD_SESSION, old)
                 time.sleep(0.05)
@@ -466,6 +494,8 @@ class PostgresStore:
             with db.transaction():
                 self._check_and_migrate(db, user_id)
                 _put_meta_if_absent(db, "user_id", user_id)
+                # Which host and process holds the store now (`lock_holder`, doctor).
+                _put_meta(db, "holder_process", _THIS_PROCESS)
                 # Each opening is a new holder: a store that reconnects finds out
                 # whether another bot held the store meanwhile (`StoreDeposed`).
                 row = db.execute(_NEXT_HOLDER).fetchone()
@@ -591,6 +621,38 @@ class PostgresStore:
         store copies its log here). Sleeps, so the runtime's task is the same."""
         await trio.sleep_forever()
 
+    @property
+    def deposed(self) -> bool:
+        """Whether another bot took this store over (every call is `StoreDeposed`)."""
+        return self._deposed
+
+    async def check_lease(self) -> None:
+        """One round trip on the store's connection: returns while this store still
+        holds the lock; `StoreDeposed` once another bot took the store over (found
+        here at the latest one keepalive bound after the connection was cut);
+        `StoreUnavailable` when the server cannot tell now."""
+        await self._run(lambda db: db.execute("SELECT 1").fetchone())
+
+    async def lock_holder(self) -> tuple[int, str | None, str | None] | None:
+        """The server process holding the store's lock, that session's client address,
+        and the host and process id of the bot that opened the store (None: nobody
+        holds it). Asked on a connection of its own, without taking the lock."""
+        return await trio.to_thread.run_sync(self._lock_holder_sync, limiter=self._thread)
+
+    def _lock_holder_sync(self) -> tuple[int, str | None, str | None] | None:
+        try:
+            with psycopg.connect(self._conninfo(), autocommit=True) as db:
+                row = db.execute(_HOLDER_SESSION).fetchone()
+                if row is None:
+                    return None
+                opener = db.execute(
+                    "SELECT value FROM meta WHERE key = 'holder_process'"
+                ).fetchone()
+        except psycopg.Error as exc:
+            raise StoreUnavailable(f"{self.where}: cannot ask: {exc}") from exc
+        pid, address, _name = row
+        return int(pid), None if address is None else str(address), opener[0] if opener else None
+
     async def wait_for_change(self) -> None:
         """Return after the next store call ends (it may have written something)."""
         await self._watchers.park()
@@ -612,7 +674,10 @@ class PostgresStore:
                 if self._closed:
                     raise StoreError(f"{self.where}: the store is closed")
                 if self._deposed:
-                    raise StoreDeposed(f"{self.where}: another bot holds this store now")
+                    raise StoreDeposed(
+                        f"{self.where}: taken over (held by another bot since this one's "
+                        "connection was lost); this one writes nothing more"
+                    )
                 result = await trio.to_thread.run_sync(self._call, fn, limiter=self._thread)
                 if then is not None:
                     then(result)

@@ -129,7 +129,16 @@ class _Live(Collector):
         phase = GaugeMetricFamily(
             f"{PREFIX}_phase", "The runtime's phase (1 for the current one).", labels=["phase"]
         )
-        for name in ("starting", "reconciling", "ready", "draining", "stopped"):
+        # "standby": waiting for the store another instance holds; "deposed": lost it.
+        for name in (
+            "standby",
+            "starting",
+            "reconciling",
+            "ready",
+            "draining",
+            "stopped",
+            "deposed",
+        ):
             phase.add_metric([name], 1.0 if live.phase == name else 0.0)
         return [
             phase,
