@@ -495,13 +495,14 @@ def _validate(raw: dict[tuple[str, str], Any], problems: list[str]) -> Settings 
             f"{_name(('bot', 'standby'))}: needs a PostgreSQL store "
             f"({_name(('bot', 'store_url'))}): a SQLite file cannot be shared by two machines"
         )
-    if standby and e2ee and pickle_key is None and text(("bot", "pickle_key")) is None:
-        # Its key file would be one of each machine's own: the other's crypto state
-        # would not open after a takeover.
-        problems.append(
-            f"{_name(('bot', 'standby'))}: with encryption on, set "
-            f"{_name(('bot', 'pickle_key'))} (the same on every instance)"
-        )
+    # Their key files would be each machine's own: after a takeover the crypto state
+    # would not open, and the account's secret storage would not open either.
+    for needed, given in (("pickle_key", "bot"), ("recovery_key", "matrix")):
+        if standby and e2ee and raw.get((given, needed)) is None:
+            problems.append(
+                f"{_name(('bot', 'standby'))}: with encryption on, set "
+                f"{_name((given, needed))} (the same on every instance)"
+            )
     http_listen = _listen_address(text(("bot", "http_listen")), problems)
     # Held whole in memory while answering (and base64 in the model request).
     max_image_bytes = whole(("bot", "max_image_bytes"), 10 * 1024 * 1024, 1024, 100 * 1024 * 1024)

@@ -16,10 +16,12 @@ Every process is ended by its PID, whatever happens.
 
 from __future__ import annotations
 
+import base64
 import contextlib
 import json
 import os
 import random
+import secrets
 import signal
 import socket
 import subprocess
@@ -43,12 +45,16 @@ from conftest import MakeUser
 from matrix_api import MatrixClient, new_txn_id
 from matrix_api.models import RoomID
 from matrix_api.testing.synapse import RegisteredUser, SynapseServer
+from matrix_crypto.cross_signing import SecretStorageKey
 from pg_server import PostgresServer, missing_binaries
 
 # Figures, not assertions: the machine is shared (see bench/).
 MESSAGES = int(os.environ.get("FAILOVER_MESSAGES", "300"))
 RATE_PER_S = 10.0
 ROOMS = 3
+E2EE = os.environ.get("FAILOVER_E2EE", "false")
+PICKLE_KEY = base64.b64encode(secrets.token_bytes(32)).decode()
+RECOVERY_KEY = SecretStorageKey.create().recovery_key
 
 
 @pytest.fixture(scope="module")
@@ -169,7 +175,11 @@ def bot_pair(
             tmp_path / f"{name}.sqlite3",  # unused: the store is PostgreSQL
             BOT_STORE_URL=f"{url}?application_name={name}",
             BOT_STANDBY="true",
-            BOT_E2EE="false",
+            # The counting needs plain rooms; FAILOVER_E2EE=true runs the device's
+            # encryption tasks beside them (its state handed over in the store).
+            BOT_E2EE=E2EE,
+            BOT_PICKLE_KEY=PICKLE_KEY,
+            MATRIX_RECOVERY_KEY=RECOVERY_KEY,
             BOT_LOG_LEVEL="info",
             BOT_HTTP_LISTEN=f"127.0.0.1:{port}",
             BOT_DRAIN_TIMEOUT_S="2",

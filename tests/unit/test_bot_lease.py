@@ -23,6 +23,7 @@ from bot.messages import reply_txn_id
 from bot.store import StoreError, StoreUnavailable
 from bot.store_postgres import PostgresStore, StoreDeposed
 from matrix_api.models import SyncToken
+from matrix_crypto.cross_signing import SecretStorageKey
 from pg_server import PostgresServer, missing_binaries
 
 BOT = "@bot:example.org"
@@ -306,34 +307,28 @@ _BASE = {
     "MATRIX_ACCESS_TOKEN": "secret",
 }
 _KEY = "A" * 43 + "="
+_RECOVERY = SecretStorageKey.create().recovery_key
 
 
-def test_standby_needs_a_postgresql_store_and_a_shared_pickle_key() -> None:
+def test_standby_needs_a_postgresql_store_and_the_shared_keys() -> None:
+    keys = {"BOT_PICKLE_KEY": _KEY, "MATRIX_RECOVERY_KEY": _RECOVERY}
+    pg = {"BOT_STORE_URL": "postgresql://db/bot"}
     with pytest.raises(ConfigError, match=r"BOT_STANDBY.*PostgreSQL"):
-        load_settings(environ={**_BASE, "BOT_STANDBY": "true", "BOT_PICKLE_KEY": _KEY})
-    with pytest.raises(ConfigError, match=r"BOT_STANDBY.*BOT_PICKLE_KEY"):
-        load_settings(
-            environ={**_BASE, "BOT_STANDBY": "true", "BOT_STORE_URL": "postgresql://db/bot"}
-        )
-    settings = load_settings(
-        environ={
-            **_BASE,
-            "BOT_STANDBY": "true",
-            "BOT_STORE_URL": "postgresql://db/bot",
-            "BOT_PICKLE_KEY": _KEY,
-        }
-    )
+        load_settings(environ={**_BASE, "BOT_STANDBY": "true", **keys})
+    for missing in keys:
+        given = {name: value for name, value in keys.items() if name != missing}
+        with pytest.raises(ConfigError, match=rf"BOT_STANDBY.*{missing}") as refused:
+            load_settings(environ={**_BASE, "BOT_STANDBY": "true", **pg, **given})
+        assert str(refused.value).count("BOT_STANDBY") == 1
+    settings = load_settings(environ={**_BASE, "BOT_STANDBY": "true", **pg, **keys})
     assert settings.standby
-    no_e2ee = load_settings(
-        environ={
-            **_BASE,
-            "BOT_STANDBY": "yes",
-            "BOT_STORE_URL": "postgresql://db/bot",
-            "BOT_E2EE": "false",
-        }
-    )
+    no_e2ee = load_settings(environ={**_BASE, "BOT_STANDBY": "yes", "BOT_E2EE": "false", **pg})
     assert no_e2ee.standby
-    assert not load_settings(environ=_BASE).standby
+    assert not load_settings(environ={**_BASE, **pg}).standby
+    # An empty key is one problem (its own), not also the standby's.
+    with pytest.raises(ConfigError) as empty:
+        load_settings(environ={**_BASE, "BOT_STANDBY": "true", **pg, **keys, "BOT_PICKLE_KEY": " "})
+    assert "BOT_STANDBY" not in str(empty.value)
 
 
 async def test_doctor_names_the_active_instance_without_taking_the_store(store_url: str) -> None:
