@@ -420,6 +420,15 @@ async def test_a_cut_database_session_deposes_the_active_and_the_standby_takes_o
         assert "message_handled" not in after
         assert "bot_ready" not in after
         assert after.count("bot_deposed") == 1
+        # A stop ends both: the standby at once, the active one after its drain.
+        for instance in (a, b):
+            assert instance.proc is not None
+            instance.proc.send_signal(signal.SIGTERM)
+            with trio.fail_after(30):
+                while instance.proc.poll() is None:  # noqa: ASYNC110
+                    await trio.sleep(0.05)
+            assert instance.proc.returncode == 0, instance.tail()
+        assert a.names()[-1] == "bot_stopped"
         counts = await replies_per_message(synapse, user, bot.user_id, rooms)
     assert [event_id for event_id in chat.sent if counts[event_id] == 0] == []
     assert {event_id: n for event_id, n in counts.items() if n > 1} == {}
@@ -462,3 +471,28 @@ async def test_a_reply_resent_under_its_txn_id_by_another_login_of_the_device_is
     finally:
         for client in sessions:
             await client.aclose()
+
+
+async def test_without_standby_a_deposed_instance_exits_with_the_store_code(
+    synapse: SynapseServer, make_user: MakeUser, pg_server: PostgresServer, tmp_path: Path
+) -> None:
+    bot = make_user("bot")
+    await managed_rooms(synapse, bot, make_user("alice"), 1)
+    with bot_pair(synapse, bot, pg_server, tmp_path) as pair:
+        a, b = pair.instances["bot-a"], pair.instances["bot-b"]
+        a.env["BOT_STANDBY"] = "false"
+        a.start()
+        await a.wait_for("bot_ready")
+        b.start()
+        await b.wait_for("bot_standby")
+        assert await trio.to_thread.run_sync(pair.terminate, "bot-a") >= 1
+        await b.wait_for("bot_ready")
+        assert a.proc is not None
+        with trio.fail_after(30):
+            while a.proc.poll() is None:  # noqa: ASYNC110 (a lease check finds it)
+                await trio.sleep(0.05)
+        assert a.proc.returncode == 3, a.tail()
+        names = a.names()
+        assert names.count("bot_deposed") == 1
+        assert names[-1] == "store_unusable"
+        assert "bot_back_to_standby" not in names
