@@ -9,9 +9,10 @@
 
 Exit codes: 0 success (and a graceful stop), 1 a check or action failed, 2 invalid
 configuration, 3 a store that cannot be used, 4 any other fatal error (bad
-credentials, homeserver unreachable at start). ``status`` exits 0 when the bot is
-ready and healthy, 1 when it is not or does not answer, 2 when no listener is
-configured (or the configuration is invalid).
+credentials, homeserver unreachable at start), 5 deposed: another instance took the
+store over (without ``BOT_STANDBY``; with it the instance waits as standby again).
+``status`` exits 0 when the bot is ready and healthy, 1 when it is not or does not
+answer, 2 when no listener is configured (or the configuration is invalid).
 """
 
 from __future__ import annotations
@@ -27,6 +28,7 @@ import structlog
 import trio
 
 from .config import ConfigError, Settings, load_settings
+from .lease import Deposed
 from .logging import configure_logging
 from .quarantine import failure_reason
 from .runtime import FatalError, run_bot
@@ -41,6 +43,7 @@ EXIT_FAILED = 1
 EXIT_CONFIG = 2
 EXIT_STORE = 3
 EXIT_FATAL = 4
+EXIT_DEPOSED = 5
 
 
 def _parser() -> argparse.ArgumentParser:
@@ -111,6 +114,10 @@ def run_service(settings: Settings) -> int:
     exit_code = 0
     try:
         trio.run(_serve, settings)
+    except* Deposed as deposed:  # before StoreError, which it is
+        for error in _leaves(deposed):
+            log.error("deposed", error=str(error))
+        exit_code = EXIT_DEPOSED
     except* StoreError as store_errors:
         for store_error in _leaves(store_errors):
             log.error("store_unusable", error=str(store_error))

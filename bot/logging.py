@@ -107,6 +107,9 @@ def configure_logging(
     # httpx and httpcore log each request line (URL included) at INFO / DEBUG.
     for noisy in ("httpx", "httpcore"):
         logging.getLogger(noisy).setLevel(logging.WARNING)
+    # psycopg warns of a pipeline it could not close when the connection was cut; the
+    # PostgreSQL store already reports that as store_unavailable.
+    logging.getLogger("psycopg").setLevel(logging.ERROR)
 
 
 def _message_lines_at_debug(*, show: bool) -> structlog.types.Processor:

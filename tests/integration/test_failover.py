@@ -473,7 +473,7 @@ async def test_a_reply_resent_under_its_txn_id_by_another_login_of_the_device_is
             await client.aclose()
 
 
-async def test_without_standby_a_deposed_instance_exits_with_the_store_code(
+async def test_without_standby_a_deposed_instance_exits_with_its_own_code(
     synapse: SynapseServer, make_user: MakeUser, pg_server: PostgresServer, tmp_path: Path
 ) -> None:
     bot = make_user("bot")
@@ -491,8 +491,8 @@ async def test_without_standby_a_deposed_instance_exits_with_the_store_code(
         with trio.fail_after(30):
             while a.proc.poll() is None:  # noqa: ASYNC110 (a lease check finds it)
                 await trio.sleep(0.05)
-        assert a.proc.returncode == 3, a.tail()
+        assert a.proc.returncode == 5, a.tail()  # deposed, not "store unusable" (3)
         names = a.names()
         assert names.count("bot_deposed") == 1
-        assert names[-1] == "store_unusable"
+        assert names[-1] == "deposed"
         assert "bot_back_to_standby" not in names

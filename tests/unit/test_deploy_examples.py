@@ -17,7 +17,7 @@ from pathlib import Path, PurePosixPath
 
 import pytest
 
-from bot.__main__ import EXIT_CONFIG, EXIT_STORE, _parser
+from bot.__main__ import EXIT_CONFIG, EXIT_DEPOSED, EXIT_STORE, _parser
 from bot.config import Settings, load_settings
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -96,7 +96,7 @@ def test_the_unit_keeps_its_hardening_and_names_the_real_command_and_settings() 
     assert settings.store_path.parent.name == unit["StateDirectory"][0]
     assert settings.log_format == "json"
     # A configuration or store error does not fix itself by restarting.
-    assert unit["RestartPreventExitStatus"] == [f"{EXIT_CONFIG} {EXIT_STORE}"]
+    assert unit["RestartPreventExitStatus"] == [f"{EXIT_CONFIG} {EXIT_STORE} {EXIT_DEPOSED}"]
     # SIGTERM drains within the drain deadline; the unit waits longer than that.
     (stop,) = unit["TimeoutStopSec"]
     assert int(stop) > settings.drain_timeout_s
