@@ -358,13 +358,13 @@ class Intake:
     def _redaction(self, room_id: RoomID, event: RoomEvent) -> NewInboxItem | None:
         """The inbox entry for an m.room.redaction, or None: the bot's own, or one
         whose ``redacts`` is not an event id. Room version 11 puts ``redacts`` in the
-        content, older ones at the top level (read when the event model keeps it).
+        content, older ones at the top level.
         Whether the store knows the target is the store's to say."""
         if event.sender == self._bot:
             return None
         target = event.content.get("redacts")
         if target is None:
-            target = getattr(event, "redacts", None)
+            target = event.redacts
         if (
             not isinstance(target, str)
             or not target.startswith("$")

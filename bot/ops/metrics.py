@@ -54,7 +54,7 @@ PREFIX = "surfaces"
 # exposition for nothing a scraper uses (process-wide: the bot is the process).
 disable_created_metrics()  # type: ignore[no-untyped-call]
 
-OUTCOMES = ("replied", "notified", "ignored", "failed", "quarantined")
+OUTCOMES = ("replied", "notified", "ignored", "failed", "quarantined", "redacted")
 """How a message left the inbox (`bot.store.Outcome`)."""
 QUARANTINE_REASONS = (
     "undecodable",  # the event did not decode (`matrix_api.models` skipped it)

@@ -54,6 +54,10 @@ class RoomEvent(msgspec.Struct, frozen=True):
     state_key: str | None = None
     unsigned: dict[str, Any] = msgspec.field(default_factory=dict)
     room_id: RoomID | None = None
+    redacts: Any = None
+    """An ``m.room.redaction``'s target in room versions 1-10 (11 moved it into the
+    content); unchecked here (any JSON): the reader validates it, so junk in it never
+    costs the event."""
 
     @property
     def is_state(self) -> bool:

@@ -141,6 +141,32 @@ async def test_a_message_redacted_in_its_own_batch_is_not_answered(
     assert hs.redactions == []
 
 
+async def test_a_top_level_redacts_is_honoured_and_junk_there_costs_nothing(
+    autojump_clock: trio.abc.Clock, hs: RedactingHomeserver, logs: Logs, settings: Settings
+) -> None:
+    """Room versions 1-10 put the target at the top level (a server that does not also
+    copy it into the content, as Synapse does): read there too; junk there is one
+    unreadable redaction, never the loss of the batch."""
+    await seeded(settings, hs)
+    async with running_bot(settings, hs) as bot:
+        hs.queue_sync(
+            {
+                HOME: [
+                    text_event("$m1", ALICE, "my password is hunter2"),
+                    redaction_event("$r1", ALICE, "$m1", top_level=True),
+                    redaction_event("$r2", ALICE, {"not": "an id"}, top_level=True),
+                    text_event("$m2", ALICE, "hello"),
+                ]
+            }
+        )
+        await until_handled(bot.store, "$m2", "$r1")
+        assert await bot.store.handled_outcome("$m1") == "redacted"
+
+    assert answered(hs) == ["$m2"]
+    unreadable = [entry for entry in logs if entry["event"] == "redactions_unreadable"]
+    assert [entry["count"] for entry in unreadable] == [1]
+
+
 async def test_a_message_redacted_while_waiting_in_its_lane_is_not_answered(
     autojump_clock: trio.abc.Clock, hs: RedactingHomeserver, logs: Logs, settings: Settings
 ) -> None:

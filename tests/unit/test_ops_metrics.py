@@ -6,7 +6,7 @@ from __future__ import annotations
 
 import math
 import random
-from typing import Any
+from typing import Any, get_args
 
 import httpx
 import pytest
@@ -17,7 +17,8 @@ from prometheus_client import generate_latest
 from prometheus_client.parser import text_string_to_metric_families
 
 from bot.backends import BackendError
-from bot.ops.metrics import QUARANTINE_REASONS, BotMetrics, LiveValues, endpoint_template
+from bot.ops.metrics import OUTCOMES, QUARANTINE_REASONS, BotMetrics, LiveValues, endpoint_template
+from bot.store import Outcome
 from matrix_api import MatrixAPIError, NetworkError, Request, RetryPolicy
 from matrix_api.models import RoomID
 from matrix_api.paths import CLIENT_V3, client_path
@@ -171,8 +172,10 @@ def test_two_runtimes_count_apart() -> None:
 def test_every_outcome_and_reason_is_exposed_from_the_start_and_nothing_else_is_made() -> None:
     metrics = BotMetrics()
     found = samples(metrics)
-    for outcome in ("replied", "notified", "ignored", "failed", "quarantined"):
+    for outcome in ("replied", "notified", "ignored", "failed", "quarantined", "redacted"):
         assert found["surfaces_messages_handled_total", (("outcome", outcome),)] == 0
+    # Every outcome the store records is one the metrics count.
+    assert set(get_args(Outcome)) <= set(OUTCOMES)
     for reason in QUARANTINE_REASONS:
         assert found["surfaces_messages_quarantined_total", (("reason", reason),)] == 0
     metrics.finished("not-an-outcome")  # a value from outside the set makes no new series
