@@ -13,8 +13,11 @@ from typing import Any
 import trio
 
 from bot.backends import Backend
+from bot.backends.model import ModelSettings
 from bot.config import AllowList, Settings
 from bot.runtime import BotRuntime, run_bot
+from fake_openai import API_KEY as OPENAI_API_KEY
+from fake_openai import FakeOpenAI
 from matrix_api import MatrixClient, new_txn_id
 from matrix_api.models import RoomEvent, RoomID, SyncToken
 from matrix_api.testing.synapse import RegisteredUser, SynapseServer
@@ -124,3 +127,44 @@ def replies_to(notices: list[RoomEvent]) -> list[str]:
         if target:
             targets.append(target)
     return targets
+
+
+async def open_chat(person: Person, bot_id: str) -> RoomID:
+    """A room ``person`` makes and invites the bot to, once its greeting is there."""
+    # Imported here: bot.invites is heavy and only these tests need it.
+    from bot.invites import GREETING
+
+    room_id = await person.client.create_room(name="assistant", invite=[bot_id])
+    await person.wait_until(
+        lambda: any(e.content.get("body") == GREETING for e in person.bot_notices(room_id, bot_id)),
+        what="the greeting",
+    )
+    return room_id
+
+
+@asynccontextmanager
+async def fake_openai_server(*models: str, token_delay: float = 0.0) -> AsyncIterator[FakeOpenAI]:
+    """The fake OpenAI-compatible server, serving ``models`` (its default list when
+    none) on a loopback port for the block."""
+    server = FakeOpenAI(api_key=OPENAI_API_KEY, token_delay=token_delay)
+    if models:
+        server.models = frozenset(models)
+    async with trio.open_nursery() as nursery:
+        await nursery.start(server.serve)
+        yield server
+        nursery.cancel_scope.cancel()
+
+
+def model_bot(
+    synapse: SynapseServer,
+    bot: RegisteredUser,
+    store: Path,
+    server: FakeOpenAI,
+    **model: Any,
+) -> Settings:
+    """The bot's settings with the model backend on ``server`` (``test-model``; any
+    other `ModelSettings` field by name)."""
+    settings = ModelSettings(
+        base_url=server.base_url, model="test-model", api_key=OPENAI_API_KEY, **model
+    )
+    return replace(bot_settings(synapse, bot, store), backend="model", model=settings)

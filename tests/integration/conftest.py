@@ -8,12 +8,13 @@ without really running them.
 from __future__ import annotations
 
 import uuid
-from collections.abc import Iterator
+from collections.abc import AsyncIterator, Iterator
 from pathlib import Path
 from typing import Protocol
 
 import pytest
 
+from bot_harness import Person
 from matrix_api.testing.synapse import RegisteredUser, SynapseServer
 
 _HERE = Path(__file__).parent
@@ -62,3 +63,11 @@ def make_user(synapse: SynapseServer) -> MakeUser:
         return synapse.register_user(f"{prefix}-{uuid.uuid4().hex[:12]}", admin=admin)
 
     return make
+
+
+@pytest.fixture
+async def alice(synapse: SynapseServer, make_user: MakeUser) -> AsyncIterator[Person]:
+    """A user of the bot driving it as a client would (`bot_harness.Person`)."""
+    person = Person(synapse, make_user("alice"))
+    yield person
+    await person.aclose()

@@ -8,11 +8,9 @@ clear notice. Either way the bot answers the next message as usual.
 from __future__ import annotations
 
 import json
-from collections.abc import AsyncIterator
 from dataclasses import replace
 from pathlib import Path
 
-import pytest
 import trio
 
 from bot.backends.model import ModelSettings
@@ -25,13 +23,6 @@ from mini_http import HTTPRequest, Responder, serve_http
 from test_bot_backends import final_text, open_chat
 
 SECRET = "a-shared-secret-of-some-length"
-
-
-@pytest.fixture
-async def alice(synapse: SynapseServer, make_user: MakeUser) -> AsyncIterator[Person]:
-    person = Person(synapse, make_user("alice"))
-    yield person
-    await person.aclose()
 
 
 def token(text: str) -> bytes:

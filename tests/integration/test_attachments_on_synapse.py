@@ -28,8 +28,14 @@ from bot.attachments import MediaLimits, Notices
 from bot.backends.model import ModelSettings
 from bot.backends.webhook import WebhookSettings
 from bot.config import Settings
-from bot.invites import GREETING
-from bot_harness import Person, bot_settings, replies_to, running_bot
+from bot_harness import (
+    Person,
+    bot_settings,
+    fake_openai_server,
+    open_chat,
+    replies_to,
+    running_bot,
+)
 from conftest import MakeUser
 from fake_openai import API_KEY, FakeOpenAI
 from matrix_api import new_txn_id
@@ -60,20 +66,10 @@ def png() -> bytes:
 
 
 @pytest.fixture
-async def alice(synapse: SynapseServer, make_user: MakeUser) -> AsyncIterator[Person]:
-    person = Person(synapse, make_user("alice"))
-    yield person
-    await person.aclose()
-
-
-@pytest.fixture
 async def model_server() -> AsyncIterator[FakeOpenAI]:
-    server = FakeOpenAI(api_key=API_KEY, models=frozenset({"test-model", "text-model"}))
-    server.answer = "A small red square."
-    async with trio.open_nursery() as nursery:
-        await nursery.start(server.serve)
+    async with fake_openai_server("test-model", "text-model") as server:
+        server.answer = "A small red square."
         yield server
-        nursery.cancel_scope.cancel()
 
 
 def vision_bot(
@@ -126,15 +122,6 @@ async def answer_to(person: Person, room_id: RoomID, bot_id: str, event_id: str)
     notice = found()
     assert notice is not None
     return notice
-
-
-async def open_chat(alice: Person, bot_id: str) -> RoomID:
-    room_id = await alice.client.create_room(name="assistant", invite=[bot_id])
-    await alice.wait_until(
-        lambda: any(e.content.get("body") == GREETING for e in alice.bot_notices(room_id, bot_id)),
-        what="the greeting",
-    )
-    return room_id
 
 
 async def test_an_image_reaches_the_model_as_an_image_part_and_a_20_mb_one_gets_the_notice(

@@ -16,13 +16,19 @@ from typing import TYPE_CHECKING, Any
 import pytest
 import trio
 
-from bot.backends.model import ModelSettings
 from bot.backends.webhook import WebhookSettings, verify_signature
 from bot.config import Settings
 from bot.dispatch import MAX_RESUMPTIONS
 from bot.handler import FAILED_NOTICE
-from bot.invites import GREETING
-from bot_harness import Person, bot_settings, replies_to, running_bot
+from bot_harness import (
+    Person,
+    bot_settings,
+    fake_openai_server,
+    open_chat,
+    replies_to,
+    running_bot,
+)
+from bot_harness import model_bot as harness_model_bot
 from conftest import MakeUser
 from fake_openai import API_KEY, FakeOpenAI
 from matrix_api.models import RoomEvent, RoomID
@@ -35,42 +41,15 @@ if TYPE_CHECKING:
 
 
 @pytest.fixture
-async def alice(synapse: SynapseServer, make_user: MakeUser) -> AsyncIterator[Person]:
-    person = Person(synapse, make_user("alice"))
-    yield person
-    await person.aclose()
-
-
-@pytest.fixture
 async def model_server() -> AsyncIterator[FakeOpenAI]:
-    server = FakeOpenAI(api_key=API_KEY, models=frozenset({"test-model", "other-model"}))
-    server.token_delay = 0.03
-    async with trio.open_nursery() as nursery:
-        await nursery.start(server.serve)
+    async with fake_openai_server("test-model", "other-model", token_delay=0.03) as server:
         yield server
-        nursery.cancel_scope.cancel()
 
 
 def model_bot(
     synapse: SynapseServer, bot: RegisteredUser, store: Path, server: FakeOpenAI
 ) -> Settings:
-    model = ModelSettings(
-        base_url=server.base_url,
-        model="test-model",
-        api_key=API_KEY,
-        stream=True,
-        edit_interval_s=0.3,
-    )
-    return replace(bot_settings(synapse, bot, store), backend="model", model=model)
-
-
-async def open_chat(alice: Person, bot_id: str) -> RoomID:
-    room_id = await alice.client.create_room(name="assistant", invite=[bot_id])
-    await alice.wait_until(
-        lambda: any(e.content.get("body") == GREETING for e in alice.bot_notices(room_id, bot_id)),
-        what="the greeting",
-    )
-    return room_id
+    return harness_model_bot(synapse, bot, store, server, stream=True, edit_interval_s=0.3)
 
 
 async def start_bot_process(

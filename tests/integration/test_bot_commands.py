@@ -48,13 +48,6 @@ CANNOT_READ = "cannot read encrypted messages"
 
 
 @pytest.fixture
-async def alice(synapse: SynapseServer, make_user: MakeUser):  # type: ignore[no-untyped-def]
-    person = Person(synapse, make_user("alice"))
-    yield person
-    await person.aclose()
-
-
-@pytest.fixture
 async def bob(synapse: SynapseServer, make_user: MakeUser):  # type: ignore[no-untyped-def]
     person = Person(synapse, make_user("bob"))
     yield person

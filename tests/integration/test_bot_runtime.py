@@ -28,13 +28,6 @@ from matrix_api.testing.synapse import SynapseServer
 from matrix_helpers import ephemeral
 
 
-@pytest.fixture
-async def alice(synapse: SynapseServer, make_user: MakeUser):  # type: ignore[no-untyped-def]
-    person = Person(synapse, make_user("alice"))
-    yield person
-    await person.aclose()
-
-
 async def _invite_and_greet(alice: Person, bot_id: str, name: str = "chat") -> RoomID:
     room_id = await alice.client.create_room(name=name, invite=[bot_id], preset="private_chat")
     await alice.wait_until(

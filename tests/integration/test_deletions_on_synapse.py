@@ -12,47 +12,32 @@ from __future__ import annotations
 
 import sqlite3
 from collections.abc import AsyncIterator
-from dataclasses import replace
 from pathlib import Path
 from typing import Any
 from urllib.parse import quote
 
 import httpx
 import pytest
-import trio
 
-from bot.backends.model import ModelSettings
-from bot.config import Settings
 from bot.invites import GREETING
-from bot_harness import Person, bot_settings, replies_to, running_bot
+from bot_harness import (
+    Person,
+    fake_openai_server,
+    model_bot,
+    replies_to,
+    running_bot,
+)
 from conftest import MakeUser
-from fake_openai import API_KEY, FakeOpenAI, Script
+from fake_openai import FakeOpenAI, Script
 from matrix_api import new_txn_id
 from matrix_api.models import RoomID
-from matrix_api.testing.synapse import RegisteredUser, SynapseServer
-
-
-@pytest.fixture
-async def alice(synapse: SynapseServer, make_user: MakeUser) -> AsyncIterator[Person]:
-    person = Person(synapse, make_user("alice"))
-    yield person
-    await person.aclose()
+from matrix_api.testing.synapse import SynapseServer
 
 
 @pytest.fixture
 async def model_server() -> AsyncIterator[FakeOpenAI]:
-    server = FakeOpenAI(api_key=API_KEY)
-    async with trio.open_nursery() as nursery:
-        await nursery.start(server.serve)
+    async with fake_openai_server() as server:
         yield server
-        nursery.cancel_scope.cancel()
-
-
-def model_bot(
-    synapse: SynapseServer, bot: RegisteredUser, store: Path, server: FakeOpenAI
-) -> Settings:
-    model = ModelSettings(base_url=server.base_url, model="test-model", api_key=API_KEY)
-    return replace(bot_settings(synapse, bot, store), backend="model", model=model)
 
 
 async def delete(synapse: SynapseServer, person: Person, room_id: RoomID, event_id: str) -> None:
