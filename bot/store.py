@@ -46,6 +46,7 @@ from matrix_api.models import EventID, RoomEvent, RoomID, SyncToken
 from .chats import Chat
 from .file_modes import private_umask
 from .quarantine import log_quarantined
+from .store_cache import SELECT_CHATS, StoreCache, chats_from_rows
 from .store_lock import StoreLock, StoreLockHeld
 
 __all__ = [
@@ -206,7 +207,6 @@ _TABLES_BY_VERSION = {
 
 HANDLED_KEEP_MS = 30 * 24 * 3600 * 1000
 _event_decoder = msgspec.json.Decoder(RoomEvent)
-_settings_decoder = msgspec.json.Decoder(dict[str, str])
 
 
 class StoreError(Exception):
@@ -422,7 +422,7 @@ def _now_ms() -> int:
     return int(time.time() * 1000)
 
 
-class Store:
+class Store(StoreCache):
     """The bot's SQLite state; open with `Store.open`, close with `aclose`.
 
     Chats are also held in memory (loaded at open, kept in step with every write),
@@ -432,11 +432,7 @@ class Store:
     def __init__(self, connection: sqlite3.Connection, path: Path) -> None:
         self._db = connection
         self.path = path
-        self._chats_by_room: dict[RoomID, Chat] = {}
-        self._chats_by_id: dict[str, Chat] = {}
-        self._sync_token: SyncToken | None = None
-        self._spaces: dict[str, RoomID] = {}
-        self._encrypted_rooms: dict[RoomID, str] = {}
+        super().__init__()
         self._checkpointer: sqlite3.Connection | None = None
         self._lock: StoreLock | None = None
         self._watchers = trio.lowlevel.ParkingLot()
@@ -586,34 +582,7 @@ class Store:
             self._encrypted_rooms[RoomID(room_id)] = content
 
     def _select_chats(self) -> list[Chat]:
-        rows = self._db.execute(
-            "SELECT chat_id, room_id, owner, title, created_ts, archived, space_id, successor,"
-            " settings FROM chats"
-        ).fetchall()
-        return [
-            Chat(
-                chat_id=chat_id,
-                room_id=RoomID(room_id),
-                owner=owner,
-                title=title,
-                created_ts=created_ts,
-                archived=bool(archived),
-                space_id=RoomID(space_id) if space_id is not None else None,
-                successor=successor,
-                settings=_settings_decoder.decode(settings),
-            )
-            for (
-                chat_id,
-                room_id,
-                owner,
-                title,
-                created_ts,
-                archived,
-                space_id,
-                successor,
-                settings,
-            ) in rows
-        ]
+        return chats_from_rows(self._db.execute(SELECT_CHATS))
 
     async def aclose(self) -> None:
         checkpointer, self._checkpointer = self._checkpointer, None
@@ -688,10 +657,6 @@ class Store:
 
     # --- meta -----------------------------------------------------------------------
 
-    @property
-    def sync_token(self) -> SyncToken | None:
-        return self._sync_token
-
     async def get_meta(self, key: str) -> str | None:
         def read() -> str | None:
             row = self._db.execute("SELECT value FROM meta WHERE key = ?", (key,)).fetchone()
@@ -706,28 +671,6 @@ class Store:
         await self._run(self._transaction(write))
 
     # --- chats ----------------------------------------------------------------------
-
-    def chat_for_room(self, room_id: str) -> Chat | None:
-        return self._chats_by_room.get(RoomID(room_id))
-
-    def chat_by_id(self, chat_id: str) -> Chat | None:
-        return self._chats_by_id.get(chat_id)
-
-    def chats(self) -> list[Chat]:
-        return list(self._chats_by_id.values())
-
-    def _remember(self, chat: Chat) -> None:
-        self._forget(chat.chat_id)
-        stale = self._chats_by_room.get(chat.room_id)
-        if stale is not None:
-            self._forget(stale.chat_id)
-        self._chats_by_room[chat.room_id] = chat
-        self._chats_by_id[chat.chat_id] = chat
-
-    def _forget(self, chat_id: str) -> None:
-        old = self._chats_by_id.pop(chat_id, None)
-        if old is not None and self._chats_by_room.get(old.room_id) == old:
-            del self._chats_by_room[old.room_id]
 
     async def apply_chats(self, put: Sequence[Chat] = (), remove: Iterable[str] = ()) -> None:
         """Insert or replace ``put`` and delete the chats ``remove`` in one transaction.
@@ -768,15 +711,6 @@ class Store:
 
     # --- spaces ---------------------------------------------------------------------
 
-    def space_for(self, owner: str) -> RoomID | None:
-        return self._spaces.get(owner)
-
-    def spaces(self) -> dict[str, RoomID]:
-        return dict(self._spaces)
-
-    def is_space(self, room_id: str) -> bool:
-        return room_id in self._spaces.values()
-
     async def apply_spaces(
         self, put: dict[str, RoomID] | None = None, remove: Iterable[str] = ()
     ) -> None:
@@ -793,13 +727,7 @@ class Store:
                 )
 
         await self._run(self._transaction(write))
-        for owner in removed:
-            self._spaces.pop(owner, None)
-        for owner, room_id in put.items():
-            for other, held in list(self._spaces.items()):
-                if held == room_id and other != owner:
-                    del self._spaces[other]
-            self._spaces[owner] = room_id
+        self._remember_spaces(put, removed)
 
     # --- the inbox ------------------------------------------------------------------
 
@@ -941,10 +869,6 @@ class Store:
         return item.seq in self._redacted
 
     # --- end-to-end encryption --------------------------------------------------------
-
-    def room_encryption(self, room_id: str) -> str | None:
-        """The room's m.room.encryption content (JSON), or None: not encrypted."""
-        return self._encrypted_rooms.get(RoomID(room_id))
 
     async def set_room_encryption(self, rooms: Mapping[RoomID, str]) -> None:
         if not rooms:

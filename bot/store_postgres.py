@@ -87,6 +87,7 @@ from .store import (
     redaction_target,
     redaction_waits,
 )
+from .store_cache import SELECT_CHATS, StoreCache, chats_from_rows
 
 if TYPE_CHECKING:
     from .store import Store
@@ -223,7 +224,6 @@ _END_OLD_SESSION = (
 )
 
 _event_decoder = msgspec.json.Decoder(RoomEvent)
-_settings_decoder = msgspec.json.Decoder(dict[str, str])
 _provisioned_decoder = msgspec.json.Decoder(Provisioned)
 
 
@@ -340,7 +340,7 @@ def _put_meta(db: Connection, key: str, value: str) -> None:
     )
 
 
-class PostgresStore:
+class PostgresStore(StoreCache):
     """The bot's state in PostgreSQL; open with `PostgresStore.open`, close with
     `aclose`. The same public methods, with the same meaning, as `bot.store.Store`.
 
@@ -359,17 +359,13 @@ class PostgresStore:
         # store call never waits for a token behind other work (one call at a time).
         self._thread = trio.CapacityLimiter(1)
         self._closed = False
-        self._chats_by_room: dict[RoomID, Chat] = {}
-        self._chats_by_id: dict[str, Chat] = {}
-        self._sync_token: SyncToken | None = None
+        super().__init__()
         # Which opening of the store this is (meta 'holder'), and whether another
         # bot has opened it since (then every call is StoreDeposed).
         self._holder: str | None = None
         self._deposed = False
         # The highest inbox seq returned by `commit_sync_batch` or there at open.
         self._handed_out = 0
-        self._spaces: dict[str, RoomID] = {}
-        self._encrypted_rooms: dict[RoomID, str] = {}
         self._watchers = trio.lowlevel.ParkingLot()
         # Items handed out pending that a redaction took out since (`is_redacted`).
         self._redacted: set[int] = set()
@@ -574,34 +570,7 @@ class PostgresStore:
 
     @staticmethod
     def _select_chats(db: Connection) -> list[Chat]:
-        rows = db.execute(
-            "SELECT chat_id, room_id, owner, title, created_ts, archived, space_id, successor,"
-            " settings FROM chats"
-        ).fetchall()
-        return [
-            Chat(
-                chat_id=chat_id,
-                room_id=RoomID(room_id),
-                owner=owner,
-                title=title,
-                created_ts=created_ts,
-                archived=bool(archived),
-                space_id=RoomID(space_id) if space_id is not None else None,
-                successor=successor,
-                settings=_settings_decoder.decode(settings),
-            )
-            for (
-                chat_id,
-                room_id,
-                owner,
-                title,
-                created_ts,
-                archived,
-                space_id,
-                successor,
-                settings,
-            ) in rows
-        ]
+        return chats_from_rows(db.execute(SELECT_CHATS).fetchall())
 
     # --- lifetime -------------------------------------------------------------------
 
@@ -756,10 +725,6 @@ class PostgresStore:
 
     # --- meta -----------------------------------------------------------------------
 
-    @property
-    def sync_token(self) -> SyncToken | None:
-        return self._sync_token
-
     async def get_meta(self, key: str) -> str | None:
         def read(db: Connection) -> str | None:
             row = db.execute("SELECT value FROM meta WHERE key = %s", (key,)).fetchone()
@@ -771,28 +736,6 @@ class PostgresStore:
         await self._run(self._transaction(lambda db: _put_meta(db, key, value)))
 
     # --- chats ----------------------------------------------------------------------
-
-    def chat_for_room(self, room_id: str) -> Chat | None:
-        return self._chats_by_room.get(RoomID(room_id))
-
-    def chat_by_id(self, chat_id: str) -> Chat | None:
-        return self._chats_by_id.get(chat_id)
-
-    def chats(self) -> list[Chat]:
-        return list(self._chats_by_id.values())
-
-    def _remember(self, chat: Chat) -> None:
-        self._forget(chat.chat_id)
-        stale = self._chats_by_room.get(chat.room_id)
-        if stale is not None:
-            self._forget(stale.chat_id)
-        self._chats_by_room[chat.room_id] = chat
-        self._chats_by_id[chat.chat_id] = chat
-
-    def _forget(self, chat_id: str) -> None:
-        old = self._chats_by_id.pop(chat_id, None)
-        if old is not None and self._chats_by_room.get(old.room_id) == old:
-            del self._chats_by_room[old.room_id]
 
     async def apply_chats(self, put: Sequence[Chat] = (), remove: Iterable[str] = ()) -> None:
         """Insert or replace ``put`` and delete the chats ``remove`` in one transaction.
@@ -836,15 +779,6 @@ class PostgresStore:
 
     # --- spaces ---------------------------------------------------------------------
 
-    def space_for(self, owner: str) -> RoomID | None:
-        return self._spaces.get(owner)
-
-    def spaces(self) -> dict[str, RoomID]:
-        return dict(self._spaces)
-
-    def is_space(self, room_id: str) -> bool:
-        return room_id in self._spaces.values()
-
     async def apply_spaces(
         self, put: dict[str, RoomID] | None = None, remove: Iterable[str] = ()
     ) -> None:
@@ -859,16 +793,7 @@ class PostgresStore:
                 db.execute("DELETE FROM spaces WHERE room_id = %s OR owner = %s", (room_id, owner))
                 db.execute("INSERT INTO spaces(owner, room_id) VALUES (%s, %s)", (owner, room_id))
 
-        def remember(_: None) -> None:
-            for owner in removed:
-                self._spaces.pop(owner, None)
-            for owner, room_id in put.items():
-                for other, held in list(self._spaces.items()):
-                    if held == room_id and other != owner:
-                        del self._spaces[other]
-                self._spaces[owner] = room_id
-
-        await self._run(self._transaction(write), remember)
+        await self._run(self._transaction(write), lambda _: self._remember_spaces(put, removed))
 
     # --- the inbox ------------------------------------------------------------------
 
@@ -1033,10 +958,6 @@ class PostgresStore:
         ]  # fmt: skip
 
     # --- end-to-end encryption --------------------------------------------------------
-
-    def room_encryption(self, room_id: str) -> str | None:
-        """The room's m.room.encryption content (JSON), or None: not encrypted."""
-        return self._encrypted_rooms.get(RoomID(room_id))
 
     async def set_room_encryption(self, rooms: Mapping[RoomID, str]) -> None:
         if not rooms:
