@@ -35,7 +35,7 @@ import time
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Literal, NoReturn, TypeVar
+from typing import Any, Literal, NoReturn, TypeVar
 
 import msgspec
 import structlog
@@ -51,6 +51,7 @@ from .store_lock import StoreLock, StoreLockHeld
 
 __all__ = [
     "SCHEMA_VERSION",
+    "SELECT_PENDING",
     "CryptoRow",
     "InboxItem",
     "Outcome",
@@ -60,6 +61,7 @@ __all__ = [
     "Store",
     "StoreError",
     "StoreUnavailable",
+    "pending_from_rows",
 ]
 
 T = TypeVar("T")
@@ -256,6 +258,32 @@ class Provisioned(msgspec.Struct, frozen=True, omit_defaults=True):
 
 
 _provisioned_decoder = msgspec.json.Decoder(Provisioned)
+
+
+# The inbox, oldest first, in the column order `pending_from_rows` reads (both stores).
+SELECT_PENDING = (
+    "SELECT seq, event_id, room_id, kind, event, attempts FROM events"
+    " WHERE outcome IS NULL ORDER BY seq"
+)
+
+
+def pending_from_rows(
+    rows: Iterable[Sequence[Any]],
+) -> tuple[list[InboxItem], list[tuple[int, str]]]:
+    """The inbox items of `SELECT_PENDING` rows, and (seq, reason) of each stored event
+    that no longer reads (an older bot's, or damaged: one row must not stop the start;
+    the caller quarantines them)."""
+    items: list[InboxItem] = []
+    unreadable: list[tuple[int, str]] = []
+    for seq, event_id, room_id, kind, event, attempts in rows:
+        try:
+            decoded = _event_decoder.decode(event)
+        except (msgspec.DecodeError, RecursionError, TypeError) as exc:
+            unreadable.append((seq, f"stored event unreadable: {type(exc).__name__}"))
+            log_quarantined(room_id, event_id, None, unreadable[-1][1])
+            continue
+        items.append(InboxItem(seq, EventID(event_id), RoomID(room_id), kind, decoded, attempts))
+    return items, unreadable
 
 
 @dataclass(frozen=True, slots=True)
@@ -898,24 +926,7 @@ class Store(StoreCache):
         """
 
         def read() -> tuple[list[InboxItem], list[tuple[int, str]]]:
-            rows = self._db.execute(
-                "SELECT seq, event_id, room_id, kind, event, attempts FROM events"
-                " WHERE outcome IS NULL ORDER BY seq"
-            ).fetchall()
-            items: list[InboxItem] = []
-            unreadable: list[tuple[int, str]] = []
-            for seq, event_id, room_id, kind, event, attempts in rows:
-                try:
-                    decoded = _event_decoder.decode(event)
-                except (msgspec.DecodeError, RecursionError, TypeError) as exc:
-                    # Stored by an older bot, or damaged: one row must not stop the start.
-                    unreadable.append((seq, f"stored event unreadable: {type(exc).__name__}"))
-                    log_quarantined(room_id, event_id, None, unreadable[-1][1])
-                    continue
-                items.append(
-                    InboxItem(seq, EventID(event_id), RoomID(room_id), kind, decoded, attempts)
-                )
-            return items, unreadable
+            return pending_from_rows(self._db.execute(SELECT_PENDING).fetchall())
 
         items, unreadable = await self._run(read)
         if unreadable:

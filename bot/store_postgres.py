@@ -67,12 +67,13 @@ from psycopg import conninfo
 from psycopg.abc import Buffer
 from psycopg.types.string import StrDumperUnknown
 
-from matrix_api.models import EventID, RoomEvent, RoomID, SyncToken
+from matrix_api.models import EventID, RoomID, SyncToken
 
 from .chats import Chat
 from .quarantine import log_quarantined
 from .store import (
     HANDLED_KEEP_MS,
+    SELECT_PENDING,
     CryptoRow,
     InboxItem,
     NewInboxItem,
@@ -83,6 +84,7 @@ from .store import (
     StoreError,
     StoreUnavailable,
     log_redactions,
+    pending_from_rows,
     redaction_action,
     redaction_target,
     redaction_waits,
@@ -223,7 +225,6 @@ _END_OLD_SESSION = (
     "SELECT pg_terminate_backend(pid) FROM pg_stat_activity WHERE pid = %s AND backend_start = %s"
 )
 
-_event_decoder = msgspec.json.Decoder(RoomEvent)
 _provisioned_decoder = msgspec.json.Decoder(Provisioned)
 
 
@@ -988,24 +989,7 @@ class PostgresStore(StoreCache):
         stored event that no longer reads is quarantined."""
 
         def read(db: Connection) -> tuple[list[InboxItem], list[tuple[int, str]]]:
-            rows = db.execute(
-                "SELECT seq, event_id, room_id, kind, event, attempts FROM events"
-                " WHERE outcome IS NULL ORDER BY seq"
-            ).fetchall()
-            items: list[InboxItem] = []
-            unreadable: list[tuple[int, str]] = []
-            for seq, event_id, room_id, kind, event, attempts in rows:
-                try:
-                    decoded = _event_decoder.decode(event)
-                except (msgspec.DecodeError, RecursionError, TypeError) as exc:
-                    # Damaged: one row must not stop the start.
-                    unreadable.append((seq, f"stored event unreadable: {type(exc).__name__}"))
-                    log_quarantined(room_id, event_id, None, unreadable[-1][1])
-                    continue
-                items.append(
-                    InboxItem(seq, EventID(event_id), RoomID(room_id), kind, decoded, attempts)
-                )
-            return items, unreadable
+            return pending_from_rows(db.execute(SELECT_PENDING).fetchall())
 
         items, unreadable = await self._run(read)
         if unreadable:
