@@ -46,7 +46,7 @@ from matrix_crypto.machine import (
     OutgoingRequest,
     ToDeviceRequest,
 )
-from matrix_crypto.state import CryptoState
+from matrix_crypto.state import KINDS, CryptoState
 
 from ..store import CryptoRow
 from ..store_api import BotStore
@@ -83,6 +83,7 @@ class BotCrypto:
         *,
         published_ms: int = 0,
         own: dict[str, str] | None = None,
+        opened_rows: dict[str, dict[str, str]] | None = None,
     ) -> None:
         self._client = client
         self._store = store
@@ -96,6 +97,9 @@ class BotCrypto:
         self._member_changes = 0
         self.own = own or {}
         """What this module keeps beside the machine's state (kind "own"), by key."""
+        self.opened_rows = opened_rows or {}
+        """The rows of kinds neither the machine nor this module reads (the key
+        backup's markers), by kind and key, as the store had them at `open`."""
         self.published_ms = published_ms
         """When this device's keys went up, on the server's clock (0: not yet). No client
         could send a room key to it for a message older than that."""
@@ -139,6 +143,7 @@ class BotCrypto:
                 machine,
                 published_ms=int(published) if published.isdigit() else 0,
                 own=own,
+                opened_rows=_other_kinds(machine_rows),
             )
         if stored_device is not None and stored_device != device_id:
             # A new device for the same store (re-login): the old identity is no use.
@@ -366,6 +371,14 @@ def _split_rows(
     """The store's crypto rows: this module's own entries by key, and the machine's."""
     own = {key: value for kind, key, value in rows if kind == _OWN}
     return own, [row for row in rows if row[0] != _OWN]
+
+
+def _other_kinds(rows: list[tuple[str, str, str]]) -> dict[str, dict[str, str]]:
+    other: dict[str, dict[str, str]] = {}
+    for kind, key, value in rows:
+        if kind not in KINDS:
+            other.setdefault(kind, {})[key] = value
+    return other
 
 
 def _to_device_dict(event: Any) -> dict[str, Any]:

@@ -40,7 +40,6 @@ from matrix_crypto.backup import BackupKey
 from matrix_crypto.cross_signing import decrypt_secret, encrypt_secret
 from matrix_crypto.errors import CryptoError
 
-from ..store import CryptoRow
 from .crypto import BotCrypto
 from .secret_storage import default_storage_key, read_secret, storage_key_for_secret
 
@@ -73,6 +72,8 @@ SessionKey = tuple[str, str, str]  # (room_id, sender_curve25519, session_id)
 class _Opened:
     key: BackupKey = field(repr=False)
     version: str
+    restored: dict[SessionKey, str] = field(default_factory=dict)
+    """The markers a restore wrote: what came from the backup is in it already."""
 
 
 async def open_key_backup(
@@ -89,11 +90,14 @@ async def open_key_backup(
         crypto.backup_settled.set()
     if opened is None:
         return None
+    # The markers as read when the crypto was opened (nothing wrote any since, but a
+    # restore), not a second read of the whole crypto table.
     markers = {
         key: value
-        for kind, raw, value in await crypto.store.crypto_rows()
-        if kind == MARKER_KIND and (key := _session_key(raw)) is not None
+        for raw, value in crypto.opened_rows.get(MARKER_KIND, {}).items()
+        if (key := _session_key(raw)) is not None
     }
+    markers.update(opened.restored)
     return KeyBackup(crypto, opened.key, opened.version, markers)
 
 
@@ -129,8 +133,8 @@ async def _open(
             )
             return None
         await _keep(crypto, restored_key, current.version, pickle_key)
-        await _restore(crypto, restored_key, current.version)
-        return _Opened(restored_key, current.version)
+        restored = await _restore(crypto, restored_key, current.version)
+        return _Opened(restored_key, current.version, restored)
     # No backup yet: the key is kept (here and in secret storage) before the version
     # that needs it exists.
     if key is None:
@@ -172,7 +176,7 @@ async def _keep(crypto: BotCrypto, key: BackupKey, version: str | None, pickle_k
     await crypto.keep(KEY_ROW, json.dumps(row))
 
 
-async def _restore(crypto: BotCrypto, key: BackupKey, version: str) -> None:
+async def _restore(crypto: BotCrypto, key: BackupKey, version: str) -> dict[SessionKey, str]:
     machine = crypto.machine
     answer = await crypto.client.get_room_keys(version)
     entries = [
@@ -197,14 +201,16 @@ async def _restore(crypto: BotCrypto, key: BackupKey, version: str) -> None:
         await trio.lowlevel.checkpoint()
     states = machine.backup_states()
     # What came from the backup is in it already: not sent back.
-    markers: list[CryptoRow] = []
+    markers: dict[SessionKey, str] = {}
     for session in sessions:
         session_key = (session.room_id, session.sender_key, session.session_id)
         state = states.get(session_key)
         if state == (session.first_known_index, session.authenticated):
-            markers.append((MARKER_KIND, _row_key(session_key), _marker(version, *state)))
+            markers[session_key] = _marker(version, *state)
     await crypto.persist()
-    await crypto.store.apply_crypto(markers)
+    await crypto.store.apply_crypto(
+        [(MARKER_KIND, _row_key(session_key), marker) for session_key, marker in markers.items()]
+    )
     crypto.room_keys_arrived.set()
     log.info(
         "key_backup_restored",
@@ -216,6 +222,7 @@ async def _restore(crypto: BotCrypto, key: BackupKey, version: str) -> None:
     )
     for refusal in refused[:5]:
         log.warning("key_backup_entry_refused", room_id=refusal.room_id, reason=refusal.reason)
+    return markers
 
 
 class KeyBackup:
