@@ -94,6 +94,17 @@ class BadResponse(TransportError):
 
 
 _REGISTRY: dict[str, type[MatrixError]] = {}
+# How much of the server's own words an error's text shows: a hostile server could put
+# megabytes (or a forged log line) in its "error"; `MatrixError.message` keeps it all.
+MAX_SHOWN_CHARS = 300
+
+
+def shown(text: str, limit: int = MAX_SHOWN_CHARS) -> str:
+    """``text`` fit for an error message or a log line: escaped when not printable,
+    cut to ``limit`` characters."""
+    if not text.isprintable():
+        text = ascii(text)
+    return text if len(text) <= limit else text[: limit - 3] + "..."
 
 
 class MatrixError(MatrixAPIError):
@@ -113,7 +124,7 @@ class MatrixError(MatrixAPIError):
         message: str,
         body: Mapping[str, Any] | None = None,
     ) -> None:
-        super().__init__(f"{status} {errcode}: {message}")
+        super().__init__(f"{status} {shown(errcode, 64)}: {shown(message)}")
         self.status = status
         # An instance keeps the errcode it was built from (the base class serves many).
         self.code = errcode

@@ -26,7 +26,7 @@ from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from typing import Any, TypeVar
 
-from .errors import BadResponse, MatrixAPIError, MatrixError
+from .errors import BadResponse, MatrixAPIError, MatrixError, shown
 from .http import HTTPCore, Request
 
 __all__ = [
@@ -180,10 +180,7 @@ class AuthChallenge:
     def describe(self) -> str:
         """The flows offered, for an error message: ``m.login.sso | m.login.password``;
         the server's names escaped when not printable, and cut to `_MAX_DESCRIPTION`."""
-        text = " | ".join(" + ".join(flow) for flow in self.flows)
-        if not text.isprintable():
-            text = ascii(text)
-        return text if len(text) <= _MAX_DESCRIPTION else text[: _MAX_DESCRIPTION - 3] + "..."
+        return shown(" | ".join(" + ".join(flow) for flow in self.flows), _MAX_DESCRIPTION)
 
 
 @dataclass(slots=True)

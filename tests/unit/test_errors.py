@@ -293,3 +293,16 @@ async def test_a_url_no_server_takes_is_an_invalid_request_not_an_httpx_error() 
         with pytest.raises(InvalidRequest) as refused:
             await client.messages(RoomID("!r:x"), direction="b", from_token=SyncToken("p" * 70_000))
     assert "cannot be sent" in str(refused.value)
+
+
+def test_the_servers_words_in_an_error_text_are_bounded_and_escaped() -> None:
+    """A hostile homeserver's "error" (megabytes, or a forged log line) reaches a log
+    line only as `str(error)`: cut and escaped there; the message itself is kept."""
+    huge = MatrixError.from_response(500, {"errcode": "M_UNKNOWN", "error": "x" * 1_000_000})
+    assert len(str(huge)) < 400
+    assert huge.message == "x" * 1_000_000
+    forged = MatrixError.from_response(
+        400, {"errcode": "X_\nevil", "error": "fine\n2026-12-03 [error] forged_line"}
+    )
+    assert "\n" not in str(forged)
+    assert forged.code == "X_\nevil"
