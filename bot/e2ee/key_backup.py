@@ -35,6 +35,7 @@ import trio
 from matrix_api import MatrixAPIError, MatrixClient, NotFound
 from matrix_api.endpoints.key_backup import WrongRoomKeysVersion
 from matrix_api.models import RoomID
+from matrix_api.retry import Backoff
 from matrix_crypto import backup
 from matrix_crypto.backup import BackupKey
 from matrix_crypto.cross_signing import decrypt_secret, encrypt_secret
@@ -62,8 +63,8 @@ _SEAL_NAME = "surfaces-bot.key_backup.v1"
 BACKUP_BATCH_DELAY_S = 1.0
 BATCH_SESSIONS = 100
 RESTORE_CHUNK = 100
-RETRY_MIN_S = 5.0
-RETRY_MAX_S = 300.0
+# After a failed upload (the request's own retries spent): the project's one backoff.
+BACKUP_BACKOFF = Backoff(max_attempts=None, base_delay=5.0, max_delay=300.0)
 
 SessionKey = tuple[str, str, str]  # (room_id, sender_curve25519, session_id)
 
@@ -272,9 +273,9 @@ class KeyBackup:
                 return
             except MatrixAPIError as exc:
                 failures += 1
-                delay = min(RETRY_MIN_S * 2 ** (failures - 1), RETRY_MAX_S)
+                delay = BACKUP_BACKOFF.wait(failures - 1)
                 if failures == 1:
-                    log.warning("key_backup_upload_failed", error=str(exc), retry_s=delay)
+                    log.warning("key_backup_upload_failed", error=str(exc), retry_s=round(delay, 1))
                 await trio.sleep(delay)
                 continue
             await self._crypto.inbound_sessions_changed.wait()

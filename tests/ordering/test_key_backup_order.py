@@ -9,6 +9,7 @@ backup versions and their keys (`FakeHomeserver.key_backups`, ``room_keys``).
 from __future__ import annotations
 
 from dataclasses import replace
+from typing import Any
 
 import pytest
 import trio
@@ -345,3 +346,43 @@ async def test_doctor_says_what_the_backup_holds(
             True,
             "key backup: none yet: the next start makes one",
         )
+
+
+async def test_a_backup_the_server_keeps_refusing_is_retried_with_backoff_not_in_a_loop(
+    autojump_clock: trio.abc.Clock,
+    hs: FakeHomeserver,
+    logs: Logs,
+    settings: Settings,
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """Uploads that fail (a server answering 500 to each, past the request's own
+    retries) are tried again after a growing wait, logged once, and the keys go up
+    once the server takes them; the answers never wait for any of it."""
+    await chats(hs, settings)
+    alice = Peer(hs, ALICE, "ALICEDEV")
+    refusing = True
+    room_keys = hs._room_keys
+
+    async def flaky(version: str | None, body: Any) -> tuple[int, dict[str, Any]]:
+        if body is not None and refusing:
+            return 500, {"errcode": "M_UNKNOWN", "error": "x" * 100_000}
+        return await room_keys(version, body)
+
+    monkeypatch.setattr(hs, "_room_keys", flaky)
+    async with running_bot(settings, hs) as bot:
+        key = alice.room_key_for_bot(ROOM)
+        message = alice.message(ROOM, "$1", "one", ts=hs.now_ms())
+        hs.queue_sync({ROOM: [message]}, to_device=key)
+        await until_handled(bot.store, "$1")
+        await trio.sleep(600)
+        refused = len(put_calls(hs))
+        refusing = False
+        await hs.wait_for(lambda _: message["content"]["session_id"] in backed_up(hs), ended=True)
+
+    assert alice.read(only_reply(hs, ROOM, "$1")).content["body"] == "one"
+    # Ten minutes of refusals: a handful of rounds (each with the request's own
+    # retries), not a loop.
+    assert 2 <= refused <= 40, f"{refused} uploads in ten minutes of refusals"
+    failed = [e for e in logs if e["event"] == "key_backup_upload_failed"]
+    assert len(failed) == 1
+    assert len(repr(failed)) < 2_000
