@@ -9,6 +9,7 @@ from .endpoints.keys import KeysEndpoints
 from .endpoints.media import MediaEndpoints
 from .endpoints.messaging import MessagingEndpoints
 from .endpoints.profile import ProfileEndpoints
+from .endpoints.relations import RelationEndpoints
 from .endpoints.rooms import RoomEndpoints
 from .endpoints.session import SessionEndpoints
 from .endpoints.spaces import SpaceEndpoints
@@ -24,6 +25,7 @@ class MatrixClient(
     RoomEndpoints,
     StateEndpoints,
     MessagingEndpoints,
+    RelationEndpoints,
     AccountDataEndpoints,
     SpaceEndpoints,
     ProfileEndpoints,

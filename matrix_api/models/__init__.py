@@ -21,6 +21,7 @@ from .responses import (
     HierarchyRoom,
     LoginResponse,
     MessagesResponse,
+    RelationsResponse,
     Versions,
     WhoAmI,
 )
@@ -45,6 +46,7 @@ __all__ = [
     "LeftRoom",
     "LoginResponse",
     "MessagesResponse",
+    "RelationsResponse",
     "RoomAlias",
     "RoomEvent",
     "RoomID",

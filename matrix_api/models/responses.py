@@ -18,10 +18,12 @@ __all__ = [
     "JoinedRoomsResponse",
     "LoginResponse",
     "MessagesResponse",
+    "RelationsResponse",
     "RoomIDResponse",
     "Versions",
     "WhoAmI",
     "decode_messages",
+    "decode_relations",
 ]
 
 
@@ -123,5 +125,44 @@ def decode_messages(body: bytes) -> MessagesResponse:
         chunk=decode_events(wire.chunk, RoomEvent, "chunk", skipped),
         end=SyncToken(wire.end) if wire.end is not None else None,
         state=decode_events(wire.state, RoomEvent, "state", skipped),
+        skipped=skipped,
+    )
+
+
+class RelationsResponse(msgspec.Struct, frozen=True):
+    """One page of /relations: the events relating to a parent event.
+
+    ``next_batch`` is None when there is nothing further: paginate from it until then.
+    ``recursion_depth`` is the depth the server followed (only when asked to recurse).
+    Events that do not decode are left out of ``chunk`` and recorded in ``skipped``.
+    """
+
+    chunk: list[RoomEvent]
+    next_batch: SyncToken | None = None
+    prev_batch: SyncToken | None = None
+    recursion_depth: int | None = None
+    skipped: list[SkippedEvent] = msgspec.field(default_factory=list)
+
+
+class _Relations(msgspec.Struct):
+    chunk: list[msgspec.Raw]
+    next_batch: str | None = None
+    prev_batch: str | None = None
+    recursion_depth: int | None = None
+
+
+_relations_decoder = msgspec.json.Decoder(_Relations)
+
+
+def decode_relations(body: bytes) -> RelationsResponse:
+    """Decode a /relations page as `decode_messages` does a /messages one: an event
+    that does not decode is skipped (and recorded), never the page."""
+    skipped: list[SkippedEvent] = []
+    wire = decode_mended(_relations_decoder, body, skipped, ("chunk",))
+    return RelationsResponse(
+        chunk=decode_events(wire.chunk, RoomEvent, "chunk", skipped),
+        next_batch=SyncToken(wire.next_batch) if wire.next_batch is not None else None,
+        prev_batch=SyncToken(wire.prev_batch) if wire.prev_batch is not None else None,
+        recursion_depth=wire.recursion_depth,
         skipped=skipped,
     )
