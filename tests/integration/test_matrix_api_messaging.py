@@ -220,3 +220,84 @@ async def test_typing_and_read_receipts_reach_the_other_user(
             a, since, lambda s: bob.user_id in receipts_in(s, room_id, third, "m.read")
         )
         assert receipts_in(response, room_id, third, "m.read")[bob.user_id]["thread_id"] == "main"
+
+
+def in_thread(body: str, root: EventID) -> dict[str, Any]:
+    """A thread reply's content, with the reply fallback the spec describes."""
+    return {
+        **text(body),
+        "m.relates_to": {
+            "rel_type": "m.thread",
+            "event_id": root,
+            "is_falling_back": True,
+            "m.in_reply_to": {"event_id": root},
+        },
+    }
+
+
+async def test_relations_of_a_thread(synapse: SynapseServer, make_user: MakeUser) -> None:
+    alice = make_user("alice")
+
+    async with client_for(synapse, alice) as client:
+        room_id = await client.create_room()
+        root = await send_text(client, room_id, "root")
+        replies = [
+            await client.send_event(
+                room_id, "m.room.message", in_thread(f"reply {n}", root), new_txn_id()
+            )
+            for n in range(4)
+        ]
+        await send_text(client, room_id, "main timeline, not in the thread")
+        edit_content = {
+            **text("* reply 1 edited"),
+            "m.new_content": text("reply 1 edited"),
+            "m.relates_to": {"rel_type": "m.replace", "event_id": replies[1]},
+        }
+        edit = await client.send_event(room_id, "m.room.message", edit_content, new_txn_id())
+
+        thread = await client.relations(room_id, root, "m.thread")
+        assert [event.event_id for event in thread.chunk] == replies[::-1]  # newest first
+        assert thread.next_batch is None
+        assert thread.recursion_depth is None  # only when asked to recurse
+        # The server shows the replacement's content as the event's, the original's
+        # stays in the event; the edit is bundled in unsigned.
+        assert thread.chunk[2].content["body"] == "reply 1"
+        relations = thread.chunk[2].unsigned["m.relations"]
+        assert relations["m.replace"]["event_id"] == edit
+
+        # Pages of two: the second starts at the first's next_batch and ends the thread.
+        first = await client.relations(room_id, root, "m.thread", limit=2)
+        assert [event.event_id for event in first.chunk] == [replies[3], replies[2]]
+        assert first.next_batch is not None
+        second = await client.relations(
+            room_id, root, "m.thread", limit=2, from_token=first.next_batch
+        )
+        assert [event.event_id for event in second.chunk] == [replies[1], replies[0]]
+        assert second.prev_batch == first.next_batch
+        assert second.next_batch is None  # Synapse knows the last page (the spec allows
+        # an empty one after it: callers page until next_batch is None)
+
+        # Oldest first on request.
+        forward = await client.relations(room_id, root, "m.thread", direction="f")
+        assert [event.event_id for event in forward.chunk] == replies
+
+        # recurse=true follows the edit of a reply, but a rel_type filter applies to
+        # every event found (Synapse 1.163): with m.thread the edit stays out ...
+        filtered = await client.relations(room_id, root, "m.thread", recurse=True)
+        assert [event.event_id for event in filtered.chunk] == replies[::-1]
+        assert filtered.recursion_depth is not None
+        # ... and without rel_type the thread's replies and the edit come together.
+        everything = await client.relations(room_id, root, recurse=True)
+        assert [event.event_id for event in everything.chunk] == [edit, *replies[::-1]]
+        # Not recursing, the edit relates to a reply, not to the root.
+        direct = await client.relations(room_id, root)
+        assert [event.event_id for event in direct.chunk] == replies[::-1]
+        by_type = await client.relations(room_id, replies[1], "m.replace", "m.room.message")
+        assert [event.event_id for event in by_type.chunk] == [edit]
+
+        with pytest.raises(MatrixError) as unknown:
+            await client.relations(room_id, EventID("$not/a+real/event"), "m.thread")
+
+    # The spec says M_NOT_FOUND; Synapse 1.163 says M_UNKNOWN ("Unknown parent event."),
+    # and tests/ordering/fake_homeserver.py answers the same: callers test the status.
+    assert (unknown.value.status, unknown.value.code) == (404, "M_UNKNOWN")
