@@ -148,6 +148,8 @@ async function describe(event) {
         // relation outside the ciphertext).
         relates_to: event.getRelation() ?? null,
         wire_relates_to: wire["m.relates_to"] ?? null,
+        // The thread the SDK puts the event in (its m.thread relation, or the thread model's).
+        thread_root_id: event.threadRootId ?? null,
         sender_device_id: wire.device_id ?? null,
         shield,
         origin_server_ts: event.getTs(),
@@ -274,12 +276,17 @@ const commands = {
         // No IndexedDB in Node: the crypto store lives in memory, for this process only.
         await c.initRustCrypto({ useIndexedDB: false });
         c.on(sdk.RoomEvent.Timeline, (event) => remember(event));
+        // Our own message in a thread the SDK has no model of yet is in no timeline it emits:
+        // its local echo is the one sign of it (settled() waits for it to be sent).
+        c.on(sdk.RoomEvent.LocalEchoUpdated, (event) => remember(event));
         c.on(sdk.MatrixEventEvent.Decrypted, () => notifyChange());
         c.on(sdk.RoomStateEvent.Events, () => notifyChange());
         c.on(sdk.ClientEvent.Sync, () => notifyChange());
         c.on(sdk.ClientEvent.Room, () => notifyChange());
         client = c;
-        await c.startClient({ initialSyncLimit: 20 });
+        // Threads as Element shows them (a thread model per root) only when asked: the
+        // other tests read every event from the main timeline.
+        await c.startClient({ initialSyncLimit: 20, threadSupport: args.thread_support === true });
         await waitFor(deadline, "the first sync", () =>
             c.isInitialSyncComplete() ? true : undefined,
         );
@@ -356,26 +363,33 @@ const commands = {
         const body = requireString(args, "body");
         const encrypted = await waitUntilReadyToSend(roomId, deadline);
         const msgtype = optionalString(args, "msgtype") ?? "m.text";
-        const { event_id } = await c.sendEvent(roomId, "m.room.message", { msgtype, body });
+        // With `thread_id` the SDK adds the thread relation itself, as Element's thread
+        // composer does (is_falling_back, and m.in_reply_to the thread's latest event
+        // when the client models the thread).
+        const threadId = optionalString(args, "thread_id");
+        const { event_id } = await c.sendEvent(roomId, threadId, "m.room.message", { msgtype, body });
         return { event_id, encrypted };
     },
 
     async wait_for_message(args, deadline) {
         // The first settled message in the room (already seen or still to come) from `sender`
         // (any sender when absent) whose body contains `body_contains` (any message, including
-        // undecryptable ones, when absent) and that is not in `exclude_event_ids`.
+        // undecryptable ones, when absent), that is not in `exclude_event_ids` and, with
+        // `in_reply_to`, whose m.relates_to has m.in_reply_to that event.
         requireClient();
         const roomId = requireString(args, "room_id");
         const sender = optionalString(args, "sender");
         const contains = optionalString(args, "body_contains");
+        const inReplyTo = optionalString(args, "in_reply_to");
         const exclude = new Set(Array.isArray(args.exclude_event_ids) ? args.exclude_event_ids : []);
         const what = `a message in ${roomId}${sender ? ` from ${sender}` : ""}${
             contains === null ? "" : ` containing ${JSON.stringify(contains)}`
-        }`;
+        }${inReplyTo === null ? "" : ` in reply to ${inReplyTo}`}`;
         const event = await waitFor(deadline, what, () =>
             settled(roomId).find((event) => {
                 if (exclude.has(event.getId())) return false;
                 if (sender !== null && event.getSender() !== sender) return false;
+                if (inReplyTo !== null && event.replyEventId !== inReplyTo) return false;
                 if (contains === null) return true;
                 const body = event.getContent().body;
                 return !event.isDecryptionFailure() && typeof body === "string" && body.includes(contains);

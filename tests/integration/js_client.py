@@ -96,6 +96,8 @@ class Message:
     """``m.relates_to`` as a client reads it."""
     wire_relates_to: dict[str, Any] | None
     """``m.relates_to`` of the event as sent (outside the ciphertext for an encrypted event)."""
+    thread_root_id: str | None
+    """The root of the thread the SDK puts the event in (None: the main timeline)."""
     content: dict[str, Any]
     """The decrypted content (for a failure: the SDK's placeholder)."""
     sender_device_id: str | None
@@ -181,14 +183,24 @@ class JsClient:
     # --- commands --------------------------------------------------------------------------
 
     async def login(
-        self, homeserver: str, user: str, password: str, device_id: str | None = None
+        self,
+        homeserver: str,
+        user: str,
+        password: str,
+        device_id: str | None = None,
+        *,
+        thread_support: bool = False,
     ) -> Login:
-        """Password login, Rust crypto initialised (in memory), first sync done."""
+        """Password login, Rust crypto initialised (in memory), first sync done.
+
+        ``thread_support``: the SDK models threads as Element does (the root's thread
+        object, the latest reply as a thread message's reply fallback)."""
         args = {
             "homeserver": homeserver,
             "user": user,
             "password": password,
             "device_id": device_id,
+            "thread_support": thread_support,
         }
         return Login(**await self.call("login", args, timeout=60.0))
 
@@ -219,11 +231,20 @@ class JsClient:
         await self.call("leave", {"room_id": room_id})
 
     async def send_text(
-        self, room_id: str, body: str, *, msgtype: str = "m.text", timeout: float = DEFAULT_TIMEOUT
+        self,
+        room_id: str,
+        body: str,
+        *,
+        msgtype: str = "m.text",
+        thread_id: str | None = None,
+        timeout: float = DEFAULT_TIMEOUT,
     ) -> str:
         """Sends once the room is joined here and, if the server says the room is encrypted,
-        once the client's crypto has enabled encryption for it; returns the event id."""
-        args = {"room_id": room_id, "body": body, "msgtype": msgtype}
+        once the client's crypto has enabled encryption for it; returns the event id.
+
+        With ``thread_id`` the message goes in the thread of that root, the SDK writing the
+        thread relation (``rel_type`` ``m.thread``, ``is_falling_back``) itself."""
+        args = {"room_id": room_id, "body": body, "msgtype": msgtype, "thread_id": thread_id}
         return str((await self.call("send_text", args, timeout=timeout))["event_id"])
 
     async def wait_for_message(
@@ -233,16 +254,20 @@ class JsClient:
         sender: str | None = None,
         body_contains: str | None = None,
         exclude_event_ids: list[str] | None = None,
+        in_reply_to: str | None = None,
         timeout: float = DEFAULT_TIMEOUT,
     ) -> Message:
         """The first message in the room (already seen or still to come) from ``sender`` whose
         decrypted body contains ``body_contains``. With ``body_contains=None`` any message
-        matches, an undecryptable one too (``decryption_failure``). Raises `JsClientTimeout`."""
+        matches, an undecryptable one too (``decryption_failure``). With ``in_reply_to``, only
+        a message whose ``m.relates_to`` has that ``m.in_reply_to`` (a rich reply, or a
+        thread message's reply fallback). Raises `JsClientTimeout`."""
         args = {
             "room_id": room_id,
             "sender": sender,
             "body_contains": body_contains,
             "exclude_event_ids": exclude_event_ids or [],
+            "in_reply_to": in_reply_to,
         }
         return Message.from_json(await self.call("wait_for_message", args, timeout=timeout))
 
