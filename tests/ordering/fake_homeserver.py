@@ -12,12 +12,13 @@ It answers what the bot asks of a homeserver: whoami, the initial full-state /sy
 ``full_state=true``), the long-poll /sync (``timeout=30000``: held for `long_poll_s` virtual
 seconds, or until a batch is queued, then an empty batch with a new ``next_batch``), joined_rooms,
 room account data (the chat marker: GET and PUT), sends, receipts, /messages, join, leave,
-joined_members, members and filter uploads. Every request is recorded in order as a `Call`: when
-it arrived (trio's clock), method, path, query, and how many log entries had been captured by then,
-so a test can put requests and log events in one order. Anything else is answered
-``404 M_UNRECOGNIZED`` and listed in `unexpected`; ``POST /createRoom`` and room state PUTs are
-recognised (and refused) so that tests can assert the bot never provisions anything when it should
-only read. A room state GET finds nothing (the rooms here have no state but their encryption).
+joined_members, members, filter uploads, single events and relations. Every request is recorded
+in order as a `Call`: when it arrived (trio's clock), method, path, query, and how many log
+entries had been captured by then, so a test can put requests and log events in one order.
+Anything else is answered ``404 M_UNRECOGNIZED`` and listed in `unexpected`; ``POST /createRoom``
+and room state PUTs are recognised (and refused) so that tests can assert the bot never
+provisions anything when it should only read. A room state GET finds nothing (the rooms here
+have no state but their encryption).
 
 End-to-end encryption, as a homeserver relays it: ``keys/upload`` keeps the device keys, one-time
 keys and fallback key of the bot (and of the peer devices a test publishes with `upload_keys`),
@@ -31,6 +32,19 @@ bot's unclaimed one-time keys (``device_one_time_keys_count``) once it has uploa
 `clock_base_ms` set, every answer's ``Date`` is ``clock_base_ms`` plus trio's clock (the
 server's clock moves with virtual time); with `repeat_answers`, a long-poll from a ``since``
 answered before gets the same answer again (a batch the bot failed to commit comes back).
+
+The events a room has (`FakeRoom.events`): its initial timeline, then every event queued for it
+(from the moment it is queued, as on a server that has it before the bot syncs) and every event
+the bot sends, in that order. ``GET /v3/rooms/{room}/event/{id}`` and
+``GET /v1/rooms/{room}/relations/{id}[/{relType}[/{eventType}]]`` read them as Synapse 1.163
+answers (tests/integration/test_matrix_api_messaging.py shows it): relations newest first
+(``dir=f``: oldest first), ``limit`` 5 unless given, ``from``/``next_batch`` plain offsets;
+``recurse=true`` follows relations of relating events too, and the ``relType``/``eventType``
+filters apply to every event found (so a thread's replies' edits come only without a relType);
+a redacted event relates to nothing; an unknown parent is ``404 M_UNKNOWN`` (the spec says
+M_NOT_FOUND), an unknown event ``404 M_NOT_FOUND``. An event is served with its latest edit
+by its sender bundled (``unsigned["m.relations"]["m.replace"]``), a thread root with its thread
+summary, a redacted one without content and with ``redacted_because``.
 """
 
 from __future__ import annotations
@@ -75,6 +89,13 @@ BOB = "@bob:hs.test"
 BASE_TS = 1_700_000_000_000
 LONG_POLL_TIMEOUT_MS = "30000"
 _V3 = ["", "_matrix", "client", "v3"]
+_V1 = ["", "_matrix", "client", "v1"]
+# Synapse 1.163's /relations: its default page, its cap, and the depth it says it recursed to
+# (its query follows relations up to five levels down).
+RELATIONS_DEFAULT_LIMIT = 5
+RELATIONS_MAX_LIMIT = 1000
+RELATIONS_RECURSION_DEPTH = 3
+_RELATIONS_LEVELS = 5
 _SPACE_STATE = frozenset({"m.space.child", "m.space.parent"})
 SIGNED_CURVE25519 = "signed_curve25519"
 
@@ -117,8 +138,8 @@ class Call:
     endpoint: str
     """What the server took it for: ``whoami``, ``initial_sync``, ``long_poll``, ``joined_rooms``,
     ``get_room_account_data``, ``put_room_account_data``, ``send``, ``receipt``, ``messages``,
-    ``join``, ``leave``, ``upload_filter``, ``create_room``, ``put_state``, ``put_account_data``,
-    ``unexpected``."""
+    ``get_event``, ``relations``, ``join``, ``leave``, ``upload_filter``, ``create_room``,
+    ``put_state``, ``put_account_data``, ``unexpected``."""
     room_id: str | None = None
     event_type: str | None = None
     """The event type of a send or state PUT, the account data type of an account data call."""
@@ -196,6 +217,13 @@ class FakeRoom:
     """Joined members besides the bot (what joined_members answers)."""
     encryption: dict[str, Any] | None = None
     """The room's ``m.room.encryption`` content, shown in its state; None: not encrypted."""
+    later: list[dict[str, Any]] = field(default_factory=list)
+    """Events after the initial timeline: queued for a sync, or sent by the bot, in order."""
+
+    @property
+    def events(self) -> list[dict[str, Any]]:
+        """Every event the server has in this room, oldest first (see the module docstring)."""
+        return [*self.timeline, *self.later]
 
 
 class FakeHomeserver:
@@ -303,6 +331,10 @@ class FakeHomeserver:
                 list(changed),
             )
         )
+        for room_id, events in timelines.items():
+            room = self.rooms.get(room_id)
+            if room is not None:
+                room.later.extend(events)
         self._batch_queued.set()
 
     def now_ms(self) -> int:
@@ -460,6 +492,14 @@ class FakeHomeserver:
 
     def _route(self, call: Call, segments: list[str]) -> Callable[[], Awaitable[Answer]]:
         """Name the endpoint on ``call`` and return the coroutine function answering it."""
+        if segments[:4] == _V1:
+            match segments[4:]:
+                case ["rooms", room_id, "relations", event_id, *filters] if (
+                    call.method == "GET" and len(filters) <= 2
+                ):
+                    call.endpoint, call.room_id = "relations", room_id
+                    return lambda: self._relations(room_id, event_id, filters, call.query)
+            return self._unrecognized
         if segments[:4] != _V3:
             return self._unrecognized
         rest = segments[4:]
@@ -507,6 +547,9 @@ class FakeHomeserver:
             case ["rooms", room_id, "messages"] if method == "GET":
                 call.endpoint, call.room_id = "messages", room_id
                 return lambda: self._messages(call.query)
+            case ["rooms", room_id, "event", event_id] if method == "GET":
+                call.endpoint, call.room_id = "get_event", room_id
+                return lambda: self._get_event(room_id, event_id)
             case ["rooms", room_id, "state", event_type, *_] if method == "PUT":
                 # Recognised so that tests can see it; the bot never needs it.
                 call.endpoint, call.room_id, call.event_type = "put_state", room_id, event_type
@@ -740,11 +783,78 @@ class FakeHomeserver:
             self.sent.append(
                 Sent(room_id, event_type, txn_id, content, event_id, trio.current_time())
             )
+            room = self.rooms.get(room_id)
+            if room is not None:
+                ts = self.now_ms() if self.clock_base_ms is not None else BASE_TS
+                room.later.append(
+                    {
+                        "type": event_type,
+                        "event_id": event_id,
+                        "sender": BOT,
+                        "origin_server_ts": ts,
+                        "content": content,
+                        "unsigned": {},
+                    }
+                )
         return 200, {"event_id": self._txns[key]}
 
     async def _messages(self, query: dict[str, str]) -> Answer:
         # Nothing further back: no ``end``.
         return 200, {"start": query.get("from", "t0"), "chunk": [], "state": []}
+
+    async def _get_event(self, room_id: str, event_id: str) -> Answer:
+        room = self.rooms.get(room_id)
+        events = _Events(room.events if room is not None else [])
+        event = events.by_id.get(event_id)
+        if room is None or event is None:
+            return 404, {"errcode": "M_NOT_FOUND", "error": "Event not found."}
+        return 200, events.served(event, room_id)
+
+    async def _relations(
+        self, room_id: str, parent_id: str, filters: list[str], query: dict[str, str]
+    ) -> Answer:
+        room = self.rooms.get(room_id)
+        if room is None:
+            return 403, {"errcode": "M_FORBIDDEN", "error": "User not in room"}
+        direction = query.get("dir", "b")
+        recurse = query.get("recurse", "false")
+        limit, start = query.get("limit", str(RELATIONS_DEFAULT_LIMIT)), query.get("from", "rel0")
+        if (
+            direction not in ("b", "f")
+            or recurse not in ("true", "false")
+            or not limit.isdigit()
+            or not start.startswith("rel")
+            or not start[3:].isdigit()
+        ):
+            return 400, {"errcode": "M_INVALID_PARAM", "error": "Invalid parameter"}
+        events = _Events(room.events)
+        parent = events.by_id.get(parent_id)
+        if parent is None:
+            return 404, {"errcode": "M_UNKNOWN", "error": "Unknown parent event."}
+        relating = events.relating_to(
+            parent_id, levels=_RELATIONS_LEVELS if recurse == "true" else 1
+        )
+        rel_type, event_type = [*filters, None, None][:2]
+        parent_redacted = parent_id in events.redactions
+        found = [
+            (index, event)
+            for index, event, relation in relating
+            if (rel_type is None or relation == rel_type)
+            and (event_type is None or event.get("type") == event_type)
+            # Synapse keeps a redacted parent's edits to itself (they would leak its content).
+            and not (parent_redacted and relation == "m.replace")
+        ]
+        found.sort(key=lambda pair: pair[0], reverse=direction == "b")
+        offset, count = int(start[3:]), min(int(limit), RELATIONS_MAX_LIMIT)
+        page = found[offset : offset + count]
+        body: dict[str, Any] = {"chunk": [events.served(event, room_id) for _, event in page]}
+        if offset + count < len(found):
+            body["next_batch"] = f"rel{offset + count}"
+        if "from" in query:
+            body["prev_batch"] = start
+        if recurse == "true":
+            body["recursion_depth"] = RELATIONS_RECURSION_DEPTH
+        return 200, body
 
     async def _join(self, room_id: str) -> Answer:
         room = self.rooms.setdefault(room_id, FakeRoom(room_id))
@@ -834,3 +944,103 @@ class FakeHomeserver:
             if room.encryption is not None
             else []
         )
+
+
+def _relation(event: Mapping[str, Any]) -> tuple[str, str] | None:
+    """``(rel_type, event_id)`` of the event's ``m.relates_to``, when both are strings
+    (otherwise it relates to nothing, as on Synapse)."""
+    content = event.get("content")
+    relates = content.get("m.relates_to") if isinstance(content, dict) else None
+    if not isinstance(relates, dict):
+        return None
+    rel_type, event_id = relates.get("rel_type"), relates.get("event_id")
+    if isinstance(rel_type, str) and isinstance(event_id, str):
+        return rel_type, event_id
+    return None
+
+
+class _Events:
+    """A room's events as the server reads them for /event and /relations."""
+
+    def __init__(self, events: Sequence[Any]) -> None:
+        self.events = [event for event in events if isinstance(event, dict)]
+        self.by_id: dict[str, dict[str, Any]] = {}
+        self.redactions: dict[str, dict[str, Any]] = {}
+        """Redacted event id -> the first redaction of it."""
+        for event in self.events:
+            event_id = event.get("event_id")
+            if isinstance(event_id, str):
+                self.by_id.setdefault(event_id, event)
+            if event.get("type") == "m.room.redaction":
+                content = event.get("content")
+                target = content.get("redacts") if isinstance(content, dict) else None
+                target = target if isinstance(target, str) else event.get("redacts")
+                if isinstance(target, str):
+                    self.redactions.setdefault(target, event)
+
+    def relating_to(self, parent_id: str, *, levels: int) -> list[tuple[int, dict[str, Any], str]]:
+        """(position, event, rel_type) of the events relating to ``parent_id``, and with
+        ``levels`` > 1 of those relating to them, that many levels down. A redacted event
+        relates to nothing (Synapse drops its relation)."""
+        found: list[tuple[int, dict[str, Any], str]] = []
+        seen = {parent_id}
+        parents = {parent_id}
+        for _ in range(levels):
+            children: set[str] = set()
+            for index, event in enumerate(self.events):
+                relation = _relation(event)
+                event_id = event.get("event_id")
+                if (
+                    relation is None
+                    or relation[1] not in parents
+                    or not isinstance(event_id, str)
+                    or event_id in seen
+                    or event_id in self.redactions
+                ):
+                    continue
+                seen.add(event_id)
+                children.add(event_id)
+                found.append((index, event, relation[0]))
+            if not children:
+                break
+            parents = children
+        return found
+
+    def served(self, event: dict[str, Any], room_id: str, *, bundle: bool = True) -> dict[str, Any]:
+        """``event`` as a client gets it: with its room id, redacted if it was, with its
+        latest edit and (a thread root) its thread summary bundled."""
+        served = {**event, "room_id": room_id, "unsigned": dict(event.get("unsigned") or {})}
+        event_id = event.get("event_id")
+        redaction = self.redactions.get(event_id) if isinstance(event_id, str) else None
+        if redaction is not None:
+            served["content"] = {}
+            served["unsigned"]["redacted_because"] = {**redaction, "room_id": room_id}
+            return served
+        if not bundle or not isinstance(event_id, str):
+            return served
+        aggregations: dict[str, Any] = {}
+        edits = [
+            edit
+            for _, edit, rel_type in self.relating_to(event_id, levels=1)
+            if rel_type == "m.replace"
+            and edit.get("sender") == event.get("sender")
+            and edit.get("type") == event.get("type")
+        ]
+        if edits:
+            aggregations["m.replace"] = self.served(edits[-1], room_id, bundle=False)
+        replies = [
+            reply
+            for _, reply, rel_type in self.relating_to(event_id, levels=1)
+            if rel_type == "m.thread"
+        ]
+        if replies:
+            aggregations["m.thread"] = {
+                "latest_event": self.served(replies[-1], room_id),
+                "count": len(replies),
+                "current_user_participated": any(
+                    one.get("sender") == BOT for one in [event, *replies]
+                ),
+            }
+        if aggregations:
+            served["unsigned"]["m.relations"] = aggregations
+        return served
