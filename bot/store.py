@@ -62,6 +62,7 @@ __all__ = [
     "StoreError",
     "StoreUnavailable",
     "pending_from_rows",
+    "thread_key",
 ]
 
 T = TypeVar("T")
@@ -188,6 +189,22 @@ _MIGRATIONS: list[str] = [
     """
     ALTER TABLE turns ADD COLUMN event_id TEXT;
     """,
+    # 10: a conversation per (chat, thread): a thread's root event id, or '' for the
+    # chat's main timeline ('' and not NULL, so that it can be part of a primary key).
+    # What a store held so far is the main timeline's.
+    """
+    ALTER TABLE turns ADD COLUMN thread TEXT NOT NULL DEFAULT '';
+    DROP INDEX turns_by_chat;
+    CREATE INDEX turns_by_conversation ON turns(chat_id, thread, seq);
+    ALTER TABLE contexts RENAME TO contexts_by_chat;
+    CREATE TABLE contexts (
+        chat_id TEXT NOT NULL,
+        thread  TEXT NOT NULL DEFAULT '',
+        PRIMARY KEY (chat_id, thread)
+    ) WITHOUT ROWID;
+    INSERT INTO contexts(chat_id, thread) SELECT chat_id, '' FROM contexts_by_chat;
+    DROP TABLE contexts_by_chat;
+    """,
 ]
 SCHEMA_VERSION = len(_MIGRATIONS)
 # The tables a store of each schema version must have, to tell ours from others'.
@@ -205,9 +222,15 @@ _TABLES_BY_VERSION = {
     9: frozenset(
         {"meta", "chats", "events", "spaces", "turns", "contexts", "crypto", "encrypted_rooms"}
     ),
+    10: frozenset(
+        {"meta", "chats", "events", "spaces", "turns", "contexts", "crypto", "encrypted_rooms"}
+    ),
 }
 
 HANDLED_KEEP_MS = 30 * 24 * 3600 * 1000
+# The spec's bound on an event id, in bytes (`bot.messages.MAX_EVENT_ID`): a thread's
+# key is its root's event id.
+MAX_THREAD_ID = 255
 _event_decoder = msgspec.json.Decoder(RoomEvent)
 
 
@@ -315,6 +338,34 @@ class _Shape(msgspec.Struct):
 
 
 _shape_decoder = msgspec.json.Decoder(_Shape)
+
+
+def thread_key(thread: str | None) -> str:
+    """The stored key of a conversation's thread (both stores): ``thread`` (its root
+    event id) as it is, and '' for None, the chat's main timeline.
+
+    Raises ValueError, before anything is read or written, for what is no thread root's
+    event id: '' (it would silently be the main timeline; pass None for that), one
+    longer than an event id can be (`MAX_THREAD_ID` bytes; a 10,000-character key
+    would not fit PostgreSQL's index), or a lone surrogate (no UTF-8 text). The
+    caller (`bot.messages`) quarantines a message whose thread names no event id, so
+    this never happens for a message the bot takes in. U+0000 is kept (in PostgreSQL
+    as U+FFFD, like every other string: there ``$a\x00`` and ``$a\ufffd`` are one
+    thread).
+    """
+    if thread is None:
+        return ""
+    if not isinstance(thread, str):
+        raise TypeError(f"a thread is its root's event id (a str), not {type(thread).__name__}")
+    if not thread:
+        raise ValueError("'' is no thread; the main timeline is thread=None")
+    try:
+        size = len(thread.encode())
+    except UnicodeEncodeError:
+        raise ValueError("a thread's event id must be UTF-8 text") from None
+    if size > MAX_THREAD_ID:
+        raise ValueError(f"a thread's event id has at most {MAX_THREAD_ID} bytes, not {size}")
+    return thread
 
 
 def redaction_item(
@@ -777,9 +828,10 @@ class Store(StoreCache):
         A ``redaction`` item (`redaction_item`) is applied here, after the batch's
         other events: a redacted message still pending (taken in earlier, or in this
         batch) is recorded as "redacted" with no body and is not returned; the turns
-        of one already answered leave its conversation. The redaction is returned
-        (for its room's lane) only when an answer may have to be redacted too
-        (`redaction_waits`); one of an event the store does not know is not kept.
+        of one already answered leave its conversation (whichever thread holds them).
+        The redaction is returned (for its room's lane) only when an answer may have
+        to be redacted too (`redaction_waits`); one of an event the store does not
+        know is not kept.
         ``crypto`` (the crypto layer's changes from the batch's to-device events) and
         ``encryption`` (rooms whose encryption the batch turned on, with the content)
         are written in the same transaction: the server re-delivers to-device events
@@ -880,6 +932,7 @@ class Store(StoreCache):
                 (dropped if target.seq in in_batch else redacted).add(target.seq)
             chat = self._chats_by_room.get(RoomID(target.room_id))
             if chat is not None:
+                # Whichever of the chat's conversations (threads) holds them.
                 db.execute(
                     "DELETE FROM turns WHERE chat_id = ? AND event_id = ?",
                     (chat.chat_id, redaction_target(item)),
@@ -964,20 +1017,27 @@ class Store(StoreCache):
         reply_event_id: EventID | None,
         chat_id: str,
         turns: Sequence[tuple[str, str]],
+        *,
+        thread: str | None = None,
     ) -> None:
-        """`finish` and append ``turns`` (role, content) to the chat's conversation, in
-        one transaction: a crash never records the answer twice or loses it. The turns
+        """`finish` and append ``turns`` (role, content) to the conversation of the
+        chat's ``thread`` (None: its main timeline; see `thread_key`), in one
+        transaction: a crash never records the answer twice or loses it. The turns
         carry the item's event id (a redaction of it takes them out); an item no longer
         pending (redacted while it was answered) appends none."""
+        key = thread_key(thread)
 
         def write(db: sqlite3.Connection) -> None:
             if not _record_handled(db, item.seq, outcome, reply_event_id):
                 return
             db.executemany(
-                "INSERT INTO turns(chat_id, role, content, event_id) VALUES (?, ?, ?, ?)",
-                [(chat_id, role, content, item.event_id) for role, content in turns],
+                "INSERT INTO turns(chat_id, thread, role, content, event_id)"
+                " VALUES (?, ?, ?, ?, ?)",
+                [(chat_id, key, role, content, item.event_id) for role, content in turns],
             )
-            db.execute("INSERT OR IGNORE INTO contexts(chat_id) VALUES (?)", (chat_id,))
+            db.execute(
+                "INSERT OR IGNORE INTO contexts(chat_id, thread) VALUES (?, ?)", (chat_id, key)
+            )
 
         await self._run(self._transaction(write))
         self._redacted.discard(item.seq)
@@ -1044,18 +1104,24 @@ class Store(StoreCache):
 
     # --- conversations ----------------------------------------------------------------
 
-    async def conversation(self, chat_id: str) -> list[tuple[str, str]] | None:
-        """The chat's turns (role, content), oldest first; None when the store has
-        never held this chat's conversation (rebuild it from the room)."""
+    async def conversation(
+        self, chat_id: str, *, thread: str | None = None
+    ) -> list[tuple[str, str]] | None:
+        """The turns (role, content) of the chat's ``thread`` (its root event id; None:
+        the main timeline, see `thread_key`), oldest first; None when the store has
+        never held that conversation (rebuild it from the room). Each thread is a
+        conversation of its own, and the main timeline another."""
+        key = thread_key(thread)
 
         def read() -> list[tuple[str, str]] | None:
             known = self._db.execute(
-                "SELECT 1 FROM contexts WHERE chat_id = ?", (chat_id,)
+                "SELECT 1 FROM contexts WHERE chat_id = ? AND thread = ?", (chat_id, key)
             ).fetchone()
             if not known:
                 return None
             rows = self._db.execute(
-                "SELECT role, content FROM turns WHERE chat_id = ? ORDER BY seq", (chat_id,)
+                "SELECT role, content FROM turns WHERE chat_id = ? AND thread = ? ORDER BY seq",
+                (chat_id, key),
             ).fetchall()
             return [(role, content) for role, content in rows]
 
@@ -1066,23 +1132,31 @@ class Store(StoreCache):
         chat_id: str,
         turns: Sequence[tuple[str, str]],
         event_ids: Sequence[str | None] = (),
+        *,
+        thread: str | None = None,
     ) -> None:
-        """Set the chat's whole conversation (after a rebuild, or empty for ``!forget``).
+        """Set the whole conversation of the chat's ``thread`` (None: the main
+        timeline), after a rebuild, or empty for ``!forget``; the chat's other
+        conversations stay as they are.
 
         ``event_ids``: the message each turn came from, when known (a rebuild knows).
         """
+        key = thread_key(thread)
         ids = [*event_ids, *[None] * (len(turns) - len(event_ids))]
 
         def write(db: sqlite3.Connection) -> None:
-            db.execute("DELETE FROM turns WHERE chat_id = ?", (chat_id,))
+            db.execute("DELETE FROM turns WHERE chat_id = ? AND thread = ?", (chat_id, key))
             db.executemany(
-                "INSERT INTO turns(chat_id, role, content, event_id) VALUES (?, ?, ?, ?)",
+                "INSERT INTO turns(chat_id, thread, role, content, event_id)"
+                " VALUES (?, ?, ?, ?, ?)",
                 [
-                    (chat_id, role, content, event_id)
+                    (chat_id, key, role, content, event_id)
                     for (role, content), event_id in zip(turns, ids, strict=False)
                 ],
             )
-            db.execute("INSERT OR IGNORE INTO contexts(chat_id) VALUES (?)", (chat_id,))
+            db.execute(
+                "INSERT OR IGNORE INTO contexts(chat_id, thread) VALUES (?, ?)", (chat_id, key)
+            )
 
         await self._run(self._transaction(write))
 

@@ -99,6 +99,8 @@ class BotStore(Protocol):
         reply_event_id: EventID | None,
         chat_id: str,
         turns: Sequence[tuple[str, str]],
+        *,
+        thread: str | None = None,
     ) -> None: ...
     def is_redacted(self, item: InboxItem) -> bool: ...
     async def answer_to(self, event_id: str) -> EventID | None: ...
@@ -112,13 +114,19 @@ class BotStore(Protocol):
     async def quarantined(self) -> dict[str, str]: ...
     async def counts(self) -> dict[str, int]: ...
 
-    # --- conversations
-    async def conversation(self, chat_id: str) -> list[tuple[str, str]] | None: ...
+    # --- conversations: one per (chat, thread); thread None is the main timeline, a
+    # thread's root event id that thread ('' and what is no event id: ValueError,
+    # see `bot.store.thread_key`)
+    async def conversation(
+        self, chat_id: str, *, thread: str | None = None
+    ) -> list[tuple[str, str]] | None: ...
     async def replace_conversation(
         self,
         chat_id: str,
         turns: Sequence[tuple[str, str]],
         event_ids: Sequence[str | None] = (),
+        *,
+        thread: str | None = None,
     ) -> None: ...
 
     # --- end-to-end encryption

@@ -88,6 +88,7 @@ from .store import (
     redaction_action,
     redaction_target,
     redaction_waits,
+    thread_key,
 )
 from .store_cache import SELECT_CHATS, StoreCache, chats_from_rows
 
@@ -155,6 +156,16 @@ _MIGRATIONS: list[str] = [
     # 2: the SQLite store's 9: each turn names the message it came from.
     """
     ALTER TABLE turns ADD COLUMN event_id TEXT;
+    """,
+    # 3: the SQLite store's 10: a conversation per (chat, thread), '' the main
+    # timeline, which is what a store held so far. (A constant default: no rewrite.)
+    """
+    ALTER TABLE turns ADD COLUMN thread TEXT NOT NULL DEFAULT '';
+    DROP INDEX turns_by_chat;
+    CREATE INDEX turns_by_conversation ON turns(chat_id, thread, seq);
+    ALTER TABLE contexts ADD COLUMN thread TEXT NOT NULL DEFAULT '';
+    ALTER TABLE contexts DROP CONSTRAINT contexts_pkey;
+    ALTER TABLE contexts ADD PRIMARY KEY (chat_id, thread);
     """,
 ]
 PG_SCHEMA_VERSION = len(_MIGRATIONS)
@@ -922,6 +933,7 @@ class PostgresStore(StoreCache):
                 )
             chat = self._chats_by_room.get(RoomID(target.room_id))
             if chat is not None:
+                # Whichever of the chat's conversations (threads) holds them.
                 db.execute(
                     "DELETE FROM turns WHERE chat_id = %s AND event_id = %s",
                     (chat.chat_id, target_id),
@@ -1027,12 +1039,16 @@ class PostgresStore(StoreCache):
         reply_event_id: EventID | None,
         chat_id: str,
         turns: Sequence[tuple[str, str]],
+        *,
+        thread: str | None = None,
     ) -> None:
-        """`finish` and append ``turns`` (role, content) to the chat's conversation, in
+        """`finish` and append ``turns`` (role, content) to the conversation of the
+        chat's ``thread`` (None: its main timeline; see `bot.store.thread_key`), in
         one transaction: a crash never records the answer twice or loses it. An item
         already finished (a retry after a commit whose answer was lost and could not
         be looked up, or redacted while it was answered) appends nothing. The turns
         carry the item's event id."""
+        key = thread_key(thread)
 
         def write(db: Connection) -> None:
             pending = db.execute(
@@ -1040,7 +1056,7 @@ class PostgresStore(StoreCache):
             ).fetchone()
             _record_handled(db, item.seq, outcome, reply_event_id)
             if pending is not None:
-                _append_turns(db, chat_id, turns, [item.event_id] * len(turns))
+                _append_turns(db, chat_id, key, turns, [item.event_id] * len(turns))
 
         await self._run(self._transaction(write), lambda _: self._redacted.discard(item.seq))
 
@@ -1104,16 +1120,23 @@ class PostgresStore(StoreCache):
 
     # --- conversations ----------------------------------------------------------------
 
-    async def conversation(self, chat_id: str) -> list[tuple[str, str]] | None:
-        """The chat's turns (role, content), oldest first; None when the store has
-        never held this chat's conversation (rebuild it from the room)."""
+    async def conversation(
+        self, chat_id: str, *, thread: str | None = None
+    ) -> list[tuple[str, str]] | None:
+        """The turns (role, content) of the chat's ``thread`` (None: the main
+        timeline), oldest first; None when the store has never held that conversation
+        (`bot.store.Store.conversation`)."""
+        key = thread_key(thread)
 
         def read(db: Connection) -> list[tuple[str, str]] | None:
-            known = db.execute("SELECT 1 FROM contexts WHERE chat_id = %s", (chat_id,)).fetchone()
+            known = db.execute(
+                "SELECT 1 FROM contexts WHERE chat_id = %s AND thread = %s", (chat_id, key)
+            ).fetchone()
             if not known:
                 return None
             rows = db.execute(
-                "SELECT role, content FROM turns WHERE chat_id = %s ORDER BY seq", (chat_id,)
+                "SELECT role, content FROM turns WHERE chat_id = %s AND thread = %s ORDER BY seq",
+                (chat_id, key),
             ).fetchall()
             return [(role, content) for role, content in rows]
 
@@ -1124,12 +1147,17 @@ class PostgresStore(StoreCache):
         chat_id: str,
         turns: Sequence[tuple[str, str]],
         event_ids: Sequence[str | None] = (),
+        *,
+        thread: str | None = None,
     ) -> None:
-        """Set the chat's whole conversation (after a rebuild, or empty for ``!forget``)."""
+        """Set the whole conversation of the chat's ``thread`` (None: the main
+        timeline), after a rebuild, or empty for ``!forget``; the chat's other
+        conversations stay as they are."""
+        key = thread_key(thread)
 
         def write(db: Connection) -> None:
-            db.execute("DELETE FROM turns WHERE chat_id = %s", (chat_id,))
-            _append_turns(db, chat_id, turns, event_ids)
+            db.execute("DELETE FROM turns WHERE chat_id = %s AND thread = %s", (chat_id, key))
+            _append_turns(db, chat_id, key, turns, event_ids)
 
         await self._run(self._transaction(write))
 
@@ -1208,17 +1236,23 @@ def _put_meta_if_absent(db: Connection, key: str, value: str) -> None:
 def _append_turns(
     db: Connection,
     chat_id: str,
+    thread: str,
     turns: Sequence[tuple[str, str]],
     event_ids: Sequence[str | None] = (),
 ) -> None:
+    """Append ``turns`` to the conversation of (``chat_id``, ``thread``, a
+    `bot.store.thread_key`), which the store now holds."""
     ids = [*event_ids, *[None] * (len(turns) - len(event_ids))]
     for (role, content), event_id in zip(turns, ids, strict=False):
         db.execute(
-            "INSERT INTO turns(chat_id, role, content, event_id) VALUES (%s, %s, %s, %s)",
-            (chat_id, role, content, event_id),
+            "INSERT INTO turns(chat_id, thread, role, content, event_id)"
+            " VALUES (%s, %s, %s, %s, %s)",
+            (chat_id, thread, role, content, event_id),
         )
     db.execute(
-        "INSERT INTO contexts(chat_id) VALUES (%s) ON CONFLICT (chat_id) DO NOTHING", (chat_id,)
+        "INSERT INTO contexts(chat_id, thread) VALUES (%s, %s)"
+        " ON CONFLICT (chat_id, thread) DO NOTHING",
+        (chat_id, thread),
     )
 
 

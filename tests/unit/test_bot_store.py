@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import contextlib
 import os
+import random
 import re
 import socket
 import sqlite3
@@ -47,6 +48,7 @@ from bot.store import (
     redaction_item,
 )
 from bot.store_api import BotStore, is_postgres_url, open_store, sqlite_path
+from bot.store_postgres import _MIGRATIONS as PG_MIGRATIONS
 from bot.store_postgres import PG_SCHEMA_VERSION, PostgresStore, StoreDeposed
 from matrix_api.models import EventID, RoomEvent, RoomID, SyncToken, UserID
 from pg_server import PostgresServer, missing_binaries
@@ -132,6 +134,17 @@ class SqliteKind:
     def tables(self) -> set[str]:
         return {name for (name,) in self.rows("SELECT name FROM sqlite_master WHERE type='table'")}
 
+    def indexes(self, table: str) -> set[str]:
+        """Its indexes that were made by name (not a primary key's or a UNIQUE's)."""
+        return {
+            name
+            for (name,) in self.rows(
+                "SELECT name FROM sqlite_master WHERE type = 'index' AND tbl_name = ?"
+                " AND sql IS NOT NULL",
+                (table,),
+            )
+        }
+
 
 class PostgresKind:
     """A PostgreSQL store in a schema of its own in one shared database (a new schema
@@ -169,6 +182,17 @@ class PostgresKind:
             name
             for (name,) in self.rows(
                 "SELECT tablename FROM pg_tables WHERE schemaname = current_schema()"
+            )
+        }
+
+    def indexes(self, table: str) -> set[str]:
+        """Its indexes that were made by name (not a primary key's or a UNIQUE's)."""
+        return {
+            name
+            for (name,) in self.rows(
+                "SELECT indexname FROM pg_indexes WHERE schemaname = current_schema()"
+                " AND tablename = ? AND indexname NOT LIKE '%%_pkey'",
+                (table,),
             )
         }
 
@@ -241,7 +265,7 @@ async def test_opening_twice_does_not_migrate_again(kind: Kind) -> None:
 
 def write_old_store(path: Path, version: int) -> None:
     """A store as a bot of schema ``version`` left it: a chat, a token, an inbox item,
-    a handled event."""
+    a handled event, and (from version 4 on) the chat's conversation."""
     path.parent.mkdir(parents=True, exist_ok=True)
     connection = sqlite3.connect(path)
     for script in _MIGRATIONS[:version]:
@@ -278,8 +302,16 @@ def write_old_store(path: Path, version: int) -> None:
             " reply_event_id, handled_ts) VALUES (?, ?, 'message', ?, ?, ?, ?)",
             ("$done", ROOM, now, "replied", "$reply", now),
         )
+    if version >= 4:
+        connection.executemany(
+            "INSERT INTO turns(chat_id, role, content) VALUES ('c1', ?, ?)", OLD_TURNS
+        )
+        connection.execute("INSERT INTO contexts(chat_id) VALUES ('c1')")
     connection.commit()
     connection.close()
+
+
+OLD_TURNS = [("user", "before"), ("assistant", "threads")]
 
 
 @pytest.mark.parametrize("version", range(1, SCHEMA_VERSION))
@@ -294,6 +326,9 @@ async def test_an_older_store_is_migrated_and_keeps_its_data(path: Path, version
         assert await store.handled_outcome("$done") == "replied"
         # Still handled: a replay of it is not taken in again.
         assert await store.commit_sync_batch(SyncToken("s8"), [new_item("$done")]) == []
+        # Its conversation is the chat's main timeline's; no thread has one yet.
+        assert await store.conversation("c1") == (OLD_TURNS if version >= 4 else None)
+        assert await store.conversation("c1", thread="$done") is None
     finally:
         await store.aclose()
 
@@ -1160,6 +1195,286 @@ async def test_a_rebuilt_conversation_keeps_its_sources_for_later_redactions(
     await store.commit_sync_batch(SyncToken("s2"), [redaction("$x", "$a")])
 
     assert await store.conversation("c1") == [("user", "qb"), ("assistant", "ab")]
+
+
+# --- both stores: a conversation per thread (issue 23) -------------------------------------
+
+
+async def answered_in(
+    store: BotStore, event_id: str, thread: str | None, chat_id: str = "c1"
+) -> None:
+    """Take ``event_id`` in and answer it in ``thread`` (None: the main timeline)."""
+    (item,) = await store.commit_sync_batch(SyncToken(f"t{event_id}"), [new_item(event_id)])
+    await store.finish_with_turns(
+        item, "replied", EventID(f"$answer{event_id}"), chat_id,
+        [("user", f"q{event_id}"), ("assistant", f"a{event_id}")], thread=thread,
+    )  # fmt: skip
+
+
+def exchange(event_id: str) -> list[tuple[str, str]]:
+    return [("user", f"q{event_id}"), ("assistant", f"a{event_id}")]
+
+
+async def test_each_thread_is_a_conversation_of_its_own(store: BotStore) -> None:
+    await answered_in(store, "$main1", None)
+    await answered_in(store, "$t1", "$rootA")
+    await answered_in(store, "$main2", None)
+    await answered_in(store, "$t2", "$rootB")
+    await answered_in(store, "$t3", "$rootA")
+    await answered_in(store, "$other", "$rootA", chat_id="c2")  # another chat, same root id
+
+    assert await store.conversation("c1") == exchange("$main1") + exchange("$main2")
+    assert await store.conversation("c1", thread=None) == await store.conversation("c1")
+    assert await store.conversation("c1", thread="$rootA") == exchange("$t1") + exchange("$t3")
+    assert await store.conversation("c1", thread="$rootB") == exchange("$t2")
+    assert await store.conversation("c2", thread="$rootA") == exchange("$other")
+    # Known per (chat, thread): a thread never held is rebuilt from the room, though
+    # the chat's main timeline (or another chat's thread of that id) is known.
+    assert await store.conversation("c1", thread="$rootC") is None
+    assert await store.conversation("c2") is None
+    assert await store.conversation("c3", thread="$rootA") is None
+
+
+async def test_a_thread_rebuilt_or_forgotten_leaves_the_other_conversations(
+    store: BotStore,
+) -> None:
+    await answered_in(store, "$main", None)
+    await answered_in(store, "$a", "$rootA")
+    await answered_in(store, "$b", "$rootB")
+
+    # A thread's first message: its conversation is built from the room.
+    await store.replace_conversation(
+        "c1", exchange("$root") + exchange("$c"), ["$root", "$root", "$c", "$c"], thread="$rootC"
+    )
+    # !forget in thread A.
+    await store.replace_conversation("c1", [], thread="$rootA")
+
+    assert await store.conversation("c1", thread="$rootA") == []  # known, and empty
+    assert await store.conversation("c1", thread="$rootB") == exchange("$b")
+    assert await store.conversation("c1", thread="$rootC") == exchange("$root") + exchange("$c")
+    assert await store.conversation("c1") == exchange("$main")
+
+    # !forget in the main timeline, then a new exchange in the forgotten thread.
+    await store.replace_conversation("c1", [])
+    await answered_in(store, "$a2", "$rootA")
+
+    assert await store.conversation("c1") == []
+    assert await store.conversation("c1", thread="$rootA") == exchange("$a2")
+    assert await store.conversation("c1", thread="$rootB") == exchange("$b")
+
+
+async def test_conversations_per_thread_survive_a_reopen(kind: Kind) -> None:
+    store = await kind.open()
+    await answered_in(store, "$main", None)
+    await answered_in(store, "$a", "$rootA")
+    await store.replace_conversation("c1", [], thread="$rootB")
+    await store.aclose()
+
+    store = await kind.open()
+    try:
+        assert await store.conversation("c1") == exchange("$main")
+        assert await store.conversation("c1", thread="$rootA") == exchange("$a")
+        assert await store.conversation("c1", thread="$rootB") == []
+        assert await store.conversation("c1", thread="$rootC") is None
+    finally:
+        await store.aclose()
+
+
+async def test_a_redaction_takes_turns_out_of_the_thread_that_holds_them(
+    store: BotStore,
+) -> None:
+    await store.apply_chats([chat("c1", ROOM)])
+    # The thread's root was a message answered in the main timeline; the thread's
+    # conversation starts with it (its turns carry the root's id there too).
+    await answered_in(store, "$root", None)
+    await answered_in(store, "$main", None)
+    await store.replace_conversation(
+        "c1", exchange("$root"), ["$root", "$root"], thread="$root"
+    )  # fmt: skip
+    await answered_in(store, "$t1", "$root")
+    await answered_in(store, "$t2", "$root")
+    await answered_in(store, "$u1", "$rootB")
+
+    await store.commit_sync_batch(SyncToken("r1"), [redaction("$x1", "$t1")])
+
+    assert await store.conversation("c1", thread="$root") == exchange("$root") + exchange("$t2")
+    assert await store.conversation("c1", thread="$rootB") == exchange("$u1")
+    assert await store.conversation("c1") == exchange("$root") + exchange("$main")
+
+    # The root redacted: it leaves both conversations that hold it.
+    await store.commit_sync_batch(SyncToken("r2"), [redaction("$x2", "$root")])
+
+    assert await store.conversation("c1", thread="$root") == exchange("$t2")
+    assert await store.conversation("c1") == exchange("$main")
+    assert await store.conversation("c1", thread="$rootB") == exchange("$u1")
+
+
+async def test_a_message_redacted_while_answered_in_a_thread_adds_no_turns(
+    store: BotStore,
+) -> None:
+    await store.apply_chats([chat("c1", ROOM)])
+    (item,) = await store.commit_sync_batch(SyncToken("s1"), [new_item("$a", body="secret")])
+    await store.commit_sync_batch(SyncToken("s2"), [redaction("$x", "$a")])
+
+    await store.finish_with_turns(
+        item, "replied", EventID("$late"), "c1", [("user", "secret")], thread="$root"
+    )
+
+    assert await store.conversation("c1", thread="$root") is None
+    assert await store.handled_outcome("$a") == "redacted"
+
+
+# Not a thread's root event id: '' (the main timeline is None, and '' must not
+# silently be it), longer than an event id may be, or not UTF-8 text.
+NOT_THREADS = [
+    pytest.param("", id="empty"),
+    pytest.param("$" + "x" * 9_999, id="10000-chars"),
+    pytest.param("$" + random.Random(23).randbytes(4_000).hex(), id="8001-random-chars"),
+    pytest.param("$" + "\u00e9" * 128, id="257-bytes"),
+    pytest.param("$\ud800", id="lone-surrogate"),
+]
+
+
+@pytest.mark.parametrize("thread", NOT_THREADS)
+async def test_what_is_no_thread_is_refused_and_nothing_is_written(
+    store: BotStore, kind: Kind, thread: str
+) -> None:
+    await answered_in(store, "$main", None)
+    (item,) = await store.commit_sync_batch(SyncToken("s1"), [new_item("$a")])
+    before = kind.rows("SELECT chat_id, thread, role, content FROM turns ORDER BY seq")
+
+    with pytest.raises(ValueError, match="thread"):
+        await store.finish_with_turns(item, "replied", EventID("$r"), "c1", exchange("$a"),
+                                      thread=thread)  # fmt: skip
+    with pytest.raises(ValueError, match="thread"):
+        await store.replace_conversation("c1", [], thread=thread)
+    with pytest.raises(ValueError, match="thread"):
+        await store.conversation("c1", thread=thread)
+
+    # Nothing changed: the item is still pending, the main timeline whole.
+    assert [pending.event_id for pending in await store.pending()] == ["$a"]
+    assert kind.rows("SELECT chat_id, thread, role, content FROM turns ORDER BY seq") == before
+    assert kind.rows("SELECT chat_id, thread FROM contexts") == [("c1", "")]
+    assert await store.conversation("c1") == exchange("$main")
+
+
+@pytest.mark.parametrize(
+    "thread",
+    [
+        pytest.param("$" + "\u00e9" * 127, id="255-bytes"),
+        # As long as an event id may be, and incompressible: still fits the index.
+        pytest.param("$" + random.Random(23).randbytes(127).hex(), id="255-random-chars"),
+        pytest.param("$x'); DROP TABLE turns; --", id="sql"),
+        pytest.param("c2", id="another-chat-id"),
+        pytest.param("$\u202e\U0001f600", id="unicode"),
+    ],
+)
+async def test_any_event_id_is_a_thread_of_its_own(store: BotStore, thread: str) -> None:
+    await answered_in(store, "$main", None)
+    await answered_in(store, "$a", thread)
+
+    assert await store.conversation("c1", thread=thread) == exchange("$a")
+    assert await store.conversation("c1") == exchange("$main")
+    assert await store.conversation(thread) is None
+
+
+async def test_a_nul_character_in_a_thread_id_keeps_it_a_thread_of_its_own(
+    store: BotStore, kind: Kind
+) -> None:
+    # A hostile server's root id with U+0000: PostgreSQL text cannot hold it and keeps
+    # U+FFFD in its place (as for every string); the thread is still its own.
+    hostile = "$root\x00evil"
+    await answered_in(store, "$main", None)
+    await answered_in(store, "$prefix", "$root")
+    await answered_in(store, "$a", hostile)
+
+    assert await store.conversation("c1", thread=hostile) == exchange("$a")
+    assert await store.conversation("c1", thread="$root") == exchange("$prefix")
+    assert await store.conversation("c1") == exchange("$main")
+    look_alike = await store.conversation("c1", thread="$root\ufffdevil")
+    assert look_alike == (exchange("$a") if kind.name == "postgresql" else None)
+
+    await store.replace_conversation("c1", [], thread=hostile)
+
+    assert await store.conversation("c1", thread=hostile) == []
+    assert await store.conversation("c1", thread="$root") == exchange("$prefix")
+
+
+async def test_one_conversation_is_read_through_its_index(store: BotStore, kind: Kind) -> None:
+    assert kind.indexes("turns") == {"turns_by_conversation"}
+    if isinstance(kind, SqliteKind):
+        plan = " ".join(
+            str(row[-1])
+            for row in kind.rows(
+                "EXPLAIN QUERY PLAN SELECT role, content FROM turns"
+                " WHERE chat_id = ? AND thread = ? ORDER BY seq",
+                ("c1", "$root"),
+            )
+        )
+        assert "USING INDEX turns_by_conversation (chat_id=? AND thread=?)" in plan
+        assert "TEMP B-TREE" not in plan  # in order from the index, no sort
+
+
+def write_store_before_threads(kind: Kind) -> None:
+    """A store as the bot left it before threads (SQLite schema 9, PostgreSQL 2): chat
+    c1 with a conversation whose turns carry their message ids, chat c2 forgotten
+    (known, empty), nothing for chat c3."""
+    if isinstance(kind, SqliteKind):
+        write_old_store(kind.path, 9)
+        kind.rows("DELETE FROM turns")
+    else:
+        with psycopg.connect(kind.location, autocommit=True) as connection:
+            connection.execute(b"CREATE TABLE bot_schema (version INTEGER NOT NULL)")
+            connection.execute(b"INSERT INTO bot_schema(version) VALUES (2)")
+            for script in PG_MIGRATIONS[:2]:
+                connection.execute(script.encode())
+        kind.rows("INSERT INTO meta(key, value) VALUES ('user_id', ?)", (BOT,))
+        kind.rows(
+            "INSERT INTO chats(chat_id, room_id, owner, title, created_ts)"
+            " VALUES ('c1', ?, ?, 'a chat', 1000)",
+            (ROOM, ALICE),
+        )
+        kind.rows("INSERT INTO contexts(chat_id) VALUES ('c1')")
+    for role, content, event_id in [
+        ("user", "q$a", "$a"), ("assistant", "a$a", "$a"), ("user", "rebuilt", None),
+    ]:  # fmt: skip
+        kind.rows(
+            "INSERT INTO turns(chat_id, role, content, event_id) VALUES ('c1', ?, ?, ?)",
+            (role, content, event_id),
+        )
+    kind.rows("INSERT INTO contexts(chat_id) VALUES ('c2')")
+    assert kind.stored_version() == kind.schema_version - 1
+
+
+async def test_a_store_from_before_threads_keeps_its_conversations_as_main_timelines(
+    kind: Kind,
+) -> None:
+    write_store_before_threads(kind)
+    old = [("user", "q$a"), ("assistant", "a$a"), ("user", "rebuilt")]
+
+    store = await kind.open()
+    try:
+        assert kind.stored_version() == kind.schema_version
+        assert await store.conversation("c1") == old
+        assert await store.conversation("c2") == []
+        assert await store.conversation("c3") is None
+        assert await store.conversation("c1", thread="$a") is None
+        assert kind.rows("SELECT chat_id, thread FROM contexts ORDER BY chat_id") == [
+            ("c1", ""), ("c2", ""),
+        ]  # fmt: skip
+        assert kind.indexes("turns") == {"turns_by_conversation"}
+
+        # It goes on: a thread beside the main timeline, and an old turn's redaction.
+        await answered_in(store, "$t", "$a")
+        await answered_in(store, "$b", None)
+        await store.commit_sync_batch(
+            SyncToken("r1"), [new_item("$a"), redaction("$x", "$a")]
+        )  # fmt: skip
+
+        assert await store.conversation("c1") == [("user", "rebuilt"), *exchange("$b")]
+        assert await store.conversation("c1", thread="$a") == exchange("$t")
+    finally:
+        await store.aclose()
 
 
 # --- PostgreSQL ----------------------------------------------------------------------------
