@@ -298,6 +298,30 @@ async def test_relations_of_a_thread(synapse: SynapseServer, make_user: MakeUser
         with pytest.raises(MatrixError) as unknown:
             await client.relations(room_id, EventID("$not/a+real/event"), "m.thread")
 
+        # The edit is bundled whole; the root carries the thread's summary.
+        assert relations["m.replace"]["content"]["m.new_content"] == text("reply 1 edited")
+        summary = (await client.get_event(room_id, root)).unsigned["m.relations"]["m.thread"]
+        assert (summary["count"], summary["latest_event"]["event_id"]) == (4, replies[3])
+        assert summary["current_user_participated"] is True
+
+        # A redacted reply relates to nothing any more; a page is 5 events unless asked.
+        await client.redact(room_id, replies[2], new_txn_id())
+        more = [
+            await client.send_event(
+                room_id, "m.room.message", in_thread(f"reply {n}", root), new_txn_id()
+            )
+            for n in range(4, 7)
+        ]
+        expected = [*more[::-1], replies[3], replies[1], replies[0]]
+        page = await client.relations(room_id, root, "m.thread")
+        assert [event.event_id for event in page.chunk] == expected[:5]
+        assert page.next_batch is not None
+        rest = await client.relations(room_id, root, "m.thread", from_token=page.next_batch)
+        assert [event.event_id for event in rest.chunk] == expected[5:]
+        assert rest.next_batch is None
+        summary = (await client.get_event(room_id, root)).unsigned["m.relations"]["m.thread"]
+        assert (summary["count"], summary["latest_event"]["event_id"]) == (6, more[-1])
+
     # The spec says M_NOT_FOUND; Synapse 1.163 says M_UNKNOWN ("Unknown parent event."),
     # and tests/ordering/fake_homeserver.py answers the same: callers test the status.
     assert (unknown.value.status, unknown.value.code) == (404, "M_UNKNOWN")

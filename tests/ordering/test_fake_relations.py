@@ -160,6 +160,8 @@ async def test_a_redacted_event_relates_to_nothing(
     assert gone.content == {}
     assert gone.is_redacted
     assert gone.unsigned["redacted_because"]["event_id"] == "$redaction"
+    summary = (await client.get_event(ROOM, ROOT)).unsigned["m.relations"]["m.thread"]
+    assert (summary["count"], summary["latest_event"]["event_id"]) == (3, REPLIES[3])
 
 
 async def test_junk_in_the_timeline_is_no_relation(
