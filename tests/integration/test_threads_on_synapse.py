@@ -12,13 +12,17 @@ thread, a rich reply in the main timeline).
 
 from __future__ import annotations
 
+from pathlib import Path
 from typing import Any
 from urllib.parse import quote
 
 import httpx
 import trio
 
-from js_client import JsClient, open_js_client
+from bot.invites import GREETING
+from bot_harness import fake_openai_server, model_bot, running_bot
+from fake_openai import FakeOpenAI
+from js_client import JsClient, Message, open_js_client
 from matrix_api.testing.synapse import RegisteredUser, SynapseServer
 from matrix_helpers import MakeUser
 
@@ -101,3 +105,172 @@ async def test_the_js_client_writes_and_reads_threads(
             assert listing[main].wire_relates_to is None
             on_server = await thread_on_server(synapse, alice_user, room_id, root)
             assert [e["event_id"] for e in on_server] == [first, second]
+
+
+def contents(messages: list[dict[str, Any]]) -> list[tuple[str, Any]]:
+    """The conversation a request carries, without its system prompt."""
+    return [(m["role"], m["content"]) for m in messages if m["role"] != "system"]
+
+
+def in_thread(root: str, message: str) -> dict[str, Any]:
+    """The bot's answer's relation in a thread, as the design has it."""
+    return {
+        "rel_type": "m.thread",
+        "event_id": root,
+        "is_falling_back": True,
+        "m.in_reply_to": {"event_id": message},
+    }
+
+
+class Chat:
+    """Alice (the js client) and the bot in one room; what the model server received."""
+
+    def __init__(self, alice: JsClient, room_id: str, bot_id: str, server: FakeOpenAI) -> None:
+        self.alice = alice
+        self.room_id = room_id
+        self.bot_id = bot_id
+        self.server = server
+
+    async def say(self, body: str, *, thread: str | None = None) -> tuple[str, Message]:
+        """Sends ``body`` (in the thread of root ``thread``) and returns its event id and
+        the bot's answer to it (its first event: a streamed answer's later text comes
+        as edits of it)."""
+        sent = await self.alice.send_text(self.room_id, body, thread_id=thread)
+        answer = await self.alice.wait_for_message(
+            self.room_id, sender=self.bot_id, in_reply_to=sent, timeout=TIMEOUT
+        )
+        return sent, answer
+
+    async def ask(
+        self, body: str, *, thread: str | None = None
+    ) -> tuple[str, Message, list[tuple[str, Any]]]:
+        """`say`, plus the context the model server got for it (exactly one request)."""
+        before = len(self.server.requests)
+        sent, answer = await self.say(body, thread=thread)
+        assert len(self.server.requests) == before + 1
+        return sent, answer, contents(self.server.requests[-1].body["messages"])
+
+    async def edits_of(self, event_id: str) -> list[Message]:
+        return [
+            m
+            for m in await self.alice.messages(self.room_id)
+            if m.sender == self.bot_id
+            and m.wire_relates_to is not None
+            and m.wire_relates_to.get("rel_type") == "m.replace"
+            and m.wire_relates_to.get("event_id") == event_id
+        ]
+
+    async def final_edit(self, event_id: str, text: str) -> Message:
+        """The bot's edit of ``event_id`` that shows ``text`` whole (a streamed answer
+        always ends with one)."""
+        with trio.fail_after(TIMEOUT):
+            while True:
+                for edit in await self.edits_of(event_id):
+                    if edit.content.get("m.new_content", {}).get("body") == text:
+                        return edit
+                await trio.sleep(0.2)
+
+
+async def test_two_threads_and_the_main_timeline_are_three_conversations(
+    synapse: SynapseServer, make_user: MakeUser, tmp_path: Path
+) -> None:
+    alice_user, bot = make_user("alice"), make_user("bot")
+    with trio.fail_after(300):
+        async with (
+            fake_openai_server() as server,
+            running_bot(model_bot(synapse, bot, tmp_path / "store.sqlite3", server)),
+            open_js_client("alice") as alice,
+        ):
+            await logged_in(alice, synapse, alice_user)
+            room_id = await alice.create_room(
+                encrypted=False, name="assistant", invite=[bot.user_id]
+            )
+            await alice.wait_for_message(
+                room_id, sender=bot.user_id, body_contains=GREETING, timeout=TIMEOUT
+            )
+            chat = Chat(alice, room_id, bot.user_id, server)
+
+            # 1. The main timeline: a rich reply, no thread.
+            m1, m1_answer, context = await chat.ask("m1")
+            assert context == [("user", "m1")]
+            assert m1_answer.wire_relates_to == {"m.in_reply_to": {"event_id": m1}}
+            assert m1_answer.thread_root_id is None
+
+            # 2. Thread A, rooted on the bot's answer to m1: the root's exchange, then a1.
+            root_a = m1_answer.event_id
+            a1, a1_answer, context = await chat.ask("a1", thread=root_a)
+            assert context == [("user", "m1"), ("assistant", "Echo: m1"), ("user", "a1")]
+            assert a1_answer.wire_relates_to == in_thread(root_a, a1)
+            assert a1_answer.thread_root_id == root_a
+
+            # 3. Thread B, rooted on a new message of the main timeline.
+            m2, m2_answer, context = await chat.ask("m2")
+            assert context == [("user", "m1"), ("assistant", "Echo: m1"), ("user", "m2")]
+            assert m2_answer.wire_relates_to == {"m.in_reply_to": {"event_id": m2}}
+            b1, b1_answer, context = await chat.ask("b1", thread=m2)
+            assert context == [("user", "m2"), ("user", "b1")]
+            assert b1_answer.wire_relates_to == in_thread(m2, b1)
+
+            # 4. Back in thread A: its own exchanges only. (Alice's SDK now knows thread A:
+            # its reply fallback names the bot's answer, which must not confuse the bot.)
+            a2, a2_answer, context = await chat.ask("a2", thread=root_a)
+            assert context == [
+                ("user", "m1"),
+                ("assistant", "Echo: m1"),
+                ("user", "a1"),
+                ("assistant", "Echo: a1"),
+                ("user", "a2"),
+            ]
+            assert a2_answer.wire_relates_to == in_thread(root_a, a2)
+
+            # 5. The main timeline leaves every thread out.
+            _, m3_answer, context = await chat.ask("m3")
+            assert context == [
+                ("user", "m1"),
+                ("assistant", "Echo: m1"),
+                ("user", "m2"),
+                ("assistant", "Echo: m2"),
+                ("user", "m3"),
+            ]
+            assert m3_answer.thread_root_id is None
+
+            # 6. A command in thread B is answered there, without the model.
+            before = len(server.requests)
+            help_, help_answer = await chat.say("!help", thread=m2)
+            assert help_answer.wire_relates_to == in_thread(m2, help_)
+            assert help_answer.body is not None
+            assert help_answer.body.startswith("Commands:")
+            assert len(server.requests) == before
+
+            # What alice's SDK sent: the thread relation it writes itself.
+            sent = {m.event_id: m for m in await alice.messages(room_id)}
+            for event_id, root in ((a1, root_a), (a2, root_a), (b1, m2), (help_, m2)):
+                relation = sent[event_id].wire_relates_to
+                assert relation is not None
+                assert (relation["rel_type"], relation["event_id"]) == ("m.thread", root)
+            for event_id in (m1, m2):
+                assert sent[event_id].wire_relates_to is None
+            # Streamed answers end with an edit; an edit carries m.replace only (the
+            # server keeps it in the thread of what it edits).
+            for answer, text in ((a1_answer, "Echo: a1"), (a2_answer, "Echo: a2")):
+                edit = await chat.final_edit(answer.event_id, text)
+                assert edit.wire_relates_to == {
+                    "rel_type": "m.replace",
+                    "event_id": answer.event_id,
+                }
+
+            # The threads as Synapse serves them.
+            thread_a = await thread_on_server(synapse, alice_user, room_id, root_a)
+            thread_b = await thread_on_server(synapse, alice_user, room_id, m2)
+            assert [e["event_id"] for e in thread_a] == [
+                a1,
+                a1_answer.event_id,
+                a2,
+                a2_answer.event_id,
+            ]
+            assert [e["event_id"] for e in thread_b] == [
+                b1,
+                b1_answer.event_id,
+                help_,
+                help_answer.event_id,
+            ]
