@@ -4,6 +4,10 @@ Bots answer with ``m.notice`` and never answer one (that is how two bots in a ro
 avoid talking to each other forever). A reply is a rich reply: ``m.in_reply_to``
 points at the message it answers, which is also how the bot can tell, from the room
 alone, which messages it has already answered.
+
+A message in a thread (``m.relates_to`` with ``rel_type: m.thread``) is answered in
+that thread, with the reply fallback the spec gives for clients that do not show
+threads: ``is_falling_back`` and ``m.in_reply_to`` the message answered.
 """
 
 from __future__ import annotations
@@ -28,11 +32,14 @@ __all__ = [
     "parse_incoming",
     "reply_txn_id",
     "strip_reply_fallback",
+    "thread_root",
 ]
 
 # Text message types a person sends; notices are bots talking and are never answered.
 _ANSWERED_MSGTYPES = frozenset({"m.text", "m.emote"})
 MAX_BODY = 64 * 1024
+# The spec's bound on an event id, in bytes.
+MAX_EVENT_ID = 255
 
 
 @dataclass(frozen=True, slots=True)
@@ -43,6 +50,37 @@ class IncomingMessage:
     origin_server_ts: int
     attachment: Attachment | None = None
     """An image or a file (``body`` then describes it: `bot.attachments.describe`)."""
+    thread_root: EventID | None = None
+    """The thread the message is in (its root event), None in the main timeline."""
+
+
+class _BadThread(ValueError):
+    """A thread relation without an event id for its root."""
+
+
+def _thread_root(content: dict[str, Any]) -> EventID | None:
+    """The root of the thread ``content`` is in; raises `_BadThread` for a thread
+    relation whose root is not an event id."""
+    relates = content.get("m.relates_to")
+    if not isinstance(relates, dict) or relates.get("rel_type") != "m.thread":
+        return None
+    root = relates.get("event_id")
+    if (
+        not isinstance(root, str)
+        or not root.startswith("$")
+        or len(root.encode(errors="replace")) > MAX_EVENT_ID
+    ):
+        raise _BadThread("m.thread relation without an event id for its root")
+    return EventID(root)
+
+
+def thread_root(event: RoomEvent) -> EventID | None:
+    """The thread ``event`` is in (its root's event id), None for the main timeline
+    and for a thread relation that names no event (`malformed` reports that)."""
+    try:
+        return _thread_root(event.content)
+    except _BadThread:
+        return None
 
 
 def strip_reply_fallback(body: str) -> str:
@@ -86,6 +124,10 @@ def malformed(event: RoomEvent, bot_user_id: str) -> str | None:
     relates = content.get("m.relates_to")
     if relates is not None and not isinstance(relates, dict):
         return f"m.room.message m.relates_to is a {type(relates).__name__}, not an object"
+    try:
+        _thread_root(content)
+    except _BadThread as exc:
+        return str(exc)
     return None
 
 
@@ -93,8 +135,9 @@ def parse_incoming(event: RoomEvent, bot_user_id: str) -> IncomingMessage | None
     """The message to answer in ``event``, or None when the bot must not answer it.
 
     Not answered: the bot's own events, notices (other bots), edits (``m.replace``:
-    the original was answered), redacted events, and anything without a text body
-    that is not an image, a file, audio or video (`bot.attachments`).
+    the original was answered), redacted events, anything without a text body that
+    is not an image, a file, audio or video (`bot.attachments`), and a thread
+    relation without a root (`malformed`).
     """
     if event.type != "m.room.message" or event.sender == bot_user_id or event.is_redacted:
         return None
@@ -108,6 +151,10 @@ def parse_incoming(event: RoomEvent, bot_user_id: str) -> IncomingMessage | None
     relates = content.get("m.relates_to")
     if isinstance(relates, dict) and relates.get("rel_type") == "m.replace":
         return None
+    try:
+        thread = _thread_root(content)
+    except _BadThread:
+        return None
     if msgtype in ATTACHMENT_MSGTYPES:
         # Answered even when unreadable: the user gets a notice saying what is read.
         attachment = parse_attachment(content)
@@ -117,6 +164,7 @@ def parse_incoming(event: RoomEvent, bot_user_id: str) -> IncomingMessage | None
             body=describe(attachment)[:MAX_BODY],
             origin_server_ts=event.origin_server_ts,
             attachment=attachment,
+            thread_root=thread,
         )
     body = content.get("body")
     if not isinstance(body, str):
@@ -128,6 +176,7 @@ def parse_incoming(event: RoomEvent, bot_user_id: str) -> IncomingMessage | None
         sender=event.sender,
         body=body[:MAX_BODY],
         origin_server_ts=event.origin_server_ts,
+        thread_root=thread,
     )
 
 
@@ -137,8 +186,11 @@ def notice(
     reply_to: EventID | None = None,
     formatted_body: str | None = None,
     mention: str | None = None,
+    thread: EventID | None = None,
 ) -> dict[str, Any]:
-    """An ``m.notice`` content, as a rich reply when ``reply_to`` is given.
+    """An ``m.notice`` content, as a rich reply when ``reply_to`` is given, in the
+    thread whose root is ``thread`` when one is given (with ``reply_to`` as the reply
+    fallback for clients without threads).
 
     ``formatted_body`` must already be safe HTML; without it the plain ``body`` is
     all there is (no HTML is derived from user text here). ``mention`` is a user id
@@ -149,7 +201,13 @@ def notice(
     if formatted_body is not None:
         content["format"] = "org.matrix.custom.html"
         content["formatted_body"] = formatted_body
-    if reply_to is not None:
+    if thread is not None:
+        relation: dict[str, Any] = {"rel_type": "m.thread", "event_id": thread}
+        if reply_to is not None:
+            relation["is_falling_back"] = True
+            relation["m.in_reply_to"] = {"event_id": reply_to}
+        content["m.relates_to"] = relation
+    elif reply_to is not None:
         content["m.relates_to"] = {"m.in_reply_to": {"event_id": reply_to}}
     return content
 

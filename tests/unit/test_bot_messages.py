@@ -13,10 +13,12 @@ from bot.messages import (
     in_reply_to,
     is_actionable,
     is_encryption_event,
+    malformed,
     notice,
     parse_incoming,
     reply_txn_id,
     strip_reply_fallback,
+    thread_root,
 )
 from matrix_api.models import EventID, RoomEvent, UserID
 
@@ -320,3 +322,103 @@ def test_images_and_files_are_answered_with_their_attachment(
     assert message is not None
     assert message.body == body
     assert message.attachment is not None
+
+
+# --- threads -----------------------------------------------------------------------------
+
+
+def in_thread(root: Any, **relation: Any) -> dict[str, Any]:
+    return text(
+        "in a thread", **{"m.relates_to": {"rel_type": "m.thread", "event_id": root, **relation}}
+    )
+
+
+def test_a_message_in_a_thread_names_its_root() -> None:
+    content = in_thread("$root", is_falling_back=True, **{"m.in_reply_to": {"event_id": "$prev"}})
+
+    message = parse_incoming(event(content), BOT)
+
+    assert message is not None
+    assert message.thread_root == "$root"
+    assert message.body == "in a thread"
+    assert thread_root(event(content)) == "$root"
+    assert malformed(event(content), BOT) is None
+
+
+def test_main_timeline_messages_and_other_relations_are_in_no_thread() -> None:
+    reply_only = text("re", **{"m.relates_to": {"m.in_reply_to": {"event_id": "$x"}}})
+    annotation = text("hm", **{"m.relates_to": {"rel_type": "m.reference", "event_id": "$x"}})
+
+    for content in (text("plain"), reply_only, annotation):
+        message = parse_incoming(event(content), BOT)
+        assert message is not None
+        assert message.thread_root is None
+
+
+def test_an_image_in_a_thread_is_answered_in_it() -> None:
+    content = {
+        "msgtype": "m.image",
+        "body": "cat.png",
+        "url": "mxc://example.org/cat",
+        "m.relates_to": {"rel_type": "m.thread", "event_id": "$root"},
+    }
+
+    message = parse_incoming(event(content), BOT)
+
+    assert message is not None
+    assert message.attachment is not None
+    assert message.thread_root == "$root"
+
+
+@pytest.mark.parametrize(
+    "root",
+    [
+        None,
+        42,
+        ["$root"],
+        {"event_id": "$root"},
+        "",
+        "root-without-dollar",
+        "$" + "x" * 255,
+        "$é" * 128,
+    ],
+)
+def test_a_thread_relation_without_a_root_is_malformed_and_not_answered(root: Any) -> None:
+    content = in_thread(root)
+    if root is None:
+        del content["m.relates_to"]["event_id"]
+
+    assert malformed(event(content), BOT) == "m.thread relation without an event id for its root"
+    assert parse_incoming(event(content), BOT) is None
+    assert thread_root(event(content)) is None
+
+
+def test_the_longest_event_id_is_a_root() -> None:
+    root = "$" + "x" * 254
+
+    message = parse_incoming(event(in_thread(root)), BOT)
+
+    assert message is not None
+    assert message.thread_root == root
+
+
+def test_a_notice_in_a_thread_carries_the_thread_and_the_reply_fallback() -> None:
+    content = notice("answer", reply_to=EventID("$question"), thread=EventID("$root"))
+
+    assert content["m.relates_to"] == {
+        "rel_type": "m.thread",
+        "event_id": "$root",
+        "is_falling_back": True,
+        "m.in_reply_to": {"event_id": "$question"},
+    }
+    # The bot's own answers are found again by the event they reply to.
+    answer = event(content, sender=BOT)
+    assert in_reply_to(answer) == "$question"
+    assert thread_root(answer) == "$root"
+    assert parse_incoming(answer, BOT) is None
+
+
+def test_a_notice_outside_threads_has_no_thread_relation() -> None:
+    content = notice("answer", reply_to=EventID("$question"))
+
+    assert content["m.relates_to"] == {"m.in_reply_to": {"event_id": "$question"}}
