@@ -29,7 +29,7 @@ from .commands import CommandContext, CommandError, Reply, parse_command, run_co
 from .config import Settings
 from .dispatch import LeftUnfinishedTooOften
 from .e2ee.crypto import BotCrypto
-from .e2ee.decrypting import decrypted_event
+from .e2ee.decrypting import decrypted_event, decrypted_now
 from .encryption import offer_unencrypted_chat
 from .invites import InviteHandler
 from .logging import log_context
@@ -39,11 +39,12 @@ from .messages import (
     notice,
     parse_incoming,
     reply_txn_id,
+    thread_root,
 )
 from .ops.metrics import BotMetrics
 from .quarantine import failure_reason, log_quarantined
 from .reconcile import RepairReport, reconcile_single_room
-from .replies.history import FAILED_KEY, load_room_turns
+from .replies.history import FAILED_KEY, Decrypt, load_room_turns, load_thread_turns
 from .router import is_unregistered, resolve_chat_id
 from .store import InboxItem, Outcome, redaction_target
 from .store_api import BotStore
@@ -347,6 +348,7 @@ class MessageHandler:
                 sender=message.sender,
                 chat=chat,
                 event_id=item.event_id,
+                thread=message.thread_root,
             )
             if command.name == "new":
                 async with self._one_new_chat_at_a_time(message.sender):
@@ -413,7 +415,8 @@ class MessageHandler:
         event id is kept with the inbox item, so a re-run after a crash completes the
         same reply by an edit instead of posting a second answer.
         """
-        context = await self._conversation(item, chat)
+        thread = message.thread_root
+        context = await self._conversation(item, chat, thread)
         if self._store.is_redacted(item):
             return await self._unanswered_redacted(item)
         overrides = ReplyOverrides(
@@ -435,6 +438,7 @@ class MessageHandler:
             item.room_id,
             item.event_id,
             edit_interval_s=interval,
+            thread=thread,
             existing_event_id=started,
             on_started=remember,
             max_parts=self._settings.max_reply_parts,
@@ -465,38 +469,65 @@ class MessageHandler:
             reply_ids[0] if reply_ids else None,
             chat.chat_id,
             [("user", message.body), ("assistant", text)],
+            thread=thread,
         )
         self._metrics.finished("replied")
         self._answer_sent(item)
         log.info("message_handled", backend=backend.name, events=len(reply_ids))
         return bool(reply_ids)
 
-    async def _conversation(self, item: InboxItem, chat: Chat) -> list[Turn]:
-        """The chat's earlier turns: from the store, or rebuilt from the room's
-        history once when the store does not have them (a lost store loses no
-        context)."""
+    async def _conversation(
+        self, item: InboxItem, chat: Chat, thread: EventID | None
+    ) -> list[Turn]:
+        """The earlier turns of the conversation ``item`` is in (the thread rooted at
+        ``thread``, or the chat's main timeline): from the store, or read from the
+        room once when the store does not have them (a new thread; a lost store loses
+        no context)."""
         model = self._settings.model
         budget = model.context_budget_chars if model else ModelSettings.context_budget_chars
-        stored = await self._store.conversation(chat.chat_id)
+        stored = await self._store.conversation(chat.chat_id, thread=thread)
         if stored is None:
             try:
-                turns, sources = await load_room_turns(
-                    self._client,
-                    chat,
-                    self._settings,
-                    budget_chars=budget,
-                    stop_at=item.event_id,
-                )
+                if thread is None:
+                    turns, sources = await load_room_turns(
+                        self._client,
+                        chat,
+                        self._settings,
+                        budget_chars=budget,
+                        stop_at=item.event_id,
+                    )
+                else:
+                    turns, sources = await load_thread_turns(
+                        self._client,
+                        chat,
+                        self._settings,
+                        thread,
+                        budget_chars=budget,
+                        stop_at=item.event_id,
+                        decrypt=self._decrypt_for_context(item.room_id),
+                    )
             except MatrixAPIError as exc:
-                log.warning("context_rebuild_failed", error=str(exc))
+                log.warning("context_rebuild_failed", error=str(exc), thread=thread is not None)
                 return []
             await self._store.replace_conversation(
-                chat.chat_id, [(t.role, t.content) for t in turns], sources
+                chat.chat_id, [(t.role, t.content) for t in turns], sources, thread=thread
             )
-            log.info("context_rebuilt", turns=len(turns))
+            log.info("context_rebuilt", turns=len(turns), thread=thread is not None)
             return turns
         turns = [Turn(cast("Role", role), content) for role, content in stored]
         return trim_context(turns, budget)
+
+    def _decrypt_for_context(self, room_id: RoomID) -> Decrypt | None:
+        """How a rebuilt context reads ``room_id``'s encrypted events, if it can."""
+        crypto = self.crypto
+        if crypto is None:
+            return None
+
+        async def decrypt(event: RoomEvent) -> RoomEvent | None:
+            await trio.lowlevel.checkpoint()
+            return decrypted_now(crypto, room_id, event)
+
+        return decrypt
 
     async def _reply(
         self,
@@ -509,7 +540,11 @@ class MessageHandler:
         mention: str | None = None,
     ) -> EventID:
         content = notice(
-            reply.body, reply_to=item.event_id, formatted_body=reply.html, mention=mention
+            reply.body,
+            reply_to=item.event_id,
+            formatted_body=reply.html,
+            mention=mention,
+            thread=thread_root(item.event),
         )
         if outcome != "replied":
             # Not an answer: a conversation rebuilt from the room leaves the exchange out.

@@ -3,7 +3,8 @@
 The bot POSTs a JSON document to the configured URL::
 
     {"chat_id": "...", "room_id": "!...", "sender": "@...", "event_id": "$...",
-     "body": "the message", "context": [{"role": "user", "content": "..."}, ...]}
+     "thread_id": "$..." or null, "body": "the message",
+     "context": [{"role": "user", "content": "..."}, ...]}
 
 and, for an image or a file, ``"attachment": {"msgtype": "m.image", "url":
 "mxc://server/id", "name": "...", "mimetype": "...", "size": 123, "encrypted": false}``
@@ -213,6 +214,9 @@ class WebhookBackend(HTTPBackend):
             "room_id": chat.room_id,
             "sender": message.sender,
             "event_id": message.event_id,
+            # The thread's root, or null in the main timeline: a receiver that keeps
+            # its own history keeps one per thread, as the bot does.
+            "thread_id": message.thread_root,
             "body": message.body,
             "context": [turn.as_json() for turn in recent],
         }

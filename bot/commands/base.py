@@ -35,6 +35,8 @@ class CommandContext:
     """The chat of the room the command was sent in (None outside managed rooms)."""
     event_id: EventID | None = None
     """The command's own event: what a command that makes rooms keys its work by."""
+    thread: EventID | None = None
+    """The thread the command was sent in (its root), None in the main timeline."""
 
     def may_change(self, chat: Chat) -> bool:
         """Only a chat's owner and the bot's admins may change it (`Chat.changeable_by`)."""

@@ -13,18 +13,19 @@ most `BACKUP_WAIT_S`), then is tried once more.
 from __future__ import annotations
 
 import time
+from typing import Any
 
 import msgspec
 import trio
 
 from matrix_api import MatrixClient
-from matrix_api.models import RoomEvent
-from matrix_crypto.errors import MissingRoomKey, UnverifiedSender
+from matrix_api.models import RoomEvent, RoomID
+from matrix_crypto.errors import CryptoError, MissingRoomKey, UnverifiedSender
 
 from ..store import InboxItem
 from .crypto import BotCrypto
 
-__all__ = ["BACKUP_WAIT_S", "KEY_WAIT_MS", "decrypted_event"]
+__all__ = ["BACKUP_WAIT_S", "KEY_WAIT_MS", "decrypted_event", "decrypted_now"]
 
 # How long a message may wait for its room key (the sender's device sends it just
 # before the message; a key later than this is not coming).
@@ -75,12 +76,31 @@ async def decrypted_event(crypto: BotCrypto, client: MatrixClient, item: InboxIt
             with trio.move_on_after(left_ms / 1000):
                 await crypto.room_keys_arrived.wait()
             continue
-        return RoomEvent(
-            type=plain.type,
-            event_id=event.event_id,
-            sender=event.sender,
-            origin_server_ts=event.origin_server_ts,
-            content=plain.content,
-            unsigned=event.unsigned,
-            room_id=item.room_id,
-        )
+        return _with_plaintext(event, item.room_id, plain.type, plain.content)
+
+
+def decrypted_now(crypto: BotCrypto, room_id: RoomID, event: RoomEvent) -> RoomEvent | None:
+    """``event`` decrypted with the keys at hand, or None (an earlier message read
+    again for context: nothing is waited for, and one that cannot be read is left
+    out; the same checks of its sender apply)."""
+    raw = msgspec.to_builtins(event)
+    raw["room_id"] = room_id
+    try:
+        plain = crypto.machine.decrypt_room_event(room_id, raw)
+    except CryptoError:
+        return None
+    return _with_plaintext(event, room_id, plain.type, plain.content)
+
+
+def _with_plaintext(
+    event: RoomEvent, room_id: RoomID, event_type: str, content: dict[str, Any]
+) -> RoomEvent:
+    return RoomEvent(
+        type=event_type,
+        event_id=event.event_id,
+        sender=event.sender,
+        origin_server_ts=event.origin_server_ts,
+        content=content,
+        unsigned=event.unsigned,
+        room_id=room_id,
+    )

@@ -7,12 +7,16 @@ live handling kept (`turns_from_history`), and fits them into the budget with
 answer (`STREAMING_KEY`, `FAILED_KEY`) so that a rebuild leaves it out, and
 `find_reply` finds a reply a crash left unfinished.
 
-Everything here is pure except `load_room_context`, which only reads the room.
+A thread is a conversation of its own (the main timeline's leaves every thread out):
+`load_thread_turns` reads it the first time the bot answers in it, from the thread's
+root and the ``/relations`` of the root.
+
+Everything here is pure except the ``load_*`` functions, which only read the room.
 """
 
 from __future__ import annotations
 
-from collections.abc import Iterable, Sequence
+from collections.abc import Awaitable, Callable, Iterable, Sequence
 from typing import TYPE_CHECKING, Any
 
 from matrix_api import MatrixClient
@@ -22,7 +26,7 @@ from ..backends.context import Turn, trim_context
 from ..chats import Chat
 from ..commands import forget
 from ..commands.parser import CommandError, parse_command
-from ..messages import in_reply_to, parse_incoming
+from ..messages import IncomingMessage, in_reply_to, parse_incoming
 
 if TYPE_CHECKING:
     from ..config import Settings
@@ -30,10 +34,12 @@ if TYPE_CHECKING:
 __all__ = [
     "FAILED_KEY",
     "STREAMING_KEY",
+    "Decrypt",
     "find_reply",
     "latest_contents",
     "load_room_context",
     "load_room_turns",
+    "load_thread_turns",
     "turns_from_history",
 ]
 
@@ -46,6 +52,12 @@ not part of the conversation, and the next run completes or replaces it.
 
 FAILED_KEY = "org.surfaces_bot.failed"
 """Content key set (to true) on a reply that reports a failure instead of an answer."""
+
+Decrypt = Callable[[RoomEvent], Awaitable[RoomEvent | None]]
+"""An encrypted event's plaintext, or None when it cannot be read (now)."""
+
+# What a thread's context is made of; the rest of its relations (reactions, ...) not.
+_CONTEXT_TYPES = frozenset({"m.room.message", "m.room.encrypted"})
 
 
 def _replacement_target(event: RoomEvent) -> str | None:
@@ -149,6 +161,7 @@ def turns_from_history(
       a refused command and changes nothing.
     * ``stop_at``: the message being answered now; it and the messages after it are
       not context (the bot's answers to earlier messages may come after it).
+    * Messages in a thread are the thread's conversation, not the main timeline's.
 
     A redacted message (the server serves it with an empty content and
     ``redacted_because``) is no turn, and neither is the bot's answer to it: live
@@ -157,10 +170,31 @@ def turns_from_history(
     return [turn for turn, _ in _sourced_turns(events, chat, settings, stop_at=stop_at)]
 
 
+def _user_message(event: RoomEvent, chat: Chat, settings: Settings) -> IncomingMessage | None:
+    """``event`` as a message live handling answers from the chat's users, or None."""
+    if event.origin_server_ts < chat.created_ts:
+        return None
+    # Content is whatever the sending server let through: any JSON type.
+    if not isinstance(event.content.get("msgtype"), str):
+        return None
+    message = parse_incoming(event, settings.user_id)
+    if message is None or not settings.allowed.allows(message.sender):
+        return None
+    return message
+
+
 def _sourced_turns(
-    events: Sequence[RoomEvent], chat: Chat, settings: Settings, *, stop_at: str | None
+    events: Sequence[RoomEvent],
+    chat: Chat,
+    settings: Settings,
+    *,
+    stop_at: str | None,
+    thread: str | None = None,
+    start: Sequence[tuple[Turn, str]] = (),
 ) -> list[tuple[Turn, str]]:
-    """`turns_from_history`, each turn with the id of the message of its exchange."""
+    """`turns_from_history`, each turn with the id of the message of its exchange;
+    only the messages in ``thread`` (None: in the main timeline) count, after the
+    turns it ``start``s with (which a ``!forget`` drops too)."""
     bot = settings.user_id
     replaced = latest_contents(events)
     answers: dict[str, list[RoomEvent]] = {}
@@ -170,17 +204,12 @@ def _sourced_turns(
         target = in_reply_to(event)
         if target is not None and _replacement_target(event) is None:
             answers.setdefault(target, []).append(event)
-    turns: list[tuple[Turn, str]] = []
+    turns = list(start)
     for event in events:
         if stop_at is not None and event.event_id == stop_at:
             break
-        if event.origin_server_ts < chat.created_ts:
-            continue
-        # Content is whatever the sending server let through: any JSON type.
-        if not isinstance(event.content.get("msgtype"), str):
-            continue
-        message = parse_incoming(event, bot)
-        if message is None or not settings.allowed.allows(message.sender):
+        message = _user_message(event, chat, settings)
+        if message is None or message.thread_root != thread:
             continue
         command = _command_name(message.body, settings.command_prefix)
         if command is not None:
@@ -287,3 +316,96 @@ async def load_room_turns(
     source = {id(turn): event_id for turn, event_id in sourced}
     kept = trim_context([turn for turn, _ in sourced], budget_chars)
     return kept, [source[id(turn)] for turn in kept]
+
+
+async def load_thread_turns(
+    client: MatrixClient,
+    chat: Chat,
+    settings: Settings,
+    root: EventID,
+    *,
+    budget_chars: int,
+    stop_at: EventID | None = None,
+    decrypt: Decrypt | None = None,
+    page_size: int = 100,
+    max_pages: int = 10,
+) -> tuple[list[Turn], list[str]]:
+    """The conversation of the thread rooted at ``root`` as the room shows it, within
+    ``budget_chars``, and for each turn the id of the message of its exchange.
+
+    It begins with the root: the user's message (a turn of its own: the bot answered
+    it, if at all, in the main timeline), or the bot's whole answer with the message
+    it answers (a thread started on an answer goes on from that exchange). Then the
+    exchanges in the thread, by `turns_from_history`'s rules, read from the root's
+    relations at any depth (so the bot's edits of its streamed answers come too), newest
+    first until about twice the budget or ``max_pages`` pages. ``decrypt`` reads an
+    encrypted room's events; without it they are left out. Raises
+    `matrix_api.MatrixAPIError` when the room cannot be read.
+    """
+    newest_first: list[RoomEvent] = []
+    chars = 0
+    token: str | None = None
+    for _ in range(max_pages):
+        page = await client.relations(
+            chat.room_id, root, from_token=token, limit=page_size, recurse=True
+        )
+        for event in page.chunk:
+            readable = await _readable(event, decrypt)
+            if readable is None:
+                continue
+            newest_first.append(readable)
+            body = readable.content.get("body")
+            if isinstance(body, str):
+                chars += len(body)
+        if page.next_batch is None or chars >= 2 * budget_chars:
+            break
+        token = page.next_batch
+    events = list(reversed(newest_first))
+    root_event = await _readable(await client.get_event(chat.room_id, root), decrypt)
+    seed: list[tuple[Turn, str]] = []
+    if root_event is not None:
+        replaced = latest_contents([root_event, *events])
+        seed = await _thread_start(client, chat, settings, root_event, replaced, decrypt)
+    sourced = _sourced_turns(events, chat, settings, stop_at=stop_at, thread=root, start=seed)
+    source = {id(turn): event_id for turn, event_id in sourced}
+    kept = trim_context([turn for turn, _ in sourced], budget_chars)
+    return kept, [source[id(turn)] for turn in kept]
+
+
+async def _thread_start(
+    client: MatrixClient,
+    chat: Chat,
+    settings: Settings,
+    root: RoomEvent,
+    replaced: dict[str, dict[str, Any]],
+    decrypt: Decrypt | None,
+) -> list[tuple[Turn, str]]:
+    """The turns a thread rooted at ``root`` starts with (`load_thread_turns`)."""
+    if root.sender != settings.user_id:
+        message = _user_message(root, chat, settings)
+        if message is None or message.thread_root is not None:
+            return []
+        if _command_name(message.body, settings.command_prefix) is not None:
+            return []
+        return [(Turn("user", message.body), root.event_id)]
+    answer = _answer([root], replaced)
+    question_id = in_reply_to(root)
+    if answer is None or question_id is None:
+        return []
+    question_event = await _readable(
+        await client.get_event(chat.room_id, EventID(question_id)), decrypt
+    )
+    question = None if question_event is None else _user_message(question_event, chat, settings)
+    if question is None or _command_name(question.body, settings.command_prefix) is not None:
+        return []
+    return [(Turn("user", question.body), question_id), (Turn("assistant", answer), question_id)]
+
+
+async def _readable(event: RoomEvent, decrypt: Decrypt | None) -> RoomEvent | None:
+    """``event`` as context reads it: decrypted when it is encrypted, None when it
+    cannot be, or when it is no message at all."""
+    if event.type not in _CONTEXT_TYPES:
+        return None
+    if event.type == "m.room.encrypted":
+        return None if decrypt is None else await decrypt(event)
+    return event

@@ -87,13 +87,20 @@ def _formatted(body: str) -> dict[str, Any]:
 
 
 def message_content(
-    body: str, *, reply_to: EventID | None, streaming: bool = False
+    body: str,
+    *,
+    reply_to: EventID | None,
+    streaming: bool = False,
+    thread: EventID | None = None,
 ) -> dict[str, Any]:
-    """A reply notice holding ``body`` (Markdown rendered), within `MAX_CONTENT_BYTES`."""
+    """A reply notice holding ``body`` (Markdown rendered), within `MAX_CONTENT_BYTES`,
+    in the thread rooted at ``thread`` if given."""
     rendered = _formatted(body)
-    content = notice(body, reply_to=reply_to, formatted_body=rendered.get("formatted_body"))
+    content = notice(
+        body, reply_to=reply_to, formatted_body=rendered.get("formatted_body"), thread=thread
+    )
     if _size(content) > MAX_CONTENT_BYTES:
-        content = notice(body, reply_to=reply_to)
+        content = notice(body, reply_to=reply_to, thread=thread)
     if streaming:
         content[STREAMING_KEY] = True
     return content
@@ -101,6 +108,9 @@ def message_content(
 
 def edit_content(original: EventID, body: str, *, streaming: bool = False) -> dict[str, Any]:
     """An edit (``m.replace``) of ``original`` to ``body`` (Markdown rendered).
+
+    An edit carries no thread relation (an event has one relation): a reply in a
+    thread stays there through its edits.
 
     The top-level ``body`` is the ``* ...`` fallback of clients without edits; it is
     shortened, then the HTML dropped, to keep within `MAX_CONTENT_BYTES`.
@@ -139,6 +149,7 @@ class MatrixReplySink:
         room_id: RoomID,
         reply_to: EventID,
         *,
+        thread: EventID | None = None,
         existing_event_id: EventID | None = None,
         on_started: OnStarted | None = None,
         part_bytes: int = DEFAULT_PART_BYTES,
@@ -150,6 +161,8 @@ class MatrixReplySink:
         self.client = client
         self.room_id = room_id
         self.reply_to = reply_to
+        self.thread = thread
+        """The root of the thread the reply goes in; None: the main timeline."""
         self.event_id: EventID | None = existing_event_id
         """The reply being shown (the first part of the answer), once there is one."""
         self.event_ids: list[EventID] = []
@@ -251,7 +264,9 @@ class MatrixReplySink:
     async def _show(self, body: str, *, streaming: bool) -> None:
         """Send the reply with ``body``, or edit it to ``body`` when there is one."""
         if self.event_id is None:
-            content = message_content(body, reply_to=self.reply_to, streaming=streaming)
+            content = message_content(
+                body, reply_to=self.reply_to, streaming=streaming, thread=self.thread
+            )
             if self._failed:
                 content[FAILED_KEY] = True
             event_id = await self.client.send_event(
@@ -294,7 +309,7 @@ class MatrixReplySink:
             event_id = await self.client.send_event(
                 self.room_id,
                 "m.room.message",
-                message_content(part, reply_to=self.reply_to),
+                message_content(part, reply_to=self.reply_to, thread=self.thread),
                 txn_id=reply_txn_id(self.reply_to, f"part{index}"),
             )
             self.event_ids.append(event_id)
@@ -313,6 +328,7 @@ async def open_reply_sink(
     reply_to: EventID,
     *,
     edit_interval_s: float,
+    thread: EventID | None = None,
     existing_event_id: EventID | None = None,
     on_started: OnStarted | None = None,
     part_bytes: int = DEFAULT_PART_BYTES,
@@ -321,6 +337,7 @@ async def open_reply_sink(
 ) -> AsyncIterator[MatrixReplySink]:
     """A `MatrixReplySink` for the reply to ``reply_to``, for the ``async with`` block.
 
+    ``thread``: the root of the thread the reply goes in (that of ``reply_to``).
     ``on_started(event_id)`` is awaited once the reply exists (record it: it is the
     ``existing_event_id`` of a re-run after a crash). Leaving the block without
     `MatrixReplySink.finish` or `MatrixReplySink.fail` stops the partial edits and leaves
@@ -330,6 +347,7 @@ async def open_reply_sink(
         client,
         room_id,
         reply_to,
+        thread=thread,
         existing_event_id=existing_event_id,
         on_started=on_started,
         part_bytes=part_bytes,

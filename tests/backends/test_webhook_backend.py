@@ -12,7 +12,7 @@ import json
 import random
 import time
 from collections.abc import AsyncIterator, Callable, MutableMapping
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Any
 
 import httpx
@@ -133,6 +133,7 @@ async def test_the_signed_document_is_delivered_and_verified(receiver: Receiver)
         "room_id": "!room:example.org",
         "sender": "@alice:example.org",
         "event_id": "$q1",
+        "thread_id": None,
         "body": "What's up? ünïcödé",
         "context": [
             {"role": "user", "content": "earlier"},
@@ -140,6 +141,16 @@ async def test_the_signed_document_is_delivered_and_verified(receiver: Receiver)
         ],
     }
     assert sink.typing_calls == [True, False]
+
+
+async def test_a_message_in_a_thread_names_its_thread(receiver: Receiver) -> None:
+    in_thread = replace(MESSAGE, thread_root=EventID("$root"))
+    async with backend(receiver) as hook:
+        await hook.reply_streaming(CHAT, in_thread, [], Sink())
+    (request,) = receiver.received
+    document = json.loads(request.body)
+    assert document["thread_id"] == "$root"
+    assert document["event_id"] == "$q1"
 
 
 async def test_a_wrong_secret_fails_verification_and_is_not_retried(receiver: Receiver) -> None:
