@@ -28,10 +28,10 @@ class RelationEndpoints(HTTPCore):
         ``direction`` ``"b"`` (the spec's default) gives the newest first. Keep paging
         from ``next_batch`` until it is None: servers cap a page (Synapse's default
         ``limit`` is 5). ``recurse`` also follows relations of the relating events
-        (edits of a thread's replies, say); the ``rel_type`` and ``event_type`` filters
-        apply to every event found, not only to the first level (Synapse does so, and
-        the spec's description of ``recurse`` allows it), so edits of a thread's
-        replies come only without ``rel_type``.
+        (edits of a thread's replies, say), but Synapse 1.163 applies the ``rel_type``
+        and ``event_type`` filters to every event found, not only to the first level:
+        the edits of a thread's replies come only without ``rel_type`` (each reply
+        also carries its latest edit in ``unsigned["m.relations"]["m.replace"]``).
 
         Raises ValueError for an ``event_type`` without a ``rel_type`` (the spec has
         no such path) or an empty one; an unknown parent event is a 404 (the spec says
