@@ -65,11 +65,13 @@ def _thread_root(content: dict[str, Any]) -> EventID | None:
     if not isinstance(relates, dict) or relates.get("rel_type") != "m.thread":
         return None
     root = relates.get("event_id")
-    if (
-        not isinstance(root, str)
-        or not root.startswith("$")
-        or len(root.encode(errors="replace")) > MAX_EVENT_ID
-    ):
+    if not isinstance(root, str) or not root.startswith("$"):
+        raise _BadThread("m.thread relation without an event id for its root")
+    try:
+        size = len(root.encode())
+    except UnicodeEncodeError:  # a lone surrogate: no event's id, and no store takes it
+        size = MAX_EVENT_ID + 1
+    if size > MAX_EVENT_ID:
         raise _BadThread("m.thread relation without an event id for its root")
     return EventID(root)
 

@@ -381,6 +381,7 @@ def test_an_image_in_a_thread_is_answered_in_it() -> None:
         "root-without-dollar",
         "$" + "x" * 255,
         "$é" * 128,
+        "$\ud800",
     ],
 )
 def test_a_thread_relation_without_a_root_is_malformed_and_not_answered(root: Any) -> None:
