@@ -116,6 +116,45 @@ async def test_a_long_answer_continues_in_more_events(
     assert "\n\n".join(texts) == answer
 
 
+async def test_a_reply_in_a_thread_stays_there_through_edits_and_parts(
+    autojump_clock: trio.testing.MockClock,
+) -> None:
+    room = FakeRoom()
+    root = EventID("$thread-root")
+    answer = "\n\n".join(f"Paragraph {i}:" + " lorem ipsum" * 20 for i in range(30))
+    async with (
+        room.client() as client,
+        open_reply_sink(
+            client, ROOM, SOURCE, edit_interval_s=0.5, part_bytes=2000, thread=root
+        ) as sink,
+    ):
+        await sink.partial(answer[:100])
+        await trio.sleep(1)
+        await sink.partial(answer[:3000])
+        await trio.sleep(1)
+        ids = await sink.finish(answer)
+
+    in_thread = {
+        "rel_type": "m.thread",
+        "event_id": root,
+        "is_falling_back": True,
+        "m.in_reply_to": {"event_id": SOURCE},
+    }
+    first = room.sent[0]
+    assert first.content["m.relates_to"] == in_thread
+    edits = [s for s in room.sent if s.is_edit]
+    assert edits
+    # An event has one relation: an edit is an m.replace, and the server keeps the
+    # original's thread (no m.thread in the edit or in its new content).
+    for edit in edits:
+        assert edit.content["m.relates_to"] == {"rel_type": "m.replace", "event_id": first.event_id}
+        assert "m.relates_to" not in edit.content["m.new_content"]
+    parts = [s for s in room.sent if s.event_id in ids[1:]]
+    assert len(parts) == len(ids) - 1 >= 2
+    assert all(part.content["m.relates_to"] == in_thread for part in parts)
+    assert "\n\n".join(room.final_text(event_id) for event_id in ids) == answer
+
+
 @pytest.mark.parametrize("max_parts", [1, 3, 16])
 async def test_an_answer_of_thousands_of_events_is_cut_at_max_parts(
     autojump_clock: trio.testing.MockClock, max_parts: int
