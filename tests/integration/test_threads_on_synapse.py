@@ -21,7 +21,7 @@ import trio
 
 from bot.invites import GREETING
 from bot_harness import fake_openai_server, model_bot, running_bot
-from fake_openai import FakeOpenAI
+from fake_openai import FakeOpenAI, Script
 from js_client import JsClient, Message, open_js_client
 from matrix_api.testing.synapse import RegisteredUser, SynapseServer
 from matrix_helpers import MakeUser
@@ -274,3 +274,76 @@ async def test_two_threads_and_the_main_timeline_are_three_conversations(
                 help_,
                 help_answer.event_id,
             ]
+
+
+def long_answer(message: str) -> str:
+    """An answer that streams for seconds (tokens 0.3 s apart): its first event shows only
+    its start, the whole text is in the bot's final edit."""
+    return f"About {message}: one two three four five six seven eight"
+
+
+async def test_after_a_lost_store_each_thread_is_rebuilt_from_the_room(
+    synapse: SynapseServer, make_user: MakeUser, tmp_path: Path
+) -> None:
+    # The store is gone: the thread's conversation comes back from its root and Synapse's
+    # /relations (the bot's streamed answers with their final edits), the main timeline's
+    # from the room's history without the thread's events.
+    alice_user, bot = make_user("alice"), make_user("bot")
+    store = tmp_path / "store.sqlite3"
+    said = ["m1", "a1", "m2", "a2"]
+    with trio.fail_after(300):
+        async with fake_openai_server(token_delay=0.3) as server, open_js_client("alice") as alice:
+            server.then(*(Script(answer=long_answer(message)) for message in said))
+            await logged_in(alice, synapse, alice_user)
+            settings = model_bot(synapse, bot, store, server)
+            async with running_bot(settings):
+                room_id = await alice.create_room(
+                    encrypted=False, name="assistant", invite=[bot.user_id]
+                )
+                await alice.wait_for_message(
+                    room_id, sender=bot.user_id, body_contains=GREETING, timeout=TIMEOUT
+                )
+                chat = Chat(alice, room_id, bot.user_id, server)
+                answers: list[Message] = []
+                for message in said:
+                    in_thread_of = None if message.startswith("m") else answers[0].event_id
+                    _, answer = await chat.say(message, thread=in_thread_of)
+                    await chat.final_edit(answer.event_id, long_answer(message))
+                    answers.append(answer)
+            root = answers[0].event_id
+            # On the server each answer's own event holds only the start of its text.
+            served = await thread_on_server(synapse, alice_user, room_id, root)
+            assert [e["content"]["body"] for e in served[::2]] == ["a1", "a2"]
+            assert [e["event_id"] for e in served[1::2]] == [a.event_id for a in answers[1::2]]
+            for event, message in zip(served[1::2], ("a1", "a2"), strict=True):
+                start = event["content"]["body"]
+                assert long_answer(message).startswith(start)
+                assert start != long_answer(message)
+            for path in tmp_path.glob("store.sqlite3*"):
+                path.unlink()
+            asked = len(server.requests)
+
+            async with running_bot(settings):
+                _, a3_answer, context = await chat.ask("a3", thread=root)
+                assert context == [
+                    ("user", "m1"),
+                    ("assistant", long_answer("m1")),
+                    ("user", "a1"),
+                    ("assistant", long_answer("a1")),
+                    ("user", "a2"),
+                    ("assistant", long_answer("a2")),
+                    ("user", "a3"),
+                ]
+                assert a3_answer.wire_relates_to is not None
+                assert a3_answer.wire_relates_to["event_id"] == root
+                _, m3_answer, context = await chat.ask("m3")
+                assert context == [
+                    ("user", "m1"),
+                    ("assistant", long_answer("m1")),
+                    ("user", "m2"),
+                    ("assistant", long_answer("m2")),
+                    ("user", "m3"),
+                ]
+                assert m3_answer.thread_root_id is None
+            # Nothing was answered twice after the restart.
+            assert len(server.requests) == asked + 2
