@@ -347,3 +347,43 @@ async def test_after_a_lost_store_each_thread_is_rebuilt_from_the_room(
                 assert m3_answer.thread_root_id is None
             # Nothing was answered twice after the restart.
             assert len(server.requests) == asked + 2
+
+
+async def test_an_encrypted_direct_chat_has_threads_too(
+    synapse: SynapseServer, make_user: MakeUser, tmp_path: Path
+) -> None:
+    # As Element makes it: an encrypted direct chat. The relation travels in the clear
+    # (the spec keeps m.relates_to outside the ciphertext), the roots and the thread's
+    # messages are encrypted: the bot reads the root it did not see in the thread by
+    # decrypting it, and its answers in the thread decrypt for alice.
+    alice_user, bot = make_user("alice"), make_user("bot")
+    with trio.fail_after(300):
+        async with (
+            fake_openai_server() as server,
+            running_bot(model_bot(synapse, bot, tmp_path / "store.sqlite3", server)),
+            open_js_client("alice") as alice,
+        ):
+            await logged_in(alice, synapse, alice_user)
+            room_id = await alice.create_encrypted_dm(bot.user_id)
+            greeting = await alice.wait_for_message(room_id, sender=bot.user_id, timeout=TIMEOUT)
+            assert greeting.body == GREETING
+            chat = Chat(alice, room_id, bot.user_id, server)
+
+            m1, m1_answer, context = await chat.ask("m1")
+            assert context == [("user", "m1")]
+            a1, a1_answer, context = await chat.ask("a1", thread=m1_answer.event_id)
+            assert context == [("user", "m1"), ("assistant", "Echo: m1"), ("user", "a1")]
+            b1, b1_answer, context = await chat.ask("b1", thread=m1)
+            assert context == [("user", "m1"), ("user", "b1")]
+            _, m2_answer, context = await chat.ask("m2")
+            assert context == [("user", "m1"), ("assistant", "Echo: m1"), ("user", "m2")]
+
+            for answer in (m1_answer, a1_answer, b1_answer, m2_answer):
+                assert answer.encrypted
+                assert not answer.decryption_failure, answer.decryption_failure_reason
+            assert a1_answer.wire_relates_to == in_thread(m1_answer.event_id, a1)
+            assert b1_answer.wire_relates_to == in_thread(m1, b1)
+            assert m2_answer.thread_root_id is None
+            sent = {m.event_id: m for m in await alice.messages(room_id)}
+            for event_id in (a1, b1):
+                assert sent[event_id].encrypted
