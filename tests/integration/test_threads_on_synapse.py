@@ -26,6 +26,7 @@ import trio
 
 from bot.config import AllowList
 from bot.invites import GREETING
+from bot.replies.markdown import split_message
 from bot_harness import Person, fake_openai_server, model_bot, running_bot
 from fake_openai import FakeOpenAI, Script
 from js_client import JsClient, Message, open_js_client
@@ -34,6 +35,8 @@ from matrix_api.models import RoomID
 from matrix_api.testing.synapse import RegisteredUser, SynapseServer
 from matrix_helpers import MakeUser
 
+LONG_ANSWER = " ".join(f"word{n}" for n in range(12_000))
+"""About 100 KB: several events of the bot's (30,000 bytes each at most)."""
 TIMEOUT = 60.0
 """Seconds any one wait of these tests may take (a loaded machine is slow, never this slow)."""
 
@@ -279,6 +282,33 @@ async def test_two_threads_and_the_main_timeline_are_three_conversations(
                 help_,
                 help_answer.event_id,
             ]
+
+            # 7. An answer too long for one event: every part of it in the thread.
+            server.then(Script(answer=LONG_ANSWER))
+            a3, _, context = await chat.ask("a3", thread=root_a)
+            assert context == [
+                ("user", "m1"),
+                ("assistant", "Echo: m1"),
+                ("user", "a1"),
+                ("assistant", "Echo: a1"),
+                ("user", "a2"),
+                ("assistant", "Echo: a2"),
+                ("user", "a3"),
+            ]
+            parts = len(split_message(LONG_ANSWER))
+            assert parts > 1
+            with trio.fail_after(TIMEOUT):
+                while True:
+                    in_a = [
+                        m
+                        for m in await alice.messages(room_id)
+                        if m.sender == bot.user_id and m.wire_relates_to == in_thread(root_a, a3)
+                    ]
+                    if len(in_a) >= parts:
+                        break
+                    await trio.sleep(0.2)
+            assert len(in_a) == parts
+            assert all(m.thread_root_id == root_a for m in in_a)
 
 
 def long_answer(message: str) -> str:
