@@ -310,6 +310,32 @@ async def test_two_threads_and_the_main_timeline_are_three_conversations(
             assert len(in_a) == parts
             assert all(m.thread_root_id == root_a for m in in_a)
 
+            # 8. !forget in thread A forgets thread A only (no rebuild from the room).
+            forget, forget_answer = await chat.say("!forget", thread=root_a)
+            assert forget_answer.wire_relates_to == in_thread(root_a, forget)
+            assert forget_answer.body == (
+                "Forgotten: the next message in this thread starts a new conversation."
+            )
+            _, _, context = await chat.ask("a4", thread=root_a)
+            assert context == [("user", "a4")]
+            _, _, context = await chat.ask("b2", thread=m2)
+            assert context == [
+                ("user", "m2"),
+                ("user", "b1"),
+                ("assistant", "Echo: b1"),
+                ("user", "b2"),
+            ]
+            _, _, context = await chat.ask("m4")
+            assert context == [
+                ("user", "m1"),
+                ("assistant", "Echo: m1"),
+                ("user", "m2"),
+                ("assistant", "Echo: m2"),
+                ("user", "m3"),
+                ("assistant", "Echo: m3"),
+                ("user", "m4"),
+            ]
+
 
 def long_answer(message: str) -> str:
     """An answer that streams for seconds (tokens 0.3 s apart): its first event shows only
