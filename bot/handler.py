@@ -29,7 +29,7 @@ from .commands import CommandContext, CommandError, Reply, parse_command, run_co
 from .config import Settings
 from .dispatch import LeftUnfinishedTooOften
 from .e2ee.crypto import BotCrypto
-from .e2ee.decrypting import decrypted_event, decrypted_now
+from .e2ee.decrypting import BACKUP_WAIT_S, decrypted_event, decrypted_now
 from .encryption import offer_unencrypted_chat
 from .invites import InviteHandler
 from .logging import log_context
@@ -487,6 +487,7 @@ class MessageHandler:
         budget = model.context_budget_chars if model else ModelSettings.context_budget_chars
         stored = await self._store.conversation(chat.chat_id, thread=thread)
         if stored is None:
+            decrypt = await self._context_decryptor(item.room_id)
             try:
                 if thread is None:
                     turns, sources = await load_room_turns(
@@ -495,6 +496,7 @@ class MessageHandler:
                         self._settings,
                         budget_chars=budget,
                         stop_at=item.event_id,
+                        decrypt=decrypt,
                     )
                 else:
                     turns, sources = await load_thread_turns(
@@ -504,7 +506,7 @@ class MessageHandler:
                         thread,
                         budget_chars=budget,
                         stop_at=item.event_id,
-                        decrypt=self._decrypt_for_context(item.room_id),
+                        decrypt=decrypt,
                     )
             except MatrixAPIError as exc:
                 log.warning("context_rebuild_failed", error=str(exc), thread=thread is not None)
@@ -517,11 +519,16 @@ class MessageHandler:
         turns = [Turn(cast("Role", role), content) for role, content in stored]
         return trim_context(turns, budget)
 
-    def _decrypt_for_context(self, room_id: RoomID) -> Decrypt | None:
-        """How a rebuilt context reads ``room_id``'s encrypted events, if it can."""
+    async def _context_decryptor(self, room_id: RoomID) -> Decrypt | None:
+        """How a context read from ``room_id`` decrypts its events: None when the room
+        is not encrypted (or the bot does not read encrypted rooms). After a lost store
+        the keys of the history come from the key backup: its restore is waited for
+        first (bounded, as for a message that needs it)."""
         crypto = self.crypto
-        if crypto is None:
+        if crypto is None or self._store.room_encryption(room_id) is None:
             return None
+        with trio.move_on_after(BACKUP_WAIT_S):
+            await crypto.backup_settled.wait()
 
         async def decrypt(event: RoomEvent) -> RoomEvent | None:
             await trio.lowlevel.checkpoint()

@@ -282,11 +282,14 @@ async def load_room_turns(
     *,
     budget_chars: int,
     stop_at: EventID | None = None,
+    decrypt: Decrypt | None = None,
     page_size: int = 100,
     max_pages: int = 10,
 ) -> tuple[list[Turn], list[str]]:
     """`load_room_context`, and for each turn the id of the message of its exchange
-    (stored with it, so that a later redaction of that message takes it out)."""
+    (stored with it, so that a later redaction of that message takes it out).
+    ``decrypt`` reads an encrypted room's events; without it they are left out."""
+    types = ["m.room.message", "m.room.encrypted"] if decrypt else ["m.room.message"]
     newest_first: list[RoomEvent] = []
     chars = 0
     token = None
@@ -296,22 +299,31 @@ async def load_room_turns(
             direction="b",
             from_token=token,
             limit=page_size,
-            filter={"types": ["m.room.message"]},
+            filter={"types": types},
         )
         reached_start = False
         for event in page.chunk:
             if event.origin_server_ts < chat.created_ts:
                 reached_start = True
                 break
-            newest_first.append(event)
-            body = event.content.get("body")
+            readable = await _readable(event, decrypt)
+            if readable is None:
+                continue
+            newest_first.append(readable)
+            body = readable.content.get("body")
             if isinstance(body, str):
                 chars += len(body)
         if reached_start or page.end is None or chars >= 2 * budget_chars:
             break
         token = page.end
     events = list(reversed(newest_first))
-    sourced = _sourced_turns(events, chat, settings, stop_at=stop_at)
+    return _within_budget(_sourced_turns(events, chat, settings, stop_at=stop_at), budget_chars)
+
+
+def _within_budget(
+    sourced: list[tuple[Turn, str]], budget_chars: int
+) -> tuple[list[Turn], list[str]]:
+    """The turns `trim_context` keeps of ``sourced``, and the message id of each."""
     # `trim_context` keeps some of the same Turn objects: found again by identity.
     source = {id(turn): event_id for turn, event_id in sourced}
     kept = trim_context([turn for turn, _ in sourced], budget_chars)
@@ -367,9 +379,7 @@ async def load_thread_turns(
         replaced = latest_contents([root_event, *events])
         seed = await _thread_start(client, chat, settings, root_event, replaced, decrypt)
     sourced = _sourced_turns(events, chat, settings, stop_at=stop_at, thread=root, start=seed)
-    source = {id(turn): event_id for turn, event_id in sourced}
-    kept = trim_context([turn for turn, _ in sourced], budget_chars)
-    return kept, [source[id(turn)] for turn in kept]
+    return _within_budget(sourced, budget_chars)
 
 
 async def _thread_start(

@@ -1,4 +1,4 @@
-"""Threads as conversations of their own (issue 23).
+"""Threads as conversations of their own (issue 23), and encrypted rooms read back.
 
 The main timeline's conversation leaves every thread out; a thread's conversation,
 read from the room the first time the bot answers in it, starts at its root (the
@@ -8,6 +8,7 @@ exchanges in the thread, read from the root's relations.
 
 from __future__ import annotations
 
+import json
 from collections.abc import Callable
 from typing import Any
 from urllib.parse import unquote
@@ -16,7 +17,7 @@ import httpx
 import pytest
 
 from bot.backends.context import Turn
-from bot.replies.history import STREAMING_KEY, load_thread_turns
+from bot.replies.history import STREAMING_KEY, load_room_turns, load_thread_turns
 from matrix_api import MatrixAPIError, MatrixClient, RetryPolicy
 from matrix_api.models import EventID, RoomEvent
 from test_context import ALICE, BOT, CHAT, MALLORY, SETTINGS, edit, event, reply, turns
@@ -283,16 +284,21 @@ async def test_an_unknown_root_is_an_error_the_caller_handles() -> None:
         await read_thread(room, stop_at="$t1")
 
 
-async def test_encrypted_events_are_read_when_they_can_be_decrypted() -> None:
-    def sealed(plain: RoomEvent) -> RoomEvent:
-        return RoomEvent(
-            type="m.room.encrypted",
-            event_id=plain.event_id,
-            sender=plain.sender,
-            origin_server_ts=plain.origin_server_ts,
-            content={"algorithm": "m.megolm.v1.aes-sha2", "ciphertext": "opaque"},
-        )
+def sealed(plain: RoomEvent) -> RoomEvent:
+    """``plain`` as an encrypted room holds it (the thread relation stays in the clear)."""
+    content: dict[str, Any] = {"algorithm": "m.megolm.v1.aes-sha2", "ciphertext": "opaque"}
+    if "m.relates_to" in plain.content:
+        content["m.relates_to"] = plain.content["m.relates_to"]
+    return RoomEvent(
+        type="m.room.encrypted",
+        event_id=plain.event_id,
+        sender=plain.sender,
+        origin_server_ts=plain.origin_server_ts,
+        content=content,
+    )
 
+
+async def test_encrypted_events_are_read_when_they_can_be_decrypted() -> None:
     root = event(ALICE, "secret root", event_id=ROOT)
     plain = [threaded(ALICE, "secret q", event_id="$t1"), thread_reply("secret a", "$t1")]
     unreadable = threaded(ALICE, "no key for this", event_id="$t2")
@@ -311,3 +317,55 @@ async def test_encrypted_events_are_read_when_they_can_be_decrypted() -> None:
         Turn("assistant", "secret a"),
     ]
     assert without == []
+
+
+async def test_an_encrypted_main_timeline_is_read_back_with_the_keys_at_hand() -> None:
+    plain = [
+        event(ALICE, "q1", event_id="$q1"),
+        reply("a1", "$q1"),
+        threaded(ALICE, "in a thread", event_id="$t1"),
+        thread_reply("thread answer", "$t1"),
+        event(ALICE, "no key for this one", event_id="$q2"),
+        reply("a2", "$q2"),
+        event(ALICE, "q3", event_id="$q3"),
+        reply("a3", "$q3"),
+        event(ALICE, "now", event_id="$now"),
+    ]
+    readable = {e.event_id: e for e in plain if e.event_id != "$q2"}
+    newest_first = [sealed(e) for e in reversed(plain)]
+    filters: list[Any] = []
+
+    def handler(request: httpx.Request) -> httpx.Response:
+        filters.append(json.loads(request.url.params["filter"]))
+        return httpx.Response(200, json={"start": "s", "chunk": [_wire(e) for e in newest_first]})
+
+    async def decrypt(encrypted: RoomEvent) -> RoomEvent | None:
+        return readable.get(encrypted.event_id)
+
+    async with MatrixClient(
+        "https://hs.example.org",
+        access_token="t",
+        user_id=BOT,
+        transport=httpx.MockTransport(handler),
+        retry_policy=RetryPolicy(max_attempts=1),
+    ) as client:
+        got, sources = await load_room_turns(
+            client, CHAT, SETTINGS, budget_chars=10_000, stop_at=EventID("$now"), decrypt=decrypt
+        )
+        without, _ = await load_room_turns(
+            client, CHAT, SETTINGS, budget_chars=10_000, stop_at=EventID("$now")
+        )
+
+    # The exchange whose question cannot be decrypted is left out whole; the thread too.
+    assert got == [
+        Turn("user", "q1"),
+        Turn("assistant", "a1"),
+        Turn("user", "q3"),
+        Turn("assistant", "a3"),
+    ]
+    assert sources == ["$q1", "$q1", "$q3", "$q3"]
+    assert without == []
+    assert filters == [
+        {"types": ["m.room.message", "m.room.encrypted"]},
+        {"types": ["m.room.message"]},
+    ]
