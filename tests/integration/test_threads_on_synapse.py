@@ -351,7 +351,7 @@ async def test_after_a_lost_store_each_thread_is_rebuilt_from_the_room(
     # from the room's history without the thread's events.
     alice_user, bot = make_user("alice"), make_user("bot")
     store = tmp_path / "store.sqlite3"
-    said = ["m1", "a1", "m2", "a2"]
+    said = ["m1", "a1", "a2", "m2"]
     with trio.fail_after(300):
         async with fake_openai_server(token_delay=0.3) as server, open_js_client("alice") as alice:
             server.then(*(Script(answer=long_answer(message)) for message in said))
@@ -368,14 +368,21 @@ async def test_after_a_lost_store_each_thread_is_rebuilt_from_the_room(
                 answers: list[Message] = []
                 for message in said:
                     in_thread_of = None if message.startswith("m") else answers[0].event_id
-                    _, answer = await chat.say(message, thread=in_thread_of)
+                    sent, answer = await chat.say(message, thread=in_thread_of)
                     await chat.final_edit(answer.event_id, long_answer(message))
                     answers.append(answer)
+                # Thread C, on m2, forgotten once: the room keeps the !forget, so does a
+                # rebuild.
+                m2 = sent
+                await chat.say("c1", thread=m2)
+                await chat.say("!forget", thread=m2)
+                _, c2_answer = await chat.say("c2", thread=m2)
+                await chat.final_edit(c2_answer.event_id, "Echo: c2")
             root = answers[0].event_id
             # On the server each answer's own event holds only the start of its text.
             served = await thread_on_server(synapse, alice_user, room_id, root)
             assert [e["content"]["body"] for e in served[::2]] == ["a1", "a2"]
-            assert [e["event_id"] for e in served[1::2]] == [a.event_id for a in answers[1::2]]
+            assert [e["event_id"] for e in served[1::2]] == [a.event_id for a in answers[1:3]]
             for event, message in zip(served[1::2], ("a1", "a2"), strict=True):
                 start = event["content"]["body"]
                 assert long_answer(message).startswith(start)
@@ -406,8 +413,10 @@ async def test_after_a_lost_store_each_thread_is_rebuilt_from_the_room(
                     ("user", "m3"),
                 ]
                 assert m3_answer.thread_root_id is None
+                _, _, context = await chat.ask("c3", thread=m2)
+                assert context == [("user", "c2"), ("assistant", "Echo: c2"), ("user", "c3")]
             # Nothing was answered twice after the restart.
-            assert len(server.requests) == asked + 2
+            assert len(server.requests) == asked + 3
 
 
 async def test_an_encrypted_direct_chat_has_threads_too(
