@@ -508,7 +508,7 @@ class MessageHandler:
                         stop_at=item.event_id,
                         decrypt=decrypt,
                     )
-            except MatrixAPIError as exc:
+            except (MatrixAPIError, CryptoError) as exc:
                 log.warning("context_rebuild_failed", error=str(exc), thread=thread is not None)
                 return []
             await self._store.replace_conversation(
@@ -530,9 +530,11 @@ class MessageHandler:
         with trio.move_on_after(BACKUP_WAIT_S):
             await crypto.backup_settled.wait()
 
+        asked: set[str] = set()
+
         async def decrypt(event: RoomEvent) -> RoomEvent | None:
             await trio.lowlevel.checkpoint()
-            return decrypted_now(crypto, room_id, event)
+            return await decrypted_now(crypto, room_id, event, asked=asked)
 
         return decrypt
 

@@ -79,17 +79,31 @@ async def decrypted_event(crypto: BotCrypto, client: MatrixClient, item: InboxIt
         return _with_plaintext(event, item.room_id, plain.type, plain.content)
 
 
-def decrypted_now(crypto: BotCrypto, room_id: RoomID, event: RoomEvent) -> RoomEvent | None:
+async def decrypted_now(
+    crypto: BotCrypto, room_id: RoomID, event: RoomEvent, *, asked: set[str]
+) -> RoomEvent | None:
     """``event`` decrypted with the keys at hand, or None (an earlier message read
-    again for context: nothing is waited for, and one that cannot be read is left
-    out; the same checks of its sender apply)."""
+    again for context: no key is waited for, and one that cannot be read is left out).
+
+    The sender's devices are checked as for a live message: a device not known yet (the
+    bot's own old device after a lost store, a member who has not written since the
+    start) is asked about once per sender in ``asked``, which the caller keeps for one
+    read of the room. Raises `matrix_api.MatrixAPIError` when that question fails.
+    """
     raw = msgspec.to_builtins(event)
     raw["room_id"] = room_id
-    try:
-        plain = crypto.machine.decrypt_room_event(room_id, raw)
-    except CryptoError:
-        return None
-    return _with_plaintext(event, room_id, plain.type, plain.content)
+    while True:
+        try:
+            plain = crypto.machine.decrypt_room_event(room_id, raw)
+        except UnverifiedSender:
+            if event.sender in asked:
+                return None
+            asked.add(event.sender)
+            await crypto.ensure_devices([event.sender])
+            continue
+        except CryptoError:
+            return None
+        return _with_plaintext(event, room_id, plain.type, plain.content)
 
 
 def _with_plaintext(

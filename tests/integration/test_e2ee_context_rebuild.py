@@ -2,9 +2,12 @@
 
 The person is matrix-js-sdk with its Rust crypto (js_client.py) in an encrypted direct chat
 with the model bot (the fake OpenAI server records every context it gets). The bot loses
-its store and comes back as a new device. Without the recovery key nothing of the past
-decrypts (the backup cannot be opened; the person's room key reached the new device at a
-later index): the context starts afresh, and nothing fails or is answered twice.
+its store and comes back as a new device: with the recovery key kept, it restores the key
+backup its old device wrote and reads the conversation back from the room, the person's
+messages and its own answers (encrypted by the old device) decrypted with the backup's
+keys; the main timeline without the thread, the thread from its root and /relations.
+Without the recovery key nothing of the past decrypts: the context starts afresh, and
+nothing fails or is answered twice.
 """
 
 from __future__ import annotations
@@ -145,6 +148,78 @@ def lose_store(directory: Path, *, keep_recovery_key: bool) -> None:
 def rebuilds(logs: Sequence[Mapping[str, Any]]) -> list[tuple[int, bool]]:
     """Each context the bot read from the room: (turns, in a thread)."""
     return [(e["turns"], e["thread"]) for e in logs if e["event"] == "context_rebuilt"]
+
+
+async def test_after_a_lost_store_an_encrypted_chat_is_read_back_through_the_key_backup(
+    synapse: SynapseServer, make_user: MakeUser, tmp_path: Path
+) -> None:
+    alice_user, bot = make_user("alice"), make_user("bot")
+    with trio.fail_after(SCENARIO_S):
+        async with fake_openai_server() as server, open_js_client("alice") as alice:
+            await alice.login(
+                synapse.base_url, alice_user.user_id, alice_user.password, thread_support=True
+            )
+            settings = settings_for(synapse, bot, tmp_path / "store.sqlite3", server)
+            async with running_bot(settings):
+                room_id = await greeted_dm(alice, bot.user_id)
+                chat = Chat(alice, room_id, bot.user_id, server)
+                q1, _, context = await chat.ask("the first question")
+                assert context == [("user", "the first question")]
+                _, _, context = await chat.ask("the second question")
+                assert context == [
+                    ("user", "the first question"),
+                    ("assistant", answer_of("the first question")),
+                    ("user", "the second question"),
+                ]
+                # A thread on the first question: a conversation of its own.
+                _, t1_answer, context = await chat.ask("aside in a thread", thread=q1)
+                assert context == [("user", "the first question"), ("user", "aside in a thread")]
+                assert t1_answer.thread_root_id == q1
+            lose_store(tmp_path, keep_recovery_key=True)
+            asked = len(server.requests)
+
+            with capture_logs() as logs:
+                async with running_bot(settings) as runtime:
+                    new_device = await knows_new_device(alice, bot.user_id, runtime)
+                    assert new_device != bot.device_id
+                    # The main timeline: both exchanges, read back and decrypted (the
+                    # answers were encrypted by the old device), the thread left out.
+                    q3, q3_answer, context = await chat.ask("the third question")
+                    assert context == [
+                        ("user", "the first question"),
+                        ("assistant", answer_of("the first question")),
+                        ("user", "the second question"),
+                        ("assistant", answer_of("the second question")),
+                        ("user", "the third question"),
+                    ]
+                    assert q3_answer.thread_root_id is None
+                    # The thread: its root, then its exchange through /relations.
+                    _, t2_answer, context = await chat.ask("more in the thread", thread=q1)
+                    assert context == [
+                        ("user", "the first question"),
+                        ("user", "aside in a thread"),
+                        ("assistant", answer_of("aside in a thread")),
+                        ("user", "more in the thread"),
+                    ]
+                    assert t2_answer.thread_root_id == q1
+                    # Read once: the store has them now.
+                    _, _, context = await chat.ask("the fourth question")
+                    assert context[-3:] == [
+                        ("user", "the third question"),
+                        ("assistant", answer_of("the third question")),
+                        ("user", "the fourth question"),
+                    ]
+                    assert len(context) == 7
+            assert len(server.requests) == asked + 3
+            assert [m.event_id for m in await chat.replies_to(q3)] == [q3_answer.event_id]
+
+    assert rebuilds(logs) == [(4, False), (3, True)]
+    assert not [e for e in logs if e["event"] == "context_rebuild_failed"]
+    # The keys came from the backup the old device wrote (its own outbound session and
+    # alice's), authenticated by the backup's MAC.
+    [restored] = [e for e in logs if e["event"] == "key_backup_restored"]
+    assert restored["authenticated"] == restored["sessions"] >= 2
+    assert restored["refused"] == 0
 
 
 async def test_a_lost_store_without_its_recovery_key_starts_the_context_afresh(
