@@ -290,8 +290,7 @@ async def load_room_turns(
     (stored with it, so that a later redaction of that message takes it out).
     ``decrypt`` reads an encrypted room's events; without it they are left out."""
     types = ["m.room.message", "m.room.encrypted"] if decrypt else ["m.room.message"]
-    newest_first: list[RoomEvent] = []
-    chars = 0
+    read = _Reading(decrypt, budget_chars)
     token = None
     for _ in range(max_pages):
         page = await client.messages(
@@ -306,18 +305,12 @@ async def load_room_turns(
             if event.origin_server_ts < chat.created_ts:
                 reached_start = True
                 break
-            readable = await _readable(event, decrypt)
-            if readable is None:
-                continue
-            newest_first.append(readable)
-            body = readable.content.get("body")
-            if isinstance(body, str):
-                chars += len(body)
-        if reached_start or page.end is None or chars >= 2 * budget_chars:
+            await read.take(event)
+        if reached_start or page.end is None or read.enough:
             break
         token = page.end
-    events = list(reversed(newest_first))
-    return _within_budget(_sourced_turns(events, chat, settings, stop_at=stop_at), budget_chars)
+    sourced = _sourced_turns(read.chronological(), chat, settings, stop_at=stop_at)
+    return _within_budget(sourced, budget_chars)
 
 
 def _within_budget(
@@ -354,25 +347,18 @@ async def load_thread_turns(
     encrypted room's events; without it they are left out. Raises
     `matrix_api.MatrixAPIError` when the room cannot be read.
     """
-    newest_first: list[RoomEvent] = []
-    chars = 0
+    read = _Reading(decrypt, budget_chars)
     token: str | None = None
     for _ in range(max_pages):
         page = await client.relations(
             chat.room_id, root, from_token=token, limit=page_size, recurse=True
         )
         for event in page.chunk:
-            readable = await _readable(event, decrypt)
-            if readable is None:
-                continue
-            newest_first.append(readable)
-            body = readable.content.get("body")
-            if isinstance(body, str):
-                chars += len(body)
-        if page.next_batch is None or chars >= 2 * budget_chars:
+            await read.take(event)
+        if page.next_batch is None or read.enough:
             break
         token = page.next_batch
-    events = list(reversed(newest_first))
+    events = read.chronological()
     root_event = await _readable(await client.get_event(chat.room_id, root), decrypt)
     seed: list[tuple[Turn, str]] = []
     if root_event is not None:
@@ -409,6 +395,34 @@ async def _thread_start(
     if question is None or _command_name(question.body, settings.command_prefix) is not None:
         return []
     return [(Turn("user", question.body), question_id), (Turn("assistant", answer), question_id)]
+
+
+class _Reading:
+    """The events read back from a room, newest first, as context reads them."""
+
+    def __init__(self, decrypt: Decrypt | None, budget_chars: int) -> None:
+        self._decrypt = decrypt
+        self._budget_chars = budget_chars
+        self._newest_first: list[RoomEvent] = []
+        self._chars = 0
+
+    async def take(self, event: RoomEvent) -> None:
+        readable = await _readable(event, self._decrypt)
+        if readable is None:
+            return
+        self._newest_first.append(readable)
+        body = readable.content.get("body")
+        if isinstance(body, str):
+            self._chars += len(body)
+
+    @property
+    def enough(self) -> bool:
+        """Whether the text read is about twice the budget (edits and commands count
+        too, and trimming keeps whole exchanges): reading further would be thrown away."""
+        return self._chars >= 2 * self._budget_chars
+
+    def chronological(self) -> list[RoomEvent]:
+        return list(reversed(self._newest_first))
 
 
 async def _readable(event: RoomEvent, decrypt: Decrypt | None) -> RoomEvent | None:
