@@ -10,6 +10,7 @@
 // Logs (the SDK's and ours) go to stderr only: stdout carries the protocol and nothing else.
 // End of stdin or the "stop" command stops the client and exits.
 
+import { createCipheriv, createHash, randomBytes } from "node:crypto";
 import { readFileSync } from "node:fs";
 import { createInterface } from "node:readline";
 
@@ -369,6 +370,52 @@ const commands = {
         const threadId = optionalString(args, "thread_id");
         const { event_id } = await c.sendEvent(roomId, threadId, "m.room.message", { msgtype, body });
         return { event_id, encrypted };
+    },
+
+    async send_encrypted_attachment(args, deadline) {
+        // An attachment as Element sends one into an encrypted room (the spec's "Sending
+        // encrypted attachments", what matrix-encrypt-attachment does): AES-256-CTR with a
+        // random key and a random IV whose counter half (last 8 bytes) is zero, the
+        // ciphertext uploaded as application/octet-stream without its name, the SHA-256 of
+        // the ciphertext and the key in the event's `file`, which the megolm session then
+        // encrypts with the rest. `data_base64` is the file; with `tamper` one bit of the
+        // ciphertext is flipped after hashing (what a server or a proxy could do to it).
+        const c = requireClient();
+        const roomId = requireString(args, "room_id");
+        const data = Buffer.from(requireString(args, "data_base64"), "base64");
+        const msgtype = optionalString(args, "msgtype") ?? "m.file";
+        const body = requireString(args, "body");
+        const filename = optionalString(args, "filename");
+        const mimetype = optionalString(args, "mimetype");
+        const encrypted = await waitUntilReadyToSend(roomId, deadline);
+        const key = randomBytes(32);
+        const iv = Buffer.concat([randomBytes(8), Buffer.alloc(8)]);
+        const cipher = createCipheriv("aes-256-ctr", key, iv);
+        const ciphertext = Buffer.concat([cipher.update(data), cipher.final()]);
+        const sha256 = createHash("sha256").update(ciphertext).digest("base64").replace(/=+$/, "");
+        const uploaded = Buffer.from(ciphertext);
+        if (args.tamper === true) uploaded[uploaded.length - 1] ^= 0x01;
+        const { content_uri } = await c.uploadContent(new Blob([uploaded]), {
+            type: "application/octet-stream",
+            includeFilename: false,
+        });
+        const file = {
+            v: "v2",
+            url: content_uri,
+            key: {
+                kty: "oct",
+                key_ops: ["encrypt", "decrypt"],
+                alg: "A256CTR",
+                k: key.toString("base64url"),
+                ext: true,
+            },
+            iv: iv.toString("base64").replace(/=+$/, ""),
+            hashes: { sha256 },
+        };
+        const info = { size: data.length, ...(mimetype === null ? {} : { mimetype }) };
+        const content = { msgtype, body, info, file, ...(filename === null ? {} : { filename }) };
+        const { event_id } = await c.sendEvent(roomId, null, "m.room.message", content);
+        return { event_id, encrypted, file };
     },
 
     async wait_for_message(args, deadline) {

@@ -15,6 +15,7 @@ Needs ``node`` (>= 20) and ``npm ci`` run in tests/e2ee_client (`nox -s tests` d
 
 from __future__ import annotations
 
+import base64
 import itertools
 import json
 import shutil
@@ -246,6 +247,36 @@ class JsClient:
         thread relation (``rel_type`` ``m.thread``, ``is_falling_back``) itself."""
         args = {"room_id": room_id, "body": body, "msgtype": msgtype, "thread_id": thread_id}
         return str((await self.call("send_text", args, timeout=timeout))["event_id"])
+
+    async def send_encrypted_attachment(
+        self,
+        room_id: str,
+        data: bytes,
+        *,
+        body: str,
+        msgtype: str = "m.file",
+        filename: str | None = None,
+        mimetype: str | None = None,
+        tamper: bool = False,
+        timeout: float = DEFAULT_TIMEOUT,
+    ) -> tuple[str, dict[str, Any]]:
+        """Sends ``data`` as an encrypted attachment, as Element does in an encrypted room:
+        AES-256-CTR in the driver, the ciphertext uploaded with the SDK's ``uploadContent``,
+        the key, IV and SHA-256 in the event's ``file``. Returns the event id and that
+        ``file`` object. With ``tamper`` the uploaded ciphertext has one bit flipped after
+        it was hashed (its ``hashes.sha256`` no longer matches). ``data`` travels as base64
+        in one protocol line: keep it well under 700 KB."""
+        args = {
+            "room_id": room_id,
+            "data_base64": base64.b64encode(data).decode("ascii"),
+            "body": body,
+            "msgtype": msgtype,
+            "filename": filename,
+            "mimetype": mimetype,
+            "tamper": tamper,
+        }
+        result = await self.call("send_encrypted_attachment", args, timeout=timeout)
+        return str(result["event_id"]), dict(result["file"])
 
     async def wait_for_message(
         self,
