@@ -372,6 +372,19 @@ const commands = {
         return { event_id, encrypted };
     },
 
+    async redact(args) {
+        // The person deletes an event, as Element's "Remove" does; returns the
+        // redaction's own event id. The redaction is never encrypted (the spec keeps it
+        // in the clear), in an encrypted room too.
+        const c = requireClient();
+        const roomId = requireString(args, "room_id");
+        const eventId = requireString(args, "event_id");
+        const reason = optionalString(args, "reason");
+        const opts = reason === null ? undefined : { reason };
+        const { event_id } = await c.redactEvent(roomId, eventId, undefined, opts);
+        return { event_id };
+    },
+
     async send_encrypted_attachment(args, deadline) {
         // An attachment as Element sends one into an encrypted room (the spec's "Sending
         // encrypted attachments", what matrix-encrypt-attachment does): AES-256-CTR with a

@@ -248,6 +248,19 @@ class JsClient:
         args = {"room_id": room_id, "body": body, "msgtype": msgtype, "thread_id": thread_id}
         return str((await self.call("send_text", args, timeout=timeout))["event_id"])
 
+    async def redact(
+        self,
+        room_id: str,
+        event_id: str,
+        *,
+        reason: str | None = None,
+        timeout: float = DEFAULT_TIMEOUT,
+    ) -> str:
+        """Deletes ``event_id`` as Element's "Remove" does (the SDK's ``redactEvent``, with
+        ``reason`` if given); returns the redaction's own event id."""
+        args = {"room_id": room_id, "event_id": event_id, "reason": reason}
+        return str((await self.call("redact", args, timeout=timeout))["event_id"])
+
     async def send_encrypted_attachment(
         self,
         room_id: str,
