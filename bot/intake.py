@@ -42,7 +42,7 @@ from matrix_api.models import (
 from .chats import MAX_TITLE, Chat
 from .e2ee.crypto import BotCrypto
 from .invites import pick_invite, unreadable_invite_state
-from .messages import in_reply_to, is_actionable, malformed
+from .messages import in_reply_to, is_actionable, is_event_id, malformed
 from .ops.metrics import BotMetrics
 from .quarantine import failure_reason, log_quarantined_batch
 from .store import InboxItem, NewInboxItem, Quarantined, redaction_item
@@ -66,8 +66,6 @@ _TIMELINE_TYPES = [
     "m.room.redaction",
     "m.key.verification.*",
 ]
-# The spec's bound on an event id (255 bytes); a longer "redacts" is no event's.
-_MAX_EVENT_ID = 255
 
 
 def sync_filters(bot_user_id: str) -> tuple[dict[str, Any], dict[str, Any]]:
@@ -365,12 +363,7 @@ class Intake:
         target = event.content.get("redacts")
         if target is None:
             target = event.redacts
-        if (
-            not isinstance(target, str)
-            or not target.startswith("$")
-            or len(target.encode(errors="replace")) > _MAX_EVENT_ID
-            or not isinstance(event.origin_server_ts, int)
-        ):
+        if not is_event_id(target) or not isinstance(event.origin_server_ts, int):
             return None
         return redaction_item(
             event.event_id, room_id, event.sender, event.origin_server_ts, EventID(target)

@@ -15,7 +15,7 @@ from __future__ import annotations
 import hashlib
 import html
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, TypeGuard
 
 from matrix_api.models import EventID, RoomEvent
 
@@ -26,6 +26,7 @@ __all__ = [
     "in_reply_to",
     "is_actionable",
     "is_encryption_event",
+    "is_event_id",
     "malformed",
     "mentions",
     "notice",
@@ -58,6 +59,17 @@ class _BadThread(ValueError):
     """A thread relation without an event id for its root."""
 
 
+def is_event_id(value: object) -> TypeGuard[str]:
+    """Whether ``value`` can be an event id: a ``$`` string of at most `MAX_EVENT_ID`
+    bytes of UTF-8 (a lone surrogate is no event's id, and no store takes it)."""
+    if not isinstance(value, str) or not value.startswith("$"):
+        return False
+    try:
+        return len(value.encode()) <= MAX_EVENT_ID
+    except UnicodeEncodeError:
+        return False
+
+
 def _thread_root(content: dict[str, Any]) -> EventID | None:
     """The root of the thread ``content`` is in; raises `_BadThread` for a thread
     relation whose root is not an event id."""
@@ -65,13 +77,7 @@ def _thread_root(content: dict[str, Any]) -> EventID | None:
     if not isinstance(relates, dict) or relates.get("rel_type") != "m.thread":
         return None
     root = relates.get("event_id")
-    if not isinstance(root, str) or not root.startswith("$"):
-        raise _BadThread("m.thread relation without an event id for its root")
-    try:
-        size = len(root.encode())
-    except UnicodeEncodeError:  # a lone surrogate: no event's id, and no store takes it
-        size = MAX_EVENT_ID + 1
-    if size > MAX_EVENT_ID:
+    if not is_event_id(root):
         raise _BadThread("m.thread relation without an event id for its root")
     return EventID(root)
 

@@ -45,6 +45,7 @@ from matrix_api.models import EventID, RoomEvent, RoomID, SyncToken
 
 from .chats import Chat
 from .file_modes import private_umask
+from .messages import MAX_EVENT_ID
 from .quarantine import log_quarantined
 from .store_cache import SELECT_CHATS, StoreCache, chats_from_rows
 from .store_lock import StoreLock, StoreLockHeld
@@ -228,9 +229,8 @@ _TABLES_BY_VERSION = {
 }
 
 HANDLED_KEEP_MS = 30 * 24 * 3600 * 1000
-# The spec's bound on an event id, in bytes (`bot.messages.MAX_EVENT_ID`): a thread's
-# key is its root's event id.
-MAX_THREAD_ID = 255
+# A thread's key is its root's event id.
+MAX_THREAD_ID = MAX_EVENT_ID
 _event_decoder = msgspec.json.Decoder(RoomEvent)
 
 
