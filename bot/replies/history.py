@@ -378,12 +378,8 @@ async def _thread_start(
 ) -> list[tuple[Turn, str]]:
     """The turns a thread rooted at ``root`` starts with (`load_thread_turns`)."""
     if root.sender != settings.user_id:
-        message = _user_message(root, chat, settings)
-        if message is None or message.thread_root is not None:
-            return []
-        if _command_name(message.body, settings.command_prefix) is not None:
-            return []
-        return [(Turn("user", message.body), root.event_id)]
+        message = _question(root, chat, settings)
+        return [] if message is None else [(Turn("user", message.body), root.event_id)]
     answer = _answer([root], replaced)
     question_id = in_reply_to(root)
     if answer is None or question_id is None:
@@ -391,10 +387,21 @@ async def _thread_start(
     question_event = await _readable(
         await client.get_event(chat.room_id, EventID(question_id)), decrypt
     )
-    question = None if question_event is None else _user_message(question_event, chat, settings)
-    if question is None or _command_name(question.body, settings.command_prefix) is not None:
+    question = None if question_event is None else _question(question_event, chat, settings)
+    if question is None:
         return []
     return [(Turn("user", question.body), question_id), (Turn("assistant", answer), question_id)]
+
+
+def _question(event: RoomEvent, chat: Chat, settings: Settings) -> IncomingMessage | None:
+    """``event`` as a thread's starting question: a message from the chat's users in
+    the main timeline, and not a command."""
+    message = _user_message(event, chat, settings)
+    if message is None or message.thread_root is not None:
+        return None
+    if _command_name(message.body, settings.command_prefix) is not None:
+        return None
+    return message
 
 
 class _Reading:
